@@ -93,11 +93,23 @@ def parse_source(text: str, base: Path = REPO) -> HubSource | DirSource | GGUFSo
 Recipe = Literal["bf16", "gptq-w4a16", "awq-w4a16", "gptq-w8a8", "fp8-dynamic"]
 
 
+class Calibration(Strict):
+    """Calibration data for GPTQ/AWQ/W8A8: a local .txt/.jsonl file (default) or a Hub dataset."""
+
+    source: str = "evaluation/datasets/calibration.jsonl"
+    samples: int = Field(default=16, ge=1)
+    seq_len: int = Field(default=256, ge=16)
+
+
 class Variant(Strict):
     """One checkpoint to build from the pulled model: `bf16` is the unquantized base."""
 
     recipe: Recipe
     name: str | None = Field(default=None, description="defaults to the recipe name")
+    group_size: int | None = Field(
+        default=None, description="W4A16 group size; default: the largest of 128/64/32 dividing the model"
+    )
+    calibration: Calibration = Calibration()
 
     @property
     def label(self) -> str:
@@ -127,6 +139,21 @@ class Signing(Strict):
         return self
 
 
+# ---- serving -------------------------------------------------------------------------------------
+
+
+class Smoke(Strict):
+    """The prompt every built variant must answer, served by vLLM, before it is signed."""
+
+    prompt: str = "The capital of France is"
+    expect: str = "Paris"
+    max_tokens: int = Field(default=8, ge=1)
+
+
+class Serving(Strict):
+    engine_args: list[str] = Field(default=[], description="extra `vllm serve` arguments")
+
+
 # ---- the model -----------------------------------------------------------------------------------
 
 
@@ -138,6 +165,8 @@ class ModelConfig(Strict):
     )
     variants: list[Variant] = Field(min_length=1)
     signing: Signing = Signing()
+    smoke: Smoke = Smoke()
+    serving: Serving = Serving()
 
     @field_validator("name")
     @classmethod
