@@ -1,6 +1,13 @@
 # Slipway: `make demo` sets up and runs the release on the embedded defaults; `make test` tests.
 SHELL := /bin/bash
 export SLIPWAY_HOME ?= $(CURDIR)/.slipway
+# Prefect keeps its database, results and cache under Slipway's home, never in ~/.prefect.
+export PREFECT_HOME ?= $(SLIPWAY_HOME)/prefect
+export PREFECT_LOCAL_STORAGE_PATH ?= $(SLIPWAY_HOME)/prefect/storage
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export PREFECT_LOGGING_LEVEL ?= INFO
+# Without a server, each flow process starts a temporary one; give it time on a busy 2-core machine.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 ENVS := $(SLIPWAY_HOME)/envs
 PY := $(ENVS)/core/bin/python
 CONFIG ?= configs/models/smollm2-135m.yaml
@@ -34,7 +41,7 @@ mlflow-ui: setup
 
 ## prefect-ui: the Prefect server on Slipway's Prefect home, at http://127.0.0.1:4200
 prefect-ui: setup
-	PREFECT_HOME=$(SLIPWAY_HOME)/prefect $(ENVS)/core/bin/prefect server start
+	$(ENVS)/core/bin/prefect server start
 
 ## clean: remove all local state (the environments stay in ~/.cache/slipway/envs).
 clean:

@@ -94,11 +94,34 @@ Recipe = Literal["bf16", "gptq-w4a16", "awq-w4a16", "gptq-w8a8", "fp8-dynamic"]
 
 
 class Calibration(Strict):
-    """Calibration data for GPTQ/AWQ/W8A8: a local .txt/.jsonl file (default) or a Hub dataset."""
+    """Calibration data for GPTQ/AWQ/W8A8: a local .txt/.jsonl file (default) or a Hub dataset.
+
+    `source` is a path relative to the repository (or absolute) to a .jsonl file with one
+    {"text": ...} object per line or a .txt file of blank-line separated paragraphs, or
+    `hf://datasets/org/name[:split]` (needs the Hub; rows need a `text` column).
+    """
 
     source: str = "evaluation/datasets/calibration.jsonl"
     samples: int = Field(default=16, ge=1)
     seq_len: int = Field(default=256, ge=16)
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if v.startswith("hf://"):
+            if not re.fullmatch(r"hf://datasets/[\w.-]+/[\w.-]+(:[\w.\[\]%:+-]+)?", v):
+                raise ValueError(f"{v!r} must look like hf://datasets/org/name[:split]")
+        elif "://" in v or Path(v).suffix not in (".txt", ".jsonl"):
+            raise ValueError(f"{v!r} must be a .txt or .jsonl file or hf://datasets/org/name[:split]")
+        return v
+
+    @property
+    def path(self) -> Path | None:
+        """The local file, resolved against the repository; None for a Hub dataset."""
+        if self.source.startswith("hf://"):
+            return None
+        path = Path(self.source).expanduser()
+        return path if path.is_absolute() else REPO / path
 
 
 class Variant(Strict):
@@ -109,7 +132,33 @@ class Variant(Strict):
     group_size: int | None = Field(
         default=None, description="W4A16 group size; default: the largest of 128/64/32 dividing the model"
     )
+    smoothing_strength: float | None = Field(
+        default=None, gt=0, lt=1, description="gptq-w8a8: SmoothQuant first (e.g. 0.8); off if unset"
+    )
     calibration: Calibration = Calibration()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        # The label names the variant's directory and its MLflow tag.
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", v):
+            raise ValueError(f"{v!r} must be letters, digits, '.', '_' or '-' (no spaces, slashes)")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, v: int | None) -> int | None:
+        if v is not None and (v <= 0 or v & (v - 1)):
+            raise ValueError(f"{v} must be a power of two greater than 0 (e.g. 32, 64, 128)")
+        return v
+
+    @model_validator(mode="after")
+    def _options_fit_recipe(self) -> Variant:
+        if self.group_size is not None and self.recipe not in ("gptq-w4a16", "awq-w4a16"):
+            raise ValueError(f"group_size applies to gptq-w4a16 and awq-w4a16, not {self.recipe}")
+        if self.smoothing_strength is not None and self.recipe != "gptq-w8a8":
+            raise ValueError(f"smoothing_strength applies to gptq-w8a8, not {self.recipe}")
+        return self
 
     @property
     def label(self) -> str:
@@ -145,13 +194,28 @@ class Signing(Strict):
 class Smoke(Strict):
     """The prompt every built variant must answer, served by vLLM, before it is signed."""
 
-    prompt: str = "The capital of France is"
-    expect: str = "Paris"
+    prompt: str = Field(default="The capital of France is", min_length=1)
+    expect: str = Field(default="Paris", min_length=1, description="must appear in the answer")
     max_tokens: int = Field(default=8, ge=1)
 
 
 class Serving(Strict):
+    """How vLLM is started for a variant (smoke test, evaluation, rollout)."""
+
     engine_args: list[str] = Field(default=[], description="extra `vllm serve` arguments")
+    enforce_eager: bool | None = Field(
+        default=None, description="skip graph compilation; default: on CPU only (starts ~3x faster)"
+    )
+    startup_timeout_s: float = Field(default=600, gt=0, description="longest wait for /health")
+
+    @field_validator("engine_args")
+    @classmethod
+    def _not_owned(cls, v: list[str]) -> list[str]:
+        # The launcher picks these itself: the model dir, a free port, the served names.
+        owned = {"--model", "--host", "--port", "--served-model-name"}
+        if taken := sorted({a.split("=", 1)[0] for a in v} & owned):
+            raise ValueError(f"{', '.join(taken)} set by the launcher; remove them from engine_args")
+        return v
 
 
 # ---- the model -----------------------------------------------------------------------------------

@@ -1,0 +1,156 @@
+"""Register: each variant directory becomes an MLflow logged model (type "llm") and a model version.
+
+Weights are logged as files, never loaded. The version's tags carry the model digest, source,
+revision, variant and signer; the signature and manifest travel as artifacts. Registering a digest
+that is already registered returns the existing version, so re-runs add nothing. Aliases
+(champion, canary, previous) are moved here, with their history kept as registered-model tags.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities.logged_model_status import LoggedModelStatus
+from mlflow.exceptions import MlflowException
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from configs.home import Home
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "slipway-releases"
+HISTORY_KEEP = 50  # alias moves kept per alias; MLflow tag values are bounded in size
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    name: str
+    version: str
+    model_id: str
+    digest: str
+    created: bool  # False when the digest was already registered
+
+
+class RegistryError(RuntimeError):
+    """The registry cannot do what was asked; the message says what to check."""
+
+
+class Registry:
+    """A thin, explicit handle on one MLflow tracking/registry store (no global mlflow state)."""
+
+    def __init__(self, home: Home, tracking_uri: str | None = None):
+        self.home = home
+        self.uri = tracking_uri or home.tracking_uri
+        if self.uri.startswith("sqlite:///"):
+            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        # MLflow's sqlalchemy registry looks logged models up through a default MlflowClient(), i.e.
+        # the process-wide tracking URI, so that one must name the same store.
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+
+    def experiment_id(self, name: str = EXPERIMENT) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found:
+            return found.experiment_id
+        # A server decides where artifacts go (--artifacts-destination); a local store keeps them here.
+        location = None if self.uri.startswith("http") else self.home.artifact_root.as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # created meanwhile by a concurrent run
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    # ---- versions --------------------------------------------------------------------------------
+
+    def find(self, name: str, digest: str) -> str | None:
+        """The version of `name` registered with this digest, if any."""
+        try:
+            found = self.client.search_model_versions(f"name='{name}' and tags.digest='{digest}'")
+        except MlflowException:
+            return None
+        return min((str(v.version) for v in found), key=int, default=None)
+
+    def register(
+        self, name: str, variant_dir: Path, digest: str, tags: dict[str, str]
+    ) -> RegisteredVersion:
+        """Log variant_dir (weights/, manifest.json, model.sig) and register it, once per digest."""
+        if existing := self.find(name, digest):
+            model_id = self.client.get_model_version(name, existing).model_id
+            return RegisteredVersion(name, existing, model_id, digest, created=False)
+        tags = {**tags, "digest": digest}
+        experiment = self.experiment_id()
+        model = self.client.create_logged_model(
+            experiment, name=f"{name}-{tags.get('variant', 'model')}", tags=tags, model_type="llm"
+        )
+        try:
+            self.client.log_model_artifacts(model.model_id, str(variant_dir))
+        except Exception:
+            self.client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+            raise
+        self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            self.client.create_registered_model(name, description="Registered by Slipway's release flow")
+        version = self.client.create_model_version(
+            name, source=f"models:/{model.model_id}", tags=tags, model_id=model.model_id
+        )
+        log.info("registered %s version %s (%s)", name, version.version, digest)
+        return RegisteredVersion(name, str(version.version), model.model_id, digest, created=True)
+
+    def tags(self, name: str, version: str) -> dict[str, str]:
+        return dict(self.client.get_model_version(name, version).tags)
+
+    def tag(self, name: str, version: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(name, version, key, value)
+
+    # ---- aliases ---------------------------------------------------------------------------------
+
+    def alias(self, name: str, alias: str) -> str | None:
+        """The version an alias points at, or None."""
+        try:
+            return str(self.client.get_model_version_by_alias(name, alias).version)
+        except MlflowException:
+            return None
+
+    def set_alias(self, name: str, alias: str, version: str, reason: str = "") -> None:
+        """Point `alias` at `version` and append the move to the alias's history."""
+        self.client.set_registered_model_alias(name, alias, version)
+        entry = {"version": version, "at": datetime.now(timezone.utc).isoformat(), "reason": reason}
+        history = [*self.alias_history(name, alias), entry][-HISTORY_KEEP:]
+        self.client.set_registered_model_tag(name, f"alias_history.{alias}", json.dumps(history))
+
+    def alias_history(self, name: str, alias: str) -> list[dict[str, str]]:
+        try:
+            raw = self.client.get_registered_model(name).tags.get(f"alias_history.{alias}")
+        except MlflowException:
+            return []
+        return json.loads(raw) if raw else []
+
+    def promote(self, name: str, version: str, reason: str = "") -> str | None:
+        """Make `version` the champion; the champion it replaces becomes `previous`. Returns that one."""
+        previous = self.alias(name, "champion")
+        if previous == version:
+            return previous
+        if previous:
+            self.set_alias(name, "previous", previous, reason=f"replaced by {version}")
+        self.set_alias(name, "champion", version, reason=reason)
+        return previous
+
+
+# ---- Prefect -------------------------------------------------------------------------------------
+
+
+@task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
+def register_task(
+    home: Home, name: str, variant_dir: Path, digest: str, tags: dict[str, str]
+) -> RegisteredVersion:
+    return Registry(home).register(name, variant_dir, digest, tags)

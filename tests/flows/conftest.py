@@ -1,0 +1,22 @@
+"""Prefect for flow tests: one real temporary server for the session, state in a temp dir."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prefect")
+    # Set before Prefect reads its settings, so results and cached keys never leak across runs.
+    os.environ.update(
+        PREFECT_HOME=str(root),
+        PREFECT_LOCAL_STORAGE_PATH=str(root / "storage"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    )
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
