@@ -12,7 +12,7 @@ ENVS := $(SLIPWAY_HOME)/envs
 PY := $(ENVS)/core/bin/python
 CONFIG ?= configs/models/smollm2-135m.yaml
 
-.PHONY: setup demo test stress bench clean lock mlflow-ui prefect-ui
+.PHONY: setup demo test bench-gateway bench-canary clean lock mlflow-ui prefect-ui
 
 ## setup: build (or reuse) the core, quant and serve environments and the signing key. Idempotent.
 setup:
@@ -29,6 +29,14 @@ demo: setup
 ## test: the test suite (unit and integration against the real parts).
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## bench-gateway: gateway vs LiteLLM vs a bare proxy on one mock upstream; $(SLIPWAY_HOME)/bench/gateway.json
+bench-gateway: setup
+	$(PY) evaluation/bench_gateway.py
+
+## bench-canary: simulated rollouts, Slipway's sequential analysis vs Flagger's defaults; bench/canary.{json,md}
+bench-canary: setup
+	$(PY) -m evaluation.bench_canary --runs 1000
 
 ## lock: re-resolve the three lock files from configs/envs/*.in.
 lock:

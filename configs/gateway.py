@@ -1,0 +1,180 @@
+"""The gateway config (configs/gateway.yaml): routes, tenants, limits, usage log, resilience.
+
+Secrets never appear here: tenant keys and the admin token are stored as sha256 hex digests
+(`python -m serving.keys new TENANT` prints a key once, with the hash to paste here).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from configs.loader import load_yaml
+
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _check_sha256_hex(value: str, what: str) -> str:
+    if not _SHA256_HEX.match(value):
+        raise ValueError(
+            f"{what} must be the 64-character lowercase sha256 hex digest of the secret "
+            "(never the secret itself); `python -m serving.keys new NAME` prints one"
+        )
+    return value
+
+
+class BackendSpec(Strict):
+    """One upstream OpenAI-compatible server (a vLLM process) serving one registered model version."""
+
+    version: str = Field(min_length=1, description="registered model version, unique within the route")
+    url: str = Field(description="base URL of the server, e.g. http://127.0.0.1:8001 (no /v1)")
+    served_model: str = Field(min_length=1, description="the model name the upstream server answers to")
+    digest: str = Field(description="sha256:<hex> digest of the loaded weights")
+    verified: bool = Field(description="true once the signature of the loaded directory verified")
+    weight: float = Field(ge=0, description="relative share of traffic; 0 takes it out of rotation")
+    role: Literal["stable", "canary"]
+    max_concurrency: int = Field(256, ge=1, description="requests in flight before 503 + Retry-After")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+            raise ValueError(f"'{value}' is not an http(s) base URL such as http://127.0.0.1:8001")
+        return value.rstrip("/").removesuffix("/v1")
+
+    @field_validator("digest")
+    @classmethod
+    def _digest(cls, value: str) -> str:
+        if not _DIGEST.match(value):
+            raise ValueError("digest must look like sha256:<64 lowercase hex characters>")
+        return value
+
+    @field_validator("verified")
+    @classmethod
+    def _verified(cls, value: bool) -> bool:
+        if not value:
+            raise ValueError(
+                "a backend is served only after its signature verified (verified: true); "
+                "run the rollout flow's verification first"
+            )
+        return value
+
+
+class RouteSpec(Strict):
+    """A public model name and the backends that serve it."""
+
+    model: str = Field(min_length=1)
+    backends: tuple[BackendSpec, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RouteSpec:
+        versions = [b.version for b in self.backends]
+        if dupes := sorted({v for v in versions if versions.count(v) > 1}):
+            raise ValueError(f"route '{self.model}': backend versions must be unique, repeated: {dupes}")
+        if not any(b.role == "stable" for b in self.backends):
+            raise ValueError(f"route '{self.model}' needs at least one backend with role 'stable'")
+        if sum(b.weight for b in self.backends) <= 0:
+            raise ValueError(f"route '{self.model}': at least one backend needs a weight above 0")
+        return self
+
+
+class TenantSpec(Strict):
+    """A tenant: its key's hash, its limits and its choices. Limits left out are unlimited."""
+
+    name: str = Field(min_length=1, pattern=r"^[\w.-]+$")
+    key_sha256: str
+    rpm: int | None = Field(None, ge=1, description="requests per sliding minute")
+    tpm: int | None = Field(None, ge=1, description="prompt+completion tokens per sliding minute")
+    monthly_token_budget: int | None = Field(
+        None, ge=1, description="prompt+completion tokens per calendar month (UTC)"
+    )
+    canary: Literal["in", "out"] | None = Field(None, description="None follows canary_default")
+    log_prompts: bool = Field(False, description="store prompt text in the usage log")
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _hash(cls, value: str) -> str:
+        return _check_sha256_hex(value, "key_sha256")
+
+
+class TimeoutsSpec(Strict):
+    connect_s: float = Field(2.0, gt=0, description="TCP connect to a backend")
+    read_s: float = Field(60.0, gt=0, description="longest silence between bytes from a backend")
+
+
+class BreakerSpec(Strict):
+    failures: int = Field(5, ge=1, description="consecutive failures that open a backend's circuit")
+    open_s: float = Field(10.0, gt=0, description="how long it stays open before one probe request")
+
+
+class UsageSpec(Strict):
+    url: str | None = Field(
+        None,
+        description="postgresql://... or sqlite:///path; default SQLite under $SLIPWAY_HOME/logs",
+    )
+    batch_interval_s: float = Field(
+        1.0, gt=0, description="how often the writer flushes: also the loss window after kill -9"
+    )
+    batch_size: int = Field(1000, ge=1)
+    queue_size: int = Field(100_000, ge=1, description="records held before new ones are dropped")
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError("usage.url must start with sqlite:///, postgresql:// or postgres://")
+        return value
+
+
+class StatsSpec(Strict):
+    samples: int = Field(
+        4096, ge=16, description="raw samples kept per backend and measure since the last reset"
+    )
+
+
+class GatewayConfig(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    admin_token_sha256: str
+    canary_default: Literal["in", "out"] = Field(
+        "in", description="whether tenants without a `canary` choice get canary traffic"
+    )
+    redis_url: str | None = Field(None, description="share limits between instances through Redis")
+    redis_prefix: str = "slipway:gateway:"
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    timeouts: TimeoutsSpec = TimeoutsSpec()
+    breaker: BreakerSpec = BreakerSpec()
+    usage: UsageSpec = UsageSpec()
+    stats: StatsSpec = StatsSpec()
+    routes: tuple[RouteSpec, ...] = ()
+    tenants: tuple[TenantSpec, ...] = ()
+
+    @field_validator("admin_token_sha256")
+    @classmethod
+    def _admin_hash(cls, value: str) -> str:
+        return _check_sha256_hex(value, "admin_token_sha256")
+
+    @model_validator(mode="after")
+    def _unique(self) -> GatewayConfig:
+        for what, values in (
+            ("route models", [r.model for r in self.routes]),
+            ("tenant names", [t.name for t in self.tenants]),
+            ("tenant key hashes", [t.key_sha256 for t in self.tenants]),
+        ):
+            if dupes := sorted({v for v in values if values.count(v) > 1}):
+                raise ValueError(f"{what} must be unique, repeated: {dupes}")
+        if self.admin_token_sha256 in {t.key_sha256 for t in self.tenants}:
+            raise ValueError("the admin token must differ from every tenant key")
+        return self
+
+
+def load_gateway_config(path: str | Path) -> GatewayConfig:
+    return load_yaml(path, GatewayConfig)

@@ -1,0 +1,202 @@
+"""Per-backend live statistics: what the rollout flow reads to judge a canary.
+
+Two views of the same observations:
+- a window since the last reset (or weight change): counts plus a bounded uniform sample of raw
+  TTFT / inter-token / end-to-end latencies (reservoir sampling), for the flow's statistical tests;
+- lifetime totals with fixed histogram buckets, never reset, for Prometheus (counters must only
+  grow; Prometheus and Grafana do the rate and quantile maths).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from bisect import bisect_left
+from typing import Any
+
+# Seconds. Covers a loopback mock (sub-ms) up to long generations.
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+    1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0, 120.0,
+)  # fmt: skip
+
+
+class Reservoir:
+    """A uniform random sample of at most `size` values out of all values seen (Algorithm R)."""
+
+    __slots__ = ("size", "values", "seen", "total", "_rand")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.values: list[float] = []
+        self.seen = 0
+        self.total = 0.0
+        self._rand = random.Random()
+
+    def add(self, value: float) -> None:
+        self.seen += 1
+        self.total += value
+        if len(self.values) < self.size:
+            self.values.append(value)
+        else:
+            slot = self._rand.randrange(self.seen)
+            if slot < self.size:
+                self.values[slot] = value
+
+    def summary(self, with_samples: bool) -> dict[str, Any]:
+        ordered = sorted(self.values)
+        out: dict[str, Any] = {
+            "count": self.seen,
+            "mean": self.total / self.seen if self.seen else None,
+            "p50": _quantile(ordered, 0.50),
+            "p90": _quantile(ordered, 0.90),
+            "p99": _quantile(ordered, 0.99),
+        }
+        if with_samples:
+            out["samples"] = self.values[:]
+        return out
+
+
+def _quantile(ordered: list[float], q: float) -> float | None:
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+class Histogram:
+    """Cumulative bucket counts (Prometheus semantics are applied by the exporter)."""
+
+    __slots__ = ("counts", "sum", "count")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS, value)] += 1
+        self.sum += value
+        self.count += 1
+
+
+class BackendStats:
+    """Observations of one backend; `observe` is called once per attempt on the hot path."""
+
+    __slots__ = (
+        "samples", "since", "requests", "errors", "prompt_tokens", "completion_tokens",
+        "ttft", "itl", "e2e",
+        "total_requests", "total_errors", "total_prompt_tokens", "total_completion_tokens",
+        "hist_ttft", "hist_itl", "hist_e2e",
+    )  # fmt: skip
+
+    def __init__(self, samples: int) -> None:
+        self.samples = samples
+        self.total_requests = 0
+        self.total_errors = 0
+        self.total_prompt_tokens = 0
+        self.total_completion_tokens = 0
+        self.hist_ttft = Histogram()
+        self.hist_itl = Histogram()
+        self.hist_e2e = Histogram()
+        self.reset()
+
+    def reset(self) -> None:
+        self.since = time.time()
+        self.requests = 0
+        self.errors = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.ttft = Reservoir(self.samples)
+        self.itl = Reservoir(self.samples)
+        self.e2e = Reservoir(self.samples)
+
+    def observe(
+        self,
+        ok: bool,
+        e2e_s: float,
+        ttft_s: float | None,
+        itl_s: float | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+    ) -> None:
+        """One attempt. Failed attempts count as errors and carry no latency (it would flatter them)."""
+        self.requests += 1
+        self.total_requests += 1
+        if not ok:
+            self.errors += 1
+            self.total_errors += 1
+            return
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+        self.total_prompt_tokens += prompt_tokens
+        self.total_completion_tokens += completion_tokens
+        self.e2e.add(e2e_s)
+        self.hist_e2e.observe(e2e_s)
+        if ttft_s is not None:
+            self.ttft.add(ttft_s)
+            self.hist_ttft.observe(ttft_s)
+        if itl_s is not None:
+            self.itl.add(itl_s)
+            self.hist_itl.observe(itl_s)
+
+    def snapshot(self, with_samples: bool = False) -> dict[str, Any]:
+        return {
+            "since": self.since,
+            "requests": self.requests,
+            "errors": self.errors,
+            "error_rate": self.errors / self.requests if self.requests else None,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "ttft_s": self.ttft.summary(with_samples),
+            "itl_s": self.itl.summary(with_samples),
+            "e2e_s": self.e2e.summary(with_samples),
+        }
+
+
+class Breaker:
+    """Circuit breaker: `failures` consecutive failures open it for `open_s`; then one probe.
+
+    A probe that never reports (cancelled request) stops blocking after another `open_s`.
+    """
+
+    __slots__ = ("threshold", "open_s", "failures", "opened_at", "probe_at")
+
+    def __init__(self, threshold: int, open_s: float) -> None:
+        self.threshold = threshold
+        self.open_s = open_s
+        self.failures = 0
+        self.opened_at: float | None = None
+        self.probe_at: float | None = None
+
+    def allows(self, now: float) -> bool:
+        if self.opened_at is None:
+            return True
+        if now - self.opened_at < self.open_s:
+            return False
+        if self.probe_at is not None and now - self.probe_at < self.open_s:
+            return False
+        self.probe_at = now
+        return True
+
+    def retry_after(self, now: float) -> float:
+        if self.opened_at is None:
+            return 0.0
+        return max(0.0, self.opened_at + self.open_s - now)
+
+    def success(self) -> None:
+        self.failures = 0
+        self.opened_at = None
+        self.probe_at = None
+
+    def failure(self, now: float) -> None:
+        self.failures += 1
+        if self.probe_at is not None or self.failures >= self.threshold:
+            self.opened_at = now
+            self.probe_at = None
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return "closed"
+        return "half-open" if self.probe_at is not None else "open"

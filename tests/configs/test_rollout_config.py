@@ -1,0 +1,89 @@
+"""The rollout policy schema: the default loads, bad policies are refused naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from configs.loader import ConfigError
+from configs.rollout import AnalysisPolicy, RolloutPolicy, load_rollout_policy
+
+
+def write(tmp_path: Path, policy: dict) -> Path:
+    path = tmp_path / "rollout.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    return path
+
+
+def test_default_policy_loads_and_splits_alpha_across_steps() -> None:
+    policy = load_rollout_policy()
+    stages = policy.stages()
+    assert [s.weight for s in stages] == [5, 25, 50]
+    assert [s.max_seconds for s in stages] == [1800, 600, 600]
+    assert sum(s.analysis.alpha for s in stages) == pytest.approx(policy.analysis.alpha)
+    assert all(s.analysis.slos == policy.slos for s in stages)
+    assert all(s.analysis.min_samples == policy.min_samples for s in stages)
+
+
+def test_per_step_lists() -> None:
+    policy = RolloutPolicy(steps=[10, 100], min_samples=[500], max_seconds=[60])
+    (stage,) = policy.stages()
+    assert (stage.weight, stage.analysis.min_samples, stage.max_seconds) == (10, 500, 60)
+
+
+@pytest.mark.parametrize(
+    ("steps", "rule"),
+    [
+        ([5, 50, 25, 100], "strictly increasing"),
+        ([5, 5, 100], "strictly increasing"),
+        ([5, 25, 50], "must end at 100"),
+        ([100], "at least one canary step"),
+        ([0, 100], "percentage"),
+        ([5, 120], "percentage"),
+    ],
+)
+def test_bad_steps_are_refused(tmp_path: Path, steps: list[int], rule: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_rollout_policy(write(tmp_path, {"steps": steps}))
+    assert "  steps:" in str(e.value) and rule in str(e.value)
+
+
+@pytest.mark.parametrize("alpha", [0, -0.1, 0.5, 1.5])
+def test_alpha_out_of_range_is_refused(tmp_path: Path, alpha: float) -> None:
+    with pytest.raises(ConfigError, match="analysis.alpha"):
+        load_rollout_policy(write(tmp_path, {"analysis": {"alpha": alpha}}))
+
+
+@pytest.mark.parametrize(
+    ("policy", "field"),
+    [
+        ({"min_samples": [100, 100]}, "min_samples"),
+        ({"max_seconds": [60, 60, 60, 60]}, "max_seconds"),
+        ({"max_seconds": 0}, "max_seconds"),
+        ({"min_samples": 0}, "min_samples"),
+        ({"on_inconclusive": "promote"}, "on_inconclusive"),
+        ({"mirror": 1.5}, "mirror"),
+        ({"synthetic_rate": 0}, "synthetic_rate"),
+        ({"webhook_url": "not a url"}, "webhook_url"),
+        ({"analysis": {"margins": {"ttft": -0.1}}}, "analysis.margins.ttft"),
+        ({"slos": {"error_rate": 2}}, "slos.error_rate"),
+        ({"analysis": {"min_samples": 10}}, "set min_samples and slos at the top level"),
+        ({"stpes": [5, 100]}, "stpes"),
+    ],
+)
+def test_bad_fields_are_named(tmp_path: Path, policy: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        load_rollout_policy(write(tmp_path, policy))
+
+
+def test_policies_are_frozen() -> None:
+    with pytest.raises(ValidationError):
+        AnalysisPolicy().alpha = 0.2  # type: ignore[misc]
+
+
+def test_a_metric_can_be_left_out() -> None:
+    policy = RolloutPolicy.model_validate({"analysis": {"margins": {"e2e": None}}})
+    assert policy.analysis.margins.e2e is None

@@ -1,0 +1,186 @@
+"""A fast fake OpenAI-compatible server (raw ASGI) for the gateway tests and benchmark.
+
+It answers /v1/chat/completions and /v1/completions (streaming or not, usage, echo + logprobs as
+lm-eval's local-completions reads them) with the requested model name echoed back, so a test sees
+which backend answered. Faults are injected per served model name: an error status, latency, a
+stream that breaks off, a server that never answers.
+
+    python -m tests.mock_upstream --port 9000          # for the benchmark
+    with serve(MockUpstream()) as url: ...             # in a test: a uvicorn thread on a free port
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import click
+import uvicorn
+
+
+@dataclass
+class Fault:
+    status: int | None = None  # answer this status instead
+    delay_s: float = 0.0  # wait before answering
+    break_after: int | None = None  # streams: abort the connection after this many chunks
+    times: int = -1  # how many requests it applies to; -1: all
+
+
+class MockUpstream:
+    def __init__(self, chunks: int = 4, chunk_delay_s: float = 0.0) -> None:
+        self.chunks = chunks
+        self.chunk_delay_s = chunk_delay_s
+        self.faults: dict[str, Fault] = {}
+        self.requests: deque[dict] = deque(maxlen=10_000)
+        self.record = True
+
+    def _fault(self, model: str) -> Fault | None:
+        fault = self.faults.get(model)
+        if fault is None or fault.times == 0:
+            return None
+        if fault.times > 0:
+            fault.times -= 1
+        return fault
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        path = scope["path"]
+        if scope["method"] == "GET":
+            body = {"object": "list", "data": [{"id": "mock", "object": "model"}]} if path == "/v1/models" else {}
+            return await _json(send, 200, body)
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        request = json.loads(b"".join(chunks))
+        if self.record:
+            self.requests.append(request)
+        model = request.get("model", "")
+        fault = self._fault(model)
+        if fault and fault.delay_s:
+            await asyncio.sleep(fault.delay_s)
+        if fault and fault.status:
+            error = {"error": {"message": f"injected {fault.status}", "type": "server_error", "param": None, "code": None}}
+            return await _json(send, fault.status, error)
+        chat = path.endswith("/chat/completions")
+        n = int(request.get("max_tokens") or self.chunks)
+        prompts = _prompts(request, chat)
+        usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": n * len(prompts)}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        if request.get("stream"):
+            return await self._stream(send, request, model, chat, n, usage, fault)
+        words = [f"w{i}" for i in range(n)]
+        if chat:
+            choices = [{"index": 0, "message": {"role": "assistant", "content": " ".join(words)}, "finish_reason": "length"}]
+        else:
+            choices = [_completion_choice(i, p, words, request) for i, p in enumerate(prompts)]
+        body = {"id": "cmpl-mock", "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": model, "choices": choices, "usage": usage}
+        await _json(send, 200, body)
+
+    async def _stream(self, send, request, model, chat, n, usage, fault) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        head = f'data: {{"id":"cmpl-mock","object":"{kind}","created":{int(time.time())},"model":"{model}","choices":['
+        for i in range(n):
+            if fault and fault.break_after is not None and i >= fault.break_after:
+                raise ConnectionAbortedError("injected: stream broken")
+            choice = (f'{{"index":0,"delta":{{"content":"w{i} "}},"finish_reason":null}}' if chat
+                      else f'{{"index":0,"text":"w{i} ","finish_reason":null}}')
+            await send({"type": "http.response.body", "body": f"{head}{choice}]}}\n\n".encode(), "more_body": True})
+            if self.chunk_delay_s:
+                await asyncio.sleep(self.chunk_delay_s)
+        if (request.get("stream_options") or {}).get("include_usage"):
+            tail = f'{head}],"usage":{json.dumps(usage, separators=(",", ":"))}}}\n\n'
+            await send({"type": "http.response.body", "body": tail.encode(), "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+
+def _prompts(request: dict, chat: bool) -> list[list]:
+    """Each prompt as a list of 'tokens' (words, or the token ids given)."""
+    if chat:
+        return [" ".join(str(m.get("content", "")) for m in request.get("messages", [])).split()]
+    prompt = request.get("prompt", "")
+    if isinstance(prompt, str):
+        return [prompt.split()]
+    if prompt and all(isinstance(t, int) for t in prompt):
+        return [prompt]
+    return [p.split() if isinstance(p, str) else list(p) for p in prompt]
+
+
+def _completion_choice(index: int, prompt: list, words: list[str], request: dict) -> dict:
+    echo = bool(request.get("echo"))
+    tokens = ([str(t) for t in prompt] if echo else []) + words
+    choice = {"index": index, "text": " ".join(tokens), "finish_reason": "length", "logprobs": None}
+    if request.get("logprobs") is not None:
+        lps = [None if (echo and i == 0) else -0.5 for i in range(len(tokens))]
+        choice["logprobs"] = {
+            "tokens": tokens,
+            "token_logprobs": lps,
+            "top_logprobs": [None if lp is None else {t: lp} for t, lp in zip(tokens, lps)],
+            "text_offset": list(range(len(tokens))),
+        }
+    return choice
+
+
+async def _json(send, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve(app, port: int | None = None, **config) -> Iterator[str]:
+    """Run an ASGI app on uvicorn in a thread (its own event loop); yields its base URL."""
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
+        loop="asyncio", http="httptools", lifespan="on", **config,
+    ))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"server on port {port} did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@click.command()
+@click.option("--port", type=int, required=True)
+@click.option("--chunks", type=int, default=4, help="streamed chunks when max_tokens is not given")
+def main(port: int, chunks: int) -> None:
+    """Serve the mock on 127.0.0.1:PORT (uvloop + httptools)."""
+    uvicorn.run(MockUpstream(chunks=chunks), host="127.0.0.1", port=port, loop="uvloop",
+                http="httptools", access_log=False, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The usage log: one record per request, flushed on shutdown, in SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+
+import httpx
+import psycopg2
+import pytest
+
+from serving.usage import read_usage
+from tests.mock_upstream import Fault
+from tests.serving.conftest import backend, chat, post_many
+
+
+def traffic(base: str, keys) -> None:
+    alice = {"Authorization": f"Bearer {keys.key('alice')}"}
+    bob = {"Authorization": f"Bearer {keys.key('bob')}"}
+    httpx.post(f"{base}/v1/chat/completions", json=chat("secret prompt words", max_tokens=3), headers=alice)
+    httpx.post(f"{base}/v1/chat/completions", json=chat("bob private text", max_tokens=2, stream=True), headers=bob)
+    httpx.post(f"{base}/v1/chat/completions", json=chat(), headers=alice)  # alice is over rpm=1: 429
+    httpx.post(f"{base}/v1/chat/completions", json=chat(), headers={"Authorization": "Bearer wrong"})
+
+
+def check(frame) -> None:
+    assert len(frame) == 4
+    ok = frame[frame.status == 200].sort_values("tenant")
+    assert list(ok.tenant) == ["alice", "bob"]
+    assert list(ok.backend_version) == ["1", "1"] and list(ok.role) == ["stable", "stable"]
+    assert list(ok.prompt_tokens) == [3, 3] and list(ok.completion_tokens) == [3, 2]
+    assert list(ok.stream) == [False, True]
+    assert ok.ttft_ms.iloc[1] > 0 and (ok.latency_ms > 0).all()
+    assert ok.prompt.iloc[0] == "secret prompt words"  # alice allows prompt logging
+    assert ok.prompt.iloc[1] is None  # bob does not
+    limited = frame[frame.status == 429].iloc[0]
+    assert limited.tenant == "alice" and limited.error_kind == "rate_limit_exceeded"
+    unauthenticated = frame[frame.status == 401].iloc[0]
+    assert unauthenticated.tenant is None and unauthenticated.error_kind == "invalid_api_key"
+    assert str(frame.time.dt.tz) == "UTC"
+
+
+def tenants(keys) -> list[dict]:
+    return [keys.tenant("alice", rpm=1, log_prompts=True), keys.tenant("bob")]
+
+
+def test_sqlite_usage_flushed_on_shutdown(mock, keys, run_gateway, home):
+    _, url = mock
+    start = time.time()
+    # A long batch interval: only the shutdown flush can have written the records.
+    config = keys.config([backend(url, "1")], tenants(keys), usage={"batch_interval_s": 3600})
+    with run_gateway(config) as base:
+        traffic(base, keys)
+    frame = read_usage(start, time.time() + 1)
+    check(frame)
+    assert read_usage(start - 100, start).empty
+
+
+def test_usage_written_in_batches_while_running(mock, keys, run_gateway, home):
+    upstream, url = mock
+    upstream.faults["served-2"] = Fault(status=500)
+    config = keys.config([backend(url, "1", weight=0), backend(url, "2", role="canary", weight=100)],
+                         usage={"batch_interval_s": 0.1})  # fmt: skip
+    start = time.time()
+    with run_gateway(config) as base:
+        asyncio.run(post_many(base, keys.key("alice"), [chat()] * 50))
+        time.sleep(0.5)
+        frame = read_usage(start, time.time() + 1)
+    assert len(frame) == 50 and (frame.status == 200).all()
+    assert set(frame.backend_version) == {"1"}  # the failed canary attempts were retried on stable
+
+
+@pytest.fixture
+def pg_url():
+    name = f"slipway_usage_{secrets.token_hex(4)}"
+    admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
+    admin.autocommit = True
+    admin.cursor().execute(f"CREATE DATABASE {name}")
+    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    admin.cursor().execute(f"DROP DATABASE {name} WITH (FORCE)")
+    admin.close()
+
+
+def test_postgres_usage_flushed_on_shutdown(mock, keys, run_gateway, pg_url):
+    _, url = mock
+    start = time.time()
+    config = keys.config([backend(url, "1")], tenants(keys), usage={"url": pg_url, "batch_interval_s": 3600})
+    with run_gateway(config) as base:
+        traffic(base, keys)
+    check(read_usage(start, time.time() + 1, url=pg_url))
