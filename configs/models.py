@@ -8,6 +8,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from configs.evaluation import Evaluation, Gates
 from configs.home import REPO
 from configs.loader import load_yaml
 
@@ -231,6 +232,8 @@ class ModelConfig(Strict):
     signing: Signing = Signing()
     smoke: Smoke = Smoke()
     serving: Serving = Serving()
+    evaluation: Evaluation = Evaluation()
+    gates: Gates = Gates()
 
     @field_validator("name")
     @classmethod
@@ -254,7 +257,15 @@ class ModelConfig(Strict):
         labels = [x.label for x in v]
         if dup := sorted({x for x in labels if labels.count(x) > 1}):
             raise ValueError(f"variant names must be unique; repeated: {', '.join(dup)}")
+        if not any(x.recipe == "bf16" for x in v):
+            raise ValueError("add a `recipe: bf16` variant: it is the base every variant is judged against")
         return v
+
+
+    @model_validator(mode="after")
+    def _gated_tasks_exist(self) -> ModelConfig:
+        self.gates.check_tasks(self.evaluation.tasks)
+        return self
 
 
 def load_model_config(path: str | Path) -> ModelConfig:

@@ -1,53 +1,111 @@
-"""The release flow: pull a model, then for every variant sign, verify and register it in MLflow."""
+"""The release flow: pull a model; for every variant build it, serve it once (smoke, quality,
+speed), judge it against bf16, sign, verify and register it in MLflow with its verdict."""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+from dataclasses import dataclass
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from configs.home import Home
-from configs.models import load_model_config
-from tasks.hub import pull_task
+from configs.models import ModelConfig, Variant, load_model_config
+from evaluation.gates import Verdict, judge
+from serving.capabilities import check, detect_hardware
+from tasks.evaluate import Trial, TrialError, log_trial_task, trial_task
+from tasks.hub import Manifest, manifest_task, pull_task
+from tasks.quantize import QuantizeError, VariantBuild, quantize_task
 from tasks.registry import RegisteredVersion, register_task
 from tasks.signing import sign_task, verify_task
 
 
 @flow(name="release", log_prints=True)
-def release(config_path: str = "configs/models/smollm2-135m.yaml") -> list[RegisteredVersion]:
+def release(config_path: str = "configs/models/smollm2-135m.yaml") -> list[Outcome]:
     config = load_model_config(config_path)
     home = Home.from_env()
-    root = home.models / config.name
-    manifest = pull_task(config.source, root / "bf16" / "weights", home, config.allow_pickle)
-    registered = []
-    for variant in config.variants:
-        weights = root / variant.label / "weights"
-        signature = sign_task(weights, config.signing, home)
-        verify_task(weights, config.signing, home)
-        tags = {
-            "source": manifest.source,
-            "revision": manifest.revision,
-            "variant": variant.label,
-            "recipe": variant.recipe,
-            "signer": signature.identity,
-            "signature_verified": "true",
-            "license": manifest.license or "unknown",
-        }
-        registered.append(register_task(home, config.name, weights.parent, manifest.digest, tags))
-    create_markdown_artifact(summary(config.name, registered), key="release-summary")
-    return registered
+    source = pull_task(config.source, home.models / config.name / "bf16" / "weights", home, config.allow_pickle)
+    outcomes: list[Outcome] = []
+    for variant in sorted(config.variants, key=lambda v: v.recipe != "bf16"):  # the base first
+        baseline = outcomes[0].trial if outcomes else None
+        outcomes.append(release_variant(config, variant, source, home, baseline))
+    create_markdown_artifact(table(config.name, outcomes), key="release-summary")
+    return outcomes
 
 
-def summary(name: str, registered: list[RegisteredVersion]) -> str:
+@flow(name="release-variant", flow_run_name="{variant.label}")
+def release_variant(
+    config: ModelConfig, variant: Variant, source: Manifest, home: Home, baseline: Trial | None
+) -> Outcome:
+    servable, reason = check(variant.recipe, detect_hardware())
+    if not servable:
+        return Outcome(variant, "skipped", reason)
+    if variant.recipe != "bf16" and baseline is None:
+        return Outcome(variant, "failed", "the bf16 base failed, so there is nothing to judge against")
+    base = home.models / config.name / "bf16" / "weights"
+    try:
+        built = quantize_task(base, variant, home.models / config.name / variant.label / "weights", home)
+        trial = trial_task(built.out_dir, config, variant, home)
+    except (QuantizeError, TrialError) as e:
+        return Outcome(variant, "failed", str(e))
+    manifest = manifest_task(built.out_dir, source)
+    verdict = judge((baseline or trial).quality, trial.quality, config.gates, trial.speed)
+    signature = sign_task(built.out_dir, config.signing, home)
+    verify_task(built.out_dir, config.signing, home)
+    tags = manifest.tags() | {"variant": variant.label, "recipe": variant.recipe, "signer": signature.identity,
+                              "signature_verified": "true"} | verdict.tags()
+    registered = register_task(home, config.name, built.out_dir.parent, manifest.digest, tags)
+    log_trial_task(home, registered, built, trial, verdict)
+    return Outcome(variant, "registered", "", built, trial, verdict, registered)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the release did with one variant: registered (with its verdict), skipped or failed."""
+
+    variant: Variant
+    status: str  # registered | skipped | failed
+    reason: str = ""
+    build: VariantBuild | None = None
+    trial: Trial | None = None
+    verdict: Verdict | None = None
+    version: RegisteredVersion | None = None
+
+    def line(self) -> str:
+        if self.version is None:
+            return f"{self.variant.label}: {self.status}: {self.reason}"
+        v = self.version
+        verdict = "passed" if self.verdict and self.verdict.passed else "FAILED"
+        return f"{self.variant.label}: v{v.version} {v.digest} eval {verdict}{'' if v.created else ' (unchanged)'}"
+
+
+def table(name: str, outcomes: list[Outcome]) -> str:
+    """The comparison table of every variant (a Prefect artifact; MLflow has the details)."""
     rows = [
-        f"| {r.version} | `{r.digest[:19]}…` | {'new' if r.created else 'already registered'} |"
-        for r in registered
+        f"# Release of {name}",
+        "",
+        "| variant | status | version | verdict | smoke answer | load s | size MB | x smaller | TTFT p50 ms | out tok/s | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    return "\n".join([f"# Release of {name}", "", "| version | digest | status |", "|---|---|---|", *rows])
+    for o in outcomes:
+        cells = [o.variant.label, o.status, "", "", "", "", "", "", "", "", o.reason[:160]]
+        if o.version and o.build and o.trial and o.verdict:
+            level = o.trial.speed.levels[0]
+            cells[2:10] = [
+                o.version.version,
+                "passed" if o.verdict.passed else "FAILED",
+                o.trial.smoke.answer.strip().replace("|", "/")[:40],
+                f"{o.trial.smoke.load_s:.0f}",
+                f"{o.build.size_bytes / 1e6:.0f}",
+                f"{o.build.compression_ratio:.2f}",
+                f"{level.ttft_ms.p50:.0f}" if level.ttft_ms.p50 is not None else "",
+                f"{level.output_tokens_per_s:.1f}",
+            ]
+            cells[10] = "; ".join(o.verdict.reasons)[:160]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":
-    for version in release(*sys.argv[1:2]):
-        print(f"{version.name} v{version.version} {version.digest} {'registered' if version.created else 'unchanged'}")
+    for outcome in release(*sys.argv[1:2]):
+        print(outcome.line())

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
 from configs.home import Home
 from configs.models import DirSource, GGUFSource, HubSource, WheelGGUFSource
@@ -62,6 +62,10 @@ class Manifest:
     files: dict[str, str]
     license: str | None = None
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+
+    def tags(self) -> dict[str, str]:
+        """What the registry records of where the model came from."""
+        return {"source": self.source, "revision": self.revision, "license": self.license or "unknown"}
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
@@ -303,6 +307,15 @@ def manifest_path(model_dir: Path) -> Path:
 
 
 # ---- Prefect -------------------------------------------------------------------------------------
+
+
+@task(name="manifest", cache_policy=NO_CACHE)
+def manifest_task(model_dir: Path, source: Manifest) -> Manifest:
+    """The manifest of a variant built from `source`: same source and revision, its own digest."""
+    path = manifest_path(model_dir)
+    if path.is_file() and (existing := Manifest.read(path)).files == hash_dir(model_dir):
+        return existing
+    return write_manifest(model_dir, source.source, source.revision, path)
 
 
 @task(name="pull", retries=2, retry_delay_seconds=[5, 30], cache_policy=INPUTS + TASK_SOURCE)

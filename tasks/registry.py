@@ -16,6 +16,7 @@ from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
 from mlflow.entities.logged_model_status import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from prefect import task
@@ -26,6 +27,7 @@ from configs.home import Home
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "slipway-releases"
+EVALUATIONS = "slipway-evaluations"
 HISTORY_KEEP = 50  # alias moves kept per alias; MLflow tag values are bounded in size
 
 
@@ -111,6 +113,40 @@ class Registry:
     def tag(self, name: str, version: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_model_version_tag(name, version, key, value)
+
+    # ---- runs ------------------------------------------------------------------------------------
+
+    def log_run(
+        self,
+        run_name: str,
+        *,
+        params: dict[str, object],
+        metrics: dict[str, float],
+        tags: dict[str, str],
+        artifacts: list[Path],
+        experiment: str = EVALUATIONS,
+    ) -> str:
+        """One finished run: params and metrics in a single batch (one call, not one per metric),
+        then the artifacts (files or folders). Returns the run id."""
+        run = self.client.create_run(self.experiment_id(experiment), run_name=run_name, tags=tags)
+        run_id = run.info.run_id
+        try:
+            now = int(datetime.now(timezone.utc).timestamp() * 1000)
+            self.client.log_batch(
+                run_id,
+                metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+            )
+            for path in artifacts:
+                if path.is_dir():
+                    self.client.log_artifacts(run_id, str(path), artifact_path=path.name)
+                elif path.is_file():
+                    self.client.log_artifact(run_id, str(path))
+        except Exception:
+            self.client.set_terminated(run_id, "FAILED")
+            raise
+        self.client.set_terminated(run_id, "FINISHED")
+        return run_id
 
     # ---- aliases ---------------------------------------------------------------------------------
 

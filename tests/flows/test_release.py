@@ -1,46 +1,84 @@
-"""The release flow end to end under a real Prefect server with a sqlite MLflow."""
+"""The release flow end to end under a real Prefect server, with a sqlite MLflow, llmcompressor
+and vLLM serving the tiny model: built, served, judged, signed, registered, once."""
 
 from __future__ import annotations
 
 import pytest
 
-from tasks.hub import Manifest
-from tasks.registry import Registry
-from tasks.signing import keygen, verify
 from configs.models import Signing
+from tasks.hub import Manifest
+from tasks.registry import EVALUATIONS, Registry
+from tasks.signing import keygen, verify
+
+CONFIG = """\
+name: tiny
+source: {source}
+variants:
+  - recipe: bf16
+  - recipe: fp8-dynamic
+  - recipe: gptq-w4a16
+smoke: {{prompt: "The capital of France is", expect: Paris}}
+serving: {{engine_args: [--max-model-len, "256"]}}
+evaluation:
+  suites: [slipway_knowledge, slipway_short_answer, slipway_perplexity]
+  limit: 4
+  loadgen: {{mode: synchronous, num_prompts: 4, warmup: 1, max_tokens: 8, max_prompt_chars: 200}}
+gates:
+  min_recovery: 0.5
+  max_perplexity_increase: 1.0
+"""
 
 
 @pytest.fixture
 def config(home, tiny_model, tmp_path):
     keygen(home)
     path = tmp_path / "tiny.yaml"
-    path.write_text(f"name: tiny\nsource: {tiny_model}\nvariants:\n  - recipe: bf16\n")
+    path.write_text(CONFIG.format(source=tiny_model))
     return path
 
 
-def test_release_registers_a_signed_version_once(prefect_server, home, config):
+@pytest.mark.slow
+def test_release_builds_judges_signs_and_registers_once(prefect_server, home, config, monkeypatch):
     from prefect.client.orchestration import get_client
+
     from flows.release import release
 
-    first = release(str(config))
-    again = release(str(config))
+    monkeypatch.setenv("SLIPWAY_HARDWARE", "cpu")
+    outcomes = {o.variant.label: o for o in release(str(config))}
 
-    assert [(r.version, r.created) for r in first] == [("1", True)]
-    assert [(r.version, r.created) for r in again] == [("1", False)]  # re-running adds no version
+    assert outcomes["gptq-w4a16"].status == "skipped" and "cpu_gemm_wna16" in outcomes["gptq-w4a16"].reason
+    for label in ("bf16", "fp8-dynamic"):
+        o = outcomes[label]
+        assert o.status == "registered", o.reason
+        assert "Paris" in o.trial.smoke.answer
+        assert o.version.created
+        assert set(o.trial.quality.tasks) == {"slipway_knowledge", "slipway_short_answer", "slipway_perplexity"}
+
     registry = Registry(home)
-    tags = registry.tags("tiny", "1")
-    weights = home.models / "tiny" / "bf16" / "weights"
-    manifest = Manifest.read(weights.parent / "manifest.json")
-    assert tags["digest"] == manifest.digest == first[0].digest
-    assert tags["revision"] == manifest.revision and tags["variant"] == "bf16"
-    assert tags["signature_verified"] == "true" and tags["signer"].startswith("key:sha256:")
-    verify(weights, Signing(), home)
-    assert len(registry.client.search_model_versions("name='tiny'")) == 1
+    for label in ("bf16", "fp8-dynamic"):
+        version = outcomes[label].version.version
+        tags = registry.tags("tiny", version)
+        weights = home.models / "tiny" / label / "weights"
+        manifest = Manifest.read(weights.parent / "manifest.json")
+        assert tags["digest"] == manifest.digest
+        assert tags["variant"] == label and tags["signature_verified"] == "true"
+        assert tags["eval_status"] in ("passed", "failed") and tags["eval_run_id"]
+        verify(weights, Signing(), home)
+        run = registry.client.get_run(tags["eval_run_id"])
+        assert run.data.metrics["slipway_knowledge/acc"] >= 0
+        assert run.data.metrics["speed/synchronous/output_tokens_per_s"] > 0
+    assert outcomes["bf16"].version.digest != outcomes["fp8-dynamic"].version.digest
+    assert registry.client.get_experiment_by_name(EVALUATIONS)
 
     with get_client(sync_client=True) as client:
-        artifact = client.read_latest_artifacts(limit=5)
-    summary = next(a for a in artifact if a.key == "release-summary")
-    assert "Release of tiny" in summary.data and "already registered" in summary.data
+        artifacts = client.read_latest_artifacts(limit=5)
+    summary = next(a for a in artifacts if a.key == "release-summary")
+    assert "Release of tiny" in summary.data and "skipped" in summary.data
+
+    # A re-run registers nothing new (digests are already there).
+    again = {o.variant.label: o for o in release(str(config))}
+    assert not again["bf16"].version.created and not again["fp8-dynamic"].version.created
+    assert len(registry.client.search_model_versions("name='tiny'")) == 2
 
 
 def test_release_rejects_a_bad_config_before_any_work(prefect_server, home, tmp_path):

@@ -1,0 +1,25 @@
+"""One vLLM server on the tiny model, shared by the evaluation tests that need a real server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from configs.home import Home
+from configs.models import Serving
+from serving.vllm import VLLMServer
+from tests.conftest import ENVS
+
+SERVED = "tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_model_source, tmp_path_factory) -> Iterator[VLLMServer]:
+    """vLLM (serve env) serving the tiny model as 'tiny', context 256, for the whole session."""
+    root = tmp_path_factory.mktemp("eval-home")
+    (root / "envs").mkdir()
+    (root / "envs" / "serve").symlink_to((ENVS / "serve").resolve())
+    serving = Serving(engine_args=["--max-model-len", "256"])
+    with VLLMServer(tiny_model_source, SERVED, Home(root), serving) as server:
+        yield server

@@ -1,0 +1,289 @@
+"""The load generator: metric computation on fake streams (pure), the CLI's checks, and runs
+against a real vLLM serving the tiny model (slow)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from configs.evaluation import PROMPTS, LoadProfile
+from evaluation.loadgen import (
+    LoadReport,
+    Prompt,
+    RequestRecord,
+    cli,
+    load_prompts,
+    pick_prompts,
+    record_from_stream,
+    run_level,
+    sharegpt,
+    summarise,
+    vllm_bench_command,
+)
+
+
+def completion(text: str) -> dict:
+    return {"choices": [{"index": 0, "text": text, "finish_reason": None}]}
+
+
+def chat(**delta) -> dict:
+    return {"choices": [{"index": 0, "delta": delta}]}
+
+
+USAGE = {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 5}}
+
+
+def test_timings_from_a_completions_stream_with_usage():
+    # Sent at t=10.0; chunks at 10.2, 10.25, 10.35, 10.4; then the usage-only message.
+    stream = [
+        (10.2, completion(" Par")),
+        (10.25, completion("is")),
+        (10.35, completion(".")),
+        (10.4, completion("")),
+        (10.41, USAGE),
+    ]
+    r = record_from_stream("p1", start=1.0, sent=10.0, messages=stream)
+    assert r.ok and r.prompt_tokens == 7
+    assert r.ttft == pytest.approx(0.2)
+    assert r.latency == pytest.approx(0.4)
+    assert r.itl == pytest.approx([0.05, 0.1, 0.05])
+    # Usage says 5 tokens in 4 chunks: usage wins; TPOT = (0.4 - 0.2) / (5 - 1).
+    assert r.output_tokens == 5 and r.tokens_from_usage
+    assert r.tpot == pytest.approx(0.05)
+
+
+def test_chunks_count_tokens_when_the_server_sends_no_usage():
+    stream = [
+        (0.1, chat(role="assistant", content="")),
+        (0.3, chat(content="Blue")),
+        (0.4, chat(content=".")),
+        (0.6, chat(content="!")),
+    ]
+    r = record_from_stream("p", start=0.0, sent=0.0, messages=stream)
+    # The role announcement is not output: TTFT is the first content chunk.
+    assert r.ttft == pytest.approx(0.3) and r.output_tokens == 3 and not r.tokens_from_usage
+    assert r.tpot == pytest.approx(0.15)
+
+
+def test_a_stream_without_output_is_an_error():
+    r = record_from_stream("p", start=0.0, sent=0.0, messages=[(0.1, USAGE)])
+    assert not r.ok and r.tpot is None
+
+
+def ok(start: float, ttft: float, latency: float, tokens: int) -> RequestRecord:
+    return RequestRecord(
+        prompt_id="p",
+        start=start,
+        ttft=ttft,
+        latency=latency,
+        output_tokens=tokens,
+        tokens_from_usage=True,
+    )
+
+
+def test_summary_percentiles_throughput_and_goodput():
+    records = [
+        ok(0.0, 0.1, 1.1, 11),  # TPOT 100 ms: good
+        ok(0.5, 0.2, 2.2, 11),  # TPOT 200 ms: misses the 150 ms SLO
+        ok(1.0, 0.6, 1.6, 11),  # TTFT 600 ms: misses the 500 ms SLO
+        ok(1.5, 0.3, 1.0, 1),  # one token, no TPOT: judged on TTFT alone, good
+        RequestRecord(prompt_id="p", start=2.0, error="HTTP 400: too long"),
+    ]
+    s = summarise(records, label="concurrency 2", slo_ttft_ms=500, slo_tpot_ms=150, concurrency=2)
+    # From the first request sent (0.0) to the last one finished (0.5 + 2.2 = 2.7).
+    assert s.duration_s == pytest.approx(2.7)
+    assert (s.completed, s.failed, s.total_output_tokens) == (4, 1, 34)
+    assert s.requests_per_s == pytest.approx(4 / 2.7)
+    assert s.output_tokens_per_s == pytest.approx(34 / 2.7)
+    assert s.ttft_ms.p50 == pytest.approx(250.0)  # of 100, 200, 300, 600
+    assert s.ttft_ms.p99 == pytest.approx(300 + 300 * 0.97)
+    assert s.tpot_ms.p50 == pytest.approx(100.0)  # of 100, 100, 200
+    assert s.e2e_ms.mean == pytest.approx((1100 + 2200 + 1600 + 1000) / 4)
+    assert s.goodput_share == pytest.approx(2 / 5) and s.goodput_per_s == pytest.approx(2 / 2.7)
+    assert s.token_source == "usage" and s.errors == ["HTTP 400: too long"]
+
+
+def test_summary_of_only_failures_is_all_zero():
+    s = summarise(
+        [RequestRecord(prompt_id="p", start=0, error="boom")],
+        label="x",
+        slo_ttft_ms=1,
+        slo_tpot_ms=1,
+    )
+    assert (s.completed, s.failed, s.requests_per_s, s.token_source) == (0, 1, 0.0, "none")
+    assert s.ttft_ms.p50 is None
+    report = LoadReport(
+        base_url="http://x",
+        model="m",
+        endpoint="completions",
+        profile=LoadProfile(mode="synchronous"),
+        levels=[s],
+    )
+    assert LoadReport.model_validate_json(report.model_dump_json()) == report
+
+
+def test_the_shipped_prompt_set():
+    prompts = load_prompts(PROMPTS)
+    lengths = sorted(len(p.prompt.split()) for p in prompts)
+    assert len(prompts) >= 200 and len({p.id for p in prompts}) == len(prompts)
+    # A realistic spread: one-line questions up to multi-paragraph requests.
+    assert lengths[0] < 10 and lengths[len(lengths) // 2] < 40 and lengths[-1] > 300
+    assert sum("\n\n" in p.prompt for p in prompts) >= 30
+    assert all(16 <= p.max_tokens <= 256 for p in prompts)
+    capped = load_prompts(PROMPTS, max_tokens=16, max_chars=80)
+    assert capped and all(p.max_tokens <= 16 and len(p.prompt) <= 80 for p in capped)
+
+
+def test_picked_prompts_are_seeded_mixed_and_cycle():
+    prompts = load_prompts(PROMPTS)
+    first = pick_prompts(prompts, 48, seed=0)
+    assert first == pick_prompts(prompts, 48, seed=0) != pick_prompts(prompts, 48, seed=1)
+    assert len({p.max_tokens for p in first}) > 1  # not just the file's short head
+    assert len(pick_prompts(prompts[:3], 7, seed=0)) == 7
+
+
+def test_bad_prompt_file_names_the_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "hi", "output_tokens": 4}) + '\n{"prompt": "x"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: need a JSON object"):
+        load_prompts(path)
+
+
+def test_vllm_bench_gets_the_same_prompts_in_the_same_order(tmp_path):
+    prompts = pick_prompts(load_prompts(PROMPTS), 5, seed=0)
+    data = json.loads(sharegpt(prompts))
+    assert [d["conversations"][0]["value"] for d in data] == [p.prompt for p in prompts]
+
+
+def test_vllm_bench_command_matches_the_profile(tmp_path):
+    command = vllm_bench_command(
+        tmp_path / "vllm",
+        "http://127.0.0.1:8000/",
+        "tiny",
+        tmp_path / "tok",
+        tmp_path / "d.json",
+        concurrency=4,
+        num_prompts=20,
+        output_tokens=32,
+        warmup=2,
+        ignore_eos=True,
+        result_dir=tmp_path,
+        result_name="r.json",
+    )
+    flags = dict(zip(command[3:], command[4:], strict=False))
+    assert command[1:3] == ["bench", "serve"] and "--ignore-eos" in command
+    assert flags["--max-concurrency"] == "4" and flags["--num-prompts"] == "20"
+    assert flags["--dataset-name"] == "sharegpt" and flags["--sharegpt-output-len"] == "32"
+    assert flags["--base-url"] == "http://127.0.0.1:8000" and "--disable-shuffle" in command
+
+
+def test_cli_rejects_a_bad_profile(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(
+        cli,
+        [
+            "run",
+            "--base-url",
+            "http://127.0.0.1:9",
+            "--model",
+            "m",
+            "--profile",
+            "poisson",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code == 2 and "needs rate" in result.output
+    result = runner.invoke(
+        cli,
+        [
+            "run",
+            "--base-url",
+            "http://x",
+            "--model",
+            "m",
+            "--concurrency",
+            "1,two",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code == 2 and "comma-separated integers" in result.output
+
+
+def test_profile_rejects_rate_outside_poisson():
+    with pytest.raises(ValueError, match="poisson"):
+        LoadProfile(mode="sweep", rate=2.0)
+
+
+# ---- against a real vLLM -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sweep_against_vllm(tiny_server, tmp_path):
+    """A 1,2 sweep on /v1/completions and a Poisson run on /v1/chat/completions, through the CLI."""
+    runner = CliRunner()
+    common = [
+        "--base-url",
+        tiny_server.url,
+        "--model",
+        "tiny",
+        "--num-prompts",
+        "6",
+        "--warmup",
+        "1",
+        "--max-tokens",
+        "12",
+        "--max-prompt-chars",
+        "160",
+    ]
+    result = runner.invoke(
+        cli, ["run", *common, "--concurrency", "1,2", "--out", str(tmp_path / "a")]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert (tmp_path / "a" / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert [lv["concurrency"] for lv in report["levels"]] == [1, 2]
+    for lv in report["levels"]:
+        assert (lv["completed"], lv["failed"]) == (6, 0), lv["errors"]
+        # ignore_eos: every request generates exactly its max_tokens, counted from usage.
+        assert lv["token_source"] == "usage" and lv["total_output_tokens"] == 6 * 12
+        assert 0 < lv["ttft_ms"]["p50"] <= lv["ttft_ms"]["p99"] < lv["e2e_ms"]["p99"] < 30_000
+        assert 0 < lv["tpot_ms"]["p50"] < 5_000 and lv["itl_ms"]["mean"] > 0
+        assert lv["requests_per_s"] > 0 and lv["output_tokens_per_s"] > 0
+        assert 0 <= lv["goodput_share"] <= 1
+
+    result = runner.invoke(
+        cli,
+        [
+            "run",
+            *common,
+            "--profile",
+            "poisson",
+            "--rate",
+            "20",
+            "--endpoint",
+            "chat",
+            "--out",
+            str(tmp_path / "b"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    (level,) = json.loads((tmp_path / "b" / "report.json").read_text())["levels"]
+    assert level["label"] == "poisson 20 req/s" and level["completed"] == 6
+    assert level["total_output_tokens"] == 6 * 12
+
+
+@pytest.mark.slow
+def test_server_errors_are_counted_not_raised(tiny_server):
+    """A prompt longer than the context fails with HTTP 400 and shows up in the summary."""
+    profile = LoadProfile(mode="synchronous", num_prompts=2, warmup=0)
+    prompts = [Prompt(id="long", prompt="word " * 400, max_tokens=8)]
+    level = asyncio.run(
+        run_level(tiny_server.url, "tiny", profile, prompts, concurrency=1, progress=False)
+    )
+    assert (level.completed, level.failed) == (0, 2)
+    assert level.errors[0].startswith("HTTP 400")
