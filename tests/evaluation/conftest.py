@@ -14,7 +14,7 @@ from tests.conftest import ENVS
 SERVED = "tiny"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # stopped when tests/evaluation ends: vLLM pins a core
 def tiny_server(tiny_model_source, tmp_path_factory) -> Iterator[VLLMServer]:
     """vLLM (serve env) serving the tiny model as 'tiny', context 256, for the whole session."""
     root = tmp_path_factory.mktemp("eval-home")
