@@ -11,12 +11,12 @@ from prefect.artifacts import create_markdown_artifact
 
 from configs.home import Home
 from configs.models import ModelConfig, Variant, load_model_config
-from evaluation.gates import Verdict, judge
+from evaluation.gates import QualityResult, Verdict, judge
 from serving.capabilities import check, detect_hardware
-from tasks.evaluate import Trial, TrialError, log_trial_task, trial_task
+from tasks.evaluate import Trial, TrialError, log_trial_task, recorded_quality, trial_task
 from tasks.hub import Manifest, manifest_task, pull_task
 from tasks.quantize import QuantizeError, VariantBuild, quantize_task
-from tasks.registry import RegisteredVersion, register_task
+from tasks.registry import RegisteredVersion, find_task, first_champion_task, register_task
 from tasks.signing import sign_task, verify_task
 
 
@@ -27,15 +27,16 @@ def release(config_path: str = "configs/models/smollm2-135m.yaml") -> list[Outco
     source = pull_task(config.source, home.models / config.name / "bf16" / "weights", home, config.allow_pickle)
     outcomes: list[Outcome] = []
     for variant in sorted(config.variants, key=lambda v: v.recipe != "bf16"):  # the base first
-        baseline = outcomes[0].trial if outcomes else None
+        baseline = outcomes[0].quality if outcomes else None
         outcomes.append(release_variant(config, variant, source, home, baseline))
+    first_champion_task(home, config.name, [o.version.version for o in outcomes if o.version])
     create_markdown_artifact(table(config.name, outcomes), key="release-summary")
     return outcomes
 
 
 @flow(name="release-variant", flow_run_name="{variant.label}")
 def release_variant(
-    config: ModelConfig, variant: Variant, source: Manifest, home: Home, baseline: Trial | None
+    config: ModelConfig, variant: Variant, source: Manifest, home: Home, baseline: QualityResult | None
 ) -> Outcome:
     servable, reason = check(variant.recipe, detect_hardware())
     if not servable:
@@ -45,18 +46,20 @@ def release_variant(
     base = home.models / config.name / "bf16" / "weights"
     try:
         built = quantize_task(base, variant, home.models / config.name / variant.label / "weights", home)
+        manifest = manifest_task(built.out_dir, source)
+        if (done := find_task(home, config.name, manifest.digest)) and (quality := recorded_quality(built.out_dir)):
+            return Outcome(variant, "registered", "already registered: not served again", built, version=done, quality=quality)
         trial = trial_task(built.out_dir, config, variant, home)
     except (QuantizeError, TrialError) as e:
         return Outcome(variant, "failed", str(e))
-    manifest = manifest_task(built.out_dir, source)
-    verdict = judge((baseline or trial).quality, trial.quality, config.gates, trial.speed)
+    verdict = judge(baseline or trial.quality, trial.quality, config.gates, trial.speed)
     signature = sign_task(built.out_dir, config.signing, home)
     verify_task(built.out_dir, config.signing, home)
     tags = manifest.tags() | {"variant": variant.label, "recipe": variant.recipe, "signer": signature.identity,
                               "signature_verified": "true"} | verdict.tags()
     registered = register_task(home, config.name, built.out_dir.parent, manifest.digest, tags)
     log_trial_task(home, registered, built, trial, verdict)
-    return Outcome(variant, "registered", "", built, trial, verdict, registered)
+    return Outcome(variant, "registered", "", built, registered, trial.quality, trial, verdict)
 
 
 @dataclass(frozen=True)
@@ -67,16 +70,19 @@ class Outcome:
     status: str  # registered | skipped | failed
     reason: str = ""
     build: VariantBuild | None = None
-    trial: Trial | None = None
-    verdict: Verdict | None = None
     version: RegisteredVersion | None = None
+    quality: QualityResult | None = None
+    trial: Trial | None = None  # None when an earlier run already registered this digest
+    verdict: Verdict | None = None
 
     def line(self) -> str:
         if self.version is None:
             return f"{self.variant.label}: {self.status}: {self.reason}"
         v = self.version
+        if not v.created:
+            return f"{self.variant.label}: v{v.version} {v.digest} (already registered)"
         verdict = "passed" if self.verdict and self.verdict.passed else "FAILED"
-        return f"{self.variant.label}: v{v.version} {v.digest} eval {verdict}{'' if v.created else ' (unchanged)'}"
+        return f"{self.variant.label}: v{v.version} {v.digest} eval {verdict}"
 
 
 def table(name: str, outcomes: list[Outcome]) -> str:
@@ -88,7 +94,7 @@ def table(name: str, outcomes: list[Outcome]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for o in outcomes:
-        cells = [o.variant.label, o.status, "", "", "", "", "", "", "", "", o.reason[:160]]
+        cells = [o.variant.label, o.status, o.version.version if o.version else "", "", "", "", "", "", "", "", o.reason[:160]]
         if o.version and o.build and o.trial and o.verdict:
             level = o.trial.speed.levels[0]
             cells[2:10] = [

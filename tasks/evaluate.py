@@ -174,6 +174,9 @@ def run_speed(base_url: str, served_model: str, profile: LoadProfile, out_dir: P
 # ---- the trial: serve once, then smoke, quality and speed ----------------------------------------
 
 
+QUALITY = "quality.json"
+
+
 class TrialError(RuntimeError):
     """The variant could not be served, answered the smoke prompt wrongly, or could not be measured."""
 
@@ -198,7 +201,14 @@ def trial(model_dir: Path, config: ModelConfig, variant: Variant, home: Home) ->
             speed = run_speed(server.url, name, config.evaluation.loadgen, out_dir / "speed")
     except (VLLMError, SmokeError, EvaluationError) as e:
         raise TrialError(f"{variant.label}: {e}") from e
+    (out_dir / QUALITY).write_text(quality.model_dump_json())  # the baseline of later releases
     return Trial(smoke, quality, speed, out_dir)
+
+
+def recorded_quality(model_dir: Path) -> QualityResult | None:
+    """The quality an earlier trial measured for the variant in model_dir, if it kept one."""
+    path = model_dir.parent / "evaluation" / QUALITY
+    return QualityResult.model_validate_json(path.read_text()) if path.is_file() else None
 
 
 def trial_metrics(build: VariantBuild, trial: Trial, verdict: Verdict) -> dict[str, float]:
@@ -212,9 +222,9 @@ def trial_metrics(build: VariantBuild, trial: Trial, verdict: Verdict) -> dict[s
     }
     if build.peak_rss_bytes:
         metrics["quantize_peak_rss_bytes"] = build.peak_rss_bytes
-    for task, score in trial.quality.tasks.items():
-        metrics.update({f"{task}/{m}": v for m, v in score.metrics.items()})
-        metrics.update({f"{task}/{m}_stderr": v for m, v in score.stderr.items()})
+    for name, score in trial.quality.tasks.items():
+        metrics.update({f"{name}/{m}": v for m, v in score.metrics.items()})
+        metrics.update({f"{name}/{m}_stderr": v for m, v in score.stderr.items()})
     for gate in verdict.gates:
         if gate.measured is not None:
             metrics[f"gate/{gate.name}"] = gate.measured

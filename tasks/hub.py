@@ -112,8 +112,10 @@ def find_license(model_dir: Path) -> str | None:
     return None
 
 
-def write_manifest(model_dir: Path, source: str, revision: str, manifest_path: Path) -> Manifest:
-    files = hash_dir(model_dir)
+def write_manifest(
+    model_dir: Path, source: str, revision: str, manifest_path: Path, files: dict[str, str] | None = None
+) -> Manifest:
+    files = files if files is not None else hash_dir(model_dir)
     manifest = Manifest(
         source=source,
         revision=revision,
@@ -312,10 +314,10 @@ def manifest_path(model_dir: Path) -> Path:
 @task(name="manifest", cache_policy=NO_CACHE)
 def manifest_task(model_dir: Path, source: Manifest) -> Manifest:
     """The manifest of a variant built from `source`: same source and revision, its own digest."""
-    path = manifest_path(model_dir)
-    if path.is_file() and (existing := Manifest.read(path)).files == hash_dir(model_dir):
+    path, files = manifest_path(model_dir), hash_dir(model_dir)
+    if path.is_file() and (existing := Manifest.read(path)).files == files:
         return existing
-    return write_manifest(model_dir, source.source, source.revision, path)
+    return write_manifest(model_dir, source.source, source.revision, path, files)
 
 
 @task(name="pull", retries=2, retry_delay_seconds=[5, 30], cache_policy=INPUTS + TASK_SOURCE)

@@ -9,7 +9,6 @@ record it and go on with the other variants. The directory appears only when the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from prefect.cache_policies import NO_CACHE
 
 from configs.home import REPO, Home
 from configs.models import Calibration, Variant
+from tasks.hub import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +60,6 @@ class VariantBuild:
 
 
 # ---- measurements --------------------------------------------------------------------------------
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def calibration_digest(calibration: Calibration) -> str | None:

@@ -84,8 +84,7 @@ class Registry:
     ) -> RegisteredVersion:
         """Log variant_dir (weights/, manifest.json, model.sig) and register it, once per digest."""
         if existing := self.find(name, digest):
-            model_id = self.client.get_model_version(name, existing).model_id
-            return RegisteredVersion(name, existing, model_id, digest, created=False)
+            return self.registered(name, existing, digest)
         tags = {**tags, "digest": digest}
         experiment = self.experiment_id()
         model = self.client.create_logged_model(
@@ -106,6 +105,10 @@ class Registry:
         )
         log.info("registered %s version %s (%s)", name, version.version, digest)
         return RegisteredVersion(name, str(version.version), model.model_id, digest, created=True)
+
+    def registered(self, name: str, version: str, digest: str) -> RegisteredVersion:
+        model_id = self.client.get_model_version(name, version).model_id
+        return RegisteredVersion(name, version, model_id, digest, created=False)
 
     def tags(self, name: str, version: str) -> dict[str, str]:
         return dict(self.client.get_model_version(name, version).tags)
@@ -182,7 +185,32 @@ class Registry:
         return previous
 
 
+def first_champion(registry: Registry, name: str, versions: list[str]) -> str | None:
+    """Bootstrap: with no champion yet, the first version in `versions` whose verdict passed becomes
+    champion (a first release has nothing to canary against); later ones go through the rollout."""
+    if registry.alias(name, "champion") is not None:
+        return None
+    for version in versions:
+        if registry.tags(name, version).get("eval_status") == "passed":
+            registry.promote(name, version, reason="first release: no champion yet")
+            return version
+    return None
+
+
 # ---- Prefect -------------------------------------------------------------------------------------
+
+
+@task(name="find-registered", cache_policy=NO_CACHE)
+def find_task(home: Home, name: str, digest: str) -> RegisteredVersion | None:
+    """The version already registered with this digest: a re-run has nothing to redo for it."""
+    registry = Registry(home)
+    version = registry.find(name, digest)
+    return registry.registered(name, version, digest) if version else None
+
+
+@task(name="first-champion", cache_policy=NO_CACHE)
+def first_champion_task(home: Home, name: str, versions: list[str]) -> str | None:
+    return first_champion(Registry(home), name, versions)
 
 
 @task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])

@@ -15,14 +15,19 @@ from tests import tinymodel
 ENVS = Path(os.environ.get("SLIPWAY_HOME", REPO / ".slipway")) / "envs"
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch) -> Home:
-    """An empty SLIPWAY_HOME for one test, with links to the real environments."""
-    root = tmp_path / "slipway"
+def make_home(root: Path) -> Home:
+    """An empty SLIPWAY_HOME at root, with links to the real environments."""
     (root / "envs").mkdir(parents=True)
     for env in ("core", "quant", "serve"):
         if (ENVS / env).exists():
             (root / "envs" / env).symlink_to((ENVS / env).resolve())
+    return Home(root)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Home:
+    """An empty SLIPWAY_HOME for one test, with links to the real environments."""
+    root = make_home(tmp_path / "slipway").root
     monkeypatch.setenv("SLIPWAY_HOME", str(root))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return Home.from_env()

@@ -68,6 +68,9 @@ def test_release_builds_judges_signs_and_registers_once(prefect_server, home, co
         assert run.data.metrics["slipway_knowledge/acc"] >= 0
         assert run.data.metrics["speed/synchronous/output_tokens_per_s"] > 0
     assert outcomes["bf16"].version.digest != outcomes["fp8-dynamic"].version.digest
+    # bf16 is its own baseline, so it passes; as the first release it becomes champion.
+    assert registry.tags("tiny", outcomes["bf16"].version.version)["eval_status"] == "passed"
+    assert registry.alias("tiny", "champion") == outcomes["bf16"].version.version
     assert registry.client.get_experiment_by_name(EVALUATIONS)
 
     with get_client(sync_client=True) as client:
@@ -75,9 +78,11 @@ def test_release_builds_judges_signs_and_registers_once(prefect_server, home, co
     summary = next(a for a in artifacts if a.key == "release-summary")
     assert "Release of tiny" in summary.data and "skipped" in summary.data
 
-    # A re-run registers nothing new (digests are already there).
+    # A re-run registers nothing new and serves nothing again: the digests are already there.
     again = {o.variant.label: o for o in release(str(config))}
-    assert not again["bf16"].version.created and not again["fp8-dynamic"].version.created
+    for label in ("bf16", "fp8-dynamic"):
+        assert again[label].version.version == outcomes[label].version.version
+        assert not again[label].version.created and again[label].trial is None
     assert len(registry.client.search_model_versions("name='tiny'")) == 2
 
 

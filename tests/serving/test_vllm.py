@@ -18,7 +18,7 @@ from serving.capabilities import check, detect_hardware
 from serving.vllm import VLLMServer, VLLMStartError
 from tasks.quantize import VariantBuild, build_variant
 from tasks.serve_check import SmokeError, smoke
-from tests.conftest import ENVS
+from tests.conftest import make_home
 
 FRANCE = Smoke(prompt="The capital of France is", expect="Paris")
 
@@ -86,11 +86,7 @@ def test_engine_args_the_launcher_owns_are_rejected():
 @pytest.fixture(scope="module")
 def module_home(tmp_path_factory) -> Home:
     """One SLIPWAY_HOME for the module's builds and servers, linked to the real environments."""
-    root = tmp_path_factory.mktemp("slipway")
-    (root / "envs").mkdir()
-    for env in ("core", "quant", "serve"):
-        (root / "envs" / env).symlink_to((ENVS / env).resolve())
-    return Home(root)
+    return make_home(tmp_path_factory.mktemp("module") / "slipway")
 
 
 @pytest.fixture(scope="module")

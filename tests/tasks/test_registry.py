@@ -49,3 +49,17 @@ def test_aliases_and_history(home, variant_dir):
     assert history[-1]["reason"] == "canary passed"
     assert registry.promote("m", v2) == v2  # already champion: nothing moves
     assert len(registry.alias_history("m", "champion")) == 2
+
+
+def test_first_passed_version_becomes_champion_only_once(home, variant_dir):
+    from tasks.registry import first_champion
+
+    registry = Registry(home)
+    failed = registry.register("m", variant_dir, "sha256:f", {"eval_status": "failed"}).version
+    passed = registry.register("m", variant_dir, "sha256:p", {"eval_status": "passed"}).version
+    later = registry.register("m", variant_dir, "sha256:l", {"eval_status": "passed"}).version
+
+    assert first_champion(registry, "m", [failed, passed, later]) == passed
+    assert registry.alias("m", "champion") == passed
+    assert first_champion(registry, "m", [later]) is None  # later versions go through the rollout
+    assert registry.alias("m", "champion") == passed

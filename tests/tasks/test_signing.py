@@ -3,7 +3,6 @@ with a message that names the file; a foreign key is refused."""
 
 from __future__ import annotations
 
-import os
 import stat
 import subprocess
 import sys
