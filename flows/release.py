@@ -10,8 +10,9 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from configs.home import Home
+from configs.evaluation import Gates
 from configs.models import ModelConfig, Variant, load_model_config
-from evaluation.gates import QualityResult, Verdict, judge
+from evaluation.gates import QualityResult, Verdict, gated_metric, judge
 from serving.capabilities import check, detect_hardware
 from tasks.evaluate import Trial, TrialError, log_trial_task, recorded_quality, trial_task
 from tasks.hub import Manifest, manifest_task, pull_task
@@ -30,7 +31,7 @@ def release(config_path: str = "configs/models/smollm2-135m.yaml") -> list[Outco
         baseline = outcomes[0].quality if outcomes else None
         outcomes.append(release_variant(config, variant, source, home, baseline))
     first_champion_task(home, config.name, [o.version.version for o in outcomes if o.version])
-    create_markdown_artifact(table(config.name, outcomes), key="release-summary")
+    create_markdown_artifact(table(config.name, outcomes, config.gates), key="release-summary")
     return outcomes
 
 
@@ -85,31 +86,41 @@ class Outcome:
         return f"{self.variant.label}: v{v.version} {v.digest} eval {verdict}"
 
 
-def table(name: str, outcomes: list[Outcome]) -> str:
+def table(name: str, outcomes: list[Outcome], gates: Gates) -> str:
     """The comparison table of every variant (a Prefect artifact; MLflow has the details)."""
-    rows = [
-        f"# Release of {name}",
-        "",
-        "| variant | status | version | verdict | smoke answer | load s | size MB | x smaller | TTFT p50 ms | out tok/s | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    tasks = next((list(o.quality.tasks) for o in outcomes if o.quality), [])
+    head = ["variant", "status", "version", "verdict", *tasks, "min recovery", "TTFT p50 ms",
+            "TPOT p50 ms", "out tok/s", "MB", "x smaller", "smoke answer", "note"]
+    rows = []
     for o in outcomes:
-        cells = [o.variant.label, o.status, o.version.version if o.version else "", "", "", "", "", "", "", "", o.reason[:160]]
-        if o.version and o.build and o.trial and o.verdict:
+        cell = dict.fromkeys(head, "") | {"variant": o.variant.label, "status": o.status, "note": o.reason}
+        if o.version:
+            cell["version"] = o.version.version
+        if o.build:
+            cell |= {"MB": f"{o.build.size_bytes / 1e6:.0f}", "x smaller": f"{o.build.compression_ratio:.2f}"}
+        for task, score in (o.quality.tasks.items() if o.quality else []):
+            metric = gated_metric(task, score, gates)
+            se = score.stderr.get(metric)
+            cell[task] = f"{metric} {score.metrics[metric]:.3f}" + (f" ± {se:.3f}" if se else "")
+        if o.verdict:
+            recoveries = [g.measured for g in o.verdict.gates if g.name.endswith("recovery") and g.measured]
+            cell |= {"verdict": "passed" if o.verdict.passed else "FAILED", "note": "; ".join(o.verdict.reasons)}
+            cell["min recovery"] = f"{min(recoveries):.3f}" if recoveries else ""
+        if o.trial:
             level = o.trial.speed.levels[0]
-            cells[2:10] = [
-                o.version.version,
-                "passed" if o.verdict.passed else "FAILED",
-                o.trial.smoke.answer.strip().replace("|", "/")[:40],
-                f"{o.trial.smoke.load_s:.0f}",
-                f"{o.build.size_bytes / 1e6:.0f}",
-                f"{o.build.compression_ratio:.2f}",
-                f"{level.ttft_ms.p50:.0f}" if level.ttft_ms.p50 is not None else "",
-                f"{level.output_tokens_per_s:.1f}",
-            ]
-            cells[10] = "; ".join(o.verdict.reasons)[:160]
-        rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+            cell |= {
+                "TTFT p50 ms": _ms(level.ttft_ms.p50),
+                "TPOT p50 ms": _ms(level.tpot_ms.p50),
+                "out tok/s": f"{level.output_tokens_per_s:.1f}",
+                "smoke answer": o.trial.smoke.answer.strip()[:40],
+            }
+        rows.append("| " + " | ".join(cell[c].replace("|", "/")[:160] for c in head) + " |")
+    return "\n".join([f"# Release of {name}", "", "Speed: the first load level; MLflow has them all.", "",
+                       "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows])
+
+
+def _ms(value: float | None) -> str:
+    return "" if value is None else f"{value:.0f}"
 
 
 if __name__ == "__main__":

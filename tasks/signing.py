@@ -144,8 +144,9 @@ def verify(model_dir: Path, config: Signing, home: Home) -> SignatureInfo:
         case "key":
             verifier.use_elliptic_key_verifier(public_key=_keys(config, home)[1])
         case "certificate":
+            # Trust the CA chain when one is given (any leaf it issued verifies), else the leaf itself.
             verifier.use_certificate_verifier(
-                certificate_chain=[config.signing_certificate, *config.certificate_chain]
+                certificate_chain=config.certificate_chain or [config.signing_certificate]
             )
         case "sigstore":
             verifier.use_sigstore_verifier(identity=config.identity, oidc_issuer=config.oidc_issuer)

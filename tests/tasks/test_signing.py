@@ -94,3 +94,65 @@ def test_unsigned_model_is_refused(home, tiny_model):
 def test_sign_without_key_says_how_to_fix(home, tiny_model):
     with pytest.raises(signing.SignatureError, match="make setup"):
         signing.sign(tiny_model, Signing(), home)
+
+
+def make_chain(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A CA and a leaf signing certificate (P-256), as a company PKI would issue them."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def cert(subject, issuer, key, signer, ca: bool):
+        now = datetime.datetime.now(datetime.timezone.utc)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=not ca, content_commitment=False, key_encipherment=False,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=ca, crl_sign=ca,
+                    encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+        )
+        if not ca:
+            builder = builder.add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False
+            ).add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), critical=False
+            )
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = cert("Slipway Test CA", "Slipway Test CA", ca_key, ca_key, ca=True)
+    leaf = cert("release-bot", "Slipway Test CA", leaf_key, ca_key, ca=False)
+    paths = tmp_path / "leaf.key", tmp_path / "leaf.pem", tmp_path / "ca.pem"
+    paths[0].write_bytes(leaf_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    paths[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    return paths
+
+
+def test_certificate_chain_signing(home, tiny_model, tmp_path):
+    key, leaf, ca = make_chain(tmp_path)
+    config = Signing(method="certificate", private_key=key, signing_certificate=leaf, certificate_chain=[ca])
+    weights = tiny_model.parent / "variant" / "weights"
+    weights.parent.mkdir()
+    tiny_model.rename(weights)
+    info = signing.sign(weights, config, home)
+    assert info.identity == "certificate:CN=release-bot"
+    assert signing.verify(weights, config, home).method == "certificate"
+    flip_byte(weights)
+    with pytest.raises(signing.SignatureError, match="changed since signing: model.safetensors"):
+        signing.verify(weights, config, home)
