@@ -12,7 +12,7 @@ ENVS := $(SLIPWAY_HOME)/envs
 PY := $(ENVS)/core/bin/python
 CONFIG ?= configs/models/smollm2-135m.yaml
 
-.PHONY: setup demo test bench-gateway bench-canary clean lock mlflow-ui prefect-ui
+.PHONY: setup demo test up down status bench-gateway bench-canary clean lock mlflow-ui prefect-ui
 
 ## setup: build (or reuse) the core, quant and serve environments and the signing key. Idempotent.
 setup:
@@ -29,6 +29,18 @@ demo: setup
 ## test: the test suite (unit and integration against the real parts).
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## up: serve each verified champion: MLflow at :5000, one vLLM per champion, the gateway at http://127.0.0.1:8000/v1
+up: setup
+	$(PY) -m serving.stack up
+
+## down: stop everything `make up` started and check that no process of it is left
+down:
+	$(PY) -m serving.stack down
+
+## status: what `make up` started and whether each part answers
+status:
+	$(PY) -m serving.stack status
 
 ## bench-gateway: gateway vs LiteLLM vs a bare proxy on one mock upstream; $(SLIPWAY_HOME)/bench/gateway.json
 bench-gateway: setup

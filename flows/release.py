@@ -21,7 +21,8 @@ from tasks.registry import RegisteredVersion, find_task, first_champion_task, re
 from tasks.signing import sign_task, verify_task
 
 
-@flow(name="release", log_prints=True)
+# No log_prints: a dependency prints bytecode to stdout while datasets hashes a loader function.
+@flow(name="release")
 def release(config_path: str = "configs/models/smollm2-135m.yaml") -> list[Outcome]:
     config = load_model_config(config_path)
     home = Home.from_env()

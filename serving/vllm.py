@@ -70,6 +70,7 @@ class VLLMServer:
         hardware: Hardware | None = None,
         host: str = "127.0.0.1",
         port: int | None = None,
+        detach: bool = False,
     ) -> None:
         self.model_dir = Path(model_dir).resolve()
         self.name = name
@@ -79,6 +80,8 @@ class VLLMServer:
         self.hardware = hardware or detect_hardware()
         self.host = host
         self.port = port or free_port(host)
+        # detach: outlive the Python that started it (`make up`); whoever recorded its pid stops it.
+        self.detach = detach
         self.log_path = home.logs / f"{name}-{self.port}.log"
         self.startup_s = 0.0  # seconds from start() to healthy, once healthy
         self._proc: subprocess.Popen[bytes] | None = None
@@ -128,7 +131,8 @@ class VLLMServer:
         with self.log_path.open("wb") as log:
             self._proc = subprocess.Popen(
                 self.command(), env=self.env(), stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent(),
+                stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=None if self.detach else _die_with_parent(),
             )
         self._started = time.monotonic()
         return self

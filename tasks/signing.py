@@ -163,7 +163,8 @@ def verify(model_dir: Path, config: Signing, home: Home) -> SignatureInfo:
 
 
 _LIST = re.compile(r"(Extra|Missing) files (?:found )?in model '[^']*': ([^\"\]]+?)(?:['\"],|['\"]\]|$)")
-_CHANGED = re.compile(r"Hash mismatch for '([^']+)'")
+# The report is a list's repr, so an item holding digest bytes with a quote has its quotes escaped.
+_CHANGED = re.compile(r"Hash mismatch for \\?'([^'\\]+)\\?'")
 
 
 def explain(model_dir: Path, message: str, signer: str) -> str:
