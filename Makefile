@@ -6,13 +6,17 @@ export PREFECT_HOME ?= $(SLIPWAY_HOME)/prefect
 export PREFECT_LOCAL_STORAGE_PATH ?= $(SLIPWAY_HOME)/prefect/storage
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_LOGGING_LEVEL ?= INFO
+# Slipway's own progress lines (tasks.*, flows.*) show in the Prefect UI beside Prefect's.
+export PREFECT_LOGGING_EXTRA_LOGGERS ?= tasks,flows,evaluation
 # Without a server, each flow process starts a temporary one; give it time on a busy 2-core machine.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 ENVS := $(SLIPWAY_HOME)/envs
 PY := $(ENVS)/core/bin/python
 CONFIG ?= configs/models/smollm2-135m.yaml
+DEMO_MODEL ?= smollm2-135m-instruct
+DEMO_CANDIDATE ?= gptq-w8a8
 
-.PHONY: setup demo test up down status bench-gateway bench-canary clean lock mlflow-ui prefect-ui
+.PHONY: setup demo rollback approve test stress bench drift cost up down status bench-gateway bench-canary clean lock mlflow-ui prefect-ui
 
 ## setup: build (or reuse) the core, quant and serve environments and the signing key. Idempotent.
 setup:
@@ -22,15 +26,44 @@ setup:
 	  for p in $${pids[@]}; do wait $$p; done
 	@$(PY) -m tasks.signing keygen
 
-## demo: the release flow on the embedded SmolLM2-135M-Instruct (pull, sign, verify, register).
+## demo: release the embedded SmolLM2-135M-Instruct (pull, quantize, evaluate, sign, register),
+## serve its champion (`make up`), then roll the int8 variant out against it under synthetic load.
+## The stack stays up afterwards: `make down` stops it.
 demo: setup
 	$(PY) -m flows.release $(CONFIG)
+	$(PY) -m serving.stack up
+	PREFECT_API_URL=http://127.0.0.1:4200/api \
+	  $(PY) -m flows.rollout run $(DEMO_MODEL) $(DEMO_CANDIDATE) --policy configs/rollout/demo.yaml
+
+## rollback: withdraw MODEL's canary now (`make rollback MODEL=smollm2-135m-instruct`)
+rollback: setup
+	$(PY) -m flows.rollout rollback $(MODEL) --reason "$(or $(REASON),rolled back by hand)"
+
+## approve: let MODEL's paused rollout step advance
+approve: setup
+	$(PY) -m flows.rollout approve $(MODEL)
 
 ## test: the test suite (unit and integration against the real parts).
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-## up: serve each verified champion: MLflow at :5000, one vLLM per champion, the gateway at http://127.0.0.1:8000/v1
+## stress: the heavy fault, overload, fuzzing and crash-and-resume tests (marker `stress`; not in make test)
+stress: setup
+	$(PY) -m pytest -m stress $(PYTEST_ARGS)
+
+## bench: every CPU benchmark, gathered into $(SLIPWAY_HOME)/bench/report.md and report.json
+bench: setup
+	$(PY) -m evaluation.bench_report
+
+## drift: the drift check on the last whole hour of the usage log (flows/drift.py); MODEL=name for one model
+drift: setup
+	$(PY) -m flows.drift $(MODEL)
+
+## cost: the cost report of yesterday (UTC) from the usage log (flows/cost.py); DAY=YYYY-MM-DD for another
+cost: setup
+	$(PY) -m flows.cost $(DAY)
+
+## up: MLflow :5000, Prefect :4200 (worker, deployments), a vLLM per verified champion, gateway :8000/v1
 up: setup
 	$(PY) -m serving.stack up
 

@@ -91,6 +91,29 @@ class LoadProfile(Strict):
         return v if v.is_absolute() else REPO / v
 
 
+class Regression(Strict):
+    """How a scheduled regression run is judged against the ledger of earlier runs with the same
+    weights, vLLM version and hardware (evaluation/regression.py).
+
+    A figure regresses when it moved the wrong way by more than its noise band: k times the
+    ledger's run-to-run spread (scaled MAD of the last `window` runs), but at least the relative
+    floor, so a ledger of near-identical runs does not flag tiny moves."""
+
+    window: int = Field(default=10, ge=2, description="earlier runs that form the baseline")
+    min_runs: int = Field(default=3, ge=1, description="fewer earlier runs: nothing is judged")
+    k: float = Field(default=3.0, gt=0, description="band = k x spread (a standard deviation)")
+    speed_floor: float = Field(default=0.10, ge=0, description="least band, speed (0.10 = 10%)")
+    quality_floor: float = Field(default=0.02, ge=0, description="least band, quality figures")
+
+    @model_validator(mode="after")
+    def _judgeable(self) -> Regression:
+        if self.min_runs > self.window:
+            raise ValueError(
+                f"min_runs {self.min_runs} exceeds window {self.window}: nothing would be judged"
+            )
+        return self
+
+
 class Evaluation(Strict):
     """Which quality suites to run through the server, and how hard to drive it."""
 
@@ -103,6 +126,7 @@ class Evaluation(Strict):
     max_retries: int = Field(default=3, ge=1)
     timeout_s: int = Field(default=300, ge=1, description="per request")
     loadgen: LoadProfile = LoadProfile()
+    regression: Regression = Regression()
 
     @field_validator("suites")
     @classmethod
@@ -135,6 +159,13 @@ class Evaluation(Strict):
     @property
     def tasks(self) -> list[str]:
         return [*self.suites, *self.extra_tasks]
+
+    def quick(self) -> Evaluation:
+        """The scheduled regression run's cut: each suite's shipped `<suite>_quick` where there is
+        one, and no Hub tasks (a nightly run must not depend on the network)."""
+        shipped = set(shipped_suites())
+        quick = [f"{s}_quick" if f"{s}_quick" in shipped else s for s in self.suites]
+        return self.model_copy(update={"suites": list(dict.fromkeys(quick)), "extra_tasks": []})
 
 
 class Gates(Strict):

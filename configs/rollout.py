@@ -92,13 +92,12 @@ class RolloutPolicy(Strict):
     slos: Slos = Slos()
     analysis: AnalysisPolicy = AnalysisPolicy()
     tenant_first: bool = Field(
-        default=False, description="send opted-in tenants to the canary first"
+        default=False,
+        description="a first stage where every opted-in tenant (canary: in), and only they, reach "
+        "the canary; judged like the first step",
     )
-    mirror: float | None = Field(
-        default=None,
-        gt=0,
-        le=1,
-        description="share of stable traffic mirrored to the canary before step one",
+    look_interval_s: float = Field(
+        default=1.0, gt=0, le=60, description="seconds between looks at the gateway's statistics"
     )
     synthetic_load: bool = Field(
         default=False, description="top up low traffic with synthetic requests"
@@ -163,26 +162,34 @@ class RolloutPolicy(Strict):
             return value if isinstance(value, list) else [value] * len(judged)
 
         min_samples, max_seconds = each(self.min_samples), each(self.max_seconds)
+        # (weight, audience, index of the step whose limits apply)
+        plan = [(w, "everyone", i) for i, w in enumerate(judged)]
+        if self.tenant_first:
+            plan.insert(0, (100, "opted_in", 0))
         return [
             Stage(
                 weight=weight,
+                audience=audience,
                 max_seconds=float(max_seconds[i]),
                 analysis=self.analysis.model_copy(
                     update={
-                        "alpha": self.analysis.alpha / len(judged),
+                        "alpha": self.analysis.alpha / len(plan),
                         "min_samples": min_samples[i],
                         "slos": self.slos,
                     }
                 ),
             )
-            for i, weight in enumerate(judged)
+            for weight, audience, i in plan
         ]
 
 
 class Stage(Strict):
-    """One judged step: the canary's weight, its time limit and how it is analysed."""
+    """One judged step: the canary's weight, who may reach it, its time limit and its analysis.
+    A tenant-first stage sends every opted-in tenant to the canary (weight 100, audience
+    opted_in) and everyone else to stable."""
 
     weight: int
+    audience: Literal["everyone", "opted_in"] = "everyone"
     max_seconds: float
     analysis: AnalysisPolicy
 

@@ -31,7 +31,8 @@ def release(config_path: str = "configs/models/smollm2-135m.yaml") -> list[Outco
     for variant in sorted(config.variants, key=lambda v: v.recipe != "bf16"):  # the base first
         baseline = outcomes[0].quality if outcomes else None
         outcomes.append(release_variant(config, variant, source, home, baseline))
-    first_champion_task(home, config.name, [o.version.version for o in outcomes if o.version])
+        if len(outcomes) == 1:  # a first release's base is champion before any rollout asks for one
+            first_champion_task(home, config.name, [o.version.version for o in outcomes if o.version])
     create_markdown_artifact(table(config.name, outcomes, config.gates), key="release-summary")
     return outcomes
 
@@ -115,7 +116,7 @@ def table(name: str, outcomes: list[Outcome], gates: Gates) -> str:
                 "out tok/s": f"{level.output_tokens_per_s:.1f}",
                 "smoke answer": o.trial.smoke.answer.strip()[:40],
             }
-        rows.append("| " + " | ".join(cell[c].replace("|", "/")[:160] for c in head) + " |")
+        rows.append("| " + " | ".join(cell[c].replace("|", "/").replace("\n", " ")[:160] for c in head) + " |")
     return "\n".join([f"# Release of {name}", "", "Speed: the first load level; MLflow has them all.", "",
                        "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows])
 

@@ -3,8 +3,10 @@
   GET  /admin/routes                      every route
   GET  /admin/routes/{model}              one route: its backends and weights
   PUT  /admin/routes/{model}              replace the route: {"backends": [BackendSpec + expected_digest]}
-  POST /admin/routes/{model}/weights      {"weights": {"<version>": 90, "<version>": 10}}
+  POST /admin/routes/{model}/weights      {"weights": {"<version>": 90, "<version>": 10},
+                                           "audience": "everyone" | "opted_in" (optional)}
   GET  /admin/stats/{model}?samples=true  live statistics per backend since the last reset
+                                          (synthetic-load tenants apart, under "synthetic")
   POST /admin/stats/{model}/reset         start a new statistics window
 
 Every change builds a new routing table and swaps it in one step; requests in flight finish on
@@ -17,7 +19,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, model_validator
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -25,6 +27,7 @@ from configs.gateway import BackendSpec, RouteSpec
 from configs.loader import describe
 from serving.codec import JSONDecodeError, dumps, loads
 from serving.errors import BadRequest, NotFound
+from serving.routing import Audience
 
 log = logging.getLogger("serving.gateway")
 
@@ -51,7 +54,11 @@ class RouteUpdate(BaseModel):
 
 class WeightsUpdate(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    weights: dict[str, float] = Field(min_length=1)
+    # Finite: a NaN weight passes every comparison and left a route with nothing to choose.
+    weights: dict[str, FiniteFloat] = Field(min_length=1)
+    audience: Audience | None = Field(
+        None, description="'opted_in': only tenants with canary: in reach canaries; None keeps it"
+    )
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -108,7 +115,7 @@ async def put_route(request: Request) -> Response:
     route = gateway.table.build_route(spec, gateway.breaker, gateway.samples)
     gateway.table = gateway.table.with_route(route)
     for backend in route.backends:
-        backend.stats.reset()
+        backend.reset_stats()
     log.info("route '%s' set: %s", model, _weights_text(route))
     return _json(route.describe())
 
@@ -128,10 +135,10 @@ async def set_weights(request: Request) -> Response:
     if sum(new) <= 0:
         raise BadRequest("at least one backend needs a weight above 0", param="weights")
     # Re-read the table: no await since _route, so this is still the table the check saw.
-    gateway.table = gateway.table.with_weights(route.model, update.weights)
+    gateway.table = gateway.table.with_weights(route.model, update.weights, update.audience)
     new_route = gateway.table.get(route.model)
     for backend in new_route.backends:
-        backend.stats.reset()
+        backend.reset_stats()
     log.info("weights of '%s' set: %s", route.model, _weights_text(new_route))
     return _json(new_route.describe())
 
@@ -145,13 +152,14 @@ async def get_stats(request: Request) -> Response:
 async def reset_stats(request: Request) -> Response:
     _, route = _route(request)
     for backend in route.backends:
-        backend.stats.reset()
+        backend.reset_stats()
     return _json(_stats(route, False))
 
 
 def _stats(route, samples: bool) -> dict:
     return {
         "model": route.model,
+        "audience": route.audience,
         "backends": [
             {
                 "version": b.version,
@@ -161,6 +169,7 @@ def _stats(route, samples: bool) -> dict:
                 "inflight": b.inflight,
                 "circuit": b.breaker.state,
                 **b.stats.snapshot(samples),
+                "synthetic": b.synthetic_stats.snapshot(samples),
             }
             for b, w in zip(route.backends, route.weights)
         ],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from pathlib import Path
 from typing import Literal
 
 Hardware = Literal["cpu", "cuda"]
@@ -47,3 +48,26 @@ def detect_hardware() -> Hardware:
     except (OSError, subprocess.TimeoutExpired):
         return "cpu"
     return "cuda" if listed.returncode == 0 and "GPU" in listed.stdout else "cpu"
+
+
+def hardware_class(hardware: Hardware | None = None) -> str:
+    """What speed figures are comparable across: the GPU model and count ("cuda:NVIDIA H100 80GB
+    HBM3 x1"), or the CPU model and the cores this process may use ("cpu:AMD EPYC 7B13 x2")."""
+    hardware = hardware or detect_hardware()
+    if hardware == "cuda":
+        try:
+            listed = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=20,
+            )  # fmt: skip
+            names = listed.stdout.split("\n") if listed.returncode == 0 else []
+        except (OSError, subprocess.TimeoutExpired):
+            names = []
+        names = [n.strip() for n in names if n.strip()]
+        return f"cuda:{names[0] if names else 'unknown GPU'} x{len(names)}"
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        cpuinfo = []
+    name = next((x.split(":", 1)[1].strip() for x in cpuinfo if x.startswith("model name")), "")
+    return f"cpu:{name or 'unknown CPU'} x{len(os.sched_getaffinity(0))}"

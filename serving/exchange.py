@@ -16,21 +16,21 @@ if TYPE_CHECKING:
 
 class Exchange:
     __slots__ = (
-        "time",
-        "started",
-        "request_id",
-        "endpoint",
-        "tenant",
-        "model",
         "backend",
-        "stream",
-        "status",
-        "error_kind",
-        "prompt_tokens",
         "completion_tokens",
-        "ttft_s",
+        "endpoint",
+        "error_kind",
         "latency_s",
+        "model",
         "prompt",
+        "prompt_tokens",
+        "request_id",
+        "started",
+        "status",
+        "stream",
+        "tenant",
+        "time",
+        "ttft_s",
     )
 
     def __init__(self, endpoint: str, request_id: str) -> None:

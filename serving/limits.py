@@ -89,7 +89,7 @@ class _Minute:
 
 
 class _Account:
-    __slots__ = ("requests", "tokens", "month", "spent")
+    __slots__ = ("month", "requests", "spent", "tokens")
 
     def __init__(self) -> None:
         self.requests = _Minute()

@@ -21,6 +21,7 @@ from serving.codec import dumps, loads
 from serving.errors import Unavailable
 from serving.exchange import Exchange
 from serving.routing import Backend
+from serving.stats import BackendStats
 
 log = logging.getLogger("serving.gateway")
 
@@ -92,12 +93,12 @@ class Upstream:
             try:
                 response = await self._session.post(url, data=payload, headers=_JSON_HEADERS)
             except (aiohttp.ClientError, TimeoutError) as e:
-                raise self._failed(backend, start, e) from e
+                raise self._failed(exchange, backend, start, e) from e
             try:
                 if response.status >= 500:
-                    body = await self._read(response, backend, start)
+                    body = await self._read(response, exchange, backend, start)
                     raise self._failed(
-                        backend, start, None, response.status, body, _content_type(response)
+                        exchange, backend, start, None, response.status, body, _content_type(response)
                     )
                 if exchange.stream and response.status == 200:
                     await self._relay_stream(exchange, backend, response, strip_usage, send, receive, start)
@@ -110,6 +111,7 @@ class Upstream:
 
     def _failed(
         self,
+        exchange: Exchange,
         backend: Backend,
         start: float,
         error: BaseException | None,
@@ -118,7 +120,7 @@ class Upstream:
         content_type: bytes = b"application/json",
     ) -> AttemptFailed:
         backend.breaker.failure(monotonic())
-        backend.stats.observe(False, perf_counter() - start, None, None, 0, 0)
+        _stats(exchange, backend).observe(False, perf_counter() - start, None, None, 0, 0)
         where = f"backend '{backend.version}' of model '{backend.model}'"
         if status is not None:
             return AttemptFailed("upstream_error", f"{where} answered {status}", status, body, content_type)
@@ -126,16 +128,18 @@ class Upstream:
             return AttemptFailed("upstream_timeout", f"{where} timed out")
         return AttemptFailed("upstream_unavailable", f"{where} is unreachable: {error}")
 
-    async def _read(self, response: aiohttp.ClientResponse, backend: Backend, start: float) -> bytes:
+    async def _read(
+        self, response: aiohttp.ClientResponse, exchange: Exchange, backend: Backend, start: float
+    ) -> bytes:
         try:
             return await response.read()
         except (aiohttp.ClientError, TimeoutError) as e:
-            raise self._failed(backend, start, e) from e
+            raise self._failed(exchange, backend, start, e) from e
 
     async def _relay_body(
         self, exchange: Exchange, backend: Backend, response: aiohttp.ClientResponse, send: Send, start: float
     ) -> None:
-        body = await self._read(response, backend, start)
+        body = await self._read(response, exchange, backend, start)
         status = response.status
         if status == 200:
             usage = _usage_of(body)
@@ -143,7 +147,7 @@ class Upstream:
                 exchange.prompt_tokens = usage.get("prompt_tokens") or 0
                 exchange.completion_tokens = usage.get("completion_tokens") or 0
         backend.breaker.success()
-        backend.stats.observe(
+        _stats(exchange, backend).observe(
             True, perf_counter() - start, None, None, exchange.prompt_tokens, exchange.completion_tokens
         )
         exchange.status = status
@@ -208,8 +212,8 @@ class Upstream:
             if _client_left(gone, exchange):
                 return
             if not first:
-                raise self._failed(backend, start, e) from e
-            self._failed(backend, start, e)
+                raise self._failed(exchange, backend, start, e) from e
+            self._failed(exchange, backend, start, e)
             exchange.error_kind = "upstream_stream_broken"
             message = f"backend '{backend.version}' of model '{backend.model}' broke off the stream: {e}"
             error = {"error": {"message": message, "type": "server_error", "param": None,
@@ -222,14 +226,20 @@ class Upstream:
         if _client_left(gone, exchange):
             return
         if not first:
-            raise self._failed(backend, start, aiohttp.ClientPayloadError("empty stream"))
+            raise self._failed(exchange, backend, start, aiohttp.ClientPayloadError("empty stream"))
         backend.breaker.success()
-        itl = (last - first) / (events - 1) if events > 1 else None
-        backend.stats.observe(
+        # Events that arrived in one read carry no inter-token timing: unmeasured, not zero.
+        itl = (last - first) / (events - 1) if events > 1 and last > first else None
+        _stats(exchange, backend).observe(
             True, perf_counter() - start, first - start, itl,
             exchange.prompt_tokens, exchange.completion_tokens,
         )  # fmt: skip
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _stats(exchange: Exchange, backend: Backend) -> BackendStats:
+    """Synthetic load is counted apart, so the rollout can judge organic traffic on its own."""
+    return backend.synthetic_stats if exchange.tenant.synthetic else backend.stats
 
 
 async def _disconnect(receive: Receive, response: aiohttp.ClientResponse) -> bool:

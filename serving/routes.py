@@ -77,7 +77,10 @@ class Completions:
                 strip_usage = True
         session = header(scope, b"x-session-id")
         point = point_for(session.decode("utf-8", "replace") if session is not None else data.get("user"))
-        canary = (tenant.canary or gateway.canary_default) == "in"
+        if route.audience == "opted_in":  # a rollout's tenant-first stage
+            canary = tenant.canary == "in"
+        else:
+            canary = (tenant.canary or gateway.canary_default) == "in"
         backend = choose(route, point, canary)
         try:
             await self._attempt(gateway, exchange, backend, data, strip_usage, send, receive)

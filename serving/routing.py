@@ -12,17 +12,31 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from itertools import accumulate
 from types import MappingProxyType
+from typing import Literal
 
 from configs.gateway import BackendSpec, BreakerSpec, RouteSpec
 from serving.stats import BackendStats, Breaker
+
+Audience = Literal["everyone", "opted_in"]
 
 
 class Backend:
     """One upstream server of one model version, and its live state."""
 
     __slots__ = (
-        "model", "spec", "version", "role", "served_model", "url_chat", "url_completions",
-        "max_concurrency", "inflight", "breaker", "stats", "label",
+        "breaker",
+        "inflight",
+        "label",
+        "max_concurrency",
+        "model",
+        "role",
+        "served_model",
+        "spec",
+        "stats",
+        "synthetic_stats",
+        "url_chat",
+        "url_completions",
+        "version",
     )  # fmt: skip
 
     def __init__(self, model: str, spec: BackendSpec, breaker: BreakerSpec, samples: int) -> None:
@@ -36,8 +50,13 @@ class Backend:
         self.max_concurrency = spec.max_concurrency
         self.inflight = 0
         self.breaker = Breaker(breaker.failures, breaker.open_s)
-        self.stats = BackendStats(samples)
+        self.stats = BackendStats(samples)  # organic traffic
+        self.synthetic_stats = BackendStats(samples)  # tenants marked `synthetic`
         self.label = spec.version.encode()  # the x-slipway-backend response header
+
+    def reset_stats(self) -> None:
+        self.stats.reset()
+        self.synthetic_stats.reset()
 
     def same_server(self, spec: BackendSpec) -> bool:
         s = self.spec
@@ -68,16 +87,23 @@ class Route:
     weights: tuple[float, ...]
     everyone: Pick  # all backends: tenants that take canary traffic
     stable: Pick  # stable backends only: opted-out tenants and retries
+    audience: Audience = "everyone"  # "opted_in": only tenants with canary: in reach the canary
 
     @classmethod
-    def build(cls, model: str, backends: tuple[Backend, ...], weights: tuple[float, ...]) -> Route:
+    def build(
+        cls,
+        model: str,
+        backends: tuple[Backend, ...],
+        weights: tuple[float, ...],
+        audience: Audience = "everyone",
+    ) -> Route:
         pairs = list(zip(backends, weights, strict=True))
         stable = [(b, w) for b, w in pairs if b.role == "stable"]
         stable_pick = Pick.of(stable)
         if stable_pick.total == 0:
             # All traffic on canaries: opted-out tenants still get a stable backend, evenly.
             stable_pick = Pick.of((b, 1.0) for b, _ in stable)
-        return cls(model, backends, weights, Pick.of(pairs), stable_pick)
+        return cls(model, backends, weights, Pick.of(pairs), stable_pick, audience)
 
     def backend(self, version: str) -> Backend | None:
         return next((b for b in self.backends if b.version == version), None)
@@ -85,6 +111,7 @@ class Route:
     def describe(self) -> dict:
         return {
             "model": self.model,
+            "audience": self.audience,
             "backends": [
                 {**b.spec.model_dump(), "weight": w} for b, w in zip(self.backends, self.weights)
             ],
@@ -114,10 +141,12 @@ class RoutingTable:
             backends.append(old if old and old.same_server(b) else Backend(spec.model, b, breaker, samples))
         return Route.build(spec.model, tuple(backends), tuple(b.weight for b in spec.backends))
 
-    def with_weights(self, model: str, weights: Mapping[str, float]) -> RoutingTable:
+    def with_weights(
+        self, model: str, weights: Mapping[str, float], audience: Audience | None = None
+    ) -> RoutingTable:
         route = self.routes[model]
         new = tuple(weights.get(b.version, w) for b, w in zip(route.backends, route.weights))
-        return self.with_route(Route.build(model, route.backends, new))
+        return self.with_route(Route.build(model, route.backends, new, audience or route.audience))
 
 
 def table_from(routes: Iterable[RouteSpec], breaker: BreakerSpec, samples: int) -> RoutingTable:

@@ -1,4 +1,5 @@
-"""The local stack behind `make up` / `make down`: MLflow, one vLLM per champion, the gateway.
+"""The local stack behind `make up` / `make down`: MLflow, Prefect (server, worker, deployments;
+serving/prefect_stack.py), one vLLM per champion, the gateway.
 
     python -m serving.stack up       # start it, print where everything is
     python -m serving.stack status   # what runs and whether it answers
@@ -33,19 +34,23 @@ import yaml
 
 from configs.gateway import GatewayConfig
 from configs.home import REPO, Home
-from configs.models import Serving, Signing, load_model_config
+from configs.models import ModelConfig, Serving, Signing, load_model_config
 from serving.auth import key_hash
 from serving.keys import new_secret
 from serving.vllm import VLLMServer, VLLMStartError, tail
 
 if TYPE_CHECKING:
+    from serving.prefect_stack import PrefectStack
     from tasks.registry import Registry
 
 CHAMPION = "champion"
 DEMO_TENANT = "demo"
+SYNTHETIC_TENANT = "rollout-load"
 MODEL_CONFIGS = REPO / "configs" / "models"
 HOST = "127.0.0.1"
 LEFT = "What already started keeps running: `make status` shows it, `make down` stops it."
+PREFECT_SERVER, PREFECT_WORKER = "prefect server", "prefect worker"
+REUSED = ("mlflow", PREFECT_SERVER, PREFECT_WORKER)  # a second `up` keeps these when they run
 
 
 class StackError(RuntimeError):
@@ -92,22 +97,25 @@ def champions(registry: Registry) -> list[Champion]:
     return sorted(found, key=lambda c: c.model)
 
 
-def vet(champion: Champion) -> None:
-    """Raise StackError unless the champion may be served: evaluation passed, weights present and
-    signed, and both the manifest's and the weights' own digest equal the registry's digest tag."""
+def vet(champion: Champion, role: str = CHAMPION) -> None:
+    """Raise StackError unless the version may be served: evaluation passed, weights present and
+    signed, and both the manifest's and the weights' own digest equal the registry's digest tag.
+    `role` names it in the message (the rollout vets its candidate the same way)."""
     from tasks.hub import Manifest, hash_dir, model_digest
     from tasks.signing import SignatureError, verify
 
     def refuse(reason: str) -> StackError:
-        return StackError(f"refusing to serve the champion {champion}: {reason}")
+        return StackError(f"refusing to serve the {role} {champion}: {reason}")
 
     tags = champion.tags
     if (status := tags.get("eval_status")) != "passed":
         reasons = tags.get("eval_reasons", "no reasons recorded")
-        raise refuse(
-            f"its evaluation did not pass (eval_status={status}: {reasons}); point `champion` at "
-            "a version whose evaluation passed (the rollout flow does)"
+        hint = (
+            "point `champion` at a version whose evaluation passed (the rollout flow does)"
+            if role == CHAMPION
+            else "only a version whose evaluation passed may be served"
         )
+        raise refuse(f"its evaluation did not pass (eval_status={status}: {reasons}); {hint}")
     if (variant_dir := champion.variant_dir) is None:
         raise refuse("the version has no `variant` tag, so its weights cannot be found")
     if not (digest := tags.get("digest")):
@@ -135,13 +143,19 @@ def vet(champion: Champion) -> None:
         )
 
 
-def serving_for(model: str, configs: Path) -> Serving:
-    """The `serving` section of the model config named `model` in `configs` (defaults if none)."""
+def config_for(model: str, configs: Path) -> ModelConfig | None:
+    """The model config named `model` in `configs`, if there is one."""
     for path in sorted(configs.glob("*.yaml")):
         raw = yaml.safe_load(path.read_text())
         if isinstance(raw, dict) and raw.get("name") == model:
-            return load_model_config(path).serving
-    return Serving()
+            return load_model_config(path)
+    return None
+
+
+def serving_for(model: str, configs: Path) -> Serving:
+    """The `serving` section of the model config named `model` in `configs` (defaults if none)."""
+    config = config_for(model, configs)
+    return config.serving if config else Serving()
 
 
 # ---- secrets and the gateway config --------------------------------------------------------------
@@ -171,10 +185,12 @@ class Backend:
 
 
 def write_gateway_config(home: Home, backends: list[Backend], port: int) -> Path:
-    """$SLIPWAY_HOME/gateway/gateway.yaml: one stable route per champion, the demo tenant and the
-    admin token as hashes. Validated before it is written: the gateway starts on a good config."""
+    """$SLIPWAY_HOME/gateway/gateway.yaml: one stable route per champion, the demo tenant, the
+    rollout's synthetic-load tenant and the admin token as hashes. Validated before it is
+    written: the gateway starts on a good config."""
     key = secret_file(demo_key_path(home), "sk-slipway-")
     admin = secret_file(admin_token_path(home), "sk-slipway-admin-")
+    synthetic = secret_file(synthetic_key_path(home), "sk-slipway-")
     raw = {
         "host": HOST,
         "port": port,
@@ -190,7 +206,10 @@ def write_gateway_config(home: Home, backends: list[Backend], port: int) -> Path
             }
             for b in backends
         ],  # fmt: skip
-        "tenants": [{"name": DEMO_TENANT, "key_sha256": key_hash(key)}],
+        "tenants": [
+            {"name": DEMO_TENANT, "key_sha256": key_hash(key)},
+            {"name": SYNTHETIC_TENANT, "key_sha256": key_hash(synthetic), "synthetic": True},
+        ],
     }
     GatewayConfig.model_validate(raw)
     path = home.root / "gateway" / "gateway.yaml"
@@ -206,6 +225,11 @@ def demo_key_path(home: Home) -> Path:
 
 def admin_token_path(home: Home) -> Path:
     return home.root / "admin-token"
+
+
+def synthetic_key_path(home: Home) -> Path:
+    """The key of the tenant whose traffic the gateway counts as synthetic (rollout load)."""
+    return home.root / "synthetic-api-key"
 
 
 # ---- processes -----------------------------------------------------------------------------------
@@ -285,11 +309,18 @@ def answers(url: str, timeout_s: float = 2) -> bool:
 
 
 def launch(
-    what: str, command: list[str], log: Path, port: int, health: str, home: Home
+    what: str,
+    command: list[str],
+    log: Path,
+    port: int,
+    health: str,
+    home: Home,
+    env: dict[str, str] | None = None,
 ) -> tuple[Proc, subprocess.Popen[bytes]]:
-    """Start `command` detached in its own process group (it outlives `up`), output to `log`."""
+    """Start `command` detached in its own process group (it outlives `up`), output to `log`,
+    with `env` added to this process's environment."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "SLIPWAY_HOME": str(home.root)}
+    env = {**os.environ, **(env or {}), "SLIPWAY_HOME": str(home.root)}
     with log.open("ab") as out:
         popen = subprocess.Popen(
             command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out,
@@ -353,37 +384,74 @@ def display(path: Path) -> str:
         return str(path)
 
 
+def ensure_service(
+    home: Home,
+    what: str,
+    command: list[str],
+    port: int,
+    health: str,
+    procs: list[Proc],
+    say: Callable[[str], None],
+    label: str,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 180,
+) -> Callable[[], None]:
+    """Start `command` unless something answers `health` on `port` already (ours, recorded in
+    `procs` by an earlier `up`, or not); a start is appended to `procs` and recorded. Returns the
+    wait until it answers, so that services start side by side."""
+    url = f"http://{HOST}:{port}"
+    if answers(url + health):
+        ours = any(p.what == what and p.port == port and members(p) for p in procs)
+        owner = "" if ours else "; not started by `make up`, so `make down` leaves it running"
+        say(f"{label:<9} {url}  (already running{owner})")
+        return lambda: None
+    log = home.logs / f"{what.replace(' ', '-')}.log"
+    proc, popen = launch(what, command, log, port, health, home, env)
+    procs.append(proc)
+    write_state(home, procs)  # before the wait: an interrupted `up` leaves it to `down`
+
+    def wait() -> None:
+        wait_answering(proc, popen, timeout_s)
+        say(f"{label:<9} {url}  (log {display(log)})")
+
+    return wait
+
+
 def ensure_mlflow(
     home: Home, port: int, procs: list[Proc], say: Callable[[str], None]
-) -> list[Proc]:
-    """Start the lean MLflow server unless one answers on `port`; return the records to keep."""
-    url = f"http://{HOST}:{port}"
-    if answers(f"{url}/health"):
-        ours = [p for p in procs if p.what == "mlflow" and p.port == port and members(p)]
-        owner = "" if ours else "; not started by `make up`, so `make down` leaves it running"
-        say(f"MLflow:   {url}  (already running{owner})")
-        return ours
+) -> Callable[[], None]:
+    """The lean MLflow server, unless one answers on `port`; returns the wait until it answers."""
     command = [str(REPO / "mlflow" / "start.sh"), "--port", str(port)]
-    proc, popen = launch("mlflow", command, home.logs / "mlflow.log", port, "/health", home)
-    write_state(home, [proc])  # before the wait: an interrupted `up` leaves it to `down`
-    wait_answering(proc, popen, timeout_s=180)
-    say(f"MLflow:   {url}  (log {display(Path(proc.log))})")
-    return [proc]
+    return ensure_service(home, "mlflow", command, port, "/health", procs, say, "MLflow:")
 
 
 def up(
-    home: Home, mlflow_port: int, gateway_port: int, configs: Path, say: Callable[[str], None]
+    home: Home,
+    mlflow_port: int,
+    gateway_port: int,
+    configs: Path,
+    say: Callable[[str], None],
+    prefect: PrefectStack | None = None,
 ) -> None:
-    from tasks.registry import Registry  # mlflow + prefect take ~10 s to import; only up needs them
-
-    running = [p for p in read_state(home) if members(p)]
-    if served := [p for p in running if p.what != "mlflow"]:
+    """MLflow, then (unless `prefect` is None) Prefect's server, worker and deployments, then vLLM
+    for each verified champion and the gateway in front."""
+    procs = [p for p in read_state(home) if members(p)]
+    if served := [p for p in procs if p.what not in REUSED]:
+        # Idempotent, as `make demo` relies on: what runs stays as it is.
         listed = ", ".join(f"{p.what} at {p.url}" for p in served)
-        raise StackError(
-            f"the stack is already up ({listed}): `make status` shows it, `make down` stops it"
-        )
-    procs = ensure_mlflow(home, mlflow_port, running, say)
+        say(f"The stack is already up ({listed}): `make status` shows it, `make down` stops it.")
+        return
     write_state(home, procs)
+    waits = [ensure_mlflow(home, mlflow_port, procs, say)]
+    if prefect is not None:
+        waits.append(prefect.start_server(home, procs, say))
+    # mlflow + prefect take ~10 s to import, while the servers start; only up needs them.
+    from tasks.registry import Registry
+
+    for wait in waits:
+        wait()
+    if prefect is not None:
+        prefect.start_worker_and_deploy(home, f"http://{HOST}:{mlflow_port}", procs, say)
 
     chosen = champions(Registry(home))
     if not chosen:
@@ -391,7 +459,7 @@ def up(
             "\nNo registered model has a `champion` yet, so there is nothing to serve.\n"
             "Run the release (`make demo`): it registers every variant and makes the first bf16\n"
             "version whose evaluation passed the champion; later versions go through the rollout\n"
-            "flow. Then run `make up` again. (MLflow keeps running; `make down` stops it.)"
+            "flow. Then run `make up` again. (What started keeps running; `make down` stops it.)"
         )
         return
     refusals = []
@@ -403,7 +471,7 @@ def up(
         except StackError as e:
             refusals.append(str(e))
     if refusals:
-        refusals.append("Nothing was served; MLflow keeps running (`make down` stops it).")
+        refusals.append("Nothing was served; what started keeps running (`make down` stops it).")
         raise StackError("\n".join(refusals))
 
     backends = [serve(c, serving_for(c.model, configs), home, procs, say) for c in chosen]
@@ -495,7 +563,7 @@ def status(home: Home, say: Callable[[str], None]) -> None:
 
 @click.group()
 def cli() -> None:
-    """The local stack: MLflow, vLLM serving each champion, and the gateway."""
+    """The local stack: MLflow, Prefect, vLLM serving each champion, and the gateway."""
 
 
 @cli.command("up")
@@ -505,10 +573,35 @@ def cli() -> None:
     "--model-configs", type=click.Path(file_okay=False, path_type=Path), default=MODEL_CONFIGS,
     show_default=True, help="where a champion's `serving` section comes from (config of its name)",
 )  # fmt: skip
-def up_command(mlflow_port: int, gateway_port: int, model_configs: Path) -> None:
-    """Start MLflow, serve every verified champion with vLLM, and put the gateway in front."""
+@click.option("--prefect-port", default=4200, show_default=True)
+@click.option("--prefect/--no-prefect", "with_prefect", default=True, show_default=True,
+              help="start the Prefect server and worker and register the deployments")
+@click.option(
+    "--prefect-file", type=click.Path(dir_okay=False, path_type=Path),
+    default=REPO / "prefect.yaml",
+    show_default=True, help="the deployments to register (entrypoints relative to the checkout)",
+)
+@click.option(
+    "--auto-rollout/--no-auto-rollout", envvar="SLIPWAY_AUTO_ROLLOUT", default=False,
+    show_default=True, help="roll out each newly registered version whose evaluation passed "
+    "(env SLIPWAY_AUTO_ROLLOUT=1)",
+)  # fmt: skip
+def up_command(
+    mlflow_port: int,
+    gateway_port: int,
+    model_configs: Path,
+    prefect_port: int,
+    with_prefect: bool,
+    prefect_file: Path,
+    auto_rollout: bool,
+) -> None:
+    """Start MLflow and Prefect (server, worker, deployments), serve every verified champion with
+    vLLM, and put the gateway in front."""
+    from serving.prefect_stack import PrefectStack
+
+    prefect = PrefectStack(prefect_port, prefect_file, auto_rollout) if with_prefect else None
     try:
-        up(Home.from_env(), mlflow_port, gateway_port, model_configs, click.echo)
+        up(Home.from_env(), mlflow_port, gateway_port, model_configs, click.echo, prefect)
     except StackError as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:

@@ -25,7 +25,7 @@ LATENCY_BUCKETS = (
 class Reservoir:
     """A uniform random sample of at most `size` values out of all values seen (Algorithm R)."""
 
-    __slots__ = ("size", "values", "seen", "total", "_rand")
+    __slots__ = ("_rand", "seen", "size", "total", "values")
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -67,7 +67,7 @@ def _quantile(ordered: list[float], q: float) -> float | None:
 class Histogram:
     """Cumulative bucket counts (Prometheus semantics are applied by the exporter)."""
 
-    __slots__ = ("counts", "sum", "count")
+    __slots__ = ("count", "counts", "sum")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
@@ -84,10 +84,22 @@ class BackendStats:
     """Observations of one backend; `observe` is called once per attempt on the hot path."""
 
     __slots__ = (
-        "samples", "since", "requests", "errors", "prompt_tokens", "completion_tokens",
-        "ttft", "itl", "e2e",
-        "total_requests", "total_errors", "total_prompt_tokens", "total_completion_tokens",
-        "hist_ttft", "hist_itl", "hist_e2e",
+        "completion_tokens",
+        "e2e",
+        "errors",
+        "hist_e2e",
+        "hist_itl",
+        "hist_ttft",
+        "itl",
+        "prompt_tokens",
+        "requests",
+        "samples",
+        "since",
+        "total_completion_tokens",
+        "total_errors",
+        "total_prompt_tokens",
+        "total_requests",
+        "ttft",
     )  # fmt: skip
 
     def __init__(self, samples: int) -> None:
@@ -160,7 +172,7 @@ class Breaker:
     A probe that never reports (cancelled request) stops blocking after another `open_s`.
     """
 
-    __slots__ = ("threshold", "open_s", "failures", "opened_at", "probe_at")
+    __slots__ = ("failures", "open_s", "opened_at", "probe_at", "threshold")
 
     def __init__(self, threshold: int, open_s: float) -> None:
         self.threshold = threshold

@@ -21,7 +21,9 @@ Table gateway_usage, one row per request:
   ttft_ms          time to the first streamed byte (streams only)
   latency_ms       request start to last byte
   prompt           prompt text, only for tenants with log_prompts: true
-`read_usage(start, end, url)` returns rows with start <= time < end as a pandas DataFrame.
+`read_usage(start, end, url)` returns rows with start <= time < end as a pandas DataFrame;
+`iter_usage(start, end, columns, ...)` streams only the columns asked for, in frames of bounded
+size, for reports over millions of rows (drift, cost).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import logging
 import os
 import sqlite3
 from collections import deque
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from time import perf_counter
@@ -291,3 +294,73 @@ def _epoch(value: datetime | float) -> float:
     if isinstance(value, datetime):
         return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
     return float(value)
+
+
+def count_usage(
+    start: datetime | float, end: datetime | float, url: str | None = None, model: str | None = None
+) -> int:
+    """How many rows `iter_usage` would yield (one indexed COUNT, no rows fetched)."""
+    with _reader(url) as (cur, ph):
+        cur.execute(f"SELECT COUNT(*) FROM {TABLE} WHERE {_where(ph, model)}", _args(start, end, model))
+        return int(cur.fetchone()[0])
+
+
+def iter_usage(
+    start: datetime | float,
+    end: datetime | float,
+    columns: Sequence[str],
+    url: str | None = None,
+    model: str | None = None,
+    chunk_rows: int = 100_000,
+) -> Iterator[pd.DataFrame]:
+    """The rows of `read_usage` (optionally one model's), only `columns`, oldest first, in frames
+    of at most `chunk_rows`: for reports over millions of rows in bounded memory. `time` comes back
+    as unix seconds (float) from either database; the other columns as the database returns them."""
+    import pandas as pd
+
+    unknown = set(columns) - set(COLUMNS)
+    if unknown:
+        raise ValueError(f"not usage log columns: {sorted(unknown)}; known: {', '.join(COLUMNS)}")
+    with _reader(url) as (cur, ph):
+        epoch = "time" if ph == "?" else "extract(epoch from time)::float8"
+        selected = ", ".join(epoch + " AS time" if c == "time" else c for c in columns)
+        cur.execute(
+            f"SELECT {selected} FROM {TABLE} WHERE {_where(ph, model)} ORDER BY time, id",
+            _args(start, end, model),
+        )
+        while rows := cur.fetchmany(chunk_rows):
+            yield pd.DataFrame.from_records(rows, columns=list(columns))
+
+
+@contextlib.contextmanager
+def _reader(url: str | None) -> Iterator[tuple[object, str]]:
+    """A read-only cursor on the usage log and its parameter placeholder."""
+    url = url or default_url()
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if not path.exists():
+            raise FileNotFoundError(f"no usage log at {path}: has the gateway run with this SLIPWAY_HOME?")
+        db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+        try:
+            yield db.cursor(), "?"
+        finally:
+            db.close()
+        return
+    import psycopg2
+
+    db = psycopg2.connect(url)
+    try:
+        # A named (server-side) cursor streams rows instead of loading the whole result at once.
+        with db.cursor(name="slipway_usage") as cur:
+            yield cur, "%s"
+    finally:
+        db.close()
+
+
+def _where(ph: str, model: str | None) -> str:
+    lo, hi = (ph, ph) if ph == "?" else ("to_timestamp(%s)", "to_timestamp(%s)")
+    return f"time >= {lo} AND time < {hi}" + (f" AND model = {ph}" if model is not None else "")
+
+
+def _args(start: datetime | float, end: datetime | float, model: str | None) -> tuple:
+    return (_epoch(start), _epoch(end), *(() if model is None else (model,)))

@@ -222,14 +222,28 @@ def trial_metrics(build: VariantBuild, trial: Trial, verdict: Verdict) -> dict[s
     }
     if build.peak_rss_bytes:
         metrics["quantize_peak_rss_bytes"] = build.peak_rss_bytes
-    for name, score in trial.quality.tasks.items():
-        metrics.update({f"{name}/{m}": v for m, v in score.metrics.items()})
-        metrics.update({f"{name}/{m}_stderr": v for m, v in score.stderr.items()})
+    metrics.update(quality_metrics(trial.quality))
     for gate in verdict.gates:
         if gate.measured is not None:
             metrics[f"gate/{gate.name}"] = gate.measured
-    for level in trial.speed.levels:
-        prefix = "speed/" + level.label.replace(" ", "_").replace("/", "_")  # "concurrency 4" -> concurrency_4
+    metrics.update(speed_metrics(trial.speed))
+    return metrics
+
+
+def quality_metrics(quality: QualityResult) -> dict[str, float]:
+    """Each task's metrics and standard errors as "<task>/<metric>" and "<task>/<metric>_stderr"."""
+    metrics: dict[str, float] = {}
+    for name, score in quality.tasks.items():
+        metrics.update({f"{name}/{m}": v for m, v in score.metrics.items()})
+        metrics.update({f"{name}/{m}_stderr": v for m, v in score.stderr.items()})
+    return metrics
+
+
+def speed_metrics(speed: LoadReport) -> dict[str, float]:
+    """Each load level's figures as "speed/<level>/<figure>" (level "concurrency 4" -> concurrency_4)."""
+    metrics: dict[str, float] = {}
+    for level in speed.levels:
+        prefix = "speed/" + level.label.replace(" ", "_").replace("/", "_")
         metrics[f"{prefix}/requests_per_s"] = level.requests_per_s
         metrics[f"{prefix}/output_tokens_per_s"] = level.output_tokens_per_s
         metrics[f"{prefix}/goodput_share"] = level.goodput_share

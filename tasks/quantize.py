@@ -9,6 +9,7 @@ record it and go on with the other variants. The directory appears only when the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from prefect.cache_policies import NO_CACHE
 
 from configs.home import REPO, Home
 from configs.models import Calibration, Variant
-from tasks.hub import sha256_file
+from tasks.hub import Manifest, manifest_path, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,13 @@ def build_variant(
 
     calibrated = variant.recipe in CALIBRATED
     digest = calibration_digest(variant.calibration) if calibrated else None
+    key = build_key(base_dir, variant, digest)
+    if key and (done := reuse(out_dir, key)):
+        log.info("%s already built from this base, recipe and calibration: reused", variant.label)
+        return done
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in [*out_dir.parent.glob(f".{out_dir.name}-*"), *out_dir.parent.glob(".quantize-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a build that was killed (SIGKILL, OOM)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     log_path: Path | None = None
     peak: int | None = None
@@ -241,7 +248,45 @@ def build_variant(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     digest = digest or result.get("calibration_sha256")
-    return _record(variant, base_dir, out_dir, log_path, digest, started, peak, result)
+    build = _record(variant, base_dir, out_dir, log_path, digest, started, peak, result)
+    if key:
+        record = {"key": key, "build": asdict(build) | {"out_dir": None, "log_path": None}}
+        build_record(out_dir).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return build
+
+
+# ---- reuse ---------------------------------------------------------------------------------------
+
+
+def build_record(out_dir: Path) -> Path:
+    """Beside the variant's weights (like its manifest), so it is never signed or served."""
+    return out_dir.parent / "build.json"
+
+
+def build_key(base_dir: Path, variant: Variant, calibration: str | None) -> str | None:
+    """What a build depends on: the base's digest, the variant's spec, the calibration data. GPTQ
+    and AWQ are not bit-reproducible, so rebuilding would make a new digest (a new version) of
+    the same release; None (never reuse) when the base has no manifest to vouch for it."""
+    manifest = manifest_path(base_dir)
+    if not manifest.is_file():
+        return None
+    parts = [Manifest.read(manifest).digest, variant.model_dump_json(), calibration or ""]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def reuse(out_dir: Path, key: str) -> VariantBuild | None:
+    """The recorded build of `out_dir` if it was made with this key. Its files are not trusted
+    here: the release hashes them again, so a changed directory is a new digest, never reused."""
+    path = build_record(out_dir)
+    if not (out_dir / "config.json").is_file() or not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if record.get("key") != key:
+            return None
+        return VariantBuild(**record["build"] | {"out_dir": out_dir, "log_path": None})
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 def _record(
@@ -272,7 +317,8 @@ def _record(
 
 
 # No retries: a recipe that fails once fails again; the flow records the error and goes on.
-# No cache: the key would be the base's path, not its content, and a stale variant must not ship.
+# No Prefect cache: its key would be the base's path, not its content; build_variant reuses a
+# build by content (build_key) instead.
 @task(name="quantize", cache_policy=NO_CACHE)
 def quantize_task(base_dir: Path, variant: Variant, out_dir: Path, home: Home) -> VariantBuild:
     return build_variant(base_dir, variant, out_dir, home)

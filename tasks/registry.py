@@ -21,6 +21,7 @@ from mlflow.entities.logged_model_status import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
 
 from configs.home import Home
 
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 EXPERIMENT = "slipway-releases"
 EVALUATIONS = "slipway-evaluations"
 HISTORY_KEEP = 50  # alias moves kept per alias; MLflow tag values are bounded in size
+# The Prefect event a new model version emits; the auto-rollout automation (tasks/auto_rollout.py)
+# starts the rollout deployment on it when the version's evaluation passed.
+REGISTERED_EVENT = "slipway.model.registered"
 
 
 @dataclass(frozen=True)
@@ -131,15 +135,36 @@ class Registry:
     ) -> str:
         """One finished run: params and metrics in a single batch (one call, not one per metric),
         then the artifacts (files or folders). Returns the run id."""
+        run_id = self.open_run(run_name, params=params, tags=tags, experiment=experiment)
+        try:
+            self.log_metrics(run_id, metrics)
+        except Exception:
+            self.client.set_terminated(run_id, "FAILED")
+            raise
+        self.close_run(run_id, artifacts)
+        return run_id
+
+    def open_run(
+        self, run_name: str, *, params: dict[str, object], tags: dict[str, str], experiment: str
+    ) -> str:
+        """A run that stays open while a long job logs into it step by step (close_run ends it)."""
         run = self.client.create_run(self.experiment_id(experiment), run_name=run_name, tags=tags)
         run_id = run.info.run_id
         try:
-            now = int(datetime.now(timezone.utc).timestamp() * 1000)
-            self.client.log_batch(
-                run_id,
-                metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-                params=[Param(k, str(v)[:6000]) for k, v in params.items()],
-            )
+            self.client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        except Exception:
+            self.client.set_terminated(run_id, "FAILED")
+            raise
+        return run_id
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        now = int(datetime.now(timezone.utc).timestamp() * 1000)
+        metrics = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(run_id, metrics=metrics)
+
+    def close_run(self, run_id: str, artifacts: list[Path], status: str = "FINISHED") -> None:
+        """Log the artifacts (files or folders) and end the run; a failed upload fails the run."""
+        try:
             for path in artifacts:
                 if path.is_dir():
                     self.client.log_artifacts(run_id, str(path), artifact_path=path.name)
@@ -148,8 +173,15 @@ class Registry:
         except Exception:
             self.client.set_terminated(run_id, "FAILED")
             raise
-        self.client.set_terminated(run_id, "FINISHED")
-        return run_id
+        self.client.set_terminated(run_id, status)
+
+    def run_link(self, run_id: str, artifact: str = "") -> str:
+        """Where a person opens a run: its page on a tracking server, else the artifact's path."""
+        if self.uri.startswith("http"):
+            experiment = self.client.get_run(run_id).info.experiment_id
+            return f"{self.uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+        root = self.client.get_run(run_id).info.artifact_uri.removeprefix("file://")
+        return f"{root}/{artifact}" if artifact else root
 
     # ---- aliases ---------------------------------------------------------------------------------
 
@@ -202,10 +234,14 @@ def first_champion(registry: Registry, name: str, versions: list[str]) -> str | 
 
 @task(name="find-registered", cache_policy=NO_CACHE)
 def find_task(home: Home, name: str, digest: str) -> RegisteredVersion | None:
-    """The version already registered with this digest: a re-run has nothing to redo for it."""
+    """The version already registered with this digest and its evaluation run logged: a re-run has
+    nothing to redo for it. A release killed between registering and logging the evaluation left
+    a version without `eval_run_id`: that one is tried and logged again (registering returns it)."""
     registry = Registry(home)
     version = registry.find(name, digest)
-    return registry.registered(name, version, digest) if version else None
+    if version is None or not registry.tags(name, version).get("eval_run_id"):
+        return None
+    return registry.registered(name, version, digest)
 
 
 @task(name="first-champion", cache_policy=NO_CACHE)
@@ -213,8 +249,29 @@ def first_champion_task(home: Home, name: str, versions: list[str]) -> str | Non
     return first_champion(Registry(home), name, versions)
 
 
+def registered_resource(name: str, version: str, eval_status: str) -> dict[str, str]:
+    """The Prefect resource a model version is in events: automations match on its labels."""
+    return {
+        "prefect.resource.id": f"slipway.model.{name}.{version}",
+        "prefect.resource.name": f"{name} v{version}",
+        "slipway.model": name,
+        "slipway.version": version,
+        "slipway.eval_status": eval_status,
+    }
+
+
 @task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
 def register_task(
     home: Home, name: str, variant_dir: Path, digest: str, tags: dict[str, str]
 ) -> RegisteredVersion:
-    return Registry(home).register(name, variant_dir, digest, tags)
+    registered = Registry(home).register(name, variant_dir, digest, tags)
+    if registered.created:  # a digest registered before was announced then
+        emit_event(
+            REGISTERED_EVENT,
+            resource=registered_resource(name, registered.version, tags.get("eval_status", "")),
+            payload={
+                "digest": digest, "model_id": registered.model_id, "variant": tags.get("variant"),
+                "eval_reasons": tags.get("eval_reasons", ""), "tracking_uri": home.tracking_uri,
+            },
+        )  # fmt: skip
+    return registered

@@ -1,11 +1,14 @@
-"""Shared fixtures: a fresh SLIPWAY_HOME per test, and the tiny model built once per session."""
+"""Shared fixtures: a fresh SLIPWAY_HOME per test, the tiny model built once per session, and a
+fresh PostgreSQL database per test."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 from pathlib import Path
 
+import psycopg2
 import pytest
 
 from configs.home import REPO, Home
@@ -43,3 +46,15 @@ def tiny_model_source(tmp_path_factory) -> Path:
 def tiny_model(tiny_model_source, tmp_path) -> Path:
     """A private copy of the tiny model that a test may change."""
     return Path(shutil.copytree(tiny_model_source, tmp_path / "tiny-model"))
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh database on the local PostgreSQL (127.0.0.1:5432, trust auth), dropped afterwards."""
+    name = f"slipway_usage_{secrets.token_hex(4)}"
+    admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
+    admin.autocommit = True
+    admin.cursor().execute(f"CREATE DATABASE {name}")
+    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    admin.cursor().execute(f"DROP DATABASE {name} WITH (FORCE)")
+    admin.close()

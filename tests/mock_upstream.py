@@ -31,12 +31,15 @@ class Fault:
     delay_s: float = 0.0  # wait before answering
     break_after: int | None = None  # streams: abort the connection after this many chunks
     times: int = -1  # how many requests it applies to; -1: all
+    every: int = 1  # the status applies to one request in `every` (others answer normally)
+    seen: int = 0
 
 
 class MockUpstream:
-    def __init__(self, chunks: int = 4, chunk_delay_s: float = 0.0) -> None:
+    def __init__(self, chunks: int = 4, chunk_delay_s: float = 0.0, delay_s: float = 0.0) -> None:
         self.chunks = chunks
         self.chunk_delay_s = chunk_delay_s
+        self.delay_s = delay_s  # service time before every answer, unless a fault sets its own
         self.faults: dict[str, Fault] = {}
         self.requests: deque[dict] = deque(maxlen=10_000)
         self.record = True
@@ -71,14 +74,18 @@ class MockUpstream:
             self.requests.append(request)
         model = request.get("model", "")
         fault = self._fault(model)
-        if fault and fault.delay_s:
-            await asyncio.sleep(fault.delay_s)
-        if fault and fault.status:
+        delay = fault.delay_s if fault and fault.delay_s else self.delay_s
+        if delay:
+            await asyncio.sleep(delay)
+        if fault and fault.status and (fault.every == 1 or next_seen(fault) % fault.every == 0):
             error = {"error": {"message": f"injected {fault.status}", "type": "server_error", "param": None, "code": None}}
             return await _json(send, fault.status, error)
         chat = path.endswith("/chat/completions")
-        n = int(request.get("max_tokens") or self.chunks)
-        prompts = _prompts(request, chat)
+        try:
+            n, prompts = _read(request, chat, self.chunks)
+        except (TypeError, ValueError) as e:  # as vLLM does: a request it cannot serve is a 400
+            error = {"error": {"message": str(e), "type": "BadRequestError", "param": None, "code": 400}}
+            return await _json(send, 400, error)
         usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": n * len(prompts)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if request.get("stream"):
@@ -109,6 +116,22 @@ class MockUpstream:
             tail = f'{head}],"usage":{json.dumps(usage, separators=(",", ":"))}}}\n\n'
             await send({"type": "http.response.body", "body": tail.encode(), "more_body": True})
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+
+def next_seen(fault: Fault) -> int:
+    fault.seen += 1
+    return fault.seen
+
+
+MAX_TOKENS = 4096  # the mock's "max_model_len"
+
+
+def _read(request: dict, chat: bool, default: int) -> tuple[int, list[list]]:
+    """Tokens to generate and the prompts; ValueError/TypeError for what vLLM would refuse."""
+    n = request.get("max_tokens") or default
+    if not isinstance(n, int) or not 0 <= n <= MAX_TOKENS:
+        raise ValueError(f"max_tokens must be an integer from 0 to {MAX_TOKENS}")
+    return n, _prompts(request, chat)
 
 
 def _prompts(request: dict, chat: bool) -> list[list]:
@@ -176,10 +199,13 @@ def serve(app, port: int | None = None, **config) -> Iterator[str]:
 @click.command()
 @click.option("--port", type=int, required=True)
 @click.option("--chunks", type=int, default=4, help="streamed chunks when max_tokens is not given")
-def main(port: int, chunks: int) -> None:
+@click.option("--delay-s", type=float, default=0.0, help="service time before every answer")
+@click.option("--chunk-delay-s", type=float, default=0.0, help="pause after each streamed chunk")
+def main(port: int, chunks: int, delay_s: float, chunk_delay_s: float) -> None:
     """Serve the mock on 127.0.0.1:PORT (uvloop + httptools)."""
-    uvicorn.run(MockUpstream(chunks=chunks), host="127.0.0.1", port=port, loop="uvloop",
-                http="httptools", access_log=False, log_level="warning")
+    upstream = MockUpstream(chunks=chunks, chunk_delay_s=chunk_delay_s, delay_s=delay_s)
+    uvicorn.run(upstream, host="127.0.0.1", port=port, loop="uvloop", http="httptools",
+                access_log=False, log_level="warning")
 
 
 if __name__ == "__main__":

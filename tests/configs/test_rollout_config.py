@@ -65,7 +65,7 @@ def test_alpha_out_of_range_is_refused(tmp_path: Path, alpha: float) -> None:
         ({"max_seconds": 0}, "max_seconds"),
         ({"min_samples": 0}, "min_samples"),
         ({"on_inconclusive": "promote"}, "on_inconclusive"),
-        ({"mirror": 1.5}, "mirror"),
+        ({"look_interval_s": 0}, "look_interval_s"),
         ({"synthetic_rate": 0}, "synthetic_rate"),
         ({"webhook_url": "not a url"}, "webhook_url"),
         ({"analysis": {"margins": {"ttft": -0.1}}}, "analysis.margins.ttft"),
@@ -87,3 +87,13 @@ def test_policies_are_frozen() -> None:
 def test_a_metric_can_be_left_out() -> None:
     policy = RolloutPolicy.model_validate({"analysis": {"margins": {"e2e": None}}})
     assert policy.analysis.margins.e2e is None
+
+
+def test_tenant_first_is_a_stage_of_its_own_sharing_alpha() -> None:
+    policy = RolloutPolicy(steps=[10, 50, 100], tenant_first=True, max_seconds=[30, 60])
+    stages = policy.stages()
+    assert [(s.weight, s.audience) for s in stages] == [
+        (100, "opted_in"), (10, "everyone"), (50, "everyone"),
+    ]  # fmt: skip
+    assert [s.max_seconds for s in stages] == [30, 30, 60]
+    assert sum(s.analysis.alpha for s in stages) == pytest.approx(policy.analysis.alpha)

@@ -20,3 +20,19 @@ def prefect_server(tmp_path_factory):
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+def stored_events(name: str, within_s: float = 30) -> list:
+    """The events named `name` that the test server has stored (they arrive asynchronously)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    deadline = time.monotonic() + within_s
+    with get_client(sync_client=True) as client:
+        while True:
+            page = client.read_events(EventFilter(event=EventNameFilter(name=[name])), limit=50)
+            if page.events or time.monotonic() > deadline:
+                return page.events
+            time.sleep(0.5)

@@ -168,7 +168,8 @@ def test_circuit_opens_after_consecutive_failures(mock, keys, run_gateway):
 
 
 def test_stats_window_and_reset(mock, keys, run_gateway):
-    _, url = mock
+    upstream, url = mock
+    upstream.chunk_delay_s = 0.002  # chunks apart in time: inter-token latency is measured
     with run_gateway(keys.config([backend(url, "1")])) as base:
         asyncio.run(post_many(base, keys.key("alice"), [chat(stream=True, max_tokens=4)] * 10 + [chat()] * 5))
         r = httpx.get(f"{base}/admin/stats/{MODEL}?samples=true", headers=admin(keys)).json()

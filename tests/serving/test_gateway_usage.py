@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 
 import httpx
-import psycopg2
-import pytest
 
 from serving.usage import read_usage
 from tests.mock_upstream import Fault
@@ -69,17 +66,6 @@ def test_usage_written_in_batches_while_running(mock, keys, run_gateway, home):
         frame = read_usage(start, time.time() + 1)
     assert len(frame) == 50 and (frame.status == 200).all()
     assert set(frame.backend_version) == {"1"}  # the failed canary attempts were retried on stable
-
-
-@pytest.fixture
-def pg_url():
-    name = f"slipway_usage_{secrets.token_hex(4)}"
-    admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
-    admin.autocommit = True
-    admin.cursor().execute(f"CREATE DATABASE {name}")
-    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    admin.cursor().execute(f"DROP DATABASE {name} WITH (FORCE)")
-    admin.close()
 
 
 def test_postgres_usage_flushed_on_shutdown(mock, keys, run_gateway, pg_url):

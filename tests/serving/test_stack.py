@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from configs.gateway import load_gateway_config
 from configs.home import REPO, Home
-from configs.models import DirSource, Signing
+from configs.models import Signing
 from serving.auth import key_hash
 from serving.stack import (
     Backend,
@@ -42,31 +42,16 @@ from serving.stack import (
     write_state,
 )
 from serving.vllm import free_port
-from tasks.hub import pull
 from tasks.registry import Registry
-from tasks.signing import keygen, sign
-
-
-def release(home: Home, name: str, source: Path, variant: str = "bf16", **tags: str) -> str:
-    """Pull, sign and register `source` as the release flow does; return the version."""
-    weights = home.models / name / variant / "weights"
-    manifest = pull(DirSource(path=source), weights, home)
-    keygen(home)
-    sign(weights, Signing(), home)
-    digest = tags.pop("digest", manifest.digest)
-    tags = {"eval_status": "passed", "variant": variant, "signature_verified": "true", **tags}
-    return Registry(home).register(name, weights.parent, digest, tags).version
+from tasks.signing import sign
+from tests.releases import release, stand_in_model
 
 
 @pytest.fixture
 def model_dir(tmp_path) -> Path:
     """A small stand-in model directory. Its bytes are fixed: model_signing prints digests as raw
     bytes, and tasks.signing.explain cannot parse a report whose digest holds a '"' byte."""
-    root = tmp_path / "src"
-    root.mkdir()
-    (root / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
-    (root / "model.safetensors").write_bytes(b"weights")
-    return root
+    return stand_in_model(tmp_path / "src", b"weights")
 
 
 def champion_of(home: Home, name: str) -> Champion:
@@ -85,7 +70,7 @@ def model_config(path: Path, name: str, source: Path, engine_args: list[str] | N
 def test_only_models_with_a_champion_are_chosen_with_their_tags(home, model_dir):
     registry = Registry(home)
     first = release(home, "m", model_dir)
-    (model_dir / "model.safetensors").write_bytes(b"second")
+    stand_in_model(model_dir, b"second")
     second = release(home, "m", model_dir, variant="fp8-dynamic")
     release(home, "no-champion", model_dir)
     registry.promote("m", first)
@@ -184,13 +169,17 @@ def test_gateway_config_routes_the_champion_and_holds_only_hashes(home, model_di
     assert backend.digest == champion.tags["digest"]
 
     key_file, admin_file = home.root / "demo-api-key", home.root / "admin-token"
+    synthetic_file = home.root / "synthetic-api-key"
     key, admin = key_file.read_text().strip(), admin_file.read_text().strip()
-    for f in (key_file, admin_file):
+    synthetic = synthetic_file.read_text().strip()
+    for f in (key_file, admin_file, synthetic_file):
         assert stat.S_IMODE(f.stat().st_mode) == 0o600
-    [tenant] = config.tenants
-    assert tenant.key_sha256 == key_hash(key) and config.admin_token_sha256 == key_hash(admin)
+    demo, load = config.tenants
+    assert (demo.name, demo.synthetic, load.synthetic) == ("demo", False, True)
+    assert demo.key_sha256 == key_hash(key) and load.key_sha256 == key_hash(synthetic)
+    assert config.admin_token_sha256 == key_hash(admin)
     text = path.read_text()
-    assert key not in text and admin not in text
+    assert key not in text and admin not in text and synthetic not in text
 
     write_gateway_config(home, [Backend(champion, "http://127.0.0.1:8124")], port=8765)
     assert key_file.read_text().strip() == key  # made once: clients keep working across restarts
@@ -262,7 +251,7 @@ def answering_health() -> Iterator[int]:
 def test_up_without_a_champion_says_how_to_get_one(home, model_dir):
     release(home, "m", model_dir)  # registered, never promoted
     with answering_health() as port:
-        result = CliRunner().invoke(cli, ["up", "--mlflow-port", str(port)])
+        result = CliRunner().invoke(cli, ["up", "--no-prefect", "--mlflow-port", str(port)])
     assert result.exit_code == 0, result.output
     assert "not started by `make up`, so `make down` leaves it running" in result.output
     assert "No registered model has a `champion` yet" in result.output
@@ -273,7 +262,7 @@ def test_up_without_a_champion_says_how_to_get_one(home, model_dir):
 def test_up_refuses_a_bad_champion_and_starts_nothing(home, model_dir):
     Registry(home).promote("m", release(home, "m", model_dir, eval_status="failed"))
     with answering_health() as port:
-        result = CliRunner().invoke(cli, ["up", "--mlflow-port", str(port)])
+        result = CliRunner().invoke(cli, ["up", "--no-prefect", "--mlflow-port", str(port)])
     assert result.exit_code == 1
     assert "Error: refusing to serve the champion m v1 (bf16): its evaluation" in result.output
     assert "Nothing was served" in result.output
@@ -303,7 +292,8 @@ def test_up_serves_the_champion_behind_the_gateway_and_down_stops_all(home, tiny
     ports = ["--mlflow-port", str(mlflow_port), "--gateway-port", str(gateway_port)]
 
     try:
-        up = stack(home, "up", *ports, "--model-configs", str(configs))
+        # Prefect's part of `up` is tested on the production profile (test_postgres_profile.py).
+        up = stack(home, "up", "--no-prefect", *ports, "--model-configs", str(configs))
         assert up.returncode == 0, up.stdout + up.stderr
         procs = read_state(home)
         assert [p.what for p in procs] == ["mlflow", "vllm tiny-v1", "gateway"]

@@ -120,3 +120,36 @@ def test_pull_gguf_converts_to_identical_safetensors(home, tiny_model_source, tm
 def test_pull_gguf_missing_file(home, tmp_path):
     with pytest.raises(hub.PullError, match="no such file"):
         hub.pull(GGUFSource(path=tmp_path / "absent.gguf"), home.models / "x" / "weights", home)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _bad_header_length(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[:8] = (1 << 40).to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+
+
+def _garbage_header(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[8:16] = b"\xff\xfe{not js"
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "why"),
+    [(_truncate, "the checkpoint is corrupt or truncated"), (_bad_header_length, "header claims"),
+     (_garbage_header, "not a valid safetensors file"), (lambda p: p.write_bytes(b"abc"), "unpack")],
+    ids=["truncated", "header-length", "garbage-header", "tiny-file"],
+)  # fmt: skip
+def test_corrupt_checkpoint_is_refused_by_name_and_leaves_the_earlier_model(home, tiny_model, corrupt, why):
+    dest = home.models / "tiny" / "bf16" / "weights"
+    good = hub.pull(DirSource(path=tiny_model), dest, home)
+    corrupt(tiny_model / "model.safetensors")
+    with pytest.raises(hub.PullError, match=r"model\.safetensors is not a valid safetensors file") as e:
+        hub.pull(DirSource(path=tiny_model), dest, home)
+    assert why in str(e.value)
+    assert hub.hash_dir(dest) == good.files  # nothing of the corrupt checkpoint was kept
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["manifest.json", "weights"]

@@ -12,8 +12,9 @@ from pydantic import ValidationError
 
 from configs.home import REPO
 from configs.loader import ConfigError
-from configs.models import Calibration, Variant, load_model_config
+from configs.models import Calibration, DirSource, Variant, load_model_config
 from tasks import llmcompressor_job
+from tasks.hub import pull
 from tasks.quantize import QuantizeError, build_variant, is_bf16
 
 SMALL = Calibration(samples=8, seq_len=128)  # minutes on SmolLM2 are seconds on the tiny model
@@ -101,6 +102,22 @@ def test_bf16_copies_a_bf16_base_without_a_subprocess(tiny_model, home, tmp_path
     assert build.compression_ratio == 1.0
     assert build.peak_rss_bytes is None and build.calibration_sha256 is None
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_a_build_is_reused_only_for_the_same_base_digest_recipe_and_calibration(tiny_model, home, tmp_path):
+    base = home.models / "t" / "bf16" / "weights"
+    pull(DirSource(path=tiny_model), base, home)  # writes the manifest that vouches for the base
+    out = tmp_path / "variants" / "copy" / "weights"
+    first = build_variant(base, Variant(recipe="bf16"), out, home)
+    written = (out / "model.safetensors").stat().st_ino  # a rebuild replaces the directory
+    again = build_variant(base, Variant(recipe="bf16"), out, home)
+    assert again == first  # the recorded build, wall time and all: nothing was rebuilt
+    assert (out / "model.safetensors").stat().st_ino == written
+
+    record = out.parent / "build.json"
+    record.write_text(record.read_text().replace(json.loads(record.read_text())["key"], "other"))
+    build_variant(base, Variant(recipe="bf16"), out, home)  # another key: built again
+    assert (out / "model.safetensors").stat().st_ino != written
 
 
 def test_bf16_in_place_keeps_the_base(tiny_model, home):

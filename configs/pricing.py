@@ -1,0 +1,103 @@
+"""What serving costs (configs/pricing.yaml): hardware prices, what runs each model, reference API
+list prices to compare with, and monthly budgets per tenant. Read by the cost report."""
+
+from __future__ import annotations
+
+from datetime import date
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from configs.home import REPO
+from configs.loader import load_yaml
+
+DEFAULT_PRICING = REPO / "configs" / "pricing.yaml"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Hardware(Strict):
+    hourly_usd: float = Field(gt=0, description="price of one replica (GPU or node) per hour")
+    description: str = ""
+
+
+class TokenPrices(Strict):
+    input_per_million: float = Field(ge=0, description="dollars per million prompt tokens")
+    output_per_million: float = Field(ge=0, description="dollars per million completion tokens")
+
+    def cost(self, prompt_tokens: float, completion_tokens: float) -> float:
+        return (
+            prompt_tokens * self.input_per_million + completion_tokens * self.output_per_million
+        ) / 1e6
+
+
+class Deployment(Strict):
+    """What serves a model's versions (glob patterns; the first matching entry wins): `replicas`
+    of a `hardware` class billed by the hour, or per-token `prices` (a hosted endpoint)."""
+
+    model: str = "*"
+    version: str = "*"
+    hardware: str | None = None
+    replicas: int = Field(default=1, ge=1)
+    always_on: bool = Field(
+        default=True,
+        description="billed every hour of a day it served; false: only the hours with requests",
+    )
+    prices: TokenPrices | None = None
+
+    @model_validator(mode="after")
+    def _one_way_to_bill(self) -> Deployment:
+        if (self.hardware is None) == (self.prices is None):
+            raise ValueError(
+                f"deployment {self.model}@{self.version}: give either hardware (and replicas) "
+                "or prices"
+            )
+        return self
+
+    def matches(self, model: str, version: str) -> bool:
+        return fnmatchcase(model, self.model) and fnmatchcase(version, self.version)
+
+
+class Budget(Strict):
+    monthly_usd: float = Field(gt=0)
+    alert_at: float = Field(default=0.8, gt=0, description="alert when this share of it is used")
+
+
+class Pricing(Strict):
+    hardware: dict[str, Hardware] = {}
+    deployments: list[Deployment] = Field(min_length=1)
+    reference_as_of: date = Field(description="when the reference list prices were taken")
+    reference: dict[str, TokenPrices] = Field(min_length=1, description="API list prices, by name")
+    compare_with: str = Field(description="the reference the per-row saving is computed against")
+    budgets: dict[str, Budget] = Field(default={}, description="per tenant, dollars per month")
+    experiment: str = Field(default="slipway-monitoring", min_length=1, description="MLflow")
+
+    @model_validator(mode="after")
+    def _names_exist(self) -> Pricing:
+        for d in self.deployments:
+            if d.hardware is not None and d.hardware not in self.hardware:
+                raise ValueError(
+                    f"deployment {d.model}@{d.version}: hardware '{d.hardware}' is not one of "
+                    f"{sorted(self.hardware)}"
+                )
+        if self.compare_with not in self.reference:
+            raise ValueError(
+                f"compare_with '{self.compare_with}' is not one of {sorted(self.reference)}"
+            )
+        return self
+
+    def deployment(self, model: str, version: str) -> Deployment:
+        for d in self.deployments:
+            if d.matches(model, version):
+                return d
+        raise LookupError(
+            f"no deployment in the pricing config matches {model} version {version}: add one "
+            "(model/version globs) to configs/pricing.yaml"
+        )
+
+
+def load_pricing(path: str | Path = DEFAULT_PRICING) -> Pricing:
+    return load_yaml(path, Pricing)

@@ -1,0 +1,158 @@
+"""The drift flow (hourly): the last window of traffic against a reference window, per feature.
+
+The Evidently HTML report goes to MLflow (experiment slipway-monitoring, run
+drift-<model>-<window>) and a Prefect artifact (`drift-report`) links to it with the per-feature
+table. A drift share at or above the configured one emits "slipway.drift.detected". A window with
+too few requests (or no usage log yet) ends the run with a message and no report. What is sampled
+and what is exact: see evaluation/drift.py.
+
+    python -m flows.drift [model]
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
+
+from configs.drift import DEFAULT_DRIFT, DriftConfig, load_drift_config
+from configs.home import Home
+from evaluation.drift import (
+    DriftResult,
+    NotEnoughData,
+    Reference,
+    Window,
+    check,
+    markdown,
+    metrics,
+    windows,
+)
+from serving.usage import default_url
+from tasks.registry import Registry
+
+EVENT = "slipway.drift.detected"
+REPORT = "drift-report.html"
+
+
+@flow(name="drift")
+def drift(
+    window_hours: float = 1.0,
+    reference: Reference = "previous_week",
+    model: str | None = None,
+    end: datetime | None = None,
+    usage_url: str | None = None,
+    config_path: str = str(DEFAULT_DRIFT),
+) -> DriftCheck:
+    """`end` defaults to the start of this hour (UTC): the window is the last whole one(s)."""
+    config = load_drift_config(config_path)
+    home = Home.from_env()
+    end = end or datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    promoted = promoted_at_task(home, model) if reference == "promotion" else None
+    current, ref = windows(end, window_hours, reference, promoted)
+    try:
+        result, html = measure_task(current, ref, usage_url or default_url(home), config, model)
+    except (NotEnoughData, FileNotFoundError) as e:  # no traffic yet, or no usage log yet
+        create_markdown_artifact(
+            f"# Drift of {model or 'all models'}\n\nNot compared: {e}", key="drift-report"
+        )
+        return DriftCheck("no-data", str(e))
+    run_id, link = record_task(home, result, html, run_name(model, current), config.experiment)
+    create_markdown_artifact(markdown(result, link), key="drift-report")
+    if result.detected:
+        alarm_task(result, run_id)
+        return DriftCheck("drift", f"drifted: {', '.join(result.drifted)}", result, run_id, link)
+    return DriftCheck("ok", "no drift", result, run_id, link)
+
+
+@dataclass(frozen=True)
+class DriftCheck:
+    """What one run found: ok, drift, or no-data (a window too small to compare)."""
+
+    status: Literal["ok", "drift", "no-data"]
+    message: str
+    result: DriftResult | None = None
+    run_id: str | None = None  # the MLflow run holding the report
+    link: str | None = None
+
+
+def run_name(model: str | None, window: Window) -> str:
+    hours = (window.end - window.start).total_seconds() / 3600
+    return f"drift-{model or 'all'}-{window.start:%Y%m%dT%H%M}Z-{hours:g}h"
+
+
+@task(name="promoted-at", cache_policy=NO_CACHE)
+def promoted_at_task(home: Home, model: str | None) -> datetime:
+    """When `model`'s champion was last promoted (its alias history in the registry)."""
+    if model is None:
+        raise ValueError("reference='promotion' needs model=<registered model name>")
+    history = Registry(home).alias_history(model, "champion")
+    if not history:
+        raise ValueError(
+            f"{model} has no champion promotion recorded: use reference='previous_week'"
+        )
+    return datetime.fromisoformat(history[-1]["at"])
+
+
+@task(name="measure-drift", cache_policy=NO_CACHE)
+def measure_task(
+    current: Window, reference: Window, url: str, config: DriftConfig, model: str | None
+) -> tuple[DriftResult, str]:
+    result, snapshot = check(current, reference, url, config, model)
+    return result, snapshot.get_html_str(as_iframe=False)
+
+
+@task(name="record-drift", cache_policy=NO_CACHE)
+def record_task(
+    home: Home, result: DriftResult, html: str, name: str, experiment: str
+) -> tuple[str, str]:
+    """The report and figures as one MLflow run; returns its id and the link to the report."""
+    registry = Registry(home)
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / REPORT
+        report.write_text(html)
+        run_id = registry.log_run(
+            name,
+            params={
+                "model": result.model or "all",
+                "current": result.current.window.label,
+                "reference": result.reference.window.label,
+                "drift_share_alarm": result.threshold,
+            },
+            metrics=metrics(result),
+            tags={
+                "model": result.model or "all",
+                "kind": "drift",
+                "status": "drift" if result.detected else "ok",
+            },
+            artifacts=[report],
+            experiment=experiment,
+        )
+    return run_id, registry.run_link(run_id, REPORT)
+
+
+@task(name="drift-alarm", cache_policy=NO_CACHE)
+def alarm_task(result: DriftResult, run_id: str) -> None:
+    """The Prefect event automations and notifications react to."""
+    model = result.model or "all"
+    emit_event(
+        event=EVENT,
+        resource={"prefect.resource.id": f"slipway.model.{model}", "prefect.resource.name": model},
+        payload={
+            "drifted": result.drifted,
+            "drift_share": result.drift_share,
+            "current": result.current.window.label,
+            "mlflow_run_id": run_id,
+        },
+    )
+
+
+if __name__ == "__main__":
+    print(drift(model=sys.argv[1] if len(sys.argv) > 1 else None).message)

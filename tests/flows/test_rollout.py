@@ -1,0 +1,264 @@
+"""The rollout flow against the real gateway, a real MLflow registry and real Prefect, with the
+mock upstream standing in for vLLM (faults on demand): a canary that errs, one 30% slower and
+one that dies are rolled back; an A/A canary is promoted; a failed precondition moves nothing;
+a paused step waits for a person. The real-vLLM rollout is in test_rollout_vllm.py."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+import mlflow
+from configs.home import Home
+from flows.rollout import approve, roll_back_by_hand, rollout
+from serving.app import build_app
+from tasks.registry import Registry
+from tasks.rollout import ROLLOUTS, RolloutRefused
+from tests.mock_upstream import Fault, MockUpstream, serve
+from tests.releases import release, stand_in_model
+from tests.serving.conftest import MODEL, Secrets
+
+BASE_DELAY_S = 0.02  # before the first chunk
+CHUNK_DELAY_S = 0.005  # between chunks: TPOT is measurable
+
+
+@pytest.fixture
+def policy(tmp_path) -> Path:
+    """Fast steps: a look every 0.1 s, 60 canary requests per step, rollback when inconclusive."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump({
+        "steps": [20, 50, 100], "min_samples": 60, "max_seconds": 40, "look_interval_s": 0.1,
+        "on_inconclusive": "rollback", "slos": {"ttft_p99_s": None, "error_rate": None},
+    }))  # fmt: skip
+    return path
+
+
+@dataclass
+class Stage:
+    """Two registered, signed versions (v1 champion, v2 candidate), the gateway serving v1 from
+    the mock upstream, and a tenant's key for traffic."""
+
+    home: Home
+    registry: Registry
+    upstream: MockUpstream
+    upstream_url: str
+    gateway_url: str
+    key: str
+    stable: str
+    candidate: str
+
+    def route(self) -> dict:
+        return httpx.get(f"{self.gateway_url}/admin/routes/{MODEL}", headers=self.admin).json()
+
+    @property
+    def admin(self) -> dict:
+        return {"Authorization": f"Bearer {self._admin}"}
+
+    _admin: str = ""
+
+
+def registered(home: Home, tmp_path: Path, content: bytes, variant: str, **tags: str) -> str:
+    return release(
+        home, MODEL, stand_in_model(tmp_path / f"src-{variant}", content), variant, **tags
+    )
+
+
+@pytest.fixture
+def stage(home, tmp_path, monkeypatch, prefect_server) -> Iterator[Stage]:
+    registry = Registry(home)
+    stable = registered(home, tmp_path, b"stable", "bf16")
+    registry.promote(MODEL, stable)
+    candidate = registered(home, tmp_path, b"candidate", "gptq-w8a8")
+    digest = registry.tags(MODEL, stable)["digest"]
+    upstream = MockUpstream(chunks=4, chunk_delay_s=CHUNK_DELAY_S)
+    upstream.record = False
+    upstream.faults[f"{MODEL}-v{stable}"] = Fault(delay_s=BASE_DELAY_S)
+    upstream.faults[f"{MODEL}-v{candidate}"] = Fault(delay_s=BASE_DELAY_S)
+    keys = Secrets()
+    monkeypatch.setenv("SLIPWAY_ADMIN_TOKEN", keys.admin)
+    with serve(upstream) as upstream_url:
+        backend = {"version": stable, "url": upstream_url, "served_model": f"{MODEL}-v{stable}",
+                   "digest": digest, "verified": True, "weight": 100, "role": "stable"}  # fmt: skip
+        config = keys.config([backend], tenants=[keys.tenant("alice")])
+        with serve(build_app(config, home)) as gateway_url:
+            yield Stage(home, registry, upstream, upstream_url, gateway_url, keys.key("alice"),
+                        stable, candidate, _admin=keys.admin)  # fmt: skip
+
+
+@contextmanager
+def traffic(stage: Stage, stream: bool = True, workers: int = 4) -> Iterator[list[int]]:
+    """Organic requests from `workers` threads until the block ends; yields the status codes."""
+    statuses: list[int] = []
+    done = threading.Event()
+
+    def worker() -> None:
+        with httpx.Client(base_url=stage.gateway_url, timeout=30,
+                          headers={"Authorization": f"Bearer {stage.key}"}) as client:  # fmt: skip
+            while not done.is_set():
+                body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                        "max_tokens": 4, "stream": stream}  # fmt: skip
+                if stream:
+                    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                        text = "".join(response.iter_text())
+                        ok = response.status_code == 200 and '"error"' not in text
+                        statuses.append(response.status_code if ok else 599)
+                else:
+                    statuses.append(client.post("/v1/chat/completions", json=body).status_code)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    try:
+        yield statuses
+    finally:
+        done.set()
+        for t in threads:
+            t.join(30)
+
+
+def run(stage: Stage, policy: Path, candidate_url: str | None = None) -> str:
+    return rollout(MODEL, stage.candidate, str(policy), stage.gateway_url,
+                   candidate_url or stage.upstream_url)  # fmt: skip
+
+
+def rollout_runs(stage: Stage) -> list:
+    experiment = stage.registry.client.get_experiment_by_name(ROLLOUTS)
+    return stage.registry.client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+def assert_rolled_back(stage: Stage, because: str) -> None:
+    route = stage.route()
+    assert [(b["version"], b["role"], b["weight"]) for b in route["backends"]] == [
+        (stage.stable, "stable", 100.0)
+    ]
+    assert stage.registry.alias(MODEL, "champion") == stage.stable
+    tags = stage.registry.tags(MODEL, stage.candidate)
+    assert tags["rollout_status"] == "rolled_back"
+    assert because in tags["rollout_reason"], tags["rollout_reason"]
+    [run_] = rollout_runs(stage)
+    assert run_.data.tags["rollout_status"] == "rolled_back"
+    story = Path(mlflow.artifacts.download_artifacts(run_id=run_.info.run_id, artifact_path="story.md",
+                                                     tracking_uri=stage.registry.uri)).read_text()  # fmt: skip
+    assert "rolled back" in story and because in story
+
+
+@pytest.mark.parametrize(
+    ("every", "because"),
+    [(4, "error rate: canary 2"), (1, "the gateway opened the canary's circuit")],
+    ids=["one-in-four-errors", "all-errors"],
+)
+def test_a_canary_returning_errors_is_rolled_back(stage, policy, every, because):
+    stage.upstream.faults[f"{MODEL}-v{stage.candidate}"] = Fault(
+        status=500, delay_s=BASE_DELAY_S, every=every
+    )
+    with traffic(stage) as statuses:
+        assert run(stage, policy) == "rolled_back"
+    assert_rolled_back(stage, "step 1 (20%)")
+    assert because in stage.registry.tags(MODEL, stage.candidate)["rollout_reason"]
+    # The canary's failures before the first byte were retried on stable: clients saw none.
+    assert set(statuses) == {200}
+
+
+def test_a_canary_30_percent_slower_is_rolled_back(stage, policy):
+    stage.upstream.faults[f"{MODEL}-v{stage.candidate}"] = Fault(delay_s=BASE_DELAY_S * 1.3)
+    with traffic(stage):
+        assert run(stage, policy) == "rolled_back"
+    assert_rolled_back(stage, "worse (p=")
+
+
+def test_an_identical_canary_is_promoted_and_becomes_champion(stage, policy):
+    with traffic(stage) as statuses:
+        outcome = run(stage, policy)
+    assert outcome == "promoted", stage.registry.tags(MODEL, stage.candidate)["rollout_reason"]
+    route = stage.route()
+    assert [(b["version"], b["role"], b["weight"]) for b in route["backends"]] == [
+        (stage.candidate, "stable", 100.0)
+    ]
+    assert stage.registry.alias(MODEL, "champion") == stage.candidate
+    assert stage.registry.alias(MODEL, "previous") == stage.stable
+    assert stage.registry.tags(MODEL, stage.candidate)["rollout_status"] == "promoted"
+    [run_] = rollout_runs(stage)
+    history = stage.registry.client.get_metric_history(run_.info.run_id, "canary_weight")
+    assert {m.value for m in history} == {20.0, 50.0}  # every look of both judged steps
+    assert set(statuses) == {200}
+
+
+def test_a_canary_that_dies_mid_rollout_is_rolled_back_without_failing_clients(stage, policy):
+    canary = MockUpstream(chunks=4, chunk_delay_s=CHUNK_DELAY_S)
+    canary.record = False
+    canary.faults[f"{MODEL}-v{stage.candidate}"] = Fault(delay_s=BASE_DELAY_S)
+    result: list[str] = []
+    with traffic(stage, stream=False) as statuses:
+        with serve(canary) as canary_url:
+            flow = threading.Thread(target=lambda: result.append(run(stage, policy, canary_url)))
+            flow.start()
+            while not any(
+                b["role"] == "canary" and b["weight"] > 0 for b in stage.route()["backends"]
+            ):
+                assert flow.is_alive()
+        # The canary's server is gone (connections refused) while it holds 20% of the traffic.
+        flow.join(60)
+    assert result == ["rolled_back"]
+    assert_rolled_back(stage, "")
+    assert set(statuses) == {200}  # non-streaming requests failed on the canary were retried
+
+
+def test_a_failed_precondition_moves_no_traffic(stage, policy):
+    stage.registry.tag(
+        MODEL, stage.candidate, {"eval_status": "failed", "eval_reasons": "recovery 0.7"}
+    )
+    before = stage.route()
+    with pytest.raises(RolloutRefused, match="its evaluation did not pass"):
+        run(stage, policy)
+    assert stage.route() == before
+    assert "rollout_status" not in stage.registry.tags(MODEL, stage.candidate)
+    assert rollout_runs(stage) == []
+
+
+def test_rolling_out_the_champion_is_a_no_op(stage, policy):
+    before = stage.route()
+    assert rollout(MODEL, stage.stable, str(policy), stage.gateway_url) == "already_champion"
+    assert stage.route() == before and rollout_runs(stage) == []
+
+
+def test_tampered_candidate_weights_are_refused(stage, policy):
+    weights = stage.home.models / MODEL / "gptq-w8a8" / "weights"
+    (weights / "model.safetensors").write_bytes(b"tampered")
+    before = stage.route()
+    with pytest.raises(RolloutRefused, match="signature does not verify"):
+        run(stage, policy)
+    assert stage.route() == before
+
+
+def test_a_paused_step_waits_for_approval_and_a_person_can_roll_back(stage, policy, tmp_path):
+    # No traffic at all: every step is inconclusive at its time limit and pauses.
+    paused = tmp_path / "pause.yaml"
+    paused.write_text(policy.read_text().replace("on_inconclusive: rollback", "on_inconclusive: pause")
+                      .replace("max_seconds: 40", "max_seconds: 0.5"))  # fmt: skip
+    result: list[str] = []
+    flow = threading.Thread(target=lambda: result.append(run(stage, paused)))
+    flow.start()
+
+    def status() -> str | None:
+        return stage.registry.tags(MODEL, stage.candidate).get("rollout_status")
+
+    def wait_paused() -> None:
+        while status() != "paused":
+            assert flow.is_alive()
+
+    wait_paused()
+    assert approve(stage.home, MODEL) == stage.candidate
+    while [b["weight"] for b in stage.route()["backends"] if b["role"] == "canary"] != [50.0]:
+        assert flow.is_alive()  # approved: on to the second step
+    wait_paused()
+    assert roll_back_by_hand(stage.home, MODEL, "looks odd", stage.gateway_url) == [stage.candidate]
+    flow.join(60)
+    assert result == ["rolled_back"]
+    assert_rolled_back(stage, "looks odd")
