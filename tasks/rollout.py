@@ -438,7 +438,7 @@ class History:
     def step(self, r: StepResult) -> None:
         audience = " of opted-in tenants" if r.stage.audience == "opted_in" else ""
         counts = ""
-        if r.analysis is not None:
+        if r.analysis is not None and r.by != "analysis":  # the analysis's reason holds them
             chosen = r.analysis.verdicts[r.analysis.basis]
             counts = f" ({chosen.n_canary} canary / {chosen.n_stable} stable requests, {r.analysis.basis})"
         paused = " after a pause" if r.paused else ""
