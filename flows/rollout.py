@@ -28,7 +28,7 @@ from configs.home import Home
 from configs.rollout import DEFAULT_POLICY, RolloutPolicy, Stage, load_rollout_policy
 from evaluation.canary import Analysis
 from evaluation.loadgen import BackgroundLoad, load_prompts
-from serving.stack import MODEL_CONFIGS, serving_for, synthetic_key_path
+from serving.stack import MODEL_CONFIGS, Champion, serving_for, synthetic_key_path
 from tasks.registry import Registry
 from tasks.rollout import (
     CONTROL,
@@ -145,7 +145,7 @@ def promote_task(admin: GatewayAdmin, registry: Registry, plan: Plan, home: Home
     the old champion drained from the gateway and its vLLM stopped."""
     make_stable(admin, plan)
     registry.promote(plan.model, plan.candidate.version, reason="rollout: every step not worse")
-    stop_version(home, f"vllm {plan.stable.served_name}")
+    stop_version(home, plan.stable.record)
 
 
 @task(name="roll-back", cache_policy=NO_CACHE)
@@ -155,7 +155,7 @@ def roll_back_task(admin: GatewayAdmin, plan: Plan, running: RunningVersion, hom
     withdrawn = withdraw_canary(admin, plan.model)
     # Not withdrawn means it already serves as stable (a promotion that failed late): keep it.
     if running.started_here and plan.candidate.version in withdrawn:
-        stop_version(home, running.record)
+        stop_version(home, running.version.record)
 
 
 def synthetic_load(rules: RolloutPolicy, gateway_url: str, home: Home, model: str):
@@ -184,7 +184,7 @@ def roll_back_by_hand(
         registry.client.set_registered_model_tag(model, CONTROL, json.dumps(order))
         registry.tag(model, version, {"rollout_status": "rolled_back", "rollout_ended_at": order["at"],
                                       "rollout_reason": f"by hand: {reason}"})  # fmt: skip
-        stop_version(home, f"vllm {model}-v{version}")
+        stop_version(home, Champion(model, version, {}, home).record)
     return versions
 
 

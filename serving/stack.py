@@ -74,6 +74,11 @@ class Champion:
         return f"{self.model}-v{self.version}"
 
     @property
+    def record(self) -> str:
+        """Its vLLM's name in the stack's state: `up`, the rollout and the regression share it."""
+        return f"vllm {self.served_name}"
+
+    @property
     def variant_dir(self) -> Path | None:
         variant = self.tags.get("variant")
         return self.home.models / self.model / variant if variant else None
@@ -491,14 +496,8 @@ def serve(
     champion: Champion, serving: Serving, home: Home, procs: list[Proc], say: Callable[[str], None]
 ) -> Backend:
     """vLLM on the champion's weights, detached; recorded in `procs` before it is waited on."""
-    weights = champion.variant_dir / "weights"
-    server = VLLMServer(
-        weights, champion.model, home, serving, [champion.served_name], host=HOST, detach=True
-    ).start()
-    procs.append(Proc(
-        f"vllm {champion.served_name}", server.pid, server.pid, server.port, server.url, "/health",
-        str(server.log_path), start_time(server.pid),
-    ))  # fmt: skip
+    server, proc = start_vllm(champion, serving, home)
+    procs.append(proc)
     write_state(home, procs)
     try:
         seconds = server.wait_healthy()
@@ -507,6 +506,20 @@ def serve(
     log = display(server.log_path)
     say(f"vLLM:     {champion} at {server.url}  (healthy in {seconds:.0f} s; log {log})")
     return Backend(champion, server.url)
+
+
+def start_vllm(version: Champion, serving: Serving, home: Home) -> tuple[VLLMServer, Proc]:
+    """Start vLLM on a registered version's weights, detached (it outlives its starter), with
+    the record that lets `down` stop it; the caller writes the record before waiting on it."""
+    weights = version.variant_dir / "weights"
+    server = VLLMServer(
+        weights, version.model, home, serving, [version.served_name], host=HOST, detach=True
+    ).start()
+    proc = Proc(
+        version.record, server.pid, server.pid, server.port, server.url, "/health",
+        str(server.log_path), start_time(server.pid),
+    )  # fmt: skip
+    return server, proc
 
 
 def usage(url: str, model: str, key: Path, admin: Path) -> str:

@@ -87,7 +87,7 @@ def chosen(home: Home, model: str | None) -> list[Champion]:
 def stack_url(champion: Champion, home: Home) -> str | None:
     """Where `make up` serves the champion, if that vLLM is still running and answers."""
     for proc in read_state(home):
-        if proc.what == f"vllm {champion.served_name}" and members(proc) and proc.answers():
+        if proc.what == champion.record and members(proc) and proc.answers():
             return proc.url
     return None
 

@@ -21,16 +21,14 @@ import httpx
 from configs.home import Home
 from configs.models import Serving
 from serving.stack import (
-    HOST,
     Champion,
-    Proc,
     admin_token_path,
     read_state,
-    start_time,
+    start_vllm,
     stop,
     write_state,
 )
-from serving.vllm import VLLMServer, VLLMStartError
+from serving.vllm import VLLMStartError
 
 
 class ServingControlError(RuntimeError):
@@ -114,24 +112,12 @@ class RunningVersion:
     url: str
     started_here: bool
 
-    @property
-    def record(self) -> str:
-        """Its name in the stack's state (the same name `make up` gives a champion's vLLM)."""
-        return f"vllm {self.version.served_name}"
-
 
 def start_version(version: Champion, serving: Serving, home: Home) -> RunningVersion:
     """vLLM on the version's weights, detached and recorded before it is waited on, so that a
     crash of the caller leaves it to `make down`. Raises ServingControlError if it never gets
     healthy (then nothing of it is left running or recorded)."""
-    weights = version.variant_dir / "weights"
-    server = VLLMServer(
-        weights, version.model, home, serving, [version.served_name], host=HOST, detach=True
-    ).start()
-    proc = Proc(
-        f"vllm {version.served_name}", server.pid, server.pid, server.port, server.url, "/health",
-        str(server.log_path), start_time(server.pid),
-    )  # fmt: skip
+    server, proc = start_vllm(version, serving, home)
     write_state(home, [*read_state(home), proc])
     try:
         server.wait_healthy()
