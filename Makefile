@@ -16,7 +16,7 @@ CONFIG ?= configs/models/smollm2-135m.yaml
 DEMO_MODEL ?= smollm2-135m-instruct
 DEMO_CANDIDATE ?= gptq-w8a8
 
-.PHONY: setup demo rollback approve test stress bench drift cost up down status bench-gateway bench-canary clean lock mlflow-ui prefect-ui
+.PHONY: setup demo rollback approve test stress bench drift cost up down status bench-gateway bench-canary bench-loadgen clean lock mlflow-ui prefect-ui
 
 ## setup: build (or reuse) the core, quant and serve environments and the signing key. Idempotent.
 setup:
@@ -82,6 +82,10 @@ bench-gateway: setup
 ## bench-canary: simulated rollouts, Slipway's sequential analysis vs Flagger's defaults; bench/canary.{json,md}
 bench-canary: setup
 	$(PY) -m evaluation.bench_canary --runs 1000
+
+## bench-loadgen: the load generator vs `vllm bench serve` on one vLLM serving the embedded model (~8 min)
+bench-loadgen: setup
+	$(PY) -m evaluation.bench_loadgen
 
 ## lock: re-resolve the three lock files from configs/envs/*.in.
 lock:

@@ -7,6 +7,7 @@ Runs, one after the other (each in its own process, so a failure is reported, no
   canary    evaluation.bench_canary: requests and seconds to roll back a bad canary; false rollbacks
   signing   evaluation.bench_signing: sign/verify throughput as a share of sha256 x cores
   drift     evaluation.bench_drift (when present): drift check time and peak memory at 1M rows
+  loadgen   evaluation.bench_loadgen: the load generator vs `vllm bench serve` on one vLLM (~8 min)
 then reads the last release flow run from Prefect: wall time per stage, and the share of the flow's
 wall time spent outside the stages' own work (Prefect orchestration and MLflow calls).
 `--reuse NAME` takes that benchmark's JSON from an earlier run instead (stated in the report).
@@ -35,6 +36,7 @@ BENCHES = {
     "canary": [sys.executable, "-m", "evaluation.bench_canary", "--runs", "1000"],
     "signing": [sys.executable, "-m", "evaluation.bench_signing"],
     "drift": [sys.executable, "-m", "evaluation.bench_drift"],
+    "loadgen": [sys.executable, "-m", "evaluation.bench_loadgen"],
 }
 # Stages whose work is MLflow calls: their time counts as MLflow overhead, not as the stage's work.
 MLFLOW_STAGES = {"register", "find-registered", "first-champion", "log-evaluation"}
@@ -213,6 +215,56 @@ def drift_figures(d: dict) -> list[Figure]:
     ]
 
 
+def loadgen_figures(d: dict) -> list[Figure]:
+    how = (
+        f"{d['model']} bf16 on vLLM; `vllm bench serve`, then the load generator, on the same "
+        f"{d['num_prompts']} x concurrency prompts in the same order (A-B-B-A halves), {d['output_tokens']} output tokens each; "
+        f"load average {d['load_average_1m']}"
+    )
+    target = f"<= {d['tolerance']}"
+    out = []
+    for x in d["levels"]:
+        c = x["concurrency"]
+        out += [
+            figure(
+                "loadgen",
+                f"c{c}: |output tok/s difference|",
+                abs(x["throughput_diff"]),
+                "share",
+                how,
+                target,
+            ),
+            figure(
+                "loadgen",
+                f"c{c}: |median TTFT difference|",
+                abs(x["ttft_diff"]),
+                "share",
+                how,
+                target,
+            ),
+            figure(
+                "loadgen", f"c{c}: output tok/s, ours", x["ours_output_tokens_per_s"], "tok/s", how
+            ),
+            figure(
+                "loadgen",
+                f"c{c}: output tok/s, vllm bench",
+                x["bench_output_tokens_per_s"],
+                "tok/s",
+                how,
+            ),
+            figure("loadgen", f"c{c}: median TTFT, ours", x["ours_ttft_p50_ms"], "ms", how),
+            figure("loadgen", f"c{c}: median TTFT, vllm bench", x["bench_ttft_p50_ms"], "ms", how),
+            figure(
+                "loadgen",
+                f"c{c}: same prompt, median of ours - vllm bench TTFT",
+                x["paired_ttft_diff_ms"],
+                "ms",
+                how,
+            ),
+        ]
+    return out
+
+
 def _unit(key: str) -> str:
     for suffix, unit in (
         ("_s", "s"),
@@ -255,7 +307,9 @@ async def release_stages(home: Home) -> dict:
     async with get_client() as client:
         [last, *_] = await client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=["release"])),
-            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["COMPLETED"]))),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["COMPLETED"]))
+            ),
             sort=FlowRunSort.START_TIME_DESC,
             limit=1,
         ) or [None]
@@ -325,6 +379,7 @@ FIGURES = {
     "canary": canary_figures,
     "signing": signing_figures,
     "drift": drift_figures,
+    "loadgen": loadgen_figures,
 }
 
 

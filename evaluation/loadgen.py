@@ -368,31 +368,33 @@ async def _poisson(
     return list(await asyncio.gather(*tasks))
 
 
-async def run_level(
+def level_label(profile: LoadProfile, concurrency: int | None) -> str:
+    if profile.mode == "synchronous":
+        return "synchronous"
+    if concurrency is not None:
+        return f"concurrency {concurrency}"
+    return f"poisson {profile.rate:g} req/s"
+
+
+async def measure_level(
     base_url: str,
     model: str,
     profile: LoadProfile,
-    prompts: Sequence[Prompt],
+    chosen: Sequence[Prompt],
     *,
     concurrency: int | None,
     progress: bool = True,
-) -> LevelSummary:
-    """Warm up, then measure one level: closed loop at `concurrency`, or Poisson when None."""
+) -> list[RequestRecord]:
+    """Warm up on the first profile.warmup of `chosen`, then time the rest: closed loop at
+    `concurrency`, or Poisson when None. The records come in the order the requests were sent."""
     path = "/v1/chat/completions" if profile.endpoint == "chat" else "/v1/completions"
     url = base_url.rstrip("/") + path
-    n = profile.warmup + profile.num_prompts
-    chosen = pick_prompts(prompts, n, profile.seed)
     bodies = [(p.id, _payload(p, model, profile)) for p in chosen]
     warmup, measured = bodies[: profile.warmup], bodies[profile.warmup :]
     width = concurrency or profile.max_concurrency or 0
     connector = aiohttp.TCPConnector(limit=width)  # 0: unlimited
     timeout = aiohttp.ClientTimeout(total=profile.timeout_s)
-    if profile.mode == "synchronous":
-        label = "synchronous"
-    elif concurrency is not None:
-        label = f"concurrency {concurrency}"
-    else:
-        label = f"poisson {profile.rate:g} req/s"
+    label = level_label(profile, concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         if warmup:
             await _closed_loop(session, url, warmup, concurrency or 1, None)
@@ -404,14 +406,37 @@ async def run_level(
                 records = await _poisson(
                     session, url, measured, profile.rate, profile.max_concurrency, profile.seed, bar
                 )
+    return sorted(records, key=lambda r: r.start)
+
+
+def summarise_level(
+    records: Sequence[RequestRecord], profile: LoadProfile, concurrency: int | None
+) -> LevelSummary:
     return summarise(
         records,
-        label=label,
+        label=level_label(profile, concurrency),
         slo_ttft_ms=profile.slo_ttft_ms,
         slo_tpot_ms=profile.slo_tpot_ms,
         concurrency=concurrency,
         rate=profile.rate,
     )
+
+
+async def run_level(
+    base_url: str,
+    model: str,
+    profile: LoadProfile,
+    prompts: Sequence[Prompt],
+    *,
+    concurrency: int | None,
+    progress: bool = True,
+) -> LevelSummary:
+    """One level measured and summarised (see measure_level), on prompts picked from `prompts`."""
+    chosen = pick_prompts(prompts, profile.warmup + profile.num_prompts, profile.seed)
+    records = await measure_level(
+        base_url, model, profile, chosen, concurrency=concurrency, progress=progress
+    )
+    return summarise_level(records, profile, concurrency)
 
 
 def levels_of(profile: LoadProfile) -> list[int | None]:
@@ -575,6 +600,9 @@ class BenchLevel(Frozen):
     bench_ttft_p50_ms: float
     ours_requests_per_s: float
     bench_requests_per_s: float
+    # Per prompt, in the order sent; the i-th of each is the same prompt.
+    ours_ttfts_ms: list[float]
+    bench_ttfts_ms: list[float]
 
     @property
     def throughput_diff(self) -> float:
@@ -583,6 +611,13 @@ class BenchLevel(Frozen):
     @property
     def ttft_diff(self) -> float:
         return self.ours_ttft_p50_ms / self.bench_ttft_p50_ms - 1
+
+    @property
+    def paired_ttft_diff_ms(self) -> float:
+        """Median over prompts of (ours - vllm bench): what is left when the two medians' own
+        run-to-run noise is taken out."""
+        diffs = sorted(o - b for o, b in zip(self.ours_ttfts_ms, self.bench_ttfts_ms, strict=True))
+        return _percentile(diffs, 50)
 
 
 class BenchComparison(Frozen):
@@ -599,17 +634,55 @@ class BenchComparison(Frozen):
     def markdown(self) -> str:
         rows = [
             "| concurrency | output tok/s: ours / vllm bench | diff "
-            "| TTFT p50 ms: ours / vllm bench | diff |",
-            "|---|---|---|---|---|",
+            "| TTFT p50 ms: ours / vllm bench | diff | same prompt, median of ours - bench |",
+            "|---|---|---|---|---|---|",
         ]
         for x in self.levels:
             tokens = f"{x.ours_output_tokens_per_s:.1f} / {x.bench_output_tokens_per_s:.1f}"
             ttft = f"{x.ours_ttft_p50_ms:.1f} / {x.bench_ttft_p50_ms:.1f}"
             rows.append(
                 f"| {x.concurrency} | {tokens} | {x.throughput_diff:+.1%} | {ttft} "
-                f"| {x.ttft_diff:+.1%} |"
+                f"| {x.ttft_diff:+.1%} | {x.paired_ttft_diff_ms:+.1f} ms |"
             )
         return "\n".join(rows) + f"\n\nagree within {self.tolerance:.0%}: {self.agree}\n"
+
+
+def plot_comparison(comparison: BenchComparison, path: Path) -> None:
+    """TTFT distributions of both tools, one panel per concurrency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = comparison.levels
+    fig, axes = plt.subplots(1, len(levels), figsize=(5 * len(levels), 4), squeeze=False)
+    for axis, x in zip(axes[0], levels, strict=True):
+        for name, values in (("loadgen", x.ours_ttfts_ms), ("vllm bench serve", x.bench_ttfts_ms)):
+            xs = sorted(values)
+            axis.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=name)
+        axis.set(
+            xlabel="TTFT (ms)",
+            ylabel="share of requests",
+            title=f"concurrency {x.concurrency}: p50 {x.ttft_diff:+.1%}",
+        )
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def paired_ttfts(records: Sequence[RequestRecord], bench: dict[str, Any]) -> list[float]:
+    """vllm bench's per-request TTFTs (ms) in our send order; raises when the i-th requests of
+    the two runs were not the same prompt (their prompt token counts, both from the server's
+    usage, differ)."""
+    ours = [r.prompt_tokens for r in records]
+    if ours != bench["input_lens"]:
+        raise RuntimeError(
+            "the two runs did not send the same prompts in the same order: prompt tokens "
+            f"{ours[:8]}... (ours) vs {bench['input_lens'][:8]}... (vllm bench)"
+        )
+    return [t * 1000 for t in bench["ttfts"]]
 
 
 def vllm_bench_command(
@@ -664,6 +737,7 @@ def vllm_bench_command(
         "--temperature",
         "0",
         "--save-result",
+        "--save-detailed",  # per-request TTFTs, to pair with ours prompt by prompt
         "--result-dir",
         str(result_dir),
         "--result-filename",
@@ -703,6 +777,49 @@ async def prime(
         await _closed_loop(session, url, bodies, concurrency, None)
 
 
+def run_vllm_bench(command: list[str], result: Path, log: Path, expected: int) -> dict[str, Any]:
+    """One `vllm bench serve` run; its saved result, after checking every prompt completed."""
+    env = {**os.environ, "VLLM_TARGET_DEVICE": os.environ.get("VLLM_TARGET_DEVICE", "cpu")}
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    log.write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"vllm bench serve failed ({done.returncode}); see {log}:\n{done.stderr[-2000:]}"
+        )
+    bench = json.loads(result.read_text())
+    if bench["completed"] != expected:
+        raise RuntimeError(
+            f"vllm bench completed {bench['completed']} of {expected} "
+            f"prompts (it skips prompts under 4 or over 1024 tokens); see {log}"
+        )
+    return bench
+
+
+def pool_bench(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Several `vllm bench serve` results as one run: rates over the summed durations, the
+    per-request lists joined in order, the median (numpy's, as vllm bench takes it) of them all."""
+    duration = sum(r["duration"] for r in runs)
+    ttfts = [t for r in runs for t in r["ttfts"]]
+    return {
+        "output_throughput": sum(r["total_output_tokens"] for r in runs) / duration,
+        "request_throughput": sum(r["completed"] for r in runs) / duration,
+        "median_ttft_ms": _percentile(sorted(ttfts), 50) * 1000,
+        "ttfts": ttfts,
+        "input_lens": [n for r in runs for n in r["input_lens"]],
+    }
+
+
+def end_to_end(runs: Sequence[Sequence[RequestRecord]]) -> list[RequestRecord]:
+    """Several runs' records as one run, each laid after the one before (its start times, relative
+    to its own start, shifted by the spans before it): one summary's duration is then their sum."""
+    out: list[RequestRecord] = []
+    offset = 0.0
+    for records in runs:
+        out += [r.model_copy(update={"start": r.start + offset}) for r in records]
+        offset += max((r.start + (r.latency or 0.0) for r in records if r.ok), default=0.0)
+    return out
+
+
 def compare_with_vllm_bench(
     base_url: str,
     model: str,
@@ -713,13 +830,26 @@ def compare_with_vllm_bench(
     vllm: Path | None = None,
     tolerance: float = 0.05,
 ) -> BenchComparison:
-    """Run `vllm bench serve` (serve env) and then this generator, level by level, on one server
-    with the same prompts in the same order; report output throughput and median TTFT side by
-    side. Every prompt gets the same output length, profile.max_tokens (default 64)."""
+    """Run `vllm bench serve` (serve env) and this generator, level by level, on one server with
+    the same prompts in the same order; report output throughput and median TTFT side by side,
+    and each prompt's two TTFTs paired. Every prompt gets the same output length,
+    profile.max_tokens (default 64). Writes comparison.{json,md,png} and our report to out_dir.
+
+    Concurrency c measures profile.num_prompts * c prompts, so every level takes about as long:
+    TTFT under concurrency depends on where a request lands in the batch (its spread at c=4 gave
+    each run's median of 64 requests a ~7% bootstrap error), and the median needs the samples.
+
+    vLLM's speed drifts while it runs (a fresh CPU server got 4% faster over its first minutes,
+    measured), so whichever tool ran second looked faster. Each level therefore runs A-B-B-A:
+    vllm bench on the first half of the prompts, this generator on the first half, this
+    generator on the second half, vllm bench on the second half; each tool's halves are pooled,
+    and a steady drift cancels."""
     if profile.endpoint != "completions":
         raise ValueError("the comparison drives /v1/completions; set endpoint: completions")
     if profile.mode == "poisson":
         raise ValueError("the comparison needs a closed-loop profile (synchronous or sweep)")
+    if profile.num_prompts < 2:
+        raise ValueError("the comparison splits the prompts in two halves: num_prompts >= 2")
     vllm = vllm or Home.from_env().envs / "serve" / "bin" / "vllm"
     if not vllm.exists():
         raise FileNotFoundError(f"{vllm} not found: build the serve environment (make setup)")
@@ -729,19 +859,26 @@ def compare_with_vllm_bench(
         p.model_copy(update={"max_tokens": output_tokens})
         for p in load_prompts(profile.prompts, max_chars=profile.max_prompt_chars)
     ]
-    chosen = pick_prompts(prompts, profile.warmup + profile.num_prompts, profile.seed)
-    dataset = out_dir / "vllm-bench-prompts.json"
-    # vllm bench warms up on its first prompt, then measures the whole list from its head.
-    dataset.write_text(sharegpt(chosen[profile.warmup :]))
+    concurrencies = [c for c in levels_of(profile) if c is not None]
     # Whichever tool sent a prompt first would pay its prefill and the other would hit vLLM's
     # prefix cache (4x lower mean TTFT measured); one unmeasured pass puts both on equal footing.
-    concurrencies = [c for c in levels_of(profile) if c is not None]
-    asyncio.run(prime(base_url, model, profile, chosen, max(concurrencies)))
-    env = {**os.environ, "VLLM_TARGET_DEVICE": os.environ.get("VLLM_TARGET_DEVICE", "cpu")}
-    levels, ours = [], []
-    for concurrency in concurrencies:
-        name = f"vllm-bench-c{concurrency}.json"
-        log = out_dir / f"vllm-bench-c{concurrency}.log"
+    # pick_prompts(n) is a prefix of pick_prompts(m > n): priming the largest level primes all.
+    largest = pick_prompts(
+        prompts, profile.warmup + profile.num_prompts * max(concurrencies), profile.seed
+    )
+    asyncio.run(prime(base_url, model, profile, largest, max(concurrencies)))
+    warmup = largest[: profile.warmup]
+
+    def halves(concurrency: int) -> dict[str, list[Prompt]]:
+        measured = largest[profile.warmup : profile.warmup + profile.num_prompts * concurrency]
+        return {"a": measured[: len(measured) // 2], "b": measured[len(measured) // 2 :]}
+
+    def bench(concurrency: int, half: str) -> dict[str, Any]:
+        name = f"vllm-bench-c{concurrency}-{half}"
+        items = halves(concurrency)[half]
+        # vllm bench warms up on the head of its list, then measures the whole list.
+        dataset = out_dir / f"{name}-prompts.json"
+        dataset.write_text(sharegpt(items))
         command = vllm_bench_command(
             vllm,
             base_url,
@@ -749,58 +886,74 @@ def compare_with_vllm_bench(
             tokenizer_dir,
             dataset,
             concurrency=concurrency,
-            num_prompts=profile.num_prompts,
+            num_prompts=len(items),
             output_tokens=output_tokens,
             warmup=profile.warmup,
             ignore_eos=profile.ignore_eos,
             result_dir=out_dir,
-            result_name=name,
+            result_name=f"{name}.json",
         )
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        log.write_text(done.stdout + done.stderr)
-        if done.returncode != 0:
-            raise RuntimeError(
-                f"vllm bench serve failed ({done.returncode}); see {log}:\n{done.stderr[-2000:]}"
+        return run_vllm_bench(
+            command, out_dir / f"{name}.json", out_dir / f"{name}.log", len(items)
+        )
+
+    def ours(concurrency: int, half: str) -> list[RequestRecord]:
+        return asyncio.run(
+            measure_level(
+                base_url,
+                model,
+                profile,
+                [*warmup, *halves(concurrency)[half]],
+                concurrency=concurrency,
             )
-        bench = json.loads((out_dir / name).read_text())
-        if bench["completed"] != profile.num_prompts:
-            raise RuntimeError(
-                f"vllm bench completed {bench['completed']} of {profile.num_prompts} "
-                f"prompts (it skips prompts under 4 or over 1024 tokens); see {log}"
-            )
-        level = asyncio.run(run_level(base_url, model, profile, prompts, concurrency=concurrency))
+        )
+
+    levels, summaries = [], []
+    for c in concurrencies:
+        bench_a = bench(c, "a")
+        ours_a, ours_b = ours(c, "a"), ours(c, "b")
+        pooled = pool_bench([bench_a, bench(c, "b")])
+        level = summarise_level(end_to_end([ours_a, ours_b]), profile, c)
         if level.failed or level.ttft_ms.p50 is None:
             raise RuntimeError(
                 f"{level.failed} of our requests failed at {level.label}: {'; '.join(level.errors)}"
             )
-        ours.append(level)
+        summaries.append(level)
+        sent = [*ours_a, *ours_b]
         levels.append(
             BenchLevel(
-                concurrency=concurrency,
+                concurrency=c,
                 ours_output_tokens_per_s=level.output_tokens_per_s,
-                bench_output_tokens_per_s=bench["output_throughput"],
+                bench_output_tokens_per_s=pooled["output_throughput"],
                 ours_ttft_p50_ms=level.ttft_ms.p50,
-                bench_ttft_p50_ms=bench["median_ttft_ms"],
+                bench_ttft_p50_ms=pooled["median_ttft_ms"],
                 ours_requests_per_s=level.requests_per_s,
-                bench_requests_per_s=bench["request_throughput"],
+                bench_requests_per_s=pooled["request_throughput"],
+                ours_ttfts_ms=[r.ttft * 1000 for r in sent if r.ttft is not None],
+                bench_ttfts_ms=paired_ttfts(sent, pooled),
             )
         )
     comparison = BenchComparison(tolerance=tolerance, levels=levels)
     write_report(
         LoadReport(
-            base_url=base_url, model=model, endpoint=profile.endpoint, profile=profile, levels=ours
+            base_url=base_url,
+            model=model,
+            endpoint=profile.endpoint,
+            profile=profile,
+            levels=summaries,
         ),
         out_dir,
     )
     (out_dir / "comparison.json").write_text(comparison.model_dump_json(indent=2))
     (out_dir / "comparison.md").write_text(comparison.markdown())
+    plot_comparison(comparison, out_dir / "comparison.png")
     return comparison
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
 
 
-def _levels(_ctx: click.Context, _param: click.Parameter, value: str) -> list[int]:
+def parse_levels(_ctx: click.Context, _param: click.Parameter, value: str) -> list[int]:
     try:
         return [int(x) for x in value.split(",") if x.strip()]
     except ValueError as e:
@@ -814,7 +967,7 @@ def _profile_options(f: Callable[..., None]) -> Callable[..., None]:
         click.option(
             "--concurrency",
             default="1,2,4,8",
-            callback=_levels,
+            callback=parse_levels,
             show_default=True,
             help="sweep levels",
         ),
@@ -931,7 +1084,8 @@ def compare(
     tolerance: float,
     **fields: Any,
 ) -> None:
-    """Run this generator and `vllm bench serve` side by side on the same prompts."""
+    """Run this generator and `vllm bench serve` side by side on the same prompts (at
+    concurrency c, c times --num-prompts)."""
     profile = _profile("invalid load profile", mode="sweep", concurrency=concurrency, **fields)
     try:
         comparison = compare_with_vllm_bench(

