@@ -25,6 +25,10 @@ class Home:
     def models(self) -> Path:
         return self.root / "models"
 
+    def weights(self, model: str, variant: str) -> Path:
+        """One variant's model directory (a release writes it; vLLM serves it)."""
+        return self.models / model / variant / "weights"
+
     @property
     def keys(self) -> Path:
         return self.root / "keys"

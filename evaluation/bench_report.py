@@ -7,7 +7,7 @@ Runs, one after the other (each in its own process, so a failure is reported, no
   canary    evaluation.bench_canary: requests and seconds to roll back a bad canary; false rollbacks
   signing   evaluation.bench_signing: sign/verify throughput as a share of sha256 x cores
   drift     evaluation.bench_drift (when present): drift check time and peak memory at 1M rows
-  loadgen   evaluation.bench_loadgen: the load generator vs `vllm bench serve` on one vLLM (~8 min)
+  loadgen   evaluation.bench_loadgen: the load generator vs `vllm bench serve` on one vLLM (~12 min)
 then reads the last release flow run from Prefect: wall time per stage, and the share of the flow's
 wall time spent outside the stages' own work (Prefect orchestration and MLflow calls).
 `--reuse NAME` takes that benchmark's JSON from an earlier run instead (stated in the report).
@@ -217,50 +217,32 @@ def drift_figures(d: dict) -> list[Figure]:
 
 def loadgen_figures(d: dict) -> list[Figure]:
     how = (
-        f"{d['model']} bf16 on vLLM; `vllm bench serve`, then the load generator, on the same "
-        f"{d['num_prompts']} x concurrency prompts in the same order (A-B-B-A halves), {d['output_tokens']} output tokens each; "
-        f"load average {d['load_average_1m']}"
+        f"{d['model']} bf16 on vLLM; `vllm bench serve` and the load generator on the same "
+        f"{d['num_prompts']} x concurrency prompts in the same order, run A-B-B-A in halves, "
+        f"{d['output_tokens']} output tokens each; load average {d['load_average_1m']}"
     )
     target = f"<= {d['tolerance']}"
     out = []
     for x in d["levels"]:
-        c = x["concurrency"]
+        rows = [
+            ("output tok/s difference, absolute", abs(x["throughput_diff"]), "share", target),
+            ("median TTFT difference, absolute", abs(x["ttft_diff"]), "share", target),
+            ("output tok/s, ours", x["ours_output_tokens_per_s"], "tok/s", ""),
+            ("output tok/s, vllm bench", x["bench_output_tokens_per_s"], "tok/s", ""),
+            ("median TTFT, ours", x["ours_ttft_p50_ms"], "ms", ""),
+            ("median TTFT, vllm bench", x["bench_ttft_p50_ms"], "ms", ""),
+            ("same prompt, median of ours - vllm bench TTFT", x["paired_ttft_diff_ms"], "ms", ""),
+        ]
         out += [
             figure(
                 "loadgen",
-                f"c{c}: |output tok/s difference|",
-                abs(x["throughput_diff"]),
-                "share",
+                f"c{x['concurrency']}: {name}",
+                round(value, 4 if unit == "share" else 2),
+                unit,
                 how,
-                target,
-            ),
-            figure(
-                "loadgen",
-                f"c{c}: |median TTFT difference|",
-                abs(x["ttft_diff"]),
-                "share",
-                how,
-                target,
-            ),
-            figure(
-                "loadgen", f"c{c}: output tok/s, ours", x["ours_output_tokens_per_s"], "tok/s", how
-            ),
-            figure(
-                "loadgen",
-                f"c{c}: output tok/s, vllm bench",
-                x["bench_output_tokens_per_s"],
-                "tok/s",
-                how,
-            ),
-            figure("loadgen", f"c{c}: median TTFT, ours", x["ours_ttft_p50_ms"], "ms", how),
-            figure("loadgen", f"c{c}: median TTFT, vllm bench", x["bench_ttft_p50_ms"], "ms", how),
-            figure(
-                "loadgen",
-                f"c{c}: same prompt, median of ours - vllm bench TTFT",
-                x["paired_ttft_diff_ms"],
-                "ms",
-                how,
-            ),
+                bound,
+            )
+            for name, value, unit, bound in rows
         ]
     return out
 

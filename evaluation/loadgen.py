@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import aiohttp
 import click
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, computed_field
 from tqdm import tqdm
 
 from configs.evaluation import LoadProfile
@@ -604,14 +604,17 @@ class BenchLevel(Frozen):
     ours_ttfts_ms: list[float]
     bench_ttfts_ms: list[float]
 
+    @computed_field
     @property
     def throughput_diff(self) -> float:
         return self.ours_output_tokens_per_s / self.bench_output_tokens_per_s - 1
 
+    @computed_field
     @property
     def ttft_diff(self) -> float:
         return self.ours_ttft_p50_ms / self.bench_ttft_p50_ms - 1
 
+    @computed_field
     @property
     def paired_ttft_diff_ms(self) -> float:
         """Median over prompts of (ours - vllm bench): what is left when the two medians' own
@@ -624,6 +627,7 @@ class BenchComparison(Frozen):
     tolerance: float
     levels: list[BenchLevel]
 
+    @computed_field
     @property
     def agree(self) -> bool:
         return all(

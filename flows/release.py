@@ -26,7 +26,7 @@ from tasks.signing import sign_task, verify_task
 def release(config_path: str = "configs/models/smollm2-135m.yaml") -> list[Outcome]:
     config = load_model_config(config_path)
     home = Home.from_env()
-    source = pull_task(config.source, home.models / config.name / "bf16" / "weights", home, config.allow_pickle)
+    source = pull_task(config.source, home.weights(config.name, "bf16"), home, config.allow_pickle)
     outcomes: list[Outcome] = []
     for variant in sorted(config.variants, key=lambda v: v.recipe != "bf16"):  # the base first
         baseline = outcomes[0].quality if outcomes else None
@@ -46,9 +46,9 @@ def release_variant(
         return Outcome(variant, "skipped", reason)
     if variant.recipe != "bf16" and baseline is None:
         return Outcome(variant, "failed", "the bf16 base failed, so there is nothing to judge against")
-    base = home.models / config.name / "bf16" / "weights"
+    base = home.weights(config.name, "bf16")
     try:
-        built = quantize_task(base, variant, home.models / config.name / variant.label / "weights", home)
+        built = quantize_task(base, variant, home.weights(config.name, variant.label), home)
         manifest = manifest_task(built.out_dir, source)
         if (done := find_task(home, config.name, manifest.digest)) and (quality := recorded_quality(built.out_dir)):
             return Outcome(variant, "registered", "already registered: not served again", built, version=done, quality=quality)

@@ -378,6 +378,9 @@ def test_comparison_with_vllm_bench_on_the_same_server(tiny_server, tiny_model_s
         assert x.ours_output_tokens_per_s > 0 and x.bench_output_tokens_per_s > 0
     saved = json.loads((tmp_path / "comparison.json").read_text())
     assert saved["levels"][1]["bench_ttfts_ms"] == comparison.levels[1].bench_ttfts_ms
+    # the derived figures are saved too, for bench reports to read without recomputing them
+    assert saved["levels"][1]["paired_ttft_diff_ms"] == comparison.levels[1].paired_ttft_diff_ms
+    assert saved["agree"] == comparison.agree
     assert "same prompt" in (tmp_path / "comparison.md").read_text()
     for png in ("comparison.png", "report.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"

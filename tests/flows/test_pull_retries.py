@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import huggingface_hub.constants
 from prefect import flow, get_client
+from prefect.utilities.asyncutils import run_coro_as_sync
 
 from configs.models import DirSource, HubSource
 from tasks import hub
@@ -14,8 +15,6 @@ def run_count(task_run_id) -> int:
     async def read() -> int:
         async with get_client() as client:
             return (await client.read_task_run(task_run_id)).run_count
-
-    from prefect.utilities.asyncutils import run_coro_as_sync
 
     return run_coro_as_sync(read())
 
