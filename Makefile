@@ -12,6 +12,10 @@ export PREFECT_LOGGING_EXTRA_LOGGERS ?= tasks,flows,evaluation
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 ENVS := $(SLIPWAY_HOME)/envs
 PY := $(ENVS)/core/bin/python
+# The one CLI (flows/cli.py); PYTHONPATH makes it run this checkout's code even where the shared
+# core environment was set up from another clone.
+export PYTHONPATH := $(CURDIR)
+SLIPWAY := $(PY) -m flows.cli
 CONFIG ?= configs/models/smollm2-135m.yaml
 DEMO_MODEL ?= smollm2-135m-instruct
 DEMO_CANDIDATE ?= gptq-w8a8
@@ -24,24 +28,25 @@ setup:
 	@set -e; pids=(); for e in core quant serve; do \
 	  (ln -sfn "$$(configs/envs/build.sh $$e)" $(ENVS)/$$e) & pids+=($$!); done; \
 	  for p in $${pids[@]}; do wait $$p; done
-	@$(PY) -m tasks.signing keygen
+	@uv pip install -q --no-deps --no-build-isolation --python $(PY) -e .
+	@$(SLIPWAY) keys signing
 
 ## demo: release the embedded SmolLM2-135M-Instruct (pull, quantize, evaluate, sign, register),
 ## serve its champion (`make up`), then roll the int8 variant out against it under synthetic load.
 ## The stack stays up afterwards: `make down` stops it.
 demo: setup
-	$(PY) -m flows.release $(CONFIG)
-	$(PY) -m serving.stack up
+	$(SLIPWAY) release $(CONFIG)
+	$(SLIPWAY) up
 	PREFECT_API_URL=http://127.0.0.1:4200/api \
-	  $(PY) -m flows.rollout run $(DEMO_MODEL) $(DEMO_CANDIDATE) --policy configs/rollout/demo.yaml
+	  $(SLIPWAY) rollout run $(DEMO_MODEL) $(DEMO_CANDIDATE) --policy configs/rollout/demo.yaml
 
 ## rollback: withdraw MODEL's canary now (`make rollback MODEL=smollm2-135m-instruct`)
 rollback: setup
-	$(PY) -m flows.rollout rollback $(MODEL) --reason "$(or $(REASON),rolled back by hand)"
+	$(SLIPWAY) rollout rollback $(MODEL) --reason "$(or $(REASON),rolled back by hand)"
 
 ## approve: let MODEL's paused rollout step advance
 approve: setup
-	$(PY) -m flows.rollout approve $(MODEL)
+	$(SLIPWAY) rollout approve $(MODEL)
 
 ## test: the test suite (unit and integration against the real parts).
 test: setup
@@ -53,39 +58,39 @@ stress: setup
 
 ## bench: every CPU benchmark, gathered into $(SLIPWAY_HOME)/bench/report.md and report.json
 bench: setup
-	$(PY) -m evaluation.bench_report
+	$(SLIPWAY) bench
 
 ## drift: the drift check on the last whole hour of the usage log (flows/drift.py); MODEL=name for one model
 drift: setup
-	$(PY) -m flows.drift $(MODEL)
+	$(SLIPWAY) drift $(MODEL)
 
 ## cost: the cost report of yesterday (UTC) from the usage log (flows/cost.py); DAY=YYYY-MM-DD for another
 cost: setup
-	$(PY) -m flows.cost $(DAY)
+	$(SLIPWAY) cost $(DAY)
 
 ## up: MLflow :5000, Prefect :4200 (worker, deployments), a vLLM per verified champion, gateway :8000/v1
 up: setup
-	$(PY) -m serving.stack up
+	$(SLIPWAY) up
 
 ## down: stop everything `make up` started and check that no process of it is left
 down:
-	$(PY) -m serving.stack down
+	$(SLIPWAY) down
 
 ## status: what `make up` started and whether each part answers
 status:
-	$(PY) -m serving.stack status
+	$(SLIPWAY) status
 
 ## bench-gateway: gateway vs LiteLLM vs a bare proxy on one mock upstream; $(SLIPWAY_HOME)/bench/gateway.json
 bench-gateway: setup
-	$(PY) evaluation/bench_gateway.py
+	$(SLIPWAY) bench gateway
 
 ## bench-canary: simulated rollouts, Slipway's sequential analysis vs Flagger's defaults; bench/canary.{json,md}
 bench-canary: setup
-	$(PY) -m evaluation.bench_canary --runs 1000
+	$(SLIPWAY) bench canary --runs 1000
 
 ## bench-loadgen: the load generator vs `vllm bench serve` on one vLLM serving the embedded model (~8 min)
 bench-loadgen: setup
-	$(PY) -m evaluation.bench_loadgen
+	$(SLIPWAY) bench loadgen
 
 ## lock: re-resolve the three lock files from configs/envs/*.in.
 lock:

@@ -1,6 +1,6 @@
 """What to measure about a built variant (`evaluation:`) and what it must reach (`gates:`).
 
-Quality runs lm-eval through the served model: the suites shipped in evaluation/suites (offline)
+Quality runs lm-eval through the served model: the suites shipped in evaluation/quality/suites (offline)
 plus, with network, any lm-eval task by name (`extra_tasks`). Speed runs the load generator
 (evaluation/loadgen.py) with one `LoadProfile`. Gates compare a variant with the bf16 base.
 """
@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from configs.home import REPO
 
-SUITES_DIR = REPO / "evaluation" / "suites"
+SUITES_DIR = REPO / "evaluation" / "quality" / "suites"
 PROMPTS = REPO / "evaluation" / "datasets" / "prompts.jsonl"
 DEFAULT_SUITES = ["slipway_knowledge", "slipway_short_answer", "slipway_perplexity"]
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

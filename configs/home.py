@@ -30,6 +30,21 @@ class Home:
         return self.models / model / variant / "weights"
 
     @property
+    def demo_key(self) -> Path:
+        """The demo tenant's API key (mode 0600), written by `make up`."""
+        return self.root / "demo-api-key"
+
+    @property
+    def admin_token(self) -> Path:
+        """The gateway's admin token (mode 0600), written by `make up`."""
+        return self.root / "admin-token"
+
+    @property
+    def synthetic_key(self) -> Path:
+        """The key of the tenant whose traffic the gateway counts as synthetic (rollout load)."""
+        return self.root / "synthetic-api-key"
+
+    @property
     def keys(self) -> Path:
         return self.root / "keys"
 

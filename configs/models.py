@@ -8,9 +8,13 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+import yaml
+
 from configs.evaluation import Evaluation, Gates
 from configs.home import REPO
 from configs.loader import load_yaml
+
+MODEL_CONFIGS = REPO / "configs" / "models"
 
 
 class Strict(BaseModel):
@@ -270,3 +274,18 @@ class ModelConfig(Strict):
 
 def load_model_config(path: str | Path) -> ModelConfig:
     return load_yaml(path, ModelConfig)
+
+
+def config_for(model: str, configs: Path = MODEL_CONFIGS) -> ModelConfig | None:
+    """The model config named `model` in `configs`, if there is one."""
+    for path in sorted(configs.glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        if isinstance(raw, dict) and raw.get("name") == model:
+            return load_model_config(path)
+    return None
+
+
+def serving_for(model: str, configs: Path = MODEL_CONFIGS) -> Serving:
+    """The `serving` section of the model config named `model` in `configs` (defaults if none)."""
+    config = config_for(model, configs)
+    return config.serving if config else Serving()

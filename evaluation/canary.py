@@ -98,7 +98,7 @@ class ArmSamples:
 
     @classmethod
     def from_snapshot(cls, snapshot: dict[str, Any], source: Source = "organic") -> ArmSamples:
-        """From a gateway backend snapshot taken with samples (serving.stats: inter-token latency
+        """From a gateway backend snapshot taken with samples (serving.gateway.stats: inter-token latency
         stands for TPOT)."""
 
         def samples(key: str) -> list[float]:

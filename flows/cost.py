@@ -12,7 +12,6 @@ tenant at or over its budget's alert share emits "slipway.cost.budget_alert".
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -24,8 +23,8 @@ from prefect.events import emit_event
 
 from configs.home import Home
 from configs.pricing import DEFAULT_PRICING, Pricing, load_pricing
-from evaluation.cost import BudgetAlert, CostReport, chart, metrics, report, summary, table
-from serving.usage import default_url
+from evaluation.monitoring.cost import BudgetAlert, CostReport, chart, metrics, report, summary, table
+from serving.gateway.usage import default_url
 from tasks.registry import Registry
 
 EVENT = "slipway.cost.budget_alert"
@@ -95,7 +94,3 @@ def alert_task(alert: BudgetAlert, day: date, run_id: str) -> None:
             "mlflow_run_id": run_id,
         },
     )
-
-
-if __name__ == "__main__":
-    print(cost(date.fromisoformat(sys.argv[1]) if len(sys.argv) > 1 else None).line())

@@ -11,7 +11,6 @@ and what is exact: see evaluation/drift.py.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,7 +24,7 @@ from prefect.events import emit_event
 
 from configs.drift import DEFAULT_DRIFT, DriftConfig, load_drift_config
 from configs.home import Home
-from evaluation.drift import (
+from evaluation.monitoring.drift import (
     DriftResult,
     NotEnoughData,
     Reference,
@@ -35,7 +34,7 @@ from evaluation.drift import (
     metrics,
     windows,
 )
-from serving.usage import default_url
+from serving.gateway.usage import default_url
 from tasks.registry import Registry
 
 EVENT = "slipway.drift.detected"
@@ -152,7 +151,3 @@ def alarm_task(result: DriftResult, run_id: str) -> None:
             "mlflow_run_id": run_id,
         },
     )
-
-
-if __name__ == "__main__":
-    print(drift(model=sys.argv[1] if len(sys.argv) > 1 else None).message)

@@ -11,7 +11,6 @@ does a champion that cannot be checked (refused by the serving checks, or not me
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +19,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from configs.evaluation import Gates, Regression
 from configs.home import REPO, Home
-from evaluation.regression import RegressionVerdict, compare, key_figures
-from serving.stack import Champion, StackError, config_for
+from configs.models import config_for
+from evaluation.monitoring.regression import RegressionVerdict, compare, key_figures
 from serving.vllm import VLLMError
 from tasks.evaluate import EvaluationError
 from tasks.regression import (
@@ -33,6 +32,7 @@ from tasks.regression import (
     measure_task,
     vet_task,
 )
+from tasks.servable import ModelVersion, NotServable
 
 
 @flow(name="regression")
@@ -47,12 +47,12 @@ def regression(model: str | None = None, config_dir: str = "configs/models") -> 
 
 
 @flow(name="regression-champion", flow_run_name="{champion.model}")
-def regression_champion(champion: Champion, configs: Path, home: Home) -> Outcome:
+def regression_champion(champion: ModelVersion, configs: Path, home: Home) -> Outcome:
     try:
         vet_task(champion)
         config = config_for(champion.model, configs)
         measured = measure_task(champion, config, home)
-    except StackError as e:
+    except NotServable as e:
         return Outcome(champion, "refused", str(e))
     except (VLLMError, EvaluationError) as e:
         return Outcome(champion, "failed", f"could not measure: {e}")
@@ -72,7 +72,7 @@ def regression_champion(champion: Champion, configs: Path, home: Home) -> Outcom
 class Outcome:
     """What the run found for one champion: passed, regressed, refused or failed."""
 
-    champion: Champion
+    champion: ModelVersion
     status: str
     reason: str = ""
     verdict: RegressionVerdict | None = None
@@ -94,11 +94,3 @@ def summary(outcomes: list[Outcome]) -> str:
             parts += [f"MLflow run `{o.run_id}`", o.verdict.markdown()]
             parts += [f"- {r}" for r in o.verdict.reasons]
     return "\n\n".join(p for p in parts if p) + "\n"
-
-
-if __name__ == "__main__":
-    checked = regression(*sys.argv[1:2])
-    for outcome in checked:
-        print(outcome.line())
-    if not checked:
-        print("No registered model has a `champion`: nothing to check.")

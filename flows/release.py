@@ -3,7 +3,6 @@ speed), judge it against bf16, sign, verify and register it in MLflow with its v
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 from prefect import flow
@@ -12,8 +11,8 @@ from prefect.artifacts import create_markdown_artifact
 from configs.home import Home
 from configs.evaluation import Gates
 from configs.models import ModelConfig, Variant, load_model_config
-from evaluation.gates import QualityResult, Verdict, gated_metric, judge
-from serving.capabilities import check, detect_hardware
+from evaluation.quality.gates import QualityResult, Verdict, gated_metric, judge
+from serving.vllm import can_serve, detect_hardware
 from tasks.evaluate import Trial, TrialError, log_trial_task, recorded_quality, trial_task
 from tasks.hub import Manifest, manifest_task, pull_task
 from tasks.quantize import QuantizeError, VariantBuild, quantize_task
@@ -41,7 +40,7 @@ def release(config_path: str = "configs/models/smollm2-135m.yaml") -> list[Outco
 def release_variant(
     config: ModelConfig, variant: Variant, source: Manifest, home: Home, baseline: QualityResult | None
 ) -> Outcome:
-    servable, reason = check(variant.recipe, detect_hardware())
+    servable, reason = can_serve(variant.recipe, detect_hardware())
     if not servable:
         return Outcome(variant, "skipped", reason)
     if variant.recipe != "bf16" and baseline is None:
@@ -123,8 +122,3 @@ def table(name: str, outcomes: list[Outcome], gates: Gates) -> str:
 
 def _ms(value: float | None) -> str:
     return "" if value is None else f"{value:.0f}"
-
-
-if __name__ == "__main__":
-    for outcome in release(*sys.argv[1:2]):
-        print(outcome.line())

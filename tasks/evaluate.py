@@ -23,12 +23,12 @@ from prefect.cache_policies import NO_CACHE
 from configs.evaluation import SUITES_DIR, Evaluation, LoadProfile
 from configs.home import Home
 from configs.models import ModelConfig, Variant
-from evaluation.gates import QualityResult, TaskScore, Verdict
+from evaluation.quality.gates import QualityResult, TaskScore, Verdict
 from evaluation.loadgen import LoadReport, run_profile
 from serving.vllm import VLLMError, VLLMServer
 from tasks.quantize import VariantBuild
 from tasks.registry import RegisteredVersion, Registry
-from tasks.serve_check import SmokeError, SmokeResult, ask
+from tasks.smoke import SmokeError, SmokeResult, ask
 
 log = logging.getLogger(__name__)
 
@@ -272,20 +272,6 @@ def log_trial(home: Home, version: RegisteredVersion, build: VariantBuild, trial
 
 
 # ---- Prefect -------------------------------------------------------------------------------------
-
-
-@task(name="evaluate-quality", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=[10])
-def evaluate_quality(
-    base_url: str, served_model: str, tokenizer_dir: Path, evaluation: Evaluation, out_dir: Path
-) -> QualityResult:
-    return run_quality(base_url, served_model, tokenizer_dir, evaluation, out_dir)
-
-
-@task(name="evaluate-speed", cache_policy=NO_CACHE)
-def evaluate_speed(
-    base_url: str, served_model: str, profile: LoadProfile, out_dir: Path
-) -> LoadReport:
-    return run_speed(base_url, served_model, profile, out_dir)
 
 
 @task(name="trial", cache_policy=NO_CACHE)

@@ -44,10 +44,6 @@ class RegisteredVersion:
     created: bool  # False when the digest was already registered
 
 
-class RegistryError(RuntimeError):
-    """The registry cannot do what was asked; the message says what to check."""
-
-
 class Registry:
     """A thin, explicit handle on one MLflow tracking/registry store (no global mlflow state)."""
 
@@ -74,6 +70,15 @@ class Registry:
             return self.client.get_experiment_by_name(name).experiment_id
 
     # ---- versions --------------------------------------------------------------------------------
+
+    def model_names(self) -> list[str]:
+        """Every registered model's name, sorted."""
+        names, token = [], None
+        while True:
+            page = self.client.search_registered_models(page_token=token)
+            names += [m.name for m in page]
+            if not (token := page.token):
+                return sorted(names)
 
     def find(self, name: str, digest: str) -> str | None:
         """The version of `name` registered with this digest, if any."""
@@ -114,12 +119,37 @@ class Registry:
         model_id = self.client.get_model_version(name, version).model_id
         return RegisteredVersion(name, version, model_id, digest, created=False)
 
+    def exists(self, name: str, version: str) -> bool:
+        try:
+            self.client.get_model_version(name, version)
+        except MlflowException:
+            return False
+        return True
+
+    def versions(self, name: str, **tags: str) -> list[str]:
+        """The versions of `name` whose tags have these values, oldest first."""
+        query = " and ".join([f"name='{name}'", *(f"tags.{k}='{v}'" for k, v in tags.items())])
+        return sorted((str(v.version) for v in self.client.search_model_versions(query)), key=int)
+
     def tags(self, name: str, version: str) -> dict[str, str]:
         return dict(self.client.get_model_version(name, version).tags)
 
     def tag(self, name: str, version: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_model_version_tag(name, version, key, value)
+
+    # ---- registered-model tags -------------------------------------------------------------------
+
+    def model_tag(self, name: str, key: str) -> str | None:
+        return self.client.get_registered_model(name).tags.get(key)
+
+    def set_model_tag(self, name: str, key: str, value: str) -> None:
+        self.client.set_registered_model_tag(name, key, value)
+
+    def delete_model_tag(self, name: str, key: str) -> None:
+        """Remove the tag; one that is not there is fine."""
+        if self.model_tag(name, key) is not None:
+            self.client.delete_registered_model_tag(name, key)
 
     # ---- runs ------------------------------------------------------------------------------------
 
@@ -174,6 +204,23 @@ class Registry:
             self.client.set_terminated(run_id, "FAILED")
             raise
         self.client.set_terminated(run_id, status)
+
+    def set_run_tag(self, run_id: str, key: str, value: str) -> None:
+        self.client.set_tag(run_id, key, value)
+
+    def finished_runs(
+        self, experiment: str, filter_string: str, max_results: int
+    ) -> list[mlflow.entities.Run]:
+        """The finished runs of `experiment` that match, newest first."""
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            return []
+        return self.client.search_runs(
+            [found.experiment_id],
+            filter_string=f"{filter_string} and attributes.status = 'FINISHED'",
+            max_results=max_results,
+            order_by=["attributes.start_time DESC"],
+        )
 
     def run_link(self, run_id: str, artifact: str = "") -> str:
         """Where a person opens a run: its page on a tracking server, else the artifact's path."""

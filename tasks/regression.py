@@ -24,11 +24,11 @@ from prefect.events import emit_event
 from configs.evaluation import Evaluation
 from configs.home import Home
 from configs.models import ModelConfig, Serving
-from evaluation.gates import QualityResult
+from evaluation.quality.gates import QualityResult
 from evaluation.loadgen import LoadReport
-from evaluation.regression import REGRESSED, LedgerRun, RegressionVerdict, label
-from serving.capabilities import hardware_class
-from serving.stack import Champion, champions, members, read_state, vet
+from evaluation.monitoring.regression import REGRESSED, LedgerRun, RegressionVerdict, label
+from serving.vllm import hardware_class
+from serving.processes import members, read_state
 from serving.vllm import VLLMServer
 from tasks.evaluate import (
     EvaluationError,
@@ -38,6 +38,7 @@ from tasks.evaluate import (
     speed_metrics,
 )
 from tasks.registry import Registry
+from tasks.servable import ModelVersion, champions, check_servable
 
 EXPERIMENT = "slipway-regression"
 EVENT = "slipway.regression.detected"
@@ -76,7 +77,7 @@ class Measurement:
         return speed_metrics(self.speed) | (quality_metrics(self.quality) if self.quality else {})
 
 
-def chosen(home: Home, model: str | None) -> list[Champion]:
+def chosen(home: Home, model: str | None) -> list[ModelVersion]:
     """The champions to check: every model's, or `model`'s (which must have one)."""
     found = [c for c in champions(Registry(home)) if model in (None, c.model)]
     if model and not found:
@@ -84,7 +85,7 @@ def chosen(home: Home, model: str | None) -> list[Champion]:
     return found
 
 
-def stack_url(champion: Champion, home: Home) -> str | None:
+def stack_url(champion: ModelVersion, home: Home) -> str | None:
     """Where `make up` serves the champion, if that vLLM is still running and answers."""
     for proc in read_state(home):
         if proc.what == champion.record and members(proc) and proc.answers():
@@ -100,10 +101,10 @@ def vllm_version(url: str) -> str:
         raise EvaluationError(f"cannot read the vLLM version from {url}/version: {e}") from e
 
 
-def measure(champion: Champion, config: ModelConfig | None, home: Home) -> Measurement:
+def measure(champion: ModelVersion, config: ModelConfig | None, home: Home) -> Measurement:
     """The config's load profile and the quick cut of its quality suites against the champion."""
     evaluation = (config.evaluation if config else Evaluation()).quick()
-    weights = champion.variant_dir / "weights"
+    weights = champion.weights
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out_dir = home.root / "regression" / champion.served_name / stamp
     name = champion.served_name
@@ -123,15 +124,7 @@ def measure(champion: Champion, config: ModelConfig | None, home: Home) -> Measu
 
 def ledger(registry: Registry, key: Key) -> list[LedgerRun]:
     """The finished regression runs with this key, oldest first."""
-    experiment = registry.client.get_experiment_by_name(EXPERIMENT)
-    if experiment is None:
-        return []
-    runs = registry.client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"{key.filter()} and attributes.status = 'FINISHED'",
-        max_results=HISTORY,
-        order_by=["attributes.start_time DESC"],
-    )
+    runs = registry.finished_runs(EXPERIMENT, key.filter(), HISTORY)
     return [
         LedgerRun(
             run_id=r.info.run_id,
@@ -183,7 +176,7 @@ def plot_history(
 
 def log_regression(
     registry: Registry,
-    champion: Champion,
+    champion: ModelVersion,
     measured: Measurement,
     history: list[LedgerRun],
     verdict: RegressionVerdict,
@@ -210,7 +203,7 @@ def log_regression(
     )
 
 
-def alarm(champion: Champion, key: Key, verdict: RegressionVerdict, run_id: str) -> None:
+def alarm(champion: ModelVersion, key: Key, verdict: RegressionVerdict, run_id: str) -> None:
     """The Prefect event automations and notifications react to."""
     emit_event(
         event=EVENT,
@@ -228,17 +221,17 @@ def alarm(champion: Champion, key: Key, verdict: RegressionVerdict, run_id: str)
 
 
 @task(name="champions", cache_policy=NO_CACHE)
-def chosen_task(home: Home, model: str | None) -> list[Champion]:
+def chosen_task(home: Home, model: str | None) -> list[ModelVersion]:
     return chosen(home, model)
 
 
 @task(name="vet-champion", cache_policy=NO_CACHE)
-def vet_task(champion: Champion) -> None:
-    vet(champion)
+def vet_task(champion: ModelVersion) -> None:
+    check_servable(champion)
 
 
 @task(name="measure", cache_policy=NO_CACHE)
-def measure_task(champion: Champion, config: ModelConfig | None, home: Home) -> Measurement:
+def measure_task(champion: ModelVersion, config: ModelConfig | None, home: Home) -> Measurement:
     return measure(champion, config, home)
 
 
@@ -250,7 +243,7 @@ def ledger_task(home: Home, key: Key) -> list[LedgerRun]:
 @task(name="log-regression", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
 def log_task(
     home: Home,
-    champion: Champion,
+    champion: ModelVersion,
     measured: Measurement,
     history: list[LedgerRun],
     verdict: RegressionVerdict,
@@ -259,5 +252,5 @@ def log_task(
 
 
 @task(name="regression-event", cache_policy=NO_CACHE)
-def alarm_task(champion: Champion, key: Key, verdict: RegressionVerdict, run_id: str) -> None:
+def alarm_task(champion: ModelVersion, key: Key, verdict: RegressionVerdict, run_id: str) -> None:
     alarm(champion, key, verdict, run_id)

@@ -9,11 +9,9 @@ that the signature was not made with the expected key.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,18 +194,3 @@ def sign_task(model_dir: Path, config: Signing, home: Home) -> SignatureInfo:
 @task(name="verify", cache_policy=NO_CACHE)
 def verify_task(model_dir: Path, config: Signing, home: Home) -> SignatureInfo:
     return verify(model_dir, config, home)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.signing")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("keygen", help="create the default signing key once (kept if present)")
-    args = parser.parse_args(argv)
-    if args.command == "keygen":
-        private, public = keygen(Home.from_env())
-        print(f"signing key: {private} (public {public}, {key_fingerprint(public)})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from configs.gateway import load_gateway_config
 from configs.loader import ConfigError
-from serving.auth import key_hash
-from serving.gateway import main
+from serving.gateway.auth import key_hash
+from flows.cli import cli
 
 ADMIN = key_hash("admin-token")
 KEY = key_hash("tenant-key")
@@ -105,7 +105,7 @@ def test_bad_gateway_configs_name_the_file_and_field(tmp_path, raw, field, words
 
 def test_the_gateway_refuses_to_start_on_a_bad_config(tmp_path):
     path = write(tmp_path, backend_with(verified=False))
-    result = CliRunner().invoke(main, ["--config", str(path)])
+    result = CliRunner().invoke(cli, ["gateway", "--config", str(path)])
     assert result.exit_code == 1
     assert "routes.0.backends.0.verified" in result.output and "Traceback" not in result.output
     assert load_gateway_config(write(tmp_path, good())).routes[0].model == "m"

@@ -6,7 +6,6 @@ and vLLM asks for a GPU."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import yaml
 

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from configs.rollout import AnalysisPolicy, Slos, load_rollout_policy
-from evaluation import bench_canary
-from evaluation.bench_canary import running_stats
+from flows.cli import cli
+from evaluation.benchmarks.canary import running_stats
 from evaluation.canary import ArmSamples, ArmStats, analyse, decide, evidence
 
 POLICY = AnalysisPolicy()
@@ -248,7 +248,7 @@ def test_samples_from_gateway_snapshot() -> None:
 
 def test_bench_writes_json_and_table(tmp_path) -> None:
     out = tmp_path / "bench"
-    result = CliRunner().invoke(bench_canary.main, ["--runs", "5", "--out", str(out)])
+    result = CliRunner().invoke(cli, ["bench", "canary", "--runs", "5", "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "canary.json").read_text())
     rows = {(r["method"], r["scenario"]) for r in report["results"]}

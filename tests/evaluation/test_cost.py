@@ -14,8 +14,8 @@ import pytest
 
 from configs.loader import ConfigError, load_yaml
 from configs.pricing import Pricing
-from evaluation.bench_drift import write_rows
-from evaluation.cost import report
+from evaluation.benchmarks.drift import write_rows
+from evaluation.monitoring.cost import report
 
 DAY = date(2026, 3, 10)
 PRICING = Pricing.model_validate(
@@ -41,7 +41,7 @@ PRICING = Pricing.model_validate(
 
 
 def req(at: str, tenant, model, version, prompt, completion, latency_ms, error=None) -> tuple:
-    """One usage-log row (serving.usage.COLUMNS order)."""
+    """One usage-log row (serving.gateway.usage.COLUMNS order)."""
     when = datetime.fromisoformat(at).replace(tzinfo=UTC).timestamp()
     status = {None: 200, "rate_limit_exceeded": 429}.get(error, 500)
     return (when, f"r-{at}-{tenant}", tenant, model, "chat", version, "stable" if version else None,

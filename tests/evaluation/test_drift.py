@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from configs.drift import DriftConfig
-from evaluation.bench_drift import Traffic, synthetic_rows, write_rows
-from evaluation.drift import NotEnoughData, Window, check, windows
+from evaluation.benchmarks.drift import Traffic, synthetic_rows, write_rows
+from evaluation.monitoring.drift import NotEnoughData, Window, check, windows
 
 END = datetime(2026, 3, 10, 12, tzinfo=UTC)
 CURRENT, REFERENCE = windows(END, 1, "previous_week")

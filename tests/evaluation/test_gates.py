@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from configs.evaluation import Evaluation, Gates, LoadProfile
-from evaluation.gates import QualityResult, TaskScore, judge
+from evaluation.quality.gates import QualityResult, TaskScore, judge
 from evaluation.loadgen import LevelSummary, LoadReport, Percentiles
 
 

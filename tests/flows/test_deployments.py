@@ -16,7 +16,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
 from configs.home import REPO, Home
-from serving.prefect_stack import POOL
+from serving.stack.prefect_server import POOL
 from tasks import auto_rollout
 from tasks.registry import register_task
 

@@ -1,4 +1,4 @@
-"""The production profile end to end: `make up` (serving.stack) with Prefect and MLflow both on
+"""The production profile end to end: `make up` (serving.stack.operator) with Prefect and MLflow both on
 PostgreSQL, set by one URL each, in fresh databases dropped afterwards. The deployments of
 prefect.yaml are registered with their schedules, the worker runs a small real flow that registers
 a model version over HTTP, and the rows land in PostgreSQL; `down` leaves no process behind."""
@@ -18,9 +18,8 @@ import pytest
 import yaml
 
 from configs.home import REPO, Home
-from serving.prefect_stack import POOL
-from serving.stack import members, read_state
-from serving.vllm import free_port
+from serving.stack.prefect_server import POOL
+from serving.processes import free_port, members, read_state
 from tasks.registry import REGISTERED_EVENT, Registry
 
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
@@ -58,7 +57,7 @@ def databases() -> Iterator[tuple[str, str]]:
 
 def stack(home: Home, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "serving.stack", *args], cwd=REPO, capture_output=True, text=True,
+        [sys.executable, "-m", "flows.cli", *args], cwd=REPO, capture_output=True, text=True,
         env={**os.environ, **env, "SLIPWAY_HOME": str(home.root)}, timeout=600,
     )  # fmt: skip
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from configs.models import Serving
-from evaluation.regression import label
-from serving.capabilities import hardware_class
-from serving.stack import Proc, champions, start_time, write_state
-from serving.vllm import VLLMServer
+from evaluation.monitoring.regression import label
+from serving.processes import Proc, start_time, write_state
+from serving.vllm import VLLMServer, hardware_class
 from tasks.registry import Registry
 from tasks.regression import EVENT, EXPERIMENT, RegressionFound
+from tasks.servable import champions
 from tests.flows.conftest import stored_events
 from tests.releases import release, stand_in_model
 

@@ -101,7 +101,7 @@ def start_release(config: Path, home, log: Path) -> subprocess.Popen:
     }
     with log.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "flows.release", str(config)],
+            [sys.executable, "-m", "flows.cli", "release", str(config)],
             cwd=REPO,
             env=env,
             stdout=out,

@@ -17,11 +17,13 @@ import yaml
 
 import mlflow
 from configs.home import Home
-from flows.rollout import approve, roll_back_by_hand, rollout
-from serving.app import build_app
+from flows.rollout import rollout
+from serving.gateway.app import build_app
 from tasks.registry import Registry
-from tasks.rollout import ROLLOUTS, RolloutRefused
-from tests.mock_upstream import Fault, MockUpstream, serve
+from tasks.rollout.control import approve, roll_back_by_hand
+from tasks.rollout.history import ROLLOUTS
+from tasks.rollout.plan import RolloutRefused
+from evaluation.benchmarks.mock_upstream import Fault, MockUpstream, serve
 from tests.releases import release, stand_in_model
 from tests.serving.conftest import MODEL, Secrets
 

@@ -12,13 +12,13 @@ import yaml
 from configs.gateway import GatewayConfig
 from configs.models import Serving
 from flows.rollout import rollout
-from serving.app import build_app
-from serving.auth import key_hash
-from serving.stack import read_state
+from serving.gateway.app import build_app
+from serving.gateway.auth import key_hash
+from serving.processes import read_state
 from serving.vllm import VLLMServer
 from tasks.registry import Registry
-from tasks.serving_control import stop_version
-from tests.mock_upstream import serve
+from tasks.engines import stop_version
+from evaluation.benchmarks.mock_upstream import serve
 from tests.releases import release
 from tests.serving.conftest import Secrets
 

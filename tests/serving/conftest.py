@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from configs.gateway import GatewayConfig
-from serving.app import build_app
-from serving.auth import key_hash
-from tests.mock_upstream import MockUpstream, serve
+from serving.gateway.app import build_app
+from serving.gateway.auth import key_hash
+from evaluation.benchmarks.mock_upstream import MockUpstream, serve
 
 MODEL = "tiny-chat"
 

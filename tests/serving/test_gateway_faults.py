@@ -37,9 +37,9 @@ import psutil
 import pytest
 
 from configs.home import REPO
-from serving.auth import key_hash
-from serving.usage import read_usage
-from tests.mock_upstream import free_port
+from serving.gateway.auth import key_hash
+from serving.gateway.usage import read_usage
+from serving.processes import free_port
 from tests.serving.conftest import MODEL, backend, chat
 
 
@@ -79,7 +79,9 @@ def process(args: list[str], log: Path, health: str) -> Iterator[subprocess.Pope
 def upstream(tmp_path: Path, name: str, **options: float) -> tuple[str, list[str], Path]:
     port = free_port()
     args = [
-        "tests.mock_upstream",
+        "flows.cli",
+        "bench",
+        "mock-upstream",
         "--port",
         str(port),
         *[f"--{k.replace('_', '-')}={v}" for k, v in options.items()],
@@ -112,7 +114,7 @@ def gateway(
     path = tmp_path / "gateway.json"
     path.write_text(json.dumps(config))  # YAML is a superset of JSON
     port = free_port()
-    args = ["serving.gateway", "--config", str(path), "--port", str(port), "--log-level", "warning"]
+    args = ["flows.cli", "gateway", "--config", str(path), "--port", str(port), "--log-level", "warning"]
     with process(args, tmp_path / "gateway.log", f"http://127.0.0.1:{port}/health") as proc:
         yield Gateway(f"http://127.0.0.1:{port}", key, admin, usage), proc
 

@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from tests.mock_upstream import Fault
+from evaluation.benchmarks.mock_upstream import Fault
 from tests.serving.conftest import MODEL, backend, chat, post_many
 
 
@@ -85,7 +85,7 @@ def test_read_timeout_is_504_and_broken_stream_ends_with_error_event(gw):
 
 
 def test_unreachable_backend_is_502(keys, run_gateway):
-    from tests.mock_upstream import free_port
+    from serving.processes import free_port
 
     dead = f"http://127.0.0.1:{free_port()}"
     with run_gateway(keys.config([backend(dead, "1")])) as base:

@@ -10,7 +10,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from tests.mock_upstream import Fault, MockUpstream, serve
+from evaluation.benchmarks.mock_upstream import Fault, MockUpstream, serve
 from tests.serving.conftest import MODEL, backend, chat, digest, post_many
 
 

@@ -27,10 +27,11 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from configs.home import REPO
-from serving.app import build_app
-from serving.auth import key_hash
-from serving.stack import Backend, Champion, admin_token_path, demo_key_path, write_gateway_config
-from tests.mock_upstream import free_port
+from serving.gateway.app import build_app
+from serving.gateway.auth import key_hash
+from serving.stack.gateway_config import Backend, write_gateway_config
+from tasks.servable import ModelVersion
+from serving.processes import free_port
 from tests.serving.conftest import MODEL, backend, chat, digest
 
 PUBLIC = {"/health", "/ready", "/metrics"}
@@ -138,7 +139,8 @@ def start_gateway(config: Path, port: int, log: Path, home: Path) -> subprocess.
             [
                 sys.executable,
                 "-m",
-                "serving.gateway",
+                "flows.cli",
+                "gateway",
                 "--config",
                 str(config),
                 "--port",
@@ -168,10 +170,10 @@ def start_gateway(config: Path, port: int, log: Path, home: Path) -> subprocess.
 def test_no_key_or_token_in_any_file_or_log_of_a_gateway_run(home, mock):
     """The real gateway process at debug log level, config and secrets made by `make up`'s code."""
     _, url = mock
-    champion = Champion(MODEL, "1", {"digest": digest("1"), "variant": "bf16"}, home)
+    champion = ModelVersion(MODEL, "1", {"digest": digest("1"), "variant": "bf16"}, home)
     port = free_port()
     config = write_gateway_config(home, [Backend(champion, url)], port)
-    key, admin = demo_key_path(home).read_text().strip(), admin_token_path(home).read_text().strip()
+    key, admin = home.demo_key.read_text().strip(), home.admin_token.read_text().strip()
     assert key_hash(key) in config.read_text() and key_hash(admin) in config.read_text()
     near = key[:-1] + ("A" if key[-1] != "A" else "B")  # one character off the real key
     wrong = ["sk-slipway-" + "x" * 43, "sk-wrong-secret-value", near, admin + "0"]

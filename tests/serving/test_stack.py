@@ -23,25 +23,21 @@ from click.testing import CliRunner
 from configs.gateway import load_gateway_config
 from configs.home import REPO, Home
 from configs.models import Signing
-from serving.auth import key_hash
-from serving.stack import (
-    Backend,
-    Champion,
+from serving.gateway.auth import key_hash
+from configs.models import serving_for
+from flows.cli import cli
+from serving.processes import (
     Proc,
-    StackError,
-    champions,
-    cli,
-    down,
+    free_port,
     members,
     read_state,
-    serving_for,
     start_time,
     state_path,
-    vet,
-    write_gateway_config,
     write_state,
 )
-from serving.vllm import free_port
+from serving.stack.gateway_config import Backend, write_gateway_config
+from serving.stack.operator import down
+from tasks.servable import ModelVersion, NotServable, champions, check_servable
 from tasks.registry import Registry
 from tasks.signing import sign
 from tests.releases import release, stand_in_model
@@ -54,7 +50,7 @@ def model_dir(tmp_path) -> Path:
     return stand_in_model(tmp_path / "src", b"weights")
 
 
-def champion_of(home: Home, name: str) -> Champion:
+def champion_of(home: Home, name: str) -> ModelVersion:
     return next(c for c in champions(Registry(home)) if c.model == name)
 
 
@@ -80,15 +76,15 @@ def test_only_models_with_a_champion_are_chosen_with_their_tags(home, model_dir)
     assert (chosen.model, chosen.version, chosen.served_name) == ("m", second, f"m-v{second}")
     assert chosen.tags["variant"] == "fp8-dynamic" and chosen.tags["eval_status"] == "passed"
     assert chosen.variant_dir == home.models / "m" / "fp8-dynamic"
-    vet(chosen)  # signed, digest as registered, eval passed: servable
+    check_servable(chosen)  # signed, digest as registered, eval passed: servable
 
 
 def test_a_failed_evaluation_is_refused_with_its_reasons(home, model_dir):
     reasons = "recovery 0.71 < 0.9"
     version = release(home, "m", model_dir, eval_status="failed", eval_reasons=reasons)
     Registry(home).promote("m", version)
-    with pytest.raises(StackError) as caught:
-        vet(champion_of(home, "m"))
+    with pytest.raises(NotServable) as caught:
+        check_servable(champion_of(home, "m"))
     assert str(caught.value) == (
         f"refusing to serve the champion m v{version} (bf16): its evaluation did not pass "
         "(eval_status=failed: recovery 0.71 < 0.9); point `champion` at a version whose "
@@ -112,8 +108,8 @@ def test_weights_that_do_not_verify_are_refused(home, model_dir, tamper, expecte
     Registry(home).promote("m", release(home, "m", model_dir))
     tamper(home.models / "m" / "bf16" / "weights")
     refusal = r"^refusing to serve the champion m v1 \(bf16\): "
-    with pytest.raises(StackError, match=refusal + expected):
-        vet(champion_of(home, "m"))
+    with pytest.raises(NotServable, match=refusal + expected):
+        check_servable(champion_of(home, "m"))
 
 
 def test_a_digest_other_than_the_registry_s_is_refused(home, model_dir):
@@ -121,8 +117,8 @@ def test_a_digest_other_than_the_registry_s_is_refused(home, model_dir):
     Registry(home).promote("m", release(home, "m", model_dir, digest=registered))
     manifest = home.models / "m" / "bf16" / "manifest.json"
     expected = rf"{manifest} records digest sha256:\w+ but the registry's digest is {registered}"
-    with pytest.raises(StackError, match=expected + ": the files on disk are not the registered"):
-        vet(champion_of(home, "m"))
+    with pytest.raises(NotServable, match=expected + ": the files on disk are not the registered"):
+        check_servable(champion_of(home, "m"))
 
 
 def test_weights_re_signed_after_a_change_are_refused_by_their_digest(home, model_dir):
@@ -131,8 +127,8 @@ def test_weights_re_signed_after_a_change_are_refused_by_their_digest(home, mode
     weights = home.models / "m" / "bf16" / "weights"
     (weights / "model.safetensors").write_bytes(b"swapped")
     sign(weights, Signing(), home)
-    with pytest.raises(StackError, match=rf"the weights at {weights} hash to sha256:\w+, not the"):
-        vet(champion_of(home, "m"))
+    with pytest.raises(NotServable, match=rf"the weights at {weights} hash to sha256:\w+, not the"):
+        check_servable(champion_of(home, "m"))
 
 
 def test_missing_weights_say_to_run_the_release(home, model_dir):
@@ -140,8 +136,8 @@ def test_missing_weights_say_to_run_the_release(home, model_dir):
 
     Registry(home).promote("m", release(home, "m", model_dir))
     shutil.rmtree(home.models / "m")
-    with pytest.raises(StackError, match=r"weights or manifest are missing .* run the release"):
-        vet(champion_of(home, "m"))
+    with pytest.raises(NotServable, match=r"weights or manifest are missing .* run the release"):
+        check_servable(champion_of(home, "m"))
 
 
 def test_serving_args_come_from_the_model_config_of_that_name(tmp_path):
@@ -215,7 +211,7 @@ def test_down_ends_every_group_children_and_stubborn_ones_included(home):
 
 def test_a_record_whose_pid_was_reused_is_left_alone(home):
     other = spawn(home, "other", "sleep 300")
-    stale = Proc("stale", other.pid, other.pgid, 0, "", "", "", other.start_time - 1)
+    stale = Proc("stale", other.pid, other.pgid, 0, "", "", "", other.created - 1)
     try:
         assert members(stale) == []
         write_state(home, [stale])
@@ -275,7 +271,7 @@ def test_up_refuses_a_bad_champion_and_starts_nothing(home, model_dir):
 def stack(home: Home, *args: str, timeout_s: float = 900) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SLIPWAY_HOME": str(home.root)}
     return subprocess.run(
-        [sys.executable, "-m", "serving.stack", *args], cwd=REPO, env=env,
+        [sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env,
         capture_output=True, text=True, timeout=timeout_s,
     )  # fmt: skip
 

@@ -14,10 +14,9 @@ import pytest
 
 from configs.home import Home
 from configs.models import Calibration, Serving, Smoke, Variant
-from serving.capabilities import check, detect_hardware
-from serving.vllm import VLLMServer, VLLMStartError
+from serving.vllm import VLLMServer, VLLMStartError, can_serve, detect_hardware
 from tasks.quantize import VariantBuild, build_variant
-from tasks.serve_check import SmokeError, smoke
+from tasks.smoke import SmokeError, smoke
 from tests.conftest import make_home
 
 FRANCE = Smoke(prompt="The capital of France is", expect="Paris")
@@ -40,15 +39,15 @@ def group_gone(pgid: int, within_s: float = 15) -> bool:
 
 @pytest.mark.parametrize("recipe", ["gptq-w4a16", "awq-w4a16"])
 def test_w4a16_is_skipped_on_cpu_with_the_reason(recipe):
-    ok, reason = check(recipe, "cpu")
+    ok, reason = can_serve(recipe, "cpu")
     assert not ok
     assert "cpu_gemm_wna16" in reason and "CUDA GPU" in reason
-    assert check(recipe, "cuda") == (True, "")
+    assert can_serve(recipe, "cuda") == (True, "")
 
 
 @pytest.mark.parametrize("recipe", ["bf16", "gptq-w8a8", "fp8-dynamic"])
 def test_cpu_servable_recipes_pass_the_check(recipe):
-    assert check(recipe, "cpu") == (True, "")
+    assert can_serve(recipe, "cpu") == (True, "")
 
 
 def test_hardware_can_be_forced_for_tests(monkeypatch):
@@ -126,7 +125,7 @@ def test_quantized_variant_loads_and_answers(variants, module_home, recipe):
     assert (scheme["format"], scheme["weights"]["num_bits"], scheme["weights"]["type"]) == expected[recipe]
     assert scheme["input_activations"]["dynamic"] is True
     assert build.compression_ratio > 1.3
-    assert check(recipe, "cpu")[0]
+    assert can_serve(recipe, "cpu")[0]
 
     result = smoke(build.out_dir, FRANCE, Serving(), module_home, name=f"tiny-{recipe}")
     assert result.passed and result.answer.startswith(" Paris"), result

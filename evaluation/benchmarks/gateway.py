@@ -1,0 +1,328 @@
+"""Benchmark the gateway against LiteLLM's proxy, both in front of the same fast mock upstream.
+
+    slipway bench gateway [--duration 5] [--skip-litellm]
+
+Layout: the proxy under test alone on CPU 0 (direct, the bare floor proxy,
+the gateway, LiteLLM, one after the other); the mock upstream and wrk on
+CPU 1. Reports, for each proxy: added latency over going direct (p50/p99, concurrency 1), requests
+per second and requests per CPU-second of the proxy process at saturation, CPU per streamed chunk,
+added time to the first streamed chunk, and LiteLLM/gateway ratios. Writes
+$SLIPWAY_HOME/bench/gateway.json. LiteLLM goes into a throwaway venv under $SLIPWAY_HOME/cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import click
+
+from configs.home import REPO, Home
+from serving.gateway.auth import key_hash
+from serving.processes import free_port
+
+LITELLM = "litellm[proxy]==1.106.2"
+STREAM_CHUNKS = 64
+TARGETS = {"added_p99_ms_c1": 1.0, "rps_per_core": 3000, "cpu_us_per_chunk": 30}
+
+
+class FloorProxy:
+    """The floor: a bare raw-ASGI pass-through with one shared aiohttp session (FIELD-NOTES).
+
+    Measured in the same run, so the gateway's cost over it is visible even on a busy machine.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.session: aiohttp.ClientSession | None = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+                elif self.session is not None:
+                    await self.session.close()
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        if scope["method"] == "GET":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {"Content-Type": "application/json"}
+        async with self.session.post(self.upstream + scope["path"], data=body, headers=headers) as r:
+            await send({"type": "http.response.start", "status": r.status,
+                        "headers": [(b"content-type", r.headers["Content-Type"].encode())]})  # fmt: skip
+            async for chunk in r.content.iter_any():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+
+
+def serve_floor(port: int, upstream: str) -> None:
+    import uvicorn
+
+    uvicorn.run(FloorProxy(upstream), host="127.0.0.1", port=port, loop="uvloop", http="httptools",
+                access_log=False, log_level="warning")  # fmt: skip
+
+
+def ensure_wrk() -> str:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise click.ClickException("wrk is not installed: apt-get install -y wrk")
+    return wrk
+
+
+def litellm_python(home: Home) -> Path:
+    venv = home.cache / "litellm-1.106.2"
+    python = venv / "bin" / "python"
+    if not (venv / "bin" / "litellm").exists():
+        subprocess.run(["uv", "venv", "-q", "--python", "3.11", str(venv)], check=True)
+        subprocess.run(["uv", "pip", "install", "-q", "--python", str(python), LITELLM], check=True)
+    return python
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry.name)] = fields
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        if p in stats:
+            total += (int(stats[p][11]) + int(stats[p][12])) / tick
+        todo.extend(children.get(p, []))
+    return total
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise click.ClickException(f"{url} exited with {proc.returncode} while starting")
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except Exception:
+            time.sleep(0.3)
+    raise click.ClickException(f"{url} not ready after {timeout} s")
+
+
+def wrk_run(wrk: str, url: str, body: dict, key: str | None, connections: int, duration: int, workdir: Path) -> dict:
+    script = workdir / f"post-{secrets.token_hex(4)}.lua"
+    headers = 'wrk.headers["Content-Type"] = "application/json"\n'
+    if key:
+        headers += f'wrk.headers["Authorization"] = "Bearer {key}"\n'
+    script.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(json.dumps(body))}\n{headers}')
+    out = subprocess.run(
+        ["taskset", "-c", "1", wrk, "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    if "Non-2xx" in out:
+        raise click.ClickException(f"wrk saw error responses from {url}:\n{out}")
+    latency = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", out, re.M))
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    return {
+        "requests": requests,
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50_ms": _ms(latency["50"]),
+        "p99_ms": _ms(latency["99"]),
+    }
+
+
+def _ms(text: str) -> float:
+    value, unit = re.match(r"([\d.]+)(\w+)", text).groups()
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
+
+
+async def first_chunk_ms(url: str, body: dict, key: str | None, n: int = 200) -> float:
+    """Median time to the first streamed body byte, one request at a time."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    times = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(n):
+            start = time.perf_counter()
+            async with session.post(url, json=body, headers=headers) as r:
+                await r.content.readany()
+                times.append(time.perf_counter() - start)
+                await r.read()
+    times.sort()
+    return times[len(times) // 2] * 1000
+
+
+def measure(name: str, pid: int, url: str, direct: dict, key: str | None, model: str,
+            wrk: str, duration: int, workdir: Path) -> dict:  # fmt: skip
+    chat = {"model": model, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4}
+    stream = {**chat, "max_tokens": STREAM_CHUNKS, "stream": True}
+    click.echo(f"[{name}] concurrency 1")
+    c1 = wrk_run(wrk, url, chat, key, 1, duration, workdir)
+    click.echo(f"[{name}] saturation")
+    cpu0 = cpu_seconds(pid)
+    sat = wrk_run(wrk, url, chat, key, 32, duration, workdir)
+    sat_cpu = cpu_seconds(pid) - cpu0
+    click.echo(f"[{name}] streams")
+    cpu0 = cpu_seconds(pid)
+    streams = wrk_run(wrk, url, stream, key, 16, duration, workdir)
+    stream_cpu = cpu_seconds(pid) - cpu0
+    cpu0 = cpu_seconds(pid)
+    streams_c1 = wrk_run(wrk, url, stream, key, 1, duration, workdir)
+    stream_c1_cpu = cpu_seconds(pid) - cpu0
+    ttft = asyncio.run(first_chunk_ms(url, stream, key))
+    return {
+        "c1": c1,
+        "added_p50_ms_c1": round(c1["p50_ms"] - direct["c1"]["p50_ms"], 3),
+        "added_p99_ms_c1": round(c1["p99_ms"] - direct["c1"]["p99_ms"], 3),
+        "saturation_c32": sat,
+        "rps_per_core": round(sat["requests"] / sat_cpu, 1) if sat_cpu else None,
+        "cpu_us_per_request": round(sat_cpu / sat["requests"] * 1e6, 1),
+        "stream_c16": streams,
+        "cpu_us_per_chunk_c16": round(stream_cpu / (streams["requests"] * STREAM_CHUNKS) * 1e6, 2),
+        "cpu_us_per_chunk_c1": round(stream_c1_cpu / (streams_c1["requests"] * STREAM_CHUNKS) * 1e6, 2),
+        "first_chunk_ms": round(ttft, 3),
+        "added_first_chunk_ms": round(ttft - direct["first_chunk_ms"], 3),
+    }
+
+
+def run(duration: int, skip_litellm: bool) -> None:
+    """Gateway vs LiteLLM proxy vs direct, on loopback, pinned to cores."""
+    home = Home.from_env()
+    wrk = ensure_wrk()
+    work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs: list[subprocess.Popen] = []
+
+    def start(cmd: list[str], cpu: str, **kw) -> subprocess.Popen:
+        proc = subprocess.Popen(["taskset", "-c", cpu, *cmd], cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=open(work / f"{len(procs)}.log", "w"), **kw)  # fmt: skip
+        procs.append(proc)
+        return proc
+
+    try:
+        mock_port, gw_port, ll_port, floor_port = free_port(), free_port(), free_port(), free_port()
+        mock = start([sys.executable, "-m", "flows.cli", "bench", "mock-upstream", "--port", str(mock_port)], "1", env=env)
+        wait_ready(f"http://127.0.0.1:{mock_port}/health", mock)
+        key = "sk-bench-" + secrets.token_urlsafe(24)
+        config = {
+            "admin_token_sha256": key_hash(secrets.token_urlsafe(24)),
+            "routes": [{"model": "bench", "backends": [{
+                "version": "1", "url": f"http://127.0.0.1:{mock_port}", "served_model": "bench",
+                "digest": "sha256:" + "0" * 64, "verified": True, "weight": 100, "role": "stable",
+                "max_concurrency": 1024,
+            }]}],
+            "tenants": [{"name": "bench", "key_sha256": key_hash(key), "rpm": 10_000_000, "tpm": 10**12}],
+            "usage": {"url": f"sqlite:///{work / 'usage.sqlite'}"},
+        }  # fmt: skip
+        (work / "gateway.json").write_text(json.dumps(config))  # YAML is a superset of JSON
+        gateway = start([sys.executable, "-m", "flows.cli", "gateway", "--config", str(work / "gateway.json"),
+                         "--port", str(gw_port), "--log-level", "warning"], "0", env=env)  # fmt: skip
+        wait_ready(f"http://127.0.0.1:{gw_port}/health", gateway)
+
+        direct_url = f"http://127.0.0.1:{mock_port}/v1/chat/completions"
+        click.echo("[direct] concurrency 1")
+        chat = {"model": "bench", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4}
+        direct = {
+            "c1": wrk_run(wrk, direct_url, chat, None, 1, duration, work),
+            "first_chunk_ms": round(asyncio.run(first_chunk_ms(
+                direct_url, {**chat, "max_tokens": STREAM_CHUNKS, "stream": True}, None)), 3),
+        }  # fmt: skip
+        results: dict = {"direct": direct}
+        floor = start([sys.executable, "-c", "import evaluation.benchmarks.gateway as b; "
+                       f"b.serve_floor({floor_port}, 'http://127.0.0.1:{mock_port}')"], "0", env=env)  # fmt: skip
+        wait_ready(f"http://127.0.0.1:{floor_port}/health", floor)
+        results["floor"] = measure("floor", floor.pid, f"http://127.0.0.1:{floor_port}/v1/chat/completions",
+                                   direct, None, "bench", wrk, duration, work)  # fmt: skip
+        floor.terminate()
+        results["gateway"] = measure("gateway", gateway.pid, f"http://127.0.0.1:{gw_port}/v1/chat/completions",
+                                     direct, key, "bench", wrk, duration, work)  # fmt: skip
+        if skip_litellm:
+            results["litellm"] = {"skipped": "--skip-litellm"}
+        else:
+            try:
+                python = litellm_python(home)
+            except subprocess.CalledProcessError as e:
+                results["litellm"] = {"error": f"could not install {LITELLM}: {e}"}
+            else:
+                # LiteLLM refuses to start without a master key; both proxies then check a key.
+                ll_key = "sk-" + secrets.token_hex(32)
+                (work / "litellm.yaml").write_text(json.dumps({
+                    "model_list": [{"model_name": "bench", "litellm_params": {
+                        "model": "openai/bench", "api_base": f"http://127.0.0.1:{mock_port}/v1", "api_key": "sk-mock"}}],
+                    "general_settings": {"master_key": ll_key},
+                }))  # fmt: skip
+                ll_env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
+                litellm = start([str(python.parent / "litellm"), "--config", str(work / "litellm.yaml"),
+                                 "--port", str(ll_port), "--num_workers", "1"], "0", env=ll_env)  # fmt: skip
+                wait_ready(f"http://127.0.0.1:{ll_port}/health/liveliness", litellm)
+                results["litellm"] = measure("litellm", litellm.pid, f"http://127.0.0.1:{ll_port}/v1/chat/completions",
+                                             direct, ll_key, "bench", wrk, duration, work)  # fmt: skip
+        gw, ll = results["gateway"], results.get("litellm", {})
+        if "c1" in ll:
+            results["litellm_over_gateway"] = {
+                "added_p50_ms_c1": _ratio(ll["added_p50_ms_c1"], gw["added_p50_ms_c1"]),
+                "added_p99_ms_c1": _ratio(ll["added_p99_ms_c1"], gw["added_p99_ms_c1"]),
+                "rps_per_core": _ratio(gw["rps_per_core"], ll["rps_per_core"]),
+                "cpu_us_per_chunk_c16": _ratio(ll["cpu_us_per_chunk_c16"], gw["cpu_us_per_chunk_c16"]),
+            }
+        fl = results["floor"]
+        results["gateway_over_floor"] = {
+            "added_p50_ms_c1": round(gw["added_p50_ms_c1"] - fl["added_p50_ms_c1"], 3),
+            "added_p99_ms_c1": round(gw["added_p99_ms_c1"] - fl["added_p99_ms_c1"], 3),
+            "cpu_us_per_request": round(gw["cpu_us_per_request"] - fl["cpu_us_per_request"], 1),
+            "cpu_us_per_chunk_c16": round(gw["cpu_us_per_chunk_c16"] - fl["cpu_us_per_chunk_c16"], 2),
+            "rps_per_core_ratio": _ratio(gw["rps_per_core"], fl["rps_per_core"]),
+        }
+        results["targets"] = TARGETS
+        results["meets_targets"] = {
+            "added_p99_ms_c1": gw["added_p99_ms_c1"] <= TARGETS["added_p99_ms_c1"],
+            "rps_per_core": gw["rps_per_core"] >= TARGETS["rps_per_core"],
+            "cpu_us_per_chunk": gw["cpu_us_per_chunk_c16"] <= TARGETS["cpu_us_per_chunk"],
+        }
+        results["setup"] = {"duration_s": duration, "stream_chunks": STREAM_CHUNKS, "cpus": os.cpu_count(),
+                            "layout": "proxy on CPU 0; mock upstream + wrk on CPU 1"}  # fmt: skip
+        out = home.root / "bench" / "gateway.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        click.echo(json.dumps(results, indent=2))
+        click.echo(f"written to {out}")
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 1) if a and b else None

@@ -1,0 +1,197 @@
+"""A fast fake OpenAI-compatible server (raw ASGI) for the gateway tests and benchmark.
+
+It answers /v1/chat/completions and /v1/completions (streaming or not, usage, echo + logprobs as
+lm-eval's local-completions reads them) with the requested model name echoed back, so a test sees
+which backend answered. Faults are injected per served model name: an error status, latency, a
+stream that breaks off, a server that never answers.
+
+    slipway bench mock-upstream --port 9000           # for the benchmark
+    with serve(MockUpstream()) as url: ...             # in a test: a uvicorn thread on a free port
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import uvicorn
+
+from serving.processes import free_port
+
+
+@dataclass
+class Fault:
+    status: int | None = None  # answer this status instead
+    delay_s: float = 0.0  # wait before answering
+    break_after: int | None = None  # streams: abort the connection after this many chunks
+    times: int = -1  # how many requests it applies to; -1: all
+    every: int = 1  # the status applies to one request in `every` (others answer normally)
+    seen: int = 0
+
+
+class MockUpstream:
+    def __init__(self, chunks: int = 4, chunk_delay_s: float = 0.0, delay_s: float = 0.0) -> None:
+        self.chunks = chunks
+        self.chunk_delay_s = chunk_delay_s
+        self.delay_s = delay_s  # service time before every answer, unless a fault sets its own
+        self.faults: dict[str, Fault] = {}
+        self.requests: deque[dict] = deque(maxlen=10_000)
+        self.record = True
+
+    def _fault(self, model: str) -> Fault | None:
+        fault = self.faults.get(model)
+        if fault is None or fault.times == 0:
+            return None
+        if fault.times > 0:
+            fault.times -= 1
+        return fault
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        path = scope["path"]
+        if scope["method"] == "GET":
+            body = {"object": "list", "data": [{"id": "mock", "object": "model"}]} if path == "/v1/models" else {}
+            return await _json(send, 200, body)
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        request = json.loads(b"".join(chunks))
+        if self.record:
+            self.requests.append(request)
+        model = request.get("model", "")
+        fault = self._fault(model)
+        delay = fault.delay_s if fault and fault.delay_s else self.delay_s
+        if delay:
+            await asyncio.sleep(delay)
+        if fault and fault.status and (fault.every == 1 or next_seen(fault) % fault.every == 0):
+            error = {"error": {"message": f"injected {fault.status}", "type": "server_error", "param": None, "code": None}}
+            return await _json(send, fault.status, error)
+        chat = path.endswith("/chat/completions")
+        try:
+            n, prompts = _read(request, chat, self.chunks)
+        except (TypeError, ValueError) as e:  # as vLLM does: a request it cannot serve is a 400
+            error = {"error": {"message": str(e), "type": "BadRequestError", "param": None, "code": 400}}
+            return await _json(send, 400, error)
+        usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": n * len(prompts)}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        if request.get("stream"):
+            return await self._stream(send, request, model, chat, n, usage, fault)
+        words = [f"w{i}" for i in range(n)]
+        if chat:
+            choices = [{"index": 0, "message": {"role": "assistant", "content": " ".join(words)}, "finish_reason": "length"}]
+        else:
+            choices = [_completion_choice(i, p, words, request) for i, p in enumerate(prompts)]
+        body = {"id": "cmpl-mock", "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": model, "choices": choices, "usage": usage}
+        await _json(send, 200, body)
+
+    async def _stream(self, send, request, model, chat, n, usage, fault) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        head = f'data: {{"id":"cmpl-mock","object":"{kind}","created":{int(time.time())},"model":"{model}","choices":['
+        for i in range(n):
+            if fault and fault.break_after is not None and i >= fault.break_after:
+                raise ConnectionAbortedError("injected: stream broken")
+            choice = (f'{{"index":0,"delta":{{"content":"w{i} "}},"finish_reason":null}}' if chat
+                      else f'{{"index":0,"text":"w{i} ","finish_reason":null}}')
+            await send({"type": "http.response.body", "body": f"{head}{choice}]}}\n\n".encode(), "more_body": True})
+            if self.chunk_delay_s:
+                await asyncio.sleep(self.chunk_delay_s)
+        if (request.get("stream_options") or {}).get("include_usage"):
+            tail = f'{head}],"usage":{json.dumps(usage, separators=(",", ":"))}}}\n\n'
+            await send({"type": "http.response.body", "body": tail.encode(), "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+
+def next_seen(fault: Fault) -> int:
+    fault.seen += 1
+    return fault.seen
+
+
+MAX_TOKENS = 4096  # the mock's "max_model_len"
+
+
+def _read(request: dict, chat: bool, default: int) -> tuple[int, list[list]]:
+    """Tokens to generate and the prompts; ValueError/TypeError for what vLLM would refuse."""
+    n = request.get("max_tokens") or default
+    if not isinstance(n, int) or not 0 <= n <= MAX_TOKENS:
+        raise ValueError(f"max_tokens must be an integer from 0 to {MAX_TOKENS}")
+    return n, _prompts(request, chat)
+
+
+def _prompts(request: dict, chat: bool) -> list[list]:
+    """Each prompt as a list of 'tokens' (words, or the token ids given)."""
+    if chat:
+        return [" ".join(str(m.get("content", "")) for m in request.get("messages", [])).split()]
+    prompt = request.get("prompt", "")
+    if isinstance(prompt, str):
+        return [prompt.split()]
+    if prompt and all(isinstance(t, int) for t in prompt):
+        return [prompt]
+    return [p.split() if isinstance(p, str) else list(p) for p in prompt]
+
+
+def _completion_choice(index: int, prompt: list, words: list[str], request: dict) -> dict:
+    echo = bool(request.get("echo"))
+    tokens = ([str(t) for t in prompt] if echo else []) + words
+    choice = {"index": index, "text": " ".join(tokens), "finish_reason": "length", "logprobs": None}
+    if request.get("logprobs") is not None:
+        lps = [None if (echo and i == 0) else -0.5 for i in range(len(tokens))]
+        choice["logprobs"] = {
+            "tokens": tokens,
+            "token_logprobs": lps,
+            "top_logprobs": [None if lp is None else {t: lp} for t, lp in zip(tokens, lps)],
+            "text_offset": list(range(len(tokens))),
+        }
+    return choice
+
+
+async def _json(send, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+@contextmanager
+def serve(app, port: int | None = None, **config) -> Iterator[str]:
+    """Run an ASGI app on uvicorn in a thread (its own event loop); yields its base URL."""
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
+        loop="asyncio", http="httptools", lifespan="on", **config,
+    ))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"server on port {port} did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def run(port: int, chunks: int, delay_s: float, chunk_delay_s: float) -> None:
+    """Serve the mock on 127.0.0.1:PORT (uvloop + httptools)."""
+    upstream = MockUpstream(chunks=chunks, chunk_delay_s=chunk_delay_s, delay_s=delay_s)
+    uvicorn.run(upstream, host="127.0.0.1", port=port, loop="uvloop", http="httptools",
+                access_log=False, log_level="warning")

@@ -1,0 +1,1 @@
+"""Model quality: the lm-eval suites, the release gates and their result types."""

@@ -1,0 +1,588 @@
+"""`slipway`: the one command line of Slipway (also `python -m flows.cli`).
+
+Each command imports what it runs when it runs, so that `--help` answers at once and starts
+nothing, and `slipway gateway` does not pay for Prefect and MLflow.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from configs.home import REPO, Home
+from configs.models import MODEL_CONFIGS
+from configs.rollout import DEFAULT_POLICY
+
+BENCHMARKS = ("gateway", "canary", "signing", "drift", "loadgen")
+
+
+@click.group()
+@click.version_option(package_name="slipway", message="%(prog)s %(version)s")
+def cli() -> None:
+    """Slipway: open LLMs from the Hub to production, and kept healthy there.
+
+    Release a model (pull, quantize, evaluate, sign, register), serve its champion behind the
+    OpenAI-compatible gateway, roll new versions out as canaries, and watch what is served.
+    """
+
+
+# ---- the stack -----------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--mlflow-port", default=5000, show_default=True)
+@click.option("--gateway-port", default=8000, show_default=True)
+@click.option(
+    "--model-configs",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=MODEL_CONFIGS,
+    show_default=True,
+    help="where a champion's `serving` section comes from (the config of its name)",
+)
+@click.option("--prefect-port", default=4200, show_default=True)
+@click.option(
+    "--prefect/--no-prefect",
+    "with_prefect",
+    default=True,
+    show_default=True,
+    help="start the Prefect server and worker and register the deployments",
+)
+@click.option(
+    "--prefect-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=REPO / "prefect.yaml",
+    show_default=True,
+    help="the deployments to register (entrypoints relative to the checkout)",
+)
+@click.option(
+    "--auto-rollout/--no-auto-rollout",
+    envvar="SLIPWAY_AUTO_ROLLOUT",
+    default=False,
+    show_default=True,
+    help="roll out each newly registered version whose evaluation passed "
+    "(env SLIPWAY_AUTO_ROLLOUT=1)",
+)
+def up(
+    mlflow_port: int,
+    gateway_port: int,
+    model_configs: Path,
+    prefect_port: int,
+    with_prefect: bool,
+    prefect_file: Path,
+    auto_rollout: bool,
+) -> None:
+    """Start MLflow and Prefect (server, worker, deployments), serve every verified champion with
+    vLLM, and put the gateway in front."""
+    from serving.stack import operator
+    from serving.stack.prefect_server import PrefectStack
+    from serving.stack.services import LEFT, StackError
+
+    prefect = PrefectStack(prefect_port, prefect_file, auto_rollout) if with_prefect else None
+    try:
+        operator.up(Home.from_env(), mlflow_port, gateway_port, model_configs, click.echo, prefect)
+    except StackError as e:
+        raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:
+        raise click.ClickException(f"interrupted. {LEFT}") from None
+
+
+@cli.command()
+@click.option("--grace-s", default=20.0, show_default=True, help="seconds from SIGTERM to SIGKILL")
+def down(grace_s: float) -> None:
+    """Stop every process `up` started; fail if any is left."""
+    from serving.stack import operator
+    from serving.stack.services import StackError
+
+    try:
+        operator.down(Home.from_env(), grace_s, click.echo)
+    except StackError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@cli.command()
+def status() -> None:
+    """What the stack runs and whether each part answers."""
+    from serving.stack import operator
+
+    operator.status(Home.from_env(), click.echo)
+
+
+@cli.command()
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="gateway YAML (configs/gateway.yaml shows every field)",
+)
+@click.option("--host", default=None, help="overrides the config's host")
+@click.option("--port", default=None, type=int, help="overrides the config's port")
+@click.option(
+    "--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"])
+)
+def gateway(config_path: str, host: str | None, port: int | None, log_level: str) -> None:
+    """Serve the OpenAI-compatible gateway described by --config."""
+    from configs.gateway import load_gateway_config
+    from configs.loader import ConfigError
+    from serving.gateway.server import serve
+
+    try:
+        config = load_gateway_config(config_path)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    serve(config, host, port, log_level)
+
+
+# ---- the flows -----------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument(
+    "config",
+    default="configs/models/smollm2-135m.yaml",
+    type=click.Path(dir_okay=False),
+)
+def release(config: str) -> None:
+    """Release the model of CONFIG: pull, quantize every variant, serve each once in vLLM (smoke,
+    quality, speed), judge it against bf16, sign, verify and register it in MLflow."""
+    from configs.loader import ConfigError
+    from flows.release import release as release_flow
+
+    try:
+        outcomes = release_flow(config)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    for outcome in outcomes:
+        click.echo(outcome.line())
+
+
+@cli.group()
+def rollout() -> None:
+    """Canary rollouts: run one, roll one back by hand, approve a paused step."""
+
+
+@rollout.command("run")
+@click.argument("model")
+@click.argument("candidate")
+@click.option("--policy", default=str(DEFAULT_POLICY), show_default=True)
+@click.option("--gateway-url", default=None, help="default: the gateway `make up` started")
+@click.option("--candidate-url", default=None, help="serve the canary from this running server")
+def rollout_run(
+    model: str, candidate: str, policy: str, gateway_url: str | None, candidate_url: str | None
+) -> None:
+    """Roll CANDIDATE (version, alias or variant) of MODEL out against its champion."""
+    from flows.rollout import rollout as rollout_flow
+    from tasks.engines import EngineError
+    from tasks.gateway_admin import GatewayAdminError
+    from tasks.rollout.plan import RolloutRefused
+
+    try:
+        click.echo(rollout_flow(model, candidate, policy, gateway_url, candidate_url))
+    except RolloutRefused as e:
+        raise click.ClickException(f"rollout refused, nothing changed: {e}") from None
+    except (GatewayAdminError, EngineError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+@rollout.command("rollback")
+@click.argument("model")
+@click.option("--reason", default="rolled back by hand", show_default=True)
+@click.option("--gateway-url", default=None, help="default: the gateway `make up` started")
+def rollout_rollback(model: str, reason: str, gateway_url: str | None) -> None:
+    """Withdraw MODEL's canary now."""
+    from tasks.engines import EngineError
+    from tasks.gateway_admin import GatewayAdminError
+    from tasks.rollout.control import roll_back_by_hand
+
+    try:
+        versions = roll_back_by_hand(Home.from_env(), model, reason, gateway_url)
+    except (GatewayAdminError, EngineError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"withdrew canary v{', v'.join(versions)}" if versions else f"{model} has no canary")
+
+
+@rollout.command("approve")
+@click.argument("model")
+def rollout_approve(model: str) -> None:
+    """Let MODEL's paused rollout step advance."""
+    from tasks.rollout.control import NothingToApprove, approve
+
+    try:
+        version = approve(Home.from_env(), model)
+    except NothingToApprove as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"approved v{version}; the rollout advances at its next look")
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option(
+    "--config-dir",
+    default="configs/models",
+    show_default=True,
+    help="where each champion's model config (load profile, suites, gates) is found",
+)
+def regression(model: str | None, config_dir: str) -> None:
+    """Measure every champion (or MODEL's) where it is served and judge it against its ledger."""
+    from flows.regression import regression as regression_flow
+
+    checked = regression_flow(model, config_dir)
+    for outcome in checked:
+        click.echo(outcome.line())
+    if not checked:
+        click.echo("No registered model has a `champion`: nothing to check.")
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--window-hours", default=1.0, show_default=True, help="length of each window")
+@click.option(
+    "--reference",
+    type=click.Choice(["previous_week", "promotion"]),
+    default="previous_week",
+    show_default=True,
+    help="the same window a week earlier, or the one after the champion's promotion",
+)
+@click.option(
+    "--end",
+    type=click.DateTime(),
+    default=None,
+    help="end of the current window, UTC [default: the start of this hour]",
+)
+def drift(model: str | None, window_hours: float, reference: str, end: datetime | None) -> None:
+    """Compare the last whole window of the gateway's traffic (all models, or MODEL's) with a
+    reference window; alarm when it drifted."""
+    from datetime import UTC
+
+    from flows.drift import drift as drift_flow
+
+    end = end.replace(tzinfo=UTC) if end else None
+    click.echo(drift_flow(window_hours, reference, model, end).message)
+
+
+@cli.command()
+@click.argument("day", required=False, type=click.DateTime(formats=["%Y-%m-%d"]))
+def cost(day: datetime | None) -> None:
+    """Price DAY's traffic (UTC, default yesterday): per tenant, model and version."""
+    from flows.cost import cost as cost_flow
+
+    click.echo(cost_flow(day.date() if day else None).line())
+
+
+# ---- keys ----------------------------------------------------------------------------------------
+
+
+@cli.group()
+def keys() -> None:
+    """Secrets: tenant API keys and the admin token (shown once; configs hold only their hash),
+    and the signing key."""
+
+
+@keys.command("new")
+@click.argument("tenant")
+def keys_new(tenant: str) -> None:
+    """A new API key for TENANT, and the config entry that holds its hash."""
+    from serving.gateway.auth import key_hash, new_secret
+
+    key = new_secret("sk-slipway-")
+    click.echo(f"key (shown once, give it to {tenant}): {key}")
+    click.echo("config entry for configs/gateway.yaml tenants:")
+    click.echo(f"  - name: {tenant}\n    key_sha256: {key_hash(key)}")
+
+
+@keys.command("admin")
+def keys_admin() -> None:
+    """A new admin token (for the rollout flow), and its hash for the config."""
+    from serving.gateway.auth import key_hash, new_secret
+
+    token = new_secret("sk-slipway-admin-")
+    click.echo(f"admin token (shown once): {token}")
+    click.echo(f"admin_token_sha256: {key_hash(token)}")
+
+
+@keys.command("signing")
+def keys_signing() -> None:
+    """Create the default signing key once (an existing one is kept)."""
+    from tasks.signing import keygen, key_fingerprint
+
+    private, public = keygen(Home.from_env())
+    click.echo(f"signing key: {private} (public {public}, {key_fingerprint(public)})")
+
+
+# ---- load generator ------------------------------------------------------------------------------
+
+
+def levels(_ctx: click.Context, _param: click.Parameter, value: str) -> list[int]:
+    """A comma-separated list of concurrency levels."""
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError as e:
+        raise click.BadParameter(f"{value!r}: expected comma-separated integers like 1,2,4") from e
+
+
+def profile_options(f: Any) -> Any:
+    options = [
+        click.option("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000"),
+        click.option("--model", required=True, help="the served model name"),
+        click.option(
+            "--concurrency",
+            default="1,2,4,8",
+            callback=levels,
+            show_default=True,
+            help="sweep levels",
+        ),
+        click.option("--num-prompts", default=48, show_default=True, help="measured per level"),
+        click.option("--warmup", default=2, show_default=True, help="unmeasured, per level"),
+        click.option(
+            "--prompts",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            default=None,
+            help="JSONL prompt set (default: the shipped one)",
+        ),
+        click.option("--max-tokens", type=int, default=None, help="cap on output tokens"),
+        click.option(
+            "--max-prompt-chars",
+            type=int,
+            default=None,
+            help="skip longer prompts (for models with a short context)",
+        ),
+        click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def load_profile(**fields: Any):
+    from pydantic import ValidationError
+
+    from configs.evaluation import LoadProfile
+    from configs.loader import describe
+
+    try:
+        return LoadProfile(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as e:
+        raise click.UsageError(f"invalid load profile:\n{describe(e)}") from e
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} ms"
+
+
+@cli.group()
+def loadgen() -> None:
+    """Drive an OpenAI-compatible server and measure TTFT, TPOT, ITL, throughput and goodput."""
+
+
+@loadgen.command("run")
+@profile_options
+@click.option(
+    "--profile",
+    "mode",
+    type=click.Choice(["synchronous", "sweep", "poisson"]),
+    default="sweep",
+    show_default=True,
+)
+@click.option("--rate", type=float, default=None, help="poisson: requests per second")
+@click.option(
+    "--endpoint",
+    type=click.Choice(["completions", "chat"]),
+    default="completions",
+    show_default=True,
+)
+@click.option("--slo-ttft-ms", type=float, default=None, help="goodput SLO (default 2000)")
+@click.option("--slo-tpot-ms", type=float, default=None, help="goodput SLO (default 200)")
+@click.option("--no-ignore-eos", is_flag=True, help="let the model stop early (non-vLLM servers)")
+def loadgen_run(
+    base_url: str,
+    model: str,
+    concurrency: list[int],
+    mode: str,
+    out: Path,
+    no_ignore_eos: bool,
+    **fields: Any,
+) -> None:
+    """Run one profile and write report.json and report.png to --out."""
+    from evaluation.loadgen import run_profile
+
+    profile = load_profile(
+        mode=mode,
+        ignore_eos=not no_ignore_eos,
+        concurrency=concurrency if mode == "sweep" else None,
+        **fields,
+    )
+    report = run_profile(base_url, model, profile, out)
+    for lv in report.levels:
+        click.echo(
+            f"{lv.label}: {lv.completed} ok, {lv.failed} failed, {lv.requests_per_s:.2f} req/s, "
+            f"{lv.output_tokens_per_s:.1f} tok/s, TTFT p50 {_ms(lv.ttft_ms.p50)}, "
+            f"TPOT p50 {_ms(lv.tpot_ms.p50)}, goodput {lv.goodput_share:.0%}"
+        )
+    click.echo(f"wrote {out / 'report.json'} and {out / 'report.png'}")
+
+
+@loadgen.command("compare")
+@profile_options
+@click.option(
+    "--tokenizer",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help="the served model's tokenizer directory (for vllm bench)",
+)
+@click.option(
+    "--vllm",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="vllm executable (default: the serve environment's)",
+)
+@click.option("--tolerance", default=0.05, show_default=True)
+def loadgen_compare(
+    base_url: str,
+    model: str,
+    concurrency: list[int],
+    out: Path,
+    tokenizer: Path,
+    vllm: Path | None,
+    tolerance: float,
+    **fields: Any,
+) -> None:
+    """Run this generator and `vllm bench serve` side by side on the same prompts (at
+    concurrency c, c times --num-prompts)."""
+    from evaluation.loadgen import compare_with_vllm_bench
+
+    profile = load_profile(mode="sweep", concurrency=concurrency, **fields)
+    try:
+        comparison = compare_with_vllm_bench(
+            base_url, model, tokenizer, profile, out, vllm=vllm, tolerance=tolerance
+        )
+    except (RuntimeError, FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(comparison.markdown())
+    if not comparison.agree:
+        raise SystemExit(1)
+
+
+# ---- benchmarks ----------------------------------------------------------------------------------
+
+
+@cli.group(invoke_without_command=True)
+@click.option(
+    "--reuse",
+    multiple=True,
+    type=click.Choice(BENCHMARKS),
+    help="take this benchmark's JSON from an earlier run (repeatable)",
+)
+@click.pass_context
+def bench(ctx: click.Context, reuse: tuple[str, ...]) -> None:
+    """Run every CPU benchmark and write bench/report.md and report.json (or one benchmark, by
+    its command)."""
+    if ctx.invoked_subcommand is None:
+        from evaluation.benchmarks import report
+
+        report.run(reuse)
+
+
+@bench.command("gateway")
+@click.option("--duration", default=5, show_default=True, help="seconds per wrk run")
+@click.option("--skip-litellm", is_flag=True, help="gateway figures only")
+def bench_gateway(duration: int, skip_litellm: bool) -> None:
+    """Gateway vs LiteLLM proxy vs a bare proxy, on one mock upstream, pinned to cores."""
+    from evaluation.benchmarks import gateway as benchmark
+
+    benchmark.run(duration, skip_litellm)
+
+
+@bench.command("canary")
+@click.option("--runs", default=1000, show_default=True, help="simulated rollouts per scenario")
+@click.option("--rate", default=10.0, show_default=True, help="requests per second, both arms")
+@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--policy",
+    "policy_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_POLICY,
+    show_default=True,
+    help="rollout policy YAML",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="folder for canary.json and canary.md [default: $SLIPWAY_HOME/bench]",
+)
+def bench_canary(runs: int, rate: float, seed: int, policy_path: Path, out: Path | None) -> None:
+    """Simulated rollouts: Slipway's sequential analysis vs a Flagger-like static one."""
+    from evaluation.benchmarks import canary as benchmark
+
+    benchmark.run(runs, rate, seed, policy_path, out)
+
+
+@bench.command("signing")
+@click.option("--size-gb", default=1.0, show_default=True, help="total size of the generated model")
+@click.option("--files", default=8, show_default=True, help="weight shards it is split into")
+@click.option("--rounds", default=3, show_default=True, help="side-by-side rounds; medians")
+def bench_signing(size_gb: float, files: int, rounds: int) -> None:
+    """Signing and verification throughput as a share of sha256 x cores on this machine."""
+    from evaluation.benchmarks import signing as benchmark
+
+    benchmark.run(size_gb, files, rounds)
+
+
+@bench.command("drift")
+@click.option("--rows", default=1_000_000, show_default=True, help="requests per window")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="folder for drift.json [default: $SLIPWAY_HOME/bench]",
+)
+def bench_drift(rows: int, out: Path | None) -> None:
+    """The drift check's time and peak memory on a million requests per window."""
+    from evaluation.benchmarks import drift as benchmark
+
+    benchmark.run(rows, out)
+
+
+@bench.command("loadgen")
+@click.option(
+    "--config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=MODEL_CONFIGS / "smollm2-135m.yaml",
+    show_default=True,
+)
+@click.option("--concurrency", default="1,4", callback=levels, show_default=True)
+@click.option(
+    "--num-prompts",
+    default=64,
+    show_default=True,
+    help="measured per tool at concurrency 1; c times as many at concurrency c",
+)
+@click.option("--tolerance", default=0.05, show_default=True)
+def bench_loadgen(config: Path, concurrency: list[int], num_prompts: int, tolerance: float) -> None:
+    """The load generator vs `vllm bench serve` on one vLLM serving the embedded model."""
+    from evaluation.benchmarks import loadgen as benchmark
+
+    benchmark.run(config, concurrency, num_prompts, tolerance)
+
+
+@bench.command("mock-upstream")
+@click.option("--port", type=int, required=True)
+@click.option("--chunks", type=int, default=4, help="streamed chunks when max_tokens is not given")
+@click.option("--delay-s", type=float, default=0.0, help="service time before every answer")
+@click.option("--chunk-delay-s", type=float, default=0.0, help="pause after each streamed chunk")
+def bench_mock_upstream(port: int, chunks: int, delay_s: float, chunk_delay_s: float) -> None:
+    """Serve the fake OpenAI-compatible upstream the benchmarks and tests use, on 127.0.0.1."""
+    from evaluation.benchmarks import mock_upstream
+
+    mock_upstream.run(port, chunks, delay_s, chunk_delay_s)
+
+
+def main() -> None:
+    cli(prog_name="slipway")
+
+
+if __name__ == "__main__":
+    main()

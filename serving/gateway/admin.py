@@ -1,0 +1,181 @@
+"""The admin API the rollout flow drives (admin token only; tenant keys are refused).
+
+  GET  /admin/routes                      every route
+  GET  /admin/routes/{model}              one route: its backends and weights
+  PUT  /admin/routes/{model}              replace the route: {"backends": [BackendSpec + expected_digest]}
+  POST /admin/routes/{model}/weights      {"weights": {"<version>": 90, "<version>": 10},
+                                           "audience": "everyone" | "opted_in" (optional)}
+  GET  /admin/stats/{model}?samples=true  live statistics per backend since the last reset
+                                          (synthetic-load tenants apart, under "synthetic")
+  POST /admin/stats/{model}/reset         start a new statistics window
+
+Every change builds a new routing table and swaps it in one step; requests in flight finish on
+the backend they started on. A route or weight change starts a new statistics window for the
+model, so the flow compares backends under the weights it set.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, model_validator
+from starlette.requests import Request
+from starlette.responses import Response
+
+from configs.gateway import BackendSpec, RouteSpec
+from configs.loader import describe
+from serving.gateway.codec import JSONDecodeError, dumps, loads
+from serving.gateway.errors import BadRequest, NotFound
+from serving.gateway.routing import Audience
+
+log = logging.getLogger("serving.gateway")
+
+
+class RegisteredBackend(BackendSpec):
+    """A backend as the rollout flow adds it: with the digest the registry holds for that version."""
+
+    expected_digest: str = Field(description="the registered digest; must equal `digest`")
+
+    @model_validator(mode="after")
+    def _digest_matches(self) -> RegisteredBackend:
+        if self.digest != self.expected_digest:
+            raise ValueError(
+                f"backend '{self.version}': loaded digest {self.digest} differs from the registered "
+                f"digest {self.expected_digest}; refusing to serve it"
+            )
+        return self
+
+
+class RouteUpdate(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    backends: tuple[RegisteredBackend, ...] = Field(min_length=1)
+
+
+class WeightsUpdate(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Finite: a NaN weight passes every comparison and left a route with nothing to choose.
+    weights: dict[str, FiniteFloat] = Field(min_length=1)
+    audience: Audience | None = Field(
+        None, description="'opted_in': only tenants with canary: in reach canaries; None keeps it"
+    )
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(dumps(data), status, media_type="application/json")
+
+
+async def _payload(request: Request, schema: type[BaseModel]) -> BaseModel:
+    try:
+        raw = loads(await request.body())
+    except JSONDecodeError as e:
+        raise BadRequest(f"request body is not valid JSON: {e}") from None
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise BadRequest(
+            f"invalid {schema.__name__}:\n{describe(e)}",
+            param=".".join(str(p) for p in first["loc"]) or None,
+            code="digest_mismatch" if "differs from the registered digest" in str(e) else "invalid_request",
+        ) from None
+
+
+def _route(request: Request):
+    gateway = request.state.gateway
+    model = request.path_params["model"]
+    route = gateway.table.get(model)
+    if route is None:
+        raise NotFound(f"no route for model '{model}'; create it with PUT /admin/routes/{model}", param="model")
+    return gateway, route
+
+
+async def list_routes(request: Request) -> Response:
+    table = request.state.gateway.table
+    return _json({"routes": [r.describe() for r in table.routes.values()]})
+
+
+async def get_route(request: Request) -> Response:
+    _, route = _route(request)
+    return _json(route.describe())
+
+
+async def put_route(request: Request) -> Response:
+    gateway = request.state.gateway
+    model = request.path_params["model"]
+    update = await _payload(request, RouteUpdate)
+    specs = tuple(
+        BackendSpec.model_validate(b.model_dump(exclude={"expected_digest"})) for b in update.backends
+    )
+    try:
+        spec = RouteSpec(model=model, backends=specs)
+    except ValidationError as e:
+        raise BadRequest(f"invalid route for '{model}':\n{describe(e)}", param="backends") from None
+    # Built and swapped with no await in between: one atomic change.
+    route = gateway.table.build_route(spec, gateway.breaker, gateway.samples)
+    gateway.table = gateway.table.with_route(route)
+    for backend in route.backends:
+        backend.reset_stats()
+    log.info("route '%s' set: %s", model, _weights_text(route))
+    return _json(route.describe())
+
+
+async def set_weights(request: Request) -> Response:
+    gateway, route = _route(request)
+    update = await _payload(request, WeightsUpdate)
+    known = {b.version for b in route.backends}
+    if unknown := sorted(set(update.weights) - known):
+        raise BadRequest(
+            f"route '{route.model}' has no backend {unknown}; its versions are {sorted(known)}",
+            param="weights",
+        )
+    if any(w < 0 for w in update.weights.values()):
+        raise BadRequest("weights must be 0 or more", param="weights")
+    new = [update.weights.get(b.version, w) for b, w in zip(route.backends, route.weights)]
+    if sum(new) <= 0:
+        raise BadRequest("at least one backend needs a weight above 0", param="weights")
+    # Re-read the table: no await since _route, so this is still the table the check saw.
+    gateway.table = gateway.table.with_weights(route.model, update.weights, update.audience)
+    new_route = gateway.table.get(route.model)
+    for backend in new_route.backends:
+        backend.reset_stats()
+    log.info("weights of '%s' set: %s", route.model, _weights_text(new_route))
+    return _json(new_route.describe())
+
+
+async def get_stats(request: Request) -> Response:
+    _, route = _route(request)
+    samples = request.query_params.get("samples", "").lower() in ("1", "true", "yes")
+    return _json(_stats(route, samples))
+
+
+async def reset_stats(request: Request) -> Response:
+    _, route = _route(request)
+    for backend in route.backends:
+        backend.reset_stats()
+    return _json(_stats(route, False))
+
+
+def _stats(route, samples: bool) -> dict:
+    return {
+        "model": route.model,
+        "audience": route.audience,
+        "backends": [
+            {
+                "version": b.version,
+                "role": b.role,
+                "digest": b.spec.digest,
+                "weight": w,
+                "inflight": b.inflight,
+                "circuit": b.breaker.state,
+                **b.stats.snapshot(samples),
+                "synthetic": b.synthetic_stats.snapshot(samples),
+            }
+            for b, w in zip(route.backends, route.weights)
+        ],
+    }
+
+
+def _weights_text(route) -> str:
+    return ", ".join(f"{b.version}({b.role})={w:g}" for b, w in zip(route.backends, route.weights))
+

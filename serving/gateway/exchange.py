@@ -1,0 +1,55 @@
+"""The record of one API request, filled in by the layers it passes through.
+
+Usage creates it, auth names the tenant, the endpoint fills in model, backend, tokens and timings;
+rate limiting, metrics and the usage log read it afterwards. One small slotted object per request.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from configs.gateway import TenantSpec
+    from serving.gateway.routing import Backend
+
+
+class Exchange:
+    __slots__ = (
+        "backend",
+        "completion_tokens",
+        "endpoint",
+        "error_kind",
+        "latency_s",
+        "model",
+        "prompt",
+        "prompt_tokens",
+        "request_id",
+        "started",
+        "status",
+        "stream",
+        "tenant",
+        "time",
+        "ttft_s",
+    )
+
+    def __init__(self, endpoint: str, request_id: str) -> None:
+        self.time = time.time()
+        self.started = time.perf_counter()
+        self.request_id = request_id
+        self.endpoint = endpoint
+        self.tenant: TenantSpec | None = None
+        self.model: str | None = None
+        self.backend: Backend | None = None
+        self.stream = False
+        self.status = 0
+        self.error_kind: str | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.ttft_s: float | None = None
+        self.latency_s = 0.0
+        self.prompt: str | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens

@@ -1,0 +1,113 @@
+"""Prometheus: response counts per tenant and status, and per-backend series from live stats.
+
+Backend series carry model, version and role labels. They are read from the Backend objects at
+scrape time (a custom collector), so the hot path pays only for plain attribute increments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from serving.gateway.stats import LATENCY_BUCKETS, Histogram
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class MetricsMiddleware:
+    """Counts each API response by tenant and status code once it is done."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        exchange = scope.get("slipway.exchange")
+        if exchange is None:
+            await self.app(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            tenant = exchange.tenant.name if exchange.tenant else ""
+            scope["state"]["gateway"].responses[(tenant, exchange.status or 499)] += 1
+
+
+class GatewayCollector(Collector):
+    def __init__(self, gateway) -> None:
+        self.gateway = gateway
+
+    def collect(self) -> Iterator:
+        g = self.gateway
+        responses = CounterMetricFamily(
+            "slipway_gateway_responses", "API responses by tenant and HTTP status", labels=["tenant", "code"]
+        )
+        for (tenant, code), n in sorted(g.responses.items()):
+            responses.add_metric([tenant, str(code)], n)
+        yield responses
+
+        labels = ["model", "version", "role"]
+        requests = CounterMetricFamily("slipway_gateway_backend_requests", "Attempts sent to a backend", labels=labels)
+        errors = CounterMetricFamily(
+            "slipway_gateway_backend_errors", "Attempts that failed (5xx, timeout, unreachable, broken stream)",
+            labels=labels,
+        )  # fmt: skip
+        tokens = CounterMetricFamily(
+            "slipway_gateway_backend_tokens", "Tokens reported by a backend", labels=[*labels, "kind"]
+        )
+        inflight = GaugeMetricFamily("slipway_gateway_backend_inflight", "Requests in flight", labels=labels)
+        weight = GaugeMetricFamily("slipway_gateway_backend_weight", "Routing weight", labels=labels)
+        circuit = GaugeMetricFamily(
+            "slipway_gateway_backend_circuit_open", "1 while the backend's circuit is open", labels=labels
+        )
+        hists = {
+            name: HistogramMetricFamily(f"slipway_gateway_backend_{name}_seconds", help_, labels=labels)
+            for name, help_ in (
+                ("ttft", "Time to first streamed byte, from the attempt's start"),
+                ("itl", "Mean interval between streamed events, per request"),
+                ("e2e", "Attempt start to last byte"),
+            )
+        }
+        for route in g.table.routes.values():
+            for backend, w in zip(route.backends, route.weights):
+                values = [route.model, backend.version, backend.role]
+                s = backend.stats
+                requests.add_metric(values, s.total_requests)
+                errors.add_metric(values, s.total_errors)
+                tokens.add_metric([*values, "prompt"], s.total_prompt_tokens)
+                tokens.add_metric([*values, "completion"], s.total_completion_tokens)
+                inflight.add_metric(values, backend.inflight)
+                weight.add_metric(values, w)
+                circuit.add_metric(values, 0 if backend.breaker.opened_at is None else 1)
+                for name, hist in (("ttft", s.hist_ttft), ("itl", s.hist_itl), ("e2e", s.hist_e2e)):
+                    hists[name].add_metric(values, _buckets(hist), hist.sum)
+        yield from (requests, errors, tokens, inflight, weight, circuit, *hists.values())
+
+        usage = g.usage
+        yield CounterMetricFamily(
+            "slipway_gateway_usage_dropped", "Usage records dropped (buffer full)", value=usage.dropped
+        )
+        yield GaugeMetricFamily("slipway_gateway_usage_pending", "Usage records not yet written", value=usage.depth)
+
+
+def _buckets(hist: Histogram) -> list[tuple[str, int]]:
+    out, running = [], 0
+    for bound, count in zip((*LATENCY_BUCKETS, float("inf")), hist.counts):
+        running += count
+        out.append(("+Inf" if bound == float("inf") else repr(bound), running))
+    return out
+
+
+def registry_for(gateway) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GatewayCollector(gateway))
+    return registry
+
+
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.state.gateway.registry), media_type=CONTENT_TYPE)

@@ -1,0 +1,156 @@
+"""The routing table (discovery): which backends serve each public model, with what weight.
+
+The table is immutable. A change builds a new table and swaps one reference, so a request sees
+either the old table or the new one, never a mix; in-flight requests keep the Backend object they
+started on. Backend objects carry live state (in-flight count, breaker, stats) and are reused
+across tables while their identity (version, URL, served name, digest) is unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from itertools import accumulate
+from types import MappingProxyType
+from typing import Literal
+
+from configs.gateway import BackendSpec, BreakerSpec, RouteSpec
+from serving.gateway.stats import BackendStats, Breaker
+
+Audience = Literal["everyone", "opted_in"]
+
+
+class Backend:
+    """One upstream server of one model version, and its live state."""
+
+    __slots__ = (
+        "breaker",
+        "inflight",
+        "label",
+        "max_concurrency",
+        "model",
+        "role",
+        "served_model",
+        "spec",
+        "stats",
+        "synthetic_stats",
+        "url_chat",
+        "url_completions",
+        "version",
+    )  # fmt: skip
+
+    def __init__(self, model: str, spec: BackendSpec, breaker: BreakerSpec, samples: int) -> None:
+        self.model = model
+        self.spec = spec
+        self.version = spec.version
+        self.role = spec.role
+        self.served_model = spec.served_model
+        self.url_chat = f"{spec.url}/v1/chat/completions"
+        self.url_completions = f"{spec.url}/v1/completions"
+        self.max_concurrency = spec.max_concurrency
+        self.inflight = 0
+        self.breaker = Breaker(breaker.failures, breaker.open_s)
+        self.stats = BackendStats(samples)  # organic traffic
+        self.synthetic_stats = BackendStats(samples)  # tenants marked `synthetic`
+        self.label = spec.version.encode()  # the x-slipway-backend response header
+
+    def reset_stats(self) -> None:
+        self.stats.reset()
+        self.synthetic_stats.reset()
+
+    def same_server(self, spec: BackendSpec) -> bool:
+        s = self.spec
+        return (s.version, s.url, s.served_model, s.digest, s.role) == (
+            spec.version, spec.url, spec.served_model, spec.digest, spec.role,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Pick:
+    """Backends with positive weight and their cumulative weights, for bisecting a point."""
+
+    backends: tuple[Backend, ...]
+    cumulative: tuple[float, ...]
+    total: float
+
+    @classmethod
+    def of(cls, weighted: Iterable[tuple[Backend, float]]) -> Pick:
+        chosen = [(b, w) for b, w in weighted if w > 0]
+        cumulative = tuple(accumulate(w for _, w in chosen))
+        return cls(tuple(b for b, _ in chosen), cumulative, cumulative[-1] if cumulative else 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    model: str
+    backends: tuple[Backend, ...]
+    weights: tuple[float, ...]
+    everyone: Pick  # all backends: tenants that take canary traffic
+    stable: Pick  # stable backends only: opted-out tenants and retries
+    audience: Audience = "everyone"  # "opted_in": only tenants with canary: in reach the canary
+
+    @classmethod
+    def build(
+        cls,
+        model: str,
+        backends: tuple[Backend, ...],
+        weights: tuple[float, ...],
+        audience: Audience = "everyone",
+    ) -> Route:
+        pairs = list(zip(backends, weights, strict=True))
+        stable = [(b, w) for b, w in pairs if b.role == "stable"]
+        stable_pick = Pick.of(stable)
+        if stable_pick.total == 0:
+            # All traffic on canaries: opted-out tenants still get a stable backend, evenly.
+            stable_pick = Pick.of((b, 1.0) for b, _ in stable)
+        return cls(model, backends, weights, Pick.of(pairs), stable_pick, audience)
+
+    def backend(self, version: str) -> Backend | None:
+        return next((b for b in self.backends if b.version == version), None)
+
+    def describe(self) -> dict:
+        return {
+            "model": self.model,
+            "audience": self.audience,
+            "backends": [
+                {**b.spec.model_dump(), "weight": w} for b, w in zip(self.backends, self.weights)
+            ],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingTable:
+    routes: Mapping[str, Route]
+
+    @classmethod
+    def empty(cls) -> RoutingTable:
+        return cls(MappingProxyType({}))
+
+    def get(self, model: str) -> Route | None:
+        return self.routes.get(model)
+
+    def with_route(self, route: Route) -> RoutingTable:
+        return RoutingTable(MappingProxyType({**self.routes, route.model: route}))
+
+    def build_route(self, spec: RouteSpec, breaker: BreakerSpec, samples: int) -> Route:
+        """A route for `spec`, reusing the live Backend of every unchanged server."""
+        current = self.routes.get(spec.model)
+        backends = []
+        for b in spec.backends:
+            old = current.backend(b.version) if current else None
+            backends.append(old if old and old.same_server(b) else Backend(spec.model, b, breaker, samples))
+        return Route.build(spec.model, tuple(backends), tuple(b.weight for b in spec.backends))
+
+    def with_weights(
+        self, model: str, weights: Mapping[str, float], audience: Audience | None = None
+    ) -> RoutingTable:
+        route = self.routes[model]
+        new = tuple(weights.get(b.version, w) for b, w in zip(route.backends, route.weights))
+        return self.with_route(Route.build(model, route.backends, new, audience or route.audience))
+
+
+def table_from(routes: Iterable[RouteSpec], breaker: BreakerSpec, samples: int) -> RoutingTable:
+    table = RoutingTable.empty()
+    for spec in routes:
+        table = table.with_route(table.build_route(spec, breaker, samples))
+    return table

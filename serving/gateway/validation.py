@@ -1,0 +1,99 @@
+"""Parse and check an OpenAI request body; a 400 names the offending field.
+
+Only what the gateway relies on, plus common type mistakes, is checked here; the backend
+(vLLM) validates the rest and its 400s pass through unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from serving.gateway.codec import JSONDecodeError, loads
+from serving.gateway.errors import BadRequest
+
+_NUMBER = (int, float)
+# field -> (accepted types, description); bool is refused where a number is expected.
+_TYPED: dict[str, tuple[tuple[type, ...], str]] = {
+    "stream": ((bool,), "a boolean"),
+    "stream_options": ((dict,), "an object"),
+    "user": ((str,), "a string"),
+    "max_tokens": ((int,), "an integer"),
+    "max_completion_tokens": ((int,), "an integer"),
+    "n": ((int,), "an integer"),
+    "seed": ((int,), "an integer"),
+    "temperature": (_NUMBER, "a number"),
+    "top_p": (_NUMBER, "a number"),
+    "presence_penalty": (_NUMBER, "a number"),
+    "frequency_penalty": (_NUMBER, "a number"),
+    "stop": ((str, list), "a string or a list of strings"),
+    "echo": ((bool,), "a boolean"),
+}
+
+
+def parse_request(body: bytes, endpoint: str) -> dict[str, Any]:
+    """The request as a dict, or BadRequest naming the field that is missing or malformed."""
+    if not body:
+        raise BadRequest("request body is empty; send a JSON object with 'model' and 'messages'/'prompt'")
+    try:
+        data = loads(body)
+    except JSONDecodeError as e:
+        raise BadRequest(f"request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise BadRequest(f"request body must be a JSON object, got {type(data).__name__}")
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest(
+            "'model' is required: a string naming a model (GET /v1/models lists them)", param="model"
+        )
+    if endpoint == "chat":
+        _check_messages(data.get("messages"))
+    else:
+        _check_prompt(data.get("prompt"))
+    for field, (types, what) in _TYPED.items():
+        value = data.get(field)
+        if value is not None and (
+            not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
+        ):
+            raise BadRequest(f"'{field}' must be {what}, got {_json_type(value)}", param=field)
+    options = data.get("stream_options")
+    if options is not None and not isinstance(options.get("include_usage", False), bool):
+        raise BadRequest(
+            "'stream_options.include_usage' must be a boolean", param="stream_options.include_usage"
+        )
+    return data
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' is required: a non-empty list of {role, content}", param="messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise BadRequest(f"'messages[{i}]' must be an object", param=f"messages[{i}]")
+        if not isinstance(message.get("role"), str):
+            raise BadRequest(
+                f"'messages[{i}].role' is required: a string such as 'user'", param=f"messages[{i}].role"
+            )
+
+
+def _check_prompt(prompt: Any) -> None:
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt):
+        return
+    raise BadRequest(
+        "'prompt' is required: a string, a list of strings, or token ids", param="prompt"
+    )
+
+
+def _json_type(value: Any) -> str:
+    return {bool: "a boolean", str: "a string", int: "an integer", float: "a number",
+            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)  # fmt: skip
+
+
+def prompt_text(data: dict[str, Any], endpoint: str) -> str | None:
+    """The prompt as text for the usage log (message contents joined by newlines)."""
+    if endpoint == "chat":
+        parts = [m.get("content") for m in data["messages"]]
+        return "\n".join(p for p in parts if isinstance(p, str))
+    prompt = data["prompt"]
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(p for p in prompt if isinstance(p, str)) or None

@@ -1,0 +1,2 @@
+"""The local operator behind `make up`: the processes it starts, the Prefect stack, the generated
+gateway config."""

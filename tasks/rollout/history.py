@@ -1,0 +1,182 @@
+"""The rollout's record: one MLflow run for its whole length, tags on the candidate's version,
+Prefect events and the policy's webhook at every step, and the story told as markdown."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prefect.events import emit_event
+
+from configs.rollout import RolloutPolicy, Stage
+from evaluation.canary import Analysis
+from tasks.registry import Registry
+from tasks.rollout.control import CONTROL, now_iso
+from tasks.rollout.plan import Plan
+from tasks.rollout.steps import StepResult
+
+log = logging.getLogger(__name__)
+
+ROLLOUTS = "slipway-rollouts"  # the MLflow experiment: one run per rollout
+
+
+def announce(event: str, plan: Plan, payload: dict[str, Any], webhook_url: str | None) -> None:
+    """A Prefect event (automations and notifications react to it) and the policy's webhook.
+    A webhook that fails is logged, never fatal: the rollout's decision stands."""
+    model, version = plan.model, plan.candidate.version
+    emit_event(
+        event=f"slipway.rollout.{event}",
+        resource={
+            "prefect.resource.id": f"slipway.model.{model}.{version}",
+            "slipway.model": model,
+            "slipway.version": version,
+        },
+        payload=payload,
+    )
+    if webhook_url:
+        body = {"event": f"slipway.rollout.{event}", "model": model, "version": version} | payload
+        try:
+            httpx.post(webhook_url, json=body, timeout=5).raise_for_status()
+        except httpx.HTTPError as e:
+            log.warning("webhook %s failed for %s: %s", webhook_url, event, e)
+
+
+def look_metrics(analysis: Analysis, weight: int) -> dict[str, float]:
+    """One look as MLflow metrics: counts, and each test's statistic and limit."""
+    metrics = {"canary_weight": float(weight)}
+    for basis, verdict in analysis.verdicts.items():
+        basis = basis.replace("+", "_and_")  # MLflow metric names allow no '+'
+        metrics[f"{basis}.canary_requests"] = verdict.n_canary
+        metrics[f"{basis}.stable_requests"] = verdict.n_stable
+    for t in analysis.tests:
+        name = t.metric if t.kind == "comparison" else f"slo.{t.metric}"
+        metrics |= {
+            f"{name}.stable": t.stable, f"{name}.canary": t.canary,
+            f"{name}.p_worse": t.p_worse, f"{name}.p_not_worse": t.p_not_worse,
+        }  # fmt: skip
+    return {k: float(v) for k, v in metrics.items() if not math.isnan(v)}  # NaN: no samples yet
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@dataclass
+class History:
+    """The rollout's record: one MLflow run open for its whole length (policy as params, every look
+    as metrics), tags on the candidate's version, and the story told as markdown."""
+
+    registry: Registry
+    plan: Plan
+    run_id: str
+    lines: list[str] = field(default_factory=list)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    looks: int = 0
+    tell: Callable[[str], None] = log.info  # where its lines also go (the flow's run logger)
+
+    @classmethod
+    def open(
+        cls,
+        registry: Registry,
+        plan: Plan,
+        policy_path: str,
+        policy: RolloutPolicy,
+        tell: Callable[[str], None] = log.info,
+    ) -> History:
+        model, cand, stable = plan.model, plan.candidate, plan.stable
+        run_id = registry.open_run(
+            f"rollout-{model}-v{cand.version}",
+            params={"policy_file": policy_path, **_flat(policy.model_dump(mode="json"))},
+            tags={"model": model, "candidate": cand.version, "stable": stable.version,
+                  "candidate_digest": cand.tags["digest"], "stable_digest": stable.tags["digest"]},
+            experiment=ROLLOUTS,
+        )  # fmt: skip
+        # An order left from an earlier rollout of this version must not steer this one.
+        registry.delete_model_tag(model, CONTROL)
+        started = now_iso()
+        registry.tag(model, cand.version, {
+            "rollout_status": "in_progress", "rollout_started_at": started,
+            "rollout_run_id": run_id, "rollout_against": stable.version,
+        })  # fmt: skip
+        history = cls(registry, plan, run_id, tell=tell)
+        steps = ", ".join(
+            f"{s.weight}%" + (" (opted-in tenants)" if s.audience == "opted_in" else "")
+            for s in policy.stages()
+        )
+        history.say(f"{started}: canary {cand} against champion {stable}; steps {steps}, then 100%")
+        return history
+
+    def say(self, line: str) -> None:
+        self.lines.append(line)
+        self.tell(line)
+
+    def look(self, index: int, stage: Stage, analysis: Analysis, snapshot: dict[str, Any]) -> None:
+        self.looks += 1
+        metrics = look_metrics(analysis, stage.weight) | {"step": float(index + 1)}
+        self.registry.log_metrics(self.run_id, metrics, step=self.looks)
+
+    def pause(self, index: int, stage: Stage, analysis: Analysis | None) -> None:
+        """A step hit its time limit undecided: it waits for a person (the tag tells `approve`)."""
+        self.registry.tag(
+            self.plan.model, self.plan.candidate.version, {"rollout_status": "paused"}
+        )
+        self.say(f"{now_iso()}: step {index + 1} ({stage.weight}%) paused, waiting for approval")
+
+    def step(self, r: StepResult) -> None:
+        audience = " of opted-in tenants" if r.stage.audience == "opted_in" else ""
+        counts = ""
+        if r.analysis is not None and r.by != "analysis":  # the analysis's reason holds them
+            chosen = r.analysis.verdicts[r.analysis.basis]
+            counts = f" ({chosen.n_canary} canary / {chosen.n_stable} stable requests, {r.analysis.basis})"
+        paused = " after a pause" if r.paused else ""
+        self.say(
+            f"{now_iso()}: step {r.index + 1}, {r.stage.weight}%{audience}: {r.action}{paused} "
+            f"by {r.by} in {r.seconds:.0f} s{counts}: {r.reason}"
+        )
+        self.steps.append({
+            "step": r.index + 1, "weight": r.stage.weight, "audience": r.stage.audience,
+            "action": r.action, "by": r.by, "paused": r.paused, "seconds": round(r.seconds, 1),
+            "looks": r.looks, "reason": r.reason,
+            "analysis": None if r.analysis is None else {
+                "decision": r.analysis.decision, "basis": r.analysis.basis,
+                "reasons": list(r.analysis.reasons),
+                "tests": [t.__dict__ for t in r.analysis.tests],
+            },
+        })  # fmt: skip
+        self.registry.set_run_tag(
+            self.run_id, f"step{r.index + 1}", f"{r.action}: {r.reason}"[:4900]
+        )
+        if r.paused and r.action == "advance":
+            self.registry.tag(
+                self.plan.model, self.plan.candidate.version, {"rollout_status": "in_progress"}
+            )
+
+    def close(self, status: str, reason: str, workdir: Path) -> str:
+        """Tag the version with the outcome, store story and evidence, end the run; the story."""
+        model, version = self.plan.model, self.plan.candidate.version
+        ended = now_iso()
+        self.say(f"{ended}: {status.replace('_', ' ')}: {reason}")
+        self.registry.tag(model, version, {
+            "rollout_status": status, "rollout_ended_at": ended, "rollout_reason": reason[:4900],
+        })  # fmt: skip
+        story = "\n".join([f"# Rollout of {model} v{version}", "", *(f"- {line}" for line in self.lines),
+                           "", f"MLflow run `{self.run_id}` (experiment `{ROLLOUTS}`) holds every look."])  # fmt: skip
+        (workdir / "story.md").write_text(story + "\n")
+        evidence = {"model": model, "candidate": version, "stable": self.plan.stable.version,
+                    "status": status, "reason": reason, "steps": self.steps}  # fmt: skip
+        (workdir / "evidence.json").write_text(json.dumps(evidence, indent=2, default=str) + "\n")
+        self.registry.set_run_tag(self.run_id, "rollout_status", status)
+        self.registry.close_run(self.run_id, [workdir / "story.md", workdir / "evidence.json"])
+        return story

@@ -1,0 +1,156 @@
+"""Judging one step: set its weights, then look at the gateway's statistics every
+`look_interval_s` until the sequential analysis decides, a person does, the canary stops
+answering, or the time limit hands it to the policy's `on_inconclusive`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from configs.rollout import RolloutPolicy, Stage
+from evaluation.canary import Analysis, ArmSamples, analyse
+from serving.processes import answers
+from tasks.gateway_admin import GatewayAdmin
+from tasks.registry import Registry
+from tasks.rollout.control import take_order
+from tasks.rollout.plan import Plan
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 10.0
+
+Action = Literal["advance", "rollback"]
+
+
+def arms(backend: dict[str, Any]) -> list[ArmSamples]:
+    """A backend's organic and synthetic samples from the gateway's statistics."""
+    return [
+        ArmSamples.from_snapshot(backend, "organic"),
+        ArmSamples.from_snapshot(backend["synthetic"], "synthetic"),
+    ]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    index: int
+    stage: Stage
+    action: Action
+    reason: str
+    seconds: float
+    looks: int
+    paused: bool
+    analysis: Analysis | None
+    by: Literal["analysis", "time limit", "person", "health check"] = "analysis"
+
+
+@dataclass
+class Steering:
+    """What a step looks at besides the statistics: manual control and the canary's health."""
+
+    registry: Registry
+    model: str
+    version: str
+    canary_url: str
+    on_look: Callable[[int, Stage, Analysis, dict[str, Any]], None] = lambda *a: None
+    on_pause: Callable[[int, Stage, Analysis | None], None] = lambda *a: None
+    say: Callable[[str], None] = log.info  # progress lines (the flow passes its run logger)
+    looks: int = field(default=0)
+
+    def control(self) -> dict[str, str] | None:
+        """A person's instruction for this rollout, consumed when read."""
+        return take_order(self.registry, self.model, self.version)
+
+
+def judge_step(
+    admin: GatewayAdmin,
+    plan: Plan,
+    index: int,
+    stage: Stage,
+    policy: RolloutPolicy,
+    steer: Steering,
+) -> StepResult:
+    """Set the step's weights, then look every `look_interval_s` until the analysis decides,
+    a person does, the canary stops answering, or the time limit hands it to `on_inconclusive`.
+    A paused step keeps its weights and its analysis: 'worse' still rolls back, 'not worse' or
+    an approval advances."""
+    model, cand = plan.model, plan.candidate.version
+    stable = {b["version"] for b in plan.stable_backends}
+    share = (100.0 - stage.weight) / len(stable)
+    admin.set_weights(
+        model, {cand: float(stage.weight)} | dict.fromkeys(stable, share), stage.audience
+    )
+    start = last_said = time.monotonic()
+    paused = False
+    analysis: Analysis | None = None
+
+    def result(action: Action, reason: str, by: str = "analysis") -> StepResult:
+        seconds = time.monotonic() - start
+        return StepResult(index, stage, action, reason, seconds, steer.looks, paused, analysis, by)
+
+    while True:
+        time.sleep(policy.look_interval_s)
+        steer.looks += 1
+        if order := steer.control():
+            action: Action = "rollback" if order["action"] == "rollback" else "advance"
+            return result(action, f"{order['action']} by hand: {order.get('reason', '')}", "person")
+        if not answers(steer.canary_url + "/health"):
+            return result(
+                "rollback",
+                f"the canary at {steer.canary_url} stopped answering /health",
+                "health check",
+            )
+        snapshot = admin.stats(model)
+        canary = [b for b in snapshot["backends"] if b["version"] == cand]
+        if any(b["circuit"] != "closed" for b in canary):
+            # Its requests now go to stable, so the analysis would starve: the gateway has judged.
+            return result("rollback", "the gateway opened the canary's circuit after consecutive "
+                          f"failures ({canary[0]['errors']} errors in {canary[0]['requests']} requests)",
+                          "health check")  # fmt: skip
+        stables = [b for b in snapshot["backends"] if b["version"] in stable]
+        stable_arms = [a for b in stables for a in arms(b)]
+        if any(a.requests for a in stable_arms):  # else nothing to compare the canary with yet
+            analysis = analyse(stable_arms, [a for b in canary for a in arms(b)], stage.analysis)
+            steer.on_look(index, stage, analysis, snapshot)
+            if analysis.decision == "worse":
+                return result("rollback", "; ".join(analysis.reasons))
+            if analysis.decision == "not_worse":
+                return result("advance", "; ".join(analysis.reasons))
+        now = time.monotonic()
+        if now - last_said >= PROGRESS_EVERY_S:
+            last_said = now
+            said = "; ".join(analysis.reasons[:2]) if analysis else "no stable requests yet"
+            steer.say(f"step {index + 1} ({stage.weight}%): {said}")
+        if not paused and now - start >= stage.max_seconds:
+            why = f"inconclusive after {stage.max_seconds:.0f} s"
+            if analysis is not None:
+                why += f" ({'; '.join(analysis.reasons)})"
+            if policy.on_inconclusive == "rollback":
+                return result("rollback", why, "time limit")
+            paused = True
+            steer.on_pause(index, stage, analysis)
+            steer.say(
+                f"step {index + 1} paused, {why}: approve with `python -m flows.rollout approve "
+                f"{model}` or roll back with `python -m flows.rollout rollback {model}`"
+            )  # fmt: skip
+
+
+@task(
+    name="judge-step",
+    task_run_name="judge {stage.weight}% ({stage.audience})",
+    cache_policy=NO_CACHE,
+)
+def judge_step_task(
+    admin: GatewayAdmin,
+    plan: Plan,
+    index: int,
+    stage: Stage,
+    policy: RolloutPolicy,
+    steer: Steering,
+) -> StepResult:
+    return judge_step(admin, plan, index, stage, policy, steer)

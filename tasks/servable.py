@@ -1,0 +1,112 @@
+"""May this registered version be served? The one check that `make up`, the rollout and the
+regression make before any traffic reaches a version.
+
+A version is servable only if its evaluation passed, its weights are on disk with their manifest
+and signature, the signature verifies, and both the manifest's digest and the digest of the files
+themselves equal the digest the registry holds for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from configs.home import Home
+from configs.models import Signing
+from tasks.hub import Manifest, hash_dir, model_digest
+from tasks.registry import Registry
+from tasks.signing import SignatureError, verify
+
+CHAMPION = "champion"
+
+
+class NotServable(RuntimeError):
+    """A version must not be served; the message says why and what to do next."""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One registered version of a model, with the tags its checks need."""
+
+    model: str
+    version: str
+    tags: dict[str, str]
+    home: Home
+
+    @property
+    def served_name(self) -> str:
+        return f"{self.model}-v{self.version}"
+
+    @property
+    def record(self) -> str:
+        """Its vLLM's name in the stack's record: `up`, the rollout and the regression share it."""
+        return f"vllm {self.served_name}"
+
+    @property
+    def variant_dir(self) -> Path | None:
+        variant = self.tags.get("variant")
+        return self.home.models / self.model / variant if variant else None
+
+    @property
+    def weights(self) -> Path | None:
+        return self.variant_dir / "weights" if self.variant_dir else None
+
+    def __str__(self) -> str:
+        return f"{self.model} v{self.version} ({self.tags.get('variant', 'no variant tag')})"
+
+
+def version_of(registry: Registry, model: str, version: str) -> ModelVersion:
+    return ModelVersion(model, version, registry.tags(model, version), registry.home)
+
+
+def champions(registry: Registry) -> list[ModelVersion]:
+    """The version each registered model's `champion` alias names, by model name."""
+    found = []
+    for model in registry.model_names():
+        if (version := registry.alias(model, CHAMPION)) is not None:
+            found.append(version_of(registry, model, version))
+    return found
+
+
+def check_servable(version: ModelVersion, role: str = CHAMPION) -> None:
+    """Raise NotServable unless the version may be served: evaluation passed, weights present and
+    signed, and both the manifest's and the weights' own digest equal the registry's digest tag.
+    `role` names it in the message (the rollout checks its candidate the same way)."""
+
+    def refuse(reason: str) -> NotServable:
+        return NotServable(f"refusing to serve the {role} {version}: {reason}")
+
+    tags = version.tags
+    if (status := tags.get("eval_status")) != "passed":
+        reasons = tags.get("eval_reasons", "no reasons recorded")
+        hint = (
+            "point `champion` at a version whose evaluation passed (the rollout flow does)"
+            if role == CHAMPION
+            else "only a version whose evaluation passed may be served"
+        )
+        raise refuse(f"its evaluation did not pass (eval_status={status}: {reasons}); {hint}")
+    if (variant_dir := version.variant_dir) is None:
+        raise refuse("the version has no `variant` tag, so its weights cannot be found")
+    if not (digest := tags.get("digest")):
+        raise refuse("the version has no `digest` tag to check its weights against")
+    weights, manifest = variant_dir / "weights", variant_dir / "manifest.json"
+    if not weights.is_dir() or not manifest.is_file():
+        raise refuse(
+            f"its weights or manifest are missing ({weights}, {manifest}): run the release "
+            "(`make demo`) on this machine first"
+        )
+    recorded = Manifest.read(manifest).digest
+    if recorded != digest:
+        raise refuse(
+            f"{manifest} records digest {recorded} but the registry's digest is {digest}: "
+            "the files on disk are not the registered model; re-run the release"
+        )
+    try:
+        verify(weights, Signing(), version.home)
+    except SignatureError as e:
+        raise refuse(f"its signature does not verify: {e}") from e
+    if (actual := model_digest(hash_dir(weights))) != digest:
+        raise refuse(
+            f"the weights at {weights} hash to {actual}, not the registered {digest}: "
+            "they changed after the release; re-run the release"
+        )
