@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from configs.home import REPO
-from configs.loader import load_yaml
+from configs.loader import Strict, load_yaml
 
 DEFAULT_DRIFT = REPO / "configs" / "drift.yaml"
 
@@ -28,9 +28,7 @@ Method = Literal[
 ]  # fmt: skip
 
 
-class DriftConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class DriftConfig(Strict):
     drift_share: float = Field(
         default=0.3, gt=0, le=1, description="share of drifted features that raises the alarm"
     )

@@ -11,18 +11,16 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from configs.home import REPO
+from configs.loader import Strict
 
 SUITES_DIR = REPO / "evaluation" / "quality" / "suites"
 PROMPTS = REPO / "evaluation" / "datasets" / "prompts.jsonl"
 DEFAULT_SUITES = ["slipway_knowledge", "slipway_short_answer", "slipway_perplexity"]
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
-
-class Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 def shipped_suites(suites_dir: Path = SUITES_DIR) -> list[str]:

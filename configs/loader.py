@@ -6,7 +6,15 @@ from pathlib import Path
 from typing import TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class Strict(BaseModel):
+    """The base of every typed config and record: immutable, and an unknown field is an error
+    (a typo must not be silently ignored)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
 
 T = TypeVar("T", bound=BaseModel)
 

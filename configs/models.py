@@ -6,19 +6,15 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
-
 import yaml
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from configs.evaluation import Evaluation, Gates
 from configs.home import REPO
-from configs.loader import load_yaml
+from configs.loader import Strict, load_yaml
 
 MODEL_CONFIGS = REPO / "configs" / "models"
 
-
-class Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 # ---- sources -------------------------------------------------------------------------------------

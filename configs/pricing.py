@@ -7,16 +7,13 @@ from datetime import date
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from configs.home import REPO
-from configs.loader import load_yaml
+from configs.loader import Strict, load_yaml
 
 DEFAULT_PRICING = REPO / "configs" / "pricing.yaml"
 
-
-class Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class Hardware(Strict):

@@ -6,16 +6,13 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AnyHttpUrl, Field, field_validator, model_validator
 
 from configs.home import REPO
-from configs.loader import load_yaml
+from configs.loader import Strict, load_yaml
 
 DEFAULT_POLICY = REPO / "configs" / "rollout" / "default.yaml"
 
-
-class Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class Margins(Strict):

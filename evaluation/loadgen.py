@@ -29,24 +29,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, computed_field
+from pydantic import computed_field
 from tqdm import tqdm
 
 from configs.evaluation import LoadProfile
 from configs.home import Home
+from configs.loader import Strict
 
 
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class Prompt(Frozen):
+class Prompt(Strict):
     id: str
     prompt: str
     max_tokens: int
 
 
-class RequestRecord(Frozen):
+class RequestRecord(Strict):
     """One measured request; times in seconds, `start` relative to the level's start."""
 
     prompt_id: str
@@ -70,7 +67,7 @@ class RequestRecord(Frozen):
         return (self.latency - self.ttft) / (self.output_tokens - 1)
 
 
-class Percentiles(Frozen):
+class Percentiles(Strict):
     """Milliseconds; None when there was nothing to measure (e.g. TPOT of one-token answers)."""
 
     mean: float | None
@@ -91,7 +88,7 @@ class Percentiles(Frozen):
         )
 
 
-class LevelSummary(Frozen):
+class LevelSummary(Strict):
     label: str
     concurrency: int | None
     rate: float | None
@@ -113,7 +110,7 @@ class LevelSummary(Frozen):
     errors: list[str]
 
 
-class LoadReport(Frozen):
+class LoadReport(Strict):
     base_url: str
     model: str
     endpoint: str
@@ -591,7 +588,7 @@ class BackgroundLoad:
 # ---- cross-check with vllm bench serve -----------------------------------------------------------
 
 
-class BenchLevel(Frozen):
+class BenchLevel(Strict):
     concurrency: int
     ours_output_tokens_per_s: float
     bench_output_tokens_per_s: float
@@ -622,7 +619,7 @@ class BenchLevel(Frozen):
         return _percentile(diffs, 50)
 
 
-class BenchComparison(Frozen):
+class BenchComparison(Strict):
     tolerance: float
     levels: list[BenchLevel]
 

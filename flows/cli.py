@@ -306,7 +306,7 @@ def keys_admin() -> None:
 @keys.command("signing")
 def keys_signing() -> None:
     """Create the default signing key once (an existing one is kept)."""
-    from tasks.signing import keygen, key_fingerprint
+    from tasks.signing import key_fingerprint, keygen
 
     private, public = keygen(Home.from_env())
     click.echo(f"signing key: {private} (public {public}, {key_fingerprint(public)})")

@@ -23,7 +23,15 @@ from prefect.events import emit_event
 
 from configs.home import Home
 from configs.pricing import DEFAULT_PRICING, Pricing, load_pricing
-from evaluation.monitoring.cost import BudgetAlert, CostReport, chart, metrics, report, summary, table
+from evaluation.monitoring.cost import (
+    BudgetAlert,
+    CostReport,
+    chart,
+    metrics,
+    report,
+    summary,
+    table,
+)
 from serving.gateway.usage import default_url
 from tasks.registry import Registry
 

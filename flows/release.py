@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from configs.home import Home
 from configs.evaluation import Gates
+from configs.home import Home
 from configs.models import ModelConfig, Variant, load_model_config
 from evaluation.quality.gates import QualityResult, Verdict, gated_metric, judge
 from serving.vllm import can_serve, detect_hardware

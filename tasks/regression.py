@@ -24,12 +24,11 @@ from prefect.events import emit_event
 from configs.evaluation import Evaluation
 from configs.home import Home
 from configs.models import ModelConfig, Serving
-from evaluation.quality.gates import QualityResult
 from evaluation.loadgen import LoadReport
 from evaluation.monitoring.regression import REGRESSED, LedgerRun, RegressionVerdict, label
-from serving.vllm import hardware_class
+from evaluation.quality.gates import QualityResult
 from serving.processes import members, read_state
-from serving.vllm import VLLMServer
+from serving.vllm import VLLMServer, hardware_class
 from tasks.evaluate import (
     EvaluationError,
     quality_metrics,

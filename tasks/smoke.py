@@ -11,7 +11,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from configs.home import Home
 from configs.models import Serving, Smoke
 from serving.vllm import VLLMServer

@@ -22,9 +22,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
-
 from configs.evaluation import Gates, Regression
+from configs.loader import Strict
 from evaluation.quality.gates import PERPLEXITY_METRICS, QualityResult, gated_metric
 
 Better = Literal["lower", "higher"]
@@ -41,11 +40,8 @@ SCALED_MAD = 1.4826  # MAD x this estimates the standard deviation of normal noi
 REGRESSED = "regressed"  # the ledger status of a run that regressed: never part of a baseline
 
 
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
-
-class LedgerRun(Frozen):
+class LedgerRun(Strict):
     """One earlier regression run with the same key: when, its status, and what it measured."""
 
     run_id: str
@@ -54,7 +50,7 @@ class LedgerRun(Frozen):
     figures: dict[str, float]
 
 
-class Row(Frozen):
+class Row(Strict):
     """One figure: what it measured against its baseline, and the call."""
 
     figure: str
@@ -87,7 +83,7 @@ class Row(Frozen):
         )
 
 
-class RegressionVerdict(Frozen):
+class RegressionVerdict(Strict):
     rows: list[Row]
 
     @property

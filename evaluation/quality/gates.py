@@ -17,9 +17,8 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
-
 from configs.evaluation import Gates
+from configs.loader import Strict
 from evaluation.loadgen import LoadReport
 
 Status = Literal["pass", "fail", "within-noise"]
@@ -30,11 +29,8 @@ PERPLEXITY_METRIC = "word_perplexity"
 PERPLEXITY_METRICS = {"word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity"}
 
 
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
-
-class TaskScore(Frozen):
+class TaskScore(Strict):
     """One task's aggregate metrics, their standard errors, and per-item scores (by doc id)."""
 
     metrics: dict[str, float]
@@ -43,7 +39,7 @@ class TaskScore(Frozen):
     items: dict[str, dict[int, float]] = {}
 
 
-class QualityResult(Frozen):
+class QualityResult(Strict):
     """What one quality run measured; JSON round-trips (model_dump_json / model_validate_json)."""
 
     model: str
@@ -51,7 +47,7 @@ class QualityResult(Frozen):
     limit: int | None = None
 
 
-class GateResult(Frozen):
+class GateResult(Strict):
     name: str
     measured: float | None
     threshold: float
@@ -59,7 +55,7 @@ class GateResult(Frozen):
     detail: str
 
 
-class Verdict(Frozen):
+class Verdict(Strict):
     passed: bool
     gates: list[GateResult]
     reasons: list[str]

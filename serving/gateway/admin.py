@@ -19,12 +19,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, model_validator
+from pydantic import BaseModel, Field, FiniteFloat, ValidationError, model_validator
 from starlette.requests import Request
 from starlette.responses import Response
 
 from configs.gateway import BackendSpec, RouteSpec
-from configs.loader import describe
+from configs.loader import Strict, describe
 from serving.gateway.codec import JSONDecodeError, dumps, loads
 from serving.gateway.errors import BadRequest, NotFound
 from serving.gateway.routing import Audience
@@ -47,14 +47,10 @@ class RegisteredBackend(BackendSpec):
         return self
 
 
-class RouteUpdate(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    backends: tuple[RegisteredBackend, ...] = Field(min_length=1)
+class RouteUpdate(Strict):    backends: tuple[RegisteredBackend, ...] = Field(min_length=1)
 
 
-class WeightsUpdate(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    # Finite: a NaN weight passes every comparison and left a route with nothing to choose.
+class WeightsUpdate(Strict):    # Finite: a NaN weight passes every comparison and left a route with nothing to choose.
     weights: dict[str, FiniteFloat] = Field(min_length=1)
     audience: Audience | None = Field(
         None, description="'opted_in': only tenants with canary: in reach canaries; None keeps it"

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from configs.gateway import load_gateway_config
 from configs.loader import ConfigError
-from serving.gateway.auth import key_hash
 from flows.cli import cli
+from serving.gateway.auth import key_hash
 
 ADMIN = key_hash("admin-token")
 KEY = key_hash("tenant-key")

@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from configs.rollout import AnalysisPolicy, Slos, load_rollout_policy
-from flows.cli import cli
 from evaluation.benchmarks.canary import running_stats
 from evaluation.canary import ArmSamples, ArmStats, analyse, decide, evidence
+from flows.cli import cli
 
 POLICY = AnalysisPolicy()
 MEDIANS = (0.2, 0.03, 3.0)  # TTFT, TPOT, e2e seconds

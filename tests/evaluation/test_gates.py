@@ -6,8 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 from configs.evaluation import Evaluation, Gates, LoadProfile
-from evaluation.quality.gates import QualityResult, TaskScore, judge
 from evaluation.loadgen import LevelSummary, LoadReport, Percentiles
+from evaluation.quality.gates import QualityResult, TaskScore, judge
 
 
 def mc(acc: float, stderr: float = 0.03, items: dict[int, float] | None = None) -> TaskScore:

@@ -15,7 +15,6 @@ from evaluation.loadgen import (
     LoadReport,
     Prompt,
     RequestRecord,
-    cli,
     compare_with_vllm_bench,
     end_to_end,
     load_prompts,
@@ -28,6 +27,7 @@ from evaluation.loadgen import (
     summarise,
     vllm_bench_command,
 )
+from flows.cli import loadgen as cli
 
 
 def completion(text: str) -> dict:

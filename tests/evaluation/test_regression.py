@@ -8,8 +8,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from configs.evaluation import Evaluation, Gates, Regression
-from evaluation.quality.gates import QualityResult, TaskScore
 from evaluation.monitoring.regression import LedgerRun, compare, key_figures, label
+from evaluation.quality.gates import QualityResult, TaskScore
 
 TTFT = "speed/concurrency_4/ttft_ms_p50"
 TOKS = "speed/concurrency_4/output_tokens_per_s"

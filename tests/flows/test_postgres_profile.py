@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from configs.home import REPO, Home
-from serving.stack.prefect_server import POOL
 from serving.processes import free_port, members, read_state
+from serving.stack.prefect_server import POOL
 from tasks.registry import REGISTERED_EVENT, Registry
 
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}

@@ -12,18 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import mlflow
 import pytest
 import yaml
 
-import mlflow
 from configs.home import Home
+from evaluation.benchmarks.mock_upstream import Fault, MockUpstream, serve
 from flows.rollout import rollout
 from serving.gateway.app import build_app
 from tasks.registry import Registry
 from tasks.rollout.control import approve, roll_back_by_hand
 from tasks.rollout.history import ROLLOUTS
 from tasks.rollout.plan import RolloutRefused
-from evaluation.benchmarks.mock_upstream import Fault, MockUpstream, serve
 from tests.releases import release, stand_in_model
 from tests.serving.conftest import MODEL, Secrets
 

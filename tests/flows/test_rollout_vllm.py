@@ -11,14 +11,14 @@ import yaml
 
 from configs.gateway import GatewayConfig
 from configs.models import Serving
+from evaluation.benchmarks.mock_upstream import serve
 from flows.rollout import rollout
 from serving.gateway.app import build_app
 from serving.gateway.auth import key_hash
 from serving.processes import read_state
 from serving.vllm import VLLMServer
-from tasks.registry import Registry
 from tasks.engines import stop_version
-from evaluation.benchmarks.mock_upstream import serve
+from tasks.registry import Registry
 from tests.releases import release
 from tests.serving.conftest import Secrets
 

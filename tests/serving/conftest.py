@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from configs.gateway import GatewayConfig
+from evaluation.benchmarks.mock_upstream import MockUpstream, serve
 from serving.gateway.app import build_app
 from serving.gateway.auth import key_hash
-from evaluation.benchmarks.mock_upstream import MockUpstream, serve
 
 MODEL = "tiny-chat"
 

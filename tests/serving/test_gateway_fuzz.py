@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
+from evaluation.benchmarks.mock_upstream import MockUpstream, serve
 from serving.gateway.app import build_app
 from tests.conftest import make_home
-from evaluation.benchmarks.mock_upstream import MockUpstream, serve
 from tests.serving.conftest import MODEL, Secrets, backend, digest
 
 SPLIT = "fuzz-split"  # a stable/canary route whose weights the fuzzer changes

@@ -7,8 +7,8 @@ import time
 
 import httpx
 
-from serving.gateway.usage import read_usage
 from evaluation.benchmarks.mock_upstream import Fault
+from serving.gateway.usage import read_usage
 from tests.serving.conftest import backend, chat, post_many
 
 

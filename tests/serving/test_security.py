@@ -29,9 +29,9 @@ from starlette.testclient import TestClient
 from configs.home import REPO
 from serving.gateway.app import build_app
 from serving.gateway.auth import key_hash
+from serving.processes import free_port
 from serving.stack.gateway_config import Backend, write_gateway_config
 from tasks.servable import ModelVersion
-from serving.processes import free_port
 from tests.serving.conftest import MODEL, backend, chat, digest
 
 PUBLIC = {"/health", "/ready", "/metrics"}

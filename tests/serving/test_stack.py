@@ -22,10 +22,9 @@ from click.testing import CliRunner
 
 from configs.gateway import load_gateway_config
 from configs.home import REPO, Home
-from configs.models import Signing
-from serving.gateway.auth import key_hash
-from configs.models import serving_for
+from configs.models import Signing, serving_for
 from flows.cli import cli
+from serving.gateway.auth import key_hash
 from serving.processes import (
     Proc,
     free_port,
@@ -37,8 +36,8 @@ from serving.processes import (
 )
 from serving.stack.gateway_config import Backend, write_gateway_config
 from serving.stack.operator import down
-from tasks.servable import ModelVersion, NotServable, champions, check_servable
 from tasks.registry import Registry
+from tasks.servable import ModelVersion, NotServable, champions, check_servable
 from tasks.signing import sign
 from tests.releases import release, stand_in_model
 
