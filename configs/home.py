@@ -6,9 +6,10 @@ logs, caches, model directories) lives under it, so `make clean` is one `rm -rf`
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from configs.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -19,7 +20,7 @@ class Home:
 
     @classmethod
     def from_env(cls) -> Home:
-        return cls(Path(os.environ.get("SLIPWAY_HOME") or REPO / ".slipway").resolve())
+        return cls((Settings().home or REPO / ".slipway").resolve())
 
     @property
     def models(self) -> Path:
@@ -71,13 +72,12 @@ class Home:
 
     def python(self, env: str) -> Path:
         """The interpreter of one environment; SLIPWAY_<ENV>_PYTHON overrides it (e.g. in an image)."""
-        override = os.environ.get(f"SLIPWAY_{env.upper()}_PYTHON")
-        return Path(override) if override else self.envs / env / "bin" / "python"
+        return Settings().python(env) or self.envs / env / "bin" / "python"
 
     @property
     def tracking_uri(self) -> str:
         """MLflow's tracking URI: MLFLOW_TRACKING_URI when set (a server, PostgreSQL), else sqlite here."""
-        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.mlflow / 'mlflow.db'}"
+        return Settings().tracking_uri or f"sqlite:///{self.mlflow / 'mlflow.db'}"
 
     @property
     def artifact_root(self) -> Path:

@@ -20,6 +20,7 @@ from configs.evaluation import PROMPTS
 from configs.home import Home
 from configs.models import serving_for
 from configs.rollout import DEFAULT_POLICY, RolloutPolicy, Stage, load_rollout_policy
+from configs.settings import Settings
 from evaluation.canary import Analysis
 from evaluation.loadgen import BackgroundLoad, load_prompts
 from tasks.engines import RunningVersion, start_version, stop_version
@@ -138,6 +139,7 @@ def synthetic_load(rules: RolloutPolicy, gateway_url: str, home: Home, model: st
     """Labelled synthetic traffic for the whole rollout when the policy asks for it."""
     if not rules.synthetic_load:
         return nullcontext()
-    key = secret("SLIPWAY_SYNTHETIC_KEY", home.synthetic_key, "key of the synthetic-load tenant")
+    what = "key of the synthetic-load tenant"
+    key = secret(Settings().synthetic_key, "SLIPWAY_SYNTHETIC_KEY", home.synthetic_key, what)
     prompts = load_prompts(PROMPTS, max_tokens=16)
     return BackgroundLoad(gateway_url, model, key, rules.synthetic_rate, prompts)

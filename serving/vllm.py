@@ -33,10 +33,10 @@ import httpx
 
 from configs.home import Home
 from configs.models import Serving
+from configs.settings import Settings
 from serving.processes import NotAnswering, answers, free_port, kill_group, tail, wait_answering
 
 Hardware = Literal["cpu", "cuda"]
-HARDWARE_ENV = "SLIPWAY_HARDWARE"
 _NEEDS_CUDA = {
     "gptq-w4a16": "W4A16",
     "awq-w4a16": "W4A16",
@@ -242,10 +242,7 @@ def can_serve(recipe: str, hardware: Hardware) -> tuple[bool, str]:
 
 def detect_hardware() -> Hardware:
     """`cuda` when nvidia-smi lists a GPU, else `cpu`; SLIPWAY_HARDWARE=cpu|cuda overrides."""
-    override = os.environ.get(HARDWARE_ENV, "").strip().lower()
-    if override:
-        if override not in ("cpu", "cuda"):
-            raise ValueError(f"{HARDWARE_ENV}={override!r}: expected 'cpu' or 'cuda'")
+    if override := Settings().hardware:
         return "cpu" if override == "cpu" else "cuda"
     smi = shutil.which("nvidia-smi")
     if smi is None:

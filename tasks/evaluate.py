@@ -12,11 +12,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -50,9 +50,10 @@ def served_max_model_len(base_url: str, served_model: str, timeout: float = 10) 
     """The context length the server gives `served_model` (vLLM's /v1/models max_model_len)."""
     url = f"{base_url.rstrip('/')}/v1/models"
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            models = json.load(response)["data"]
-    except (OSError, ValueError, KeyError) as e:
+        response = httpx.get(url, timeout=timeout)
+        response.raise_for_status()
+        models = response.json()["data"]
+    except (httpx.HTTPError, ValueError, KeyError) as e:
         raise EvaluationError(f"cannot list models at {url}: {e}; is the server up?") from e
     for entry in models:
         if entry.get("id") == served_model:

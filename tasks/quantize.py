@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import tempfile
 import threading
@@ -31,7 +30,8 @@ from prefect.cache_policies import NO_CACHE
 
 from configs.home import REPO, Home
 from configs.models import Calibration, Variant
-from tasks.hub import Manifest, manifest_path, sha256_file
+from serving.processes import kill_group
+from tasks.hub import Manifest, manifest_path, safetensors_header, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +86,7 @@ def weight_bytes(path: Path) -> int:
 
 def safetensors_dtypes(model_dir: Path) -> set[str]:
     """The tensor dtypes in a model's safetensors files, read from their JSON headers only."""
-    dtypes: set[str] = set()
-    for file in model_dir.glob("*.safetensors"):
-        with file.open("rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-        dtypes |= {v["dtype"] for k, v in header.items() if k != "__metadata__"}
-    return dtypes
+    return {t["dtype"] for f in model_dir.glob("*.safetensors") for t in safetensors_header(f).values()}
 
 
 def is_bf16(model_dir: Path) -> bool:
@@ -139,7 +133,7 @@ def run_job(
 
     def kill() -> None:
         timed_out.set()
-        _killpg(proc.pid)
+        kill_group(proc.pid, signal.SIGKILL)
 
     watchdog = threading.Timer(timeout_s, kill)
     watchdog.start()
@@ -159,7 +153,7 @@ def run_job(
     finally:
         watchdog.cancel()
         if proc.returncode is None:
-            _killpg(proc.pid)
+            kill_group(proc.pid, signal.SIGKILL)
             proc.wait()
     result = json.loads(result_path.read_text()) if result_path.is_file() else {}
     if proc.returncode != 0 or "error" in result:
@@ -177,13 +171,6 @@ def run_job(
             + "\n".join(f"    {line}" for line in tail)
         )
     return result, usage.ru_maxrss * 1024  # Linux reports KiB
-
-
-def _killpg(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 # ---- build ---------------------------------------------------------------------------------------

@@ -10,13 +10,12 @@ else on a vLLM started for the run and stopped after it.
 
 from __future__ import annotations
 
-import json
-import urllib.request
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import httpx
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
@@ -94,9 +93,10 @@ def stack_url(champion: ModelVersion, home: Home) -> str | None:
 
 def vllm_version(url: str) -> str:
     try:
-        with urllib.request.urlopen(f"{url}/version", timeout=10) as response:
-            return str(json.load(response)["version"])
-    except (OSError, ValueError, KeyError) as e:
+        response = httpx.get(f"{url}/version", timeout=10)
+        response.raise_for_status()
+        return str(response.json()["version"])
+    except (httpx.HTTPError, ValueError, KeyError) as e:
         raise EvaluationError(f"cannot read the vLLM version from {url}/version: {e}") from e
 
 
