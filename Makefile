@@ -20,7 +20,7 @@ CONFIG ?= configs/models/smollm2-135m.yaml
 DEMO_MODEL ?= smollm2-135m-instruct
 DEMO_CANDIDATE ?= gptq-w8a8
 
-.PHONY: setup demo rollback approve test stress bench drift cost up down status bench-gateway bench-canary bench-loadgen clean lock mlflow-ui prefect-ui
+.PHONY: setup demo rollback approve test lint stress bench drift cost up down status bench-gateway bench-canary bench-loadgen clean lock mlflow-ui prefect-ui
 
 ## setup: build (or reuse) the core, quant and serve environments and the signing key. Idempotent.
 setup:
@@ -49,8 +49,15 @@ approve: setup
 	$(SLIPWAY) rollout approve $(MODEL)
 
 ## test: the test suite (unit and integration against the real parts).
-test: setup
+test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## lint: ruff (lint and format), the import-layer contract, and the README's command reference
+lint: setup
+	$(ENVS)/core/bin/ruff check .
+	$(ENVS)/core/bin/ruff format --check .
+	$(ENVS)/core/bin/lint-imports
+	$(ENVS)/core/bin/cog --check README.md
 
 ## stress: the heavy fault, overload, fuzzing and crash-and-resume tests (marker `stress`; not in make test)
 stress: setup

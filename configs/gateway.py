@@ -1,7 +1,7 @@
 """The gateway config (configs/gateway.yaml): routes, tenants, limits, usage log, resilience.
 
 Secrets never appear here: tenant keys and the admin token are stored as sha256 hex digests
-(`python -m serving.keys new TENANT` prints a key once, with the hash to paste here).
+(`slipway keys new TENANT` prints a key once, with the hash to paste here).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def _check_sha256_hex(value: str, what: str) -> str:
     if not _SHA256_HEX.match(value):
         raise ValueError(
             f"{what} must be the 64-character lowercase sha256 hex digest of the secret "
-            "(never the secret itself); `python -m serving.keys new NAME` prints one"
+            "(never the secret itself); `slipway keys new NAME` prints one"
         )
     return value
 

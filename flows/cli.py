@@ -39,7 +39,7 @@ def cli() -> None:
     "--model-configs",
     type=click.Path(file_okay=False, path_type=Path),
     default=MODEL_CONFIGS,
-    show_default=True,
+    show_default="configs/models",
     help="where a champion's `serving` section comes from (the config of its name)",
 )
 @click.option("--prefect-port", default=4200, show_default=True)
@@ -54,7 +54,7 @@ def cli() -> None:
     "--prefect-file",
     type=click.Path(dir_okay=False, path_type=Path),
     default=REPO / "prefect.yaml",
-    show_default=True,
+    show_default="prefect.yaml",
     help="the deployments to register (entrypoints relative to the checkout)",
 )
 @click.option(
@@ -167,7 +167,9 @@ def rollout() -> None:
 @rollout.command("run")
 @click.argument("model")
 @click.argument("candidate")
-@click.option("--policy", default=str(DEFAULT_POLICY), show_default=True)
+@click.option(
+    "--policy", default=str(DEFAULT_POLICY), show_default="configs/rollout/default.yaml"
+)
 @click.option("--gateway-url", default=None, help="default: the gateway `make up` started")
 @click.option("--candidate-url", default=None, help="serve the canary from this running server")
 def rollout_run(
@@ -406,7 +408,7 @@ def loadgen_run(
     **fields: Any,
 ) -> None:
     """Run one profile and write report.json and report.png to --out."""
-    from evaluation.loadgen import run_profile
+    from evaluation.loadgen.client import run_profile
 
     profile = load_profile(
         mode=mode,
@@ -451,7 +453,7 @@ def loadgen_compare(
 ) -> None:
     """Run this generator and `vllm bench serve` side by side on the same prompts (at
     concurrency c, c times --num-prompts)."""
-    from evaluation.loadgen import compare_with_vllm_bench
+    from evaluation.benchmarks.vllm_bench import compare_with_vllm_bench
 
     profile = load_profile(mode="sweep", concurrency=concurrency, **fields)
     try:
@@ -504,7 +506,7 @@ def bench_gateway(duration: int, skip_litellm: bool) -> None:
     "policy_path",
     type=click.Path(dir_okay=False, path_type=Path),
     default=DEFAULT_POLICY,
-    show_default=True,
+    show_default="configs/rollout/default.yaml",
     help="rollout policy YAML",
 )
 @click.option(
@@ -551,7 +553,7 @@ def bench_drift(rows: int, out: Path | None) -> None:
     "--config",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=MODEL_CONFIGS / "smollm2-135m.yaml",
-    show_default=True,
+    show_default="configs/models/smollm2-135m.yaml",
 )
 @click.option("--concurrency", default="1,4", callback=levels, show_default=True)
 @click.option(
@@ -578,6 +580,26 @@ def bench_mock_upstream(port: int, chunks: int, delay_s: float, chunk_delay_s: f
     from evaluation.benchmarks import mock_upstream
 
     mock_upstream.run(port, chunks, delay_s, chunk_delay_s)
+
+
+def help_text(group: click.Group) -> str:
+    """Every command's --help as markdown: the README's command reference (cog writes it, and
+    `cog --check` fails the tests when it is stale). The width is fixed so it renders the same
+    on any terminal."""
+    parts: list[str] = []
+
+    def walk(command: click.Command, name: str, parent: click.Context | None) -> None:
+        ctx = click.Context(
+            command, info_name=name, parent=parent, terminal_width=100, max_content_width=100
+        )
+        title = ctx.command_path
+        parts.append(f"### `{title}`\n\n```text\n{command.get_help(ctx)}\n```\n")
+        if isinstance(command, click.Group):
+            for sub in command.list_commands(ctx):
+                walk(command.get_command(ctx, sub), sub, ctx)
+
+    walk(group, "slipway", None)
+    return "\n".join(parts)
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ A regression beyond noise tags the run status=regressed, emits "slipway.regressi
 the reasons, and, after everything is logged, fails the flow run so that notifications fire. So
 does a champion that cannot be checked (refused by the serving checks, or not measurable).
 
-    python -m flows.regression [model]
+    slipway regression [MODEL]
 """
 
 from __future__ import annotations

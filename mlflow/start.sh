@@ -3,7 +3,7 @@
 #   mlflow/start.sh [--port 5000] [--host 127.0.0.1]
 # Store: sqlite under $SLIPWAY_HOME/mlflow by default; set SLIPWAY_MLFLOW_BACKEND to a PostgreSQL URL
 # (postgresql://user@host:5432/db) for the production profile: nothing else changes.
-# Lean settings (FIELD-NOTES): no job execution, one worker: ~11 s and ~0.5 GB instead of ~60 s and 2.6 GB.
+# Lean settings, measured on a 2-core machine: no job execution, one worker: ~11 s and ~0.5 GB instead of ~60 s and 2.6 GB.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 home=${SLIPWAY_HOME:-$here/.slipway}

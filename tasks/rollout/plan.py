@@ -82,7 +82,7 @@ def preconditions(registry: Registry, admin: GatewayAdmin, model: str, candidate
     if canaries := [b["version"] for b in route["backends"] if b["role"] == "canary"]:
         raise RolloutRefused(
             f"the gateway already routes {model} to canary v{', v'.join(canaries)}: another "
-            f"rollout is running or was cut off; `python -m flows.rollout rollback {model}` "
+            f"rollout is running or was cut off; `slipway rollout rollback {model}` "
             "withdraws it"
         )
     stable = tuple(b for b in route["backends"] if b["weight"] > 0)

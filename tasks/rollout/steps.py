@@ -135,8 +135,8 @@ def judge_step(
             paused = True
             steer.on_pause(index, stage, analysis)
             steer.say(
-                f"step {index + 1} paused, {why}: approve with `python -m flows.rollout approve "
-                f"{model}` or roll back with `python -m flows.rollout rollback {model}`"
+                f"step {index + 1} paused, {why}: approve with `slipway rollout approve "
+                f"{model}` or roll back with `slipway rollout rollback {model}`"
             )  # fmt: skip
 
 

@@ -1,6 +1,6 @@
 """Crash and resume: the release flow SIGKILLed at its stages, then run again until it finishes.
 
-The flow runs as its own process (`python -m flows.release`) against the session's Prefect server;
+The flow runs as its own process (`slipway release`) against the session's Prefect server;
 the test watches its task runs through the Prefect API and kills the process group when a stage
 is reached: during the bf16 trial (evaluation), right after the bf16 registration (before its
 evaluation run is logged), and during the fp8 build (quantize). The last run must finish with every
