@@ -2,7 +2,8 @@
 
   GET  /admin/routes                      every route
   GET  /admin/routes/{model}              one route: its backends and weights
-  PUT  /admin/routes/{model}              replace the route: {"backends": [BackendSpec + expected_digest]}
+  PUT  /admin/routes/{model}              replace the route:
+                                          {"backends": [BackendSpec + expected_digest]}
   POST /admin/routes/{model}/weights      {"weights": {"<version>": 90, "<version>": 10},
                                            "audience": "everyone" | "opted_in" (optional)}
   GET  /admin/stats/{model}?samples=true  live statistics per backend since the last reset
@@ -23,17 +24,19 @@ from pydantic import BaseModel, Field, FiniteFloat, ValidationError, model_valid
 from starlette.requests import Request
 from starlette.responses import Response
 
-from configs.gateway import BackendSpec, RouteSpec
+from configs.gateway import BackendSpec, BreakerSpec, RouteSpec
 from configs.loader import Strict, describe
 from serving.gateway.codec import JSONDecodeError, dumps, loads
 from serving.gateway.errors import BadRequest, NotFound
-from serving.gateway.routing import Audience
+from serving.gateway.routing import Audience, CurrentTable, Route
 
 log = logging.getLogger("serving.gateway")
 
+_DIGEST_MISMATCH = "differs from the registered digest"
+
 
 class RegisteredBackend(BackendSpec):
-    """A backend as the rollout flow adds it: with the digest the registry holds for that version."""
+    """A backend as the rollout flow adds it, with the digest the registry holds for its version."""
 
     expected_digest: str = Field(description="the registered digest; must equal `digest`")
 
@@ -41,16 +44,18 @@ class RegisteredBackend(BackendSpec):
     def _digest_matches(self) -> RegisteredBackend:
         if self.digest != self.expected_digest:
             raise ValueError(
-                f"backend '{self.version}': loaded digest {self.digest} differs from the registered "
-                f"digest {self.expected_digest}; refusing to serve it"
+                f"backend '{self.version}': loaded digest {self.digest} {_DIGEST_MISMATCH} "
+                f"{self.expected_digest}; refusing to serve it"
             )
         return self
 
 
-class RouteUpdate(Strict):    backends: tuple[RegisteredBackend, ...] = Field(min_length=1)
+class RouteUpdate(Strict):
+    backends: tuple[RegisteredBackend, ...] = Field(min_length=1)
 
 
-class WeightsUpdate(Strict):    # Finite: a NaN weight passes every comparison and left a route with nothing to choose.
+class WeightsUpdate(Strict):
+    # Finite: a NaN weight passes every comparison and left a route with nothing to choose.
     weights: dict[str, FiniteFloat] = Field(min_length=1)
     audience: Audience | None = Field(
         None, description="'opted_in': only tenants with canary: in reach canaries; None keeps it"
@@ -73,86 +78,93 @@ async def _payload(request: Request, schema: type[BaseModel]) -> BaseModel:
         raise BadRequest(
             f"invalid {schema.__name__}:\n{describe(e)}",
             param=".".join(str(p) for p in first["loc"]) or None,
-            code="digest_mismatch" if "differs from the registered digest" in str(e) else "invalid_request",
+            code="digest_mismatch" if _DIGEST_MISMATCH in str(e) else "invalid_request",
         ) from None
 
 
-def _route(request: Request):
-    gateway = request.state.gateway
-    model = request.path_params["model"]
-    route = gateway.table.get(model)
-    if route is None:
-        raise NotFound(f"no route for model '{model}'; create it with PUT /admin/routes/{model}", param="model")
-    return gateway, route
+class AdminAPI:
+    """The admin endpoints, over the routing table they read and replace."""
 
+    def __init__(self, current: CurrentTable, breaker: BreakerSpec, samples: int) -> None:
+        self.current = current
+        self.breaker = breaker  # for the backends a route change adds
+        self.samples = samples
 
-async def list_routes(request: Request) -> Response:
-    table = request.state.gateway.table
-    return _json({"routes": [r.describe() for r in table.routes.values()]})
+    def _route(self, request: Request) -> Route:
+        model = request.path_params["model"]
+        route = self.current.table.get(model)
+        if route is None:
+            raise NotFound(
+                f"no route for model '{model}'; create it with PUT /admin/routes/{model}",
+                param="model",
+            )
+        return route
 
+    async def list_routes(self, request: Request) -> Response:
+        return _json({"routes": [r.describe() for r in self.current.table.routes.values()]})
 
-async def get_route(request: Request) -> Response:
-    _, route = _route(request)
-    return _json(route.describe())
+    async def get_route(self, request: Request) -> Response:
+        return _json(self._route(request).describe())
 
-
-async def put_route(request: Request) -> Response:
-    gateway = request.state.gateway
-    model = request.path_params["model"]
-    update = await _payload(request, RouteUpdate)
-    specs = tuple(
-        BackendSpec.model_validate(b.model_dump(exclude={"expected_digest"})) for b in update.backends
-    )
-    try:
-        spec = RouteSpec(model=model, backends=specs)
-    except ValidationError as e:
-        raise BadRequest(f"invalid route for '{model}':\n{describe(e)}", param="backends") from None
-    # Built and swapped with no await in between: one atomic change.
-    route = gateway.table.build_route(spec, gateway.breaker, gateway.samples)
-    gateway.table = gateway.table.with_route(route)
-    for backend in route.backends:
-        backend.reset_stats()
-    log.info("route '%s' set: %s", model, _weights_text(route))
-    return _json(route.describe())
-
-
-async def set_weights(request: Request) -> Response:
-    gateway, route = _route(request)
-    update = await _payload(request, WeightsUpdate)
-    known = {b.version for b in route.backends}
-    if unknown := sorted(set(update.weights) - known):
-        raise BadRequest(
-            f"route '{route.model}' has no backend {unknown}; its versions are {sorted(known)}",
-            param="weights",
+    async def put_route(self, request: Request) -> Response:
+        model = request.path_params["model"]
+        update = await _payload(request, RouteUpdate)
+        specs = tuple(
+            BackendSpec.model_validate(b.model_dump(exclude={"expected_digest"}))
+            for b in update.backends
         )
-    if any(w < 0 for w in update.weights.values()):
-        raise BadRequest("weights must be 0 or more", param="weights")
-    new = [update.weights.get(b.version, w) for b, w in zip(route.backends, route.weights)]
-    if sum(new) <= 0:
-        raise BadRequest("at least one backend needs a weight above 0", param="weights")
-    # Re-read the table: no await since _route, so this is still the table the check saw.
-    gateway.table = gateway.table.with_weights(route.model, update.weights, update.audience)
-    new_route = gateway.table.get(route.model)
-    for backend in new_route.backends:
-        backend.reset_stats()
-    log.info("weights of '%s' set: %s", route.model, _weights_text(new_route))
-    return _json(new_route.describe())
+        try:
+            spec = RouteSpec(model=model, backends=specs)
+        except ValidationError as e:
+            raise BadRequest(
+                f"invalid route for '{model}':\n{describe(e)}", param="backends"
+            ) from None
+        # Built and swapped with no await in between: one atomic change.
+        current = self.current
+        route = current.table.build_route(spec, self.breaker, self.samples)
+        current.table = current.table.with_route(route)
+        for backend in route.backends:
+            backend.reset_stats()
+        log.info("route '%s' set: %s", model, _weights_text(route))
+        return _json(route.describe())
+
+    async def set_weights(self, request: Request) -> Response:
+        self._route(request)  # an unknown model is a 404 before the body is read
+        update = await _payload(request, WeightsUpdate)
+        # The route as it is now: no await from here to the swap, so the checks see what changes.
+        route = self._route(request)
+        known = {b.version for b in route.backends}
+        if unknown := sorted(set(update.weights) - known):
+            raise BadRequest(
+                f"route '{route.model}' has no backend {unknown}; its versions are {sorted(known)}",
+                param="weights",
+            )
+        if any(w < 0 for w in update.weights.values()):
+            raise BadRequest("weights must be 0 or more", param="weights")
+        pairs = zip(route.backends, route.weights, strict=True)
+        if sum(update.weights.get(b.version, w) for b, w in pairs) <= 0:
+            raise BadRequest("at least one backend needs a weight above 0", param="weights")
+        current = self.current
+        current.table = current.table.with_weights(route.model, update.weights, update.audience)
+        new_route = current.table.routes[route.model]
+        for backend in new_route.backends:
+            backend.reset_stats()
+        log.info("weights of '%s' set: %s", route.model, _weights_text(new_route))
+        return _json(new_route.describe())
+
+    async def get_stats(self, request: Request) -> Response:
+        route = self._route(request)
+        samples = request.query_params.get("samples", "").lower() in ("1", "true", "yes")
+        return _json(_stats(route, samples))
+
+    async def reset_stats(self, request: Request) -> Response:
+        route = self._route(request)
+        for backend in route.backends:
+            backend.reset_stats()
+        return _json(_stats(route, False))
 
 
-async def get_stats(request: Request) -> Response:
-    _, route = _route(request)
-    samples = request.query_params.get("samples", "").lower() in ("1", "true", "yes")
-    return _json(_stats(route, samples))
-
-
-async def reset_stats(request: Request) -> Response:
-    _, route = _route(request)
-    for backend in route.backends:
-        backend.reset_stats()
-    return _json(_stats(route, False))
-
-
-def _stats(route, samples: bool) -> dict:
+def _stats(route: Route, samples: bool) -> dict[str, Any]:
     return {
         "model": route.model,
         "audience": route.audience,
@@ -167,11 +179,11 @@ def _stats(route, samples: bool) -> dict:
                 **b.stats.snapshot(samples),
                 "synthetic": b.synthetic_stats.snapshot(samples),
             }
-            for b, w in zip(route.backends, route.weights)
+            for b, w in zip(route.backends, route.weights, strict=True)
         ],
     }
 
 
-def _weights_text(route) -> str:
-    return ", ".join(f"{b.version}({b.role})={w:g}" for b, w in zip(route.backends, route.weights))
-
+def _weights_text(route: Route) -> str:
+    pairs = zip(route.backends, route.weights, strict=True)
+    return ", ".join(f"{b.version}({b.role})={w:g}" for b, w in pairs)

@@ -1,107 +1,89 @@
-"""The gateway application: routes, the middleware order, and the state built in lifespan.
+"""The gateway application: its parts, what each layer is given, and the order requests pass in.
 
 Request path, outermost first:
-  UsageMiddleware    opens the request's Exchange; logs it when done
-  MetricsMiddleware  counts the response by tenant and status
-  ErrorMiddleware    renders GatewayError in the OpenAI error shape
-  AuthMiddleware     tenant key on /v1, admin token on /admin
+  UsageMiddleware      opens the request's Exchange; hands it to the usage log when done
+  MetricsMiddleware    counts the response by tenant and status
+  ErrorMiddleware      renders GatewayError in the OpenAI error shape
+  AuthMiddleware       tenant key on /v1, admin token on /admin
   RateLimitMiddleware  admits against the tenant's limits; charges tokens afterwards
-  router             completions (raw ASGI) / models / health / ready / metrics / admin
+  router               completions (raw ASGI) / models / health / ready / metrics / admin
+
+build_app makes every part without I/O and gives each middleware and endpoint the parts it uses,
+as Starlette's own middleware takes its options. Lifespan only opens them (connections and tasks
+belong to the event loop that serves the requests) and closes them again.
 """
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from functools import partial
 
-from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from configs.gateway import BreakerSpec, GatewayConfig, TenantSpec
+from configs.gateway import GatewayConfig
 from configs.home import Home
-from serving.gateway import admin, routes
+from serving.gateway.admin import AdminAPI
 from serving.gateway.auth import AuthMiddleware
 from serving.gateway.errors import ErrorMiddleware, http_exception_handler
 from serving.gateway.limits import Limiter, LocalLimiter, RateLimitMiddleware, RedisLimiter
-from serving.gateway.metrics import MetricsMiddleware, metrics, registry_for
+from serving.gateway.metrics import (
+    GatewayCollector,
+    MetricsMiddleware,
+    Responses,
+    metrics,
+    registry_for,
+)
 from serving.gateway.proxy import Upstream
-from serving.gateway.routing import RoutingTable, table_from
+from serving.gateway.routes import Completions, Models, health
+from serving.gateway.routing import CurrentTable, table_from
 from serving.gateway.usage import UsageLog, UsageMiddleware, default_url, sink_for
 
 
-@dataclass(eq=False)
-class GatewayState:
-    """Everything a request needs, built once per application in lifespan."""
-
-    tenants: dict[str, TenantSpec]  # by key hash
-    admin_hash: str
-    canary_default: str
-    max_body_bytes: int
-    breaker: BreakerSpec
-    samples: int
-    table: RoutingTable  # replaced whole by the admin API, never mutated
-    upstream: Upstream
-    limiter: Limiter
-    usage: UsageLog
-    created: int = field(default_factory=lambda: int(time.time()))
-    responses: Counter = field(default_factory=Counter)
-    registry: CollectorRegistry | None = None
-
-
-async def open_state(config: GatewayConfig, home: Home | None) -> GatewayState:
+def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
+    """The gateway for `config`; its usage log defaults to SQLite under `home`."""
+    current = CurrentTable(table_from(config.routes, config.breaker, config.stats.samples))
     upstream = Upstream(config.timeouts)
     limiter: Limiter = (
         RedisLimiter(config.redis_url, config.redis_prefix) if config.redis_url else LocalLimiter()
     )
     usage = UsageLog(sink_for(config.usage.url or default_url(home)), config.usage)
-    state = GatewayState(
-        tenants={t.key_sha256: t for t in config.tenants},
-        admin_hash=config.admin_token_sha256,
-        canary_default=config.canary_default,
-        max_body_bytes=config.max_body_bytes,
-        breaker=config.breaker,
-        samples=config.stats.samples,
-        table=table_from(config.routes, config.breaker, config.stats.samples),
-        upstream=upstream,
-        limiter=limiter,
-        usage=usage,
-    )
-    state.registry = registry_for(state)
-    await upstream.open()
-    await usage.start()
-    return state
+    responses: Responses = Counter()
+    registry = registry_for(GatewayCollector(current, responses, usage))
+    tenants = {t.key_sha256: t for t in config.tenants}
 
-
-async def close_state(state: GatewayState) -> None:
-    await state.usage.close()
-    await state.upstream.close()
-    await state.limiter.close()
-
-
-def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[dict]:
-        state = await open_state(config, home)
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await upstream.open()
+        await limiter.open()
+        await usage.start()
         try:
-            yield {"gateway": state}
+            yield
         finally:
-            await close_state(state)
+            await usage.close()
+            await upstream.close()
+            await limiter.close()
 
+    def completions(endpoint: str) -> Completions:
+        return Completions(
+            endpoint, current, upstream, config.canary_default, config.max_body_bytes
+        )
+
+    models = Models(current)
+    admin = AdminAPI(current, config.breaker, config.stats.samples)
     return Starlette(
         routes=[
-            Route("/v1/chat/completions", routes.Completions("chat"), methods=["POST"]),
-            Route("/v1/completions", routes.Completions("completions"), methods=["POST"]),
-            Route("/v1/models", routes.list_models, methods=["GET"]),
-            Route("/v1/models/{model:path}", routes.get_model, methods=["GET"]),
-            Route("/health", routes.health, methods=["GET"]),
-            Route("/ready", routes.ready, methods=["GET"]),
-            Route("/metrics", metrics, methods=["GET"]),
+            Route("/v1/chat/completions", completions("chat"), methods=["POST"]),
+            Route("/v1/completions", completions("completions"), methods=["POST"]),
+            Route("/v1/models", models.list, methods=["GET"]),
+            Route("/v1/models/{model:path}", models.get, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/ready", models.ready, methods=["GET"]),
+            Route("/metrics", partial(metrics, registry), methods=["GET"]),
             Route("/admin/routes", admin.list_routes, methods=["GET"]),
             Route("/admin/routes/{model:path}/weights", admin.set_weights, methods=["POST"]),
             Route("/admin/routes/{model:path}", admin.get_route, methods=["GET"]),
@@ -110,11 +92,11 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
             Route("/admin/stats/{model:path}", admin.get_stats, methods=["GET"]),
         ],
         middleware=[
-            Middleware(UsageMiddleware),
-            Middleware(MetricsMiddleware),
+            Middleware(UsageMiddleware, usage=usage),
+            Middleware(MetricsMiddleware, responses=responses),
             Middleware(ErrorMiddleware),
-            Middleware(AuthMiddleware),
-            Middleware(RateLimitMiddleware),
+            Middleware(AuthMiddleware, tenants=tenants, admin_hash=config.admin_token_sha256),
+            Middleware(RateLimitMiddleware, limiter=limiter),
         ],
         exception_handlers={HTTPException: http_exception_handler},
         lifespan=lifespan,

@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Mapping
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from configs.gateway import TenantSpec
 from serving.gateway.errors import Forbidden, Unauthorized
 
 
@@ -38,35 +40,39 @@ def bearer(scope: Scope) -> bytes | None:
 
 _MISSING = (
     "no API key: send `Authorization: Bearer <key>` (the key your operator gave you, "
-    "made with `python -m serving.keys new TENANT`)"
+    "made with `slipway keys new TENANT`)"
 )
 
 
 class AuthMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    """Names the tenant of a /v1 request by its key; lets only the admin token into /admin."""
+
+    def __init__(self, app: ASGIApp, tenants: Mapping[str, TenantSpec], admin_hash: str) -> None:
         self.app = app
+        self.tenants = tenants  # by the sha256 of their key
+        self.admin_hash = admin_hash
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(("/v1/", "/admin/")):
             await self.app(scope, receive, send)
             return
-        gateway = scope["state"]["gateway"]
         token = bearer(scope)
         if token is None:
             raise Unauthorized(_MISSING, code="missing_api_key")
         digest = hashlib.sha256(token).hexdigest()
         if scope["path"].startswith("/admin/"):
-            if not hmac.compare_digest(digest, gateway.admin_hash):
-                if digest in gateway.tenants:
+            if not hmac.compare_digest(digest, self.admin_hash):
+                if digest in self.tenants:
                     raise Forbidden(
                         "admin routes need the admin token; tenant API keys are not accepted here"
                     )
                 raise Unauthorized("invalid admin token", code="invalid_admin_token")
         else:
-            tenant = gateway.tenants.get(digest)
+            tenant = self.tenants.get(digest)
             if tenant is None:
-                raise Unauthorized("invalid API key; check the key or ask your operator for a new one")
-            scope["slipway.tenant"] = tenant
+                raise Unauthorized(
+                    "invalid API key; check the key or ask your operator for a new one"
+                )
             exchange = scope.get("slipway.exchange")
             if exchange is not None:
                 exchange.tenant = tenant

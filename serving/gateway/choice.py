@@ -24,12 +24,23 @@ def session_point(session: str) -> float:
 
 
 def _at(pick: Pick, point: float) -> Backend:
-    return pick.backends[min(bisect_right(pick.cumulative, point * pick.total), len(pick.backends) - 1)]
+    index = bisect_right(pick.cumulative, point * pick.total)
+    return pick.backends[min(index, len(pick.backends) - 1)]
 
 
 def point_for(session: str | None) -> float:
     """The request's point in [0, 1): fixed for a session, random otherwise."""
     return session_point(session) if session is not None else random.random()
+
+
+def takes_canary(route: Route, tenant_canary: str | None, default: str) -> bool:
+    """Whether a tenant's request may land on a canary: its own choice, else the default.
+
+    In a rollout's tenant-first stage (audience "opted_in") only tenants that chose "in" do.
+    """
+    if route.audience == "opted_in":
+        return tenant_canary == "in"
+    return (tenant_canary or default) == "in"
 
 
 def choose(route: Route, point: float, canary: bool) -> Backend:
@@ -49,7 +60,7 @@ def fallback(route: Route, failed: Backend, point: float, now: float) -> Backend
     """A stable backend other than `failed` with a closed circuit (same point, fewer choices)."""
     healthy = [
         (b, w)
-        for b, w in zip(route.stable.backends, _weights(route.stable))
+        for b, w in zip(route.stable.backends, _weights(route.stable), strict=True)
         if b is not failed and b.breaker.opened_at is None
     ]
     if healthy:

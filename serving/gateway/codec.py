@@ -1,4 +1,5 @@
-"""JSON for the hot path: orjson when installed (several times faster), else the standard library."""
+"""JSON for the hot path: orjson when installed (several times faster), else the standard
+library."""
 
 from __future__ import annotations
 

@@ -108,7 +108,7 @@ def render(error: GatewayError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
 
 
 class ErrorMiddleware:
-    """Renders GatewayError raised by the layers inside it; unexpected errors become a logged 500."""
+    """Renders GatewayError raised by the layers inside it; other errors become a logged 500."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -124,7 +124,8 @@ class ErrorMiddleware:
         except Exception:
             # Logs the path and the traceback only: headers (and so keys) are never logged.
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
-            await self._send(scope, send, GatewayError("internal gateway error; see the gateway log"))
+            error = GatewayError("internal gateway error; see the gateway log")
+            await self._send(scope, send, error)
 
     @staticmethod
     async def _send(scope: Scope, send: Send, error: GatewayError) -> None:

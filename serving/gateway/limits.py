@@ -20,7 +20,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -40,7 +42,7 @@ def _month(now: float) -> str:
 
 def _seconds_to_next_month(now: float) -> int:
     d = datetime.fromtimestamp(now, UTC)
-    nxt = datetime(d.year + (d.month == 12), d.month % 12 + 1, 1, tzinfo=UTC)
+    nxt = datetime(d.year + d.month // 12, d.month % 12 + 1, 1, tzinfo=UTC)
     return max(1, int(nxt.timestamp() - now))
 
 
@@ -98,9 +100,19 @@ class _Account:
         self.spent = 0
 
 
+class Limiter(Protocol):
+    """Admits requests and charges tokens against tenant limits (RateLimitMiddleware's store)."""
+
+    async def open(self) -> None: ...
+    async def admit(self, tenant: TenantSpec) -> None: ...
+    async def charge(self, tenant: TenantSpec, tokens: int) -> None: ...
+    async def close(self) -> None: ...
+
+
 class LocalLimiter:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._accounts: dict[str, _Account] = {}
+        self._clock = clock  # unix seconds; the tests step it by hand
 
     def _account(self, tenant: TenantSpec) -> _Account:
         account = self._accounts.get(tenant.name)
@@ -108,12 +120,15 @@ class LocalLimiter:
             account = self._accounts[tenant.name] = _Account()
         return account
 
+    async def open(self) -> None:
+        return None
+
     async def admit(self, tenant: TenantSpec) -> None:
         # No await in here: the check and the take are one step on the event loop.
         if tenant.rpm is None and tenant.tpm is None and tenant.monthly_token_budget is None:
             return
         account = self._account(tenant)
-        now = time.time()
+        now = self._clock()
         now_s = int(now)
         if tenant.monthly_token_budget is not None:
             month = _month(now)
@@ -132,7 +147,7 @@ class LocalLimiter:
         if tokens <= 0 or (tenant.tpm is None and tenant.monthly_token_budget is None):
             return
         account = self._account(tenant)
-        now = time.time()
+        now = self._clock()
         account.tokens.add(int(now), tokens)
         month = _month(now)
         if account.month != month:
@@ -143,7 +158,8 @@ class LocalLimiter:
         return None
 
 
-# KEYS: requests hash, tokens hash (second -> count), budget counter. ARGV: rpm, tpm, budget (0 = none).
+# KEYS: requests hash, tokens hash (second -> count), budget counter.
+# ARGV: rpm, tpm, budget (0 = none).
 _ADMIT = """
 local now = tonumber(redis.call('TIME')[1])
 local horizon = now - 60
@@ -196,10 +212,18 @@ return 1
 
 class RedisLimiter:
     def __init__(self, url: str, prefix: str) -> None:
-        # A bounded pool that makes callers wait for a free connection instead of failing.
-        self._pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=64, timeout=5)
-        self._redis = aioredis.Redis(connection_pool=self._pool)
+        self._url = url
         self._prefix = prefix
+        self._pool: aioredis.BlockingConnectionPool | None = None
+        self._redis: aioredis.Redis | None = None
+
+    async def open(self) -> None:
+        # Connections belong to the event loop that serves requests, so they are made in it.
+        # A bounded pool makes callers wait for a free connection instead of failing.
+        self._pool = aioredis.BlockingConnectionPool.from_url(
+            self._url, max_connections=64, timeout=5
+        )
+        self._redis = aioredis.Redis(connection_pool=self._pool)
         self._admit = self._redis.register_script(_ADMIT)
         self._charge = self._redis.register_script(_CHARGE)
 
@@ -230,28 +254,33 @@ class RedisLimiter:
         try:
             await self._charge(keys=[tpm_key, budget_key], args=args)
         except RedisError as e:
-            log.error("rate-limit store unreachable, %d tokens of '%s' not charged: %s", tokens, tenant.name, e)
+            log.error(
+                "rate-limit store unreachable, %d tokens of '%s' not charged: %s",
+                tokens,
+                tenant.name,
+                e,
+            )
 
     async def close(self) -> None:
-        await self._redis.aclose()
-        await self._pool.disconnect()
-
-
-Limiter = LocalLimiter | RedisLimiter
+        if self._redis is not None:
+            await self._redis.aclose()
+            await self._pool.disconnect()
+            self._redis = self._pool = None
 
 
 class RateLimitMiddleware:
     """Admits an API request against its tenant's limits; charges its tokens when it is done."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, limiter: Limiter) -> None:
         self.app = app
+        self.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = scope.get("slipway.exchange")
         if exchange is None or exchange.tenant is None:
             await self.app(scope, receive, send)
             return
-        limiter: Limiter = scope["state"]["gateway"].limiter
+        limiter = self.limiter
         tenant = exchange.tenant
         await limiter.admit(tenant)
         try:

@@ -6,6 +6,7 @@ scrape time (a custom collector), so the hot path pays only for plain attribute 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -15,16 +16,21 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from serving.gateway.routing import CurrentTable
 from serving.gateway.stats import LATENCY_BUCKETS, Histogram
+from serving.gateway.usage import UsageLog
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+Responses = Counter[tuple[str, int]]  # (tenant name, HTTP status) -> responses; only grows
 
 
 class MetricsMiddleware:
     """Counts each API response by tenant and status code once it is done."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, responses: Responses) -> None:
         self.app = app
+        self.responses = responses
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = scope.get("slipway.exchange")
@@ -35,46 +41,64 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
         finally:
             tenant = exchange.tenant.name if exchange.tenant else ""
-            scope["state"]["gateway"].responses[(tenant, exchange.status or 499)] += 1
+            self.responses[(tenant, exchange.status or 499)] += 1
 
 
 class GatewayCollector(Collector):
-    def __init__(self, gateway) -> None:
-        self.gateway = gateway
+    """Reads the gateway's counts at scrape time: responses, every backend, the usage log."""
+
+    def __init__(self, current: CurrentTable, responses: Responses, usage: UsageLog) -> None:
+        self.current = current
+        self.responses = responses
+        self.usage = usage
 
     def collect(self) -> Iterator:
-        g = self.gateway
         responses = CounterMetricFamily(
-            "slipway_gateway_responses", "API responses by tenant and HTTP status", labels=["tenant", "code"]
+            "slipway_gateway_responses",
+            "API responses by tenant and HTTP status",
+            labels=["tenant", "code"],
         )
-        for (tenant, code), n in sorted(g.responses.items()):
+        for (tenant, code), n in sorted(self.responses.items()):
             responses.add_metric([tenant, str(code)], n)
         yield responses
 
         labels = ["model", "version", "role"]
-        requests = CounterMetricFamily("slipway_gateway_backend_requests", "Attempts sent to a backend", labels=labels)
-        errors = CounterMetricFamily(
-            "slipway_gateway_backend_errors", "Attempts that failed (5xx, timeout, unreachable, broken stream)",
-            labels=labels,
-        )  # fmt: skip
-        tokens = CounterMetricFamily(
-            "slipway_gateway_backend_tokens", "Tokens reported by a backend", labels=[*labels, "kind"]
+        requests = CounterMetricFamily(
+            "slipway_gateway_backend_requests", "Attempts sent to a backend", labels=labels
         )
-        inflight = GaugeMetricFamily("slipway_gateway_backend_inflight", "Requests in flight", labels=labels)
-        weight = GaugeMetricFamily("slipway_gateway_backend_weight", "Routing weight", labels=labels)
+        errors = CounterMetricFamily(
+            "slipway_gateway_backend_errors",
+            "Attempts that failed (5xx, timeout, unreachable, broken stream)",
+            labels=labels,
+        )
+        tokens = CounterMetricFamily(
+            "slipway_gateway_backend_tokens",
+            "Tokens reported by a backend",
+            labels=[*labels, "kind"],
+        )
+        inflight = GaugeMetricFamily(
+            "slipway_gateway_backend_inflight", "Requests in flight", labels=labels
+        )
+        weight = GaugeMetricFamily(
+            "slipway_gateway_backend_weight", "Routing weight", labels=labels
+        )
         circuit = GaugeMetricFamily(
-            "slipway_gateway_backend_circuit_open", "1 while the backend's circuit is open", labels=labels
+            "slipway_gateway_backend_circuit_open",
+            "1 while the backend's circuit is open",
+            labels=labels,
         )
         hists = {
-            name: HistogramMetricFamily(f"slipway_gateway_backend_{name}_seconds", help_, labels=labels)
+            name: HistogramMetricFamily(
+                f"slipway_gateway_backend_{name}_seconds", help_, labels=labels
+            )
             for name, help_ in (
                 ("ttft", "Time to first streamed byte, from the attempt's start"),
                 ("itl", "Mean interval between streamed events, per request"),
                 ("e2e", "Attempt start to last byte"),
             )
         }
-        for route in g.table.routes.values():
-            for backend, w in zip(route.backends, route.weights):
+        for route in self.current.table.routes.values():
+            for backend, w in zip(route.backends, route.weights, strict=True):
                 values = [route.model, backend.version, backend.role]
                 s = backend.stats
                 requests.add_metric(values, s.total_requests)
@@ -88,26 +112,32 @@ class GatewayCollector(Collector):
                     hists[name].add_metric(values, _buckets(hist), hist.sum)
         yield from (requests, errors, tokens, inflight, weight, circuit, *hists.values())
 
-        usage = g.usage
+        usage = self.usage
         yield CounterMetricFamily(
-            "slipway_gateway_usage_dropped", "Usage records dropped (buffer full)", value=usage.dropped
+            "slipway_gateway_usage_dropped",
+            "Usage records dropped (buffer full)",
+            value=usage.dropped,
         )
-        yield GaugeMetricFamily("slipway_gateway_usage_pending", "Usage records not yet written", value=usage.depth)
+        yield GaugeMetricFamily(
+            "slipway_gateway_usage_pending", "Usage records not yet written", value=usage.depth
+        )
 
 
 def _buckets(hist: Histogram) -> list[tuple[str, int]]:
     out, running = [], 0
-    for bound, count in zip((*LATENCY_BUCKETS, float("inf")), hist.counts):
+    for bound, count in zip((*LATENCY_BUCKETS, float("inf")), hist.counts, strict=True):
         running += count
         out.append(("+Inf" if bound == float("inf") else repr(bound), running))
     return out
 
 
-def registry_for(gateway) -> CollectorRegistry:
+def registry_for(collector: GatewayCollector) -> CollectorRegistry:
+    """A registry of this gateway's own (not the process-global one, so two apps stay apart)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(GatewayCollector(gateway))
+    registry.register(collector)
     return registry
 
 
-async def metrics(request: Request) -> Response:
-    return Response(generate_latest(request.state.gateway.registry), media_type=CONTENT_TYPE)
+async def metrics(registry: CollectorRegistry, request: Request) -> Response:
+    """GET /metrics (bound to its registry with functools.partial in app.py)."""
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE)

@@ -1,17 +1,25 @@
-"""The OpenAI-compatible endpoints: completions (the hot path, raw ASGI), models, health, ready."""
+"""The OpenAI-compatible endpoints: completions (the hot path, raw ASGI), models, health, ready.
+
+Each endpoint is built with what it reads (the current routing table, the upstream client); the
+request's own record, the Exchange, comes in the scope from UsageMiddleware.
+"""
 
 from __future__ import annotations
 
-from time import monotonic
+import time
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from serving.gateway.choice import choose, fallback, point_for
+from serving.gateway.attempt import Attempt, AttemptFailed
+from serving.gateway.choice import choose, fallback, point_for, takes_canary
 from serving.gateway.codec import dumps
 from serving.gateway.errors import GatewayError, NotFound, TooLarge, Unavailable, UpstreamError
-from serving.gateway.proxy import AttemptFailed
+from serving.gateway.exchange import Exchange
+from serving.gateway.proxy import Upstream
+from serving.gateway.routing import Backend, CurrentTable
 from serving.gateway.validation import parse_request, prompt_text
 
 
@@ -30,7 +38,11 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise GatewayError("client disconnected while sending the request", status=499, code="client_disconnected")
+            raise GatewayError(
+                "client disconnected while sending the request",
+                status=499,
+                code="client_disconnected",
+            )
         body += message.get("body", b"")
         if len(body) > limit:
             raise _too_large(len(body), limit)
@@ -42,48 +54,68 @@ def _too_large(size: int, limit: int) -> TooLarge:
     return TooLarge(f"request body of {size} bytes is over this gateway's limit of {limit} bytes")
 
 
-class Completions:
-    """POST /v1/chat/completions or /v1/completions: check, route, relay; retry a failed canary on stable."""
+def _not_served(model: str, param: str | None = None) -> NotFound:
+    return NotFound(
+        f"model '{model}' is not served here; GET /v1/models lists the models",
+        param=param,
+        code="model_not_found",
+    )
 
-    def __init__(self, endpoint: str) -> None:
+
+def _ask_for_usage(data: dict[str, Any]) -> bool:
+    """Ask a stream for its usage event, so it is counted too; True if the client had not."""
+    options = data.get("stream_options")
+    if options is None:
+        data["stream_options"] = {"include_usage": True}
+        return True
+    if not options.get("include_usage"):
+        options["include_usage"] = True
+        return True
+    return False
+
+
+class Completions:
+    """POST /v1/chat/completions or /v1/completions: check, route, relay; a failed canary is
+    retried once on stable."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        current: CurrentTable,
+        upstream: Upstream,
+        canary_default: str,
+        max_body_bytes: int,
+    ) -> None:
         self.endpoint = endpoint
         self.chat = endpoint == "chat"
+        self.current = current
+        self.upstream = upstream
+        self.canary_default = canary_default
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        gateway = scope["state"]["gateway"]
         exchange = scope["slipway.exchange"]
-        data = parse_request(await read_body(scope, receive, gateway.max_body_bytes), self.endpoint)
+        data = parse_request(await read_body(scope, receive, self.max_body_bytes), self.endpoint)
         model = exchange.model = data["model"]
-        route = gateway.table.get(model)
+        route = self.current.table.get(model)
         if route is None:
-            raise NotFound(
-                f"model '{model}' is not served here; GET /v1/models lists the models",
-                param="model",
-                code="model_not_found",
-            )
+            raise _not_served(model, param="model")
         tenant = exchange.tenant
         if tenant.log_prompts:
             exchange.prompt = prompt_text(data, self.endpoint)
         strip_usage = False
         if data.get("stream"):
             exchange.stream = True
-            # Ask for the usage event so streams are counted too; drop it again if unasked.
-            options = data.get("stream_options")
-            if options is None:
-                data["stream_options"] = {"include_usage": True}
-                strip_usage = True
-            elif not options.get("include_usage"):
-                options["include_usage"] = True
-                strip_usage = True
+            strip_usage = _ask_for_usage(data)
         session = header(scope, b"x-session-id")
-        point = point_for(session.decode("utf-8", "replace") if session is not None else data.get("user"))
-        if route.audience == "opted_in":  # a rollout's tenant-first stage
-            canary = tenant.canary == "in"
-        else:
-            canary = (tenant.canary or gateway.canary_default) == "in"
+        point = point_for(
+            session.decode("utf-8", "replace") if session is not None else data.get("user")
+        )
+        canary = takes_canary(route, tenant.canary, self.canary_default)
         backend = choose(route, point, canary)
         try:
-            await self._attempt(gateway, exchange, backend, data, strip_usage, send, receive)
+            attempt = self._attempt(exchange, backend, data, strip_usage)
+            await self.upstream.forward(attempt, send, receive)
             return
         except AttemptFailed as failure:
             if backend.role != "canary":
@@ -91,23 +123,26 @@ class Completions:
                 return
             first_failure = failure
         try:
-            stable = fallback(route, backend, point, monotonic())
+            stable = fallback(route, backend, point, time.monotonic())
         except Unavailable:
             await _answer_failure(exchange, first_failure, send)
             return
         try:
-            await self._attempt(gateway, exchange, stable, data, strip_usage, send, receive)
+            attempt = self._attempt(exchange, stable, data, strip_usage)
+            await self.upstream.forward(attempt, send, receive)
         except AttemptFailed as failure:
             await _answer_failure(exchange, failure, send)
 
-    async def _attempt(self, gateway, exchange, backend, data, strip_usage, send, receive) -> None:
+    def _attempt(
+        self, exchange: Exchange, backend: Backend, data: dict[str, Any], strip_usage: bool
+    ) -> Attempt:
         exchange.backend = backend
         data["model"] = backend.served_model
         url = backend.url_chat if self.chat else backend.url_completions
-        await gateway.upstream.forward(exchange, backend, url, dumps(data), strip_usage, send, receive)
+        return Attempt(exchange, backend, url, dumps(data), strip_usage)
 
 
-async def _answer_failure(exchange, failure: AttemptFailed, send: Send) -> None:
+async def _answer_failure(exchange: Exchange, failure: AttemptFailed, send: Send) -> None:
     """A backend's own error answer passes through unchanged; a missing answer becomes 502/504."""
     if failure.status is None:
         status = 504 if failure.kind == "upstream_timeout" else 502
@@ -127,36 +162,39 @@ def _json(data: object, status: int = 200) -> Response:
     return Response(dumps(data), status, media_type="application/json")
 
 
-def _model_entry(name: str, created: int) -> dict:
-    return {"id": name, "object": "model", "created": created, "owned_by": "slipway"}
-
-
-async def list_models(request: Request) -> Response:
-    gateway = request.state.gateway
-    data = [_model_entry(name, gateway.created) for name in sorted(gateway.table.routes)]
-    return _json({"object": "list", "data": data})
-
-
-async def get_model(request: Request) -> Response:
-    gateway = request.state.gateway
-    name = request.path_params["model"]
-    if gateway.table.get(name) is None:
-        raise NotFound(f"model '{name}' is not served here; GET /v1/models lists the models", code="model_not_found")
-    return _json(_model_entry(name, gateway.created))
-
-
 async def health(request: Request) -> Response:
     return _json({"status": "ok"})
 
 
-async def ready(request: Request) -> Response:
-    """Ready when every model has a stable backend whose circuit is closed."""
-    gateway = request.state.gateway
-    problems = [
-        f"model '{name}': no stable backend with a closed circuit"
-        for name, route in gateway.table.routes.items()
-        if not any(b.breaker.opened_at is None for b in route.stable.backends)
-    ]
-    if not gateway.table.routes:
-        problems.append("no routes: add one with PUT /admin/routes/{model}")
-    return _json({"status": "not ready" if problems else "ready", "problems": problems}, 503 if problems else 200)
+class Models:
+    """The models the current routing table serves: GET /v1/models, /v1/models/{model}, /ready."""
+
+    def __init__(self, current: CurrentTable) -> None:
+        self.current = current
+        self.created = int(time.time())
+
+    def _entry(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "slipway"}
+
+    async def list(self, request: Request) -> Response:
+        names = sorted(self.current.table.routes)
+        return _json({"object": "list", "data": [self._entry(name) for name in names]})
+
+    async def get(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        if self.current.table.get(name) is None:
+            raise _not_served(name)
+        return _json(self._entry(name))
+
+    async def ready(self, request: Request) -> Response:
+        """Ready when every model has a stable backend whose circuit is closed."""
+        routes = self.current.table.routes
+        problems = [
+            f"model '{name}': no stable backend with a closed circuit"
+            for name, route in routes.items()
+            if not any(b.breaker.opened_at is None for b in route.stable.backends)
+        ]
+        if not routes:
+            problems.append("no routes: add one with PUT /admin/routes/{model}")
+        status = 503 if problems else 200
+        return _json({"status": "not ready" if problems else "ready", "problems": problems}, status)

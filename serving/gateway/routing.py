@@ -1,9 +1,9 @@
 """The routing table (discovery): which backends serve each public model, with what weight.
 
-The table is immutable. A change builds a new table and swaps one reference, so a request sees
-either the old table or the new one, never a mix; in-flight requests keep the Backend object they
-started on. Backend objects carry live state (in-flight count, breaker, stats) and are reused
-across tables while their identity (version, URL, served name, digest) is unchanged.
+The table is immutable. A change builds a new table and swaps one reference (CurrentTable), so a
+request sees either the old table or the new one, never a mix; in-flight requests keep the Backend
+object they started on. Backend objects carry live state (in-flight count, breaker, stats) and are
+reused across tables while their identity (version, URL, served name, digest) is unchanged.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from types import MappingProxyType
 from typing import Literal
 
 from configs.gateway import BackendSpec, BreakerSpec, RouteSpec
-from serving.gateway.stats import BackendStats, Breaker
+from serving.gateway.breaker import Breaker
+from serving.gateway.stats import BackendStats
 
 Audience = Literal["everyone", "opted_in"]
 
@@ -113,7 +114,8 @@ class Route:
             "model": self.model,
             "audience": self.audience,
             "backends": [
-                {**b.spec.model_dump(), "weight": w} for b, w in zip(self.backends, self.weights)
+                {**b.spec.model_dump(), "weight": w}
+                for b, w in zip(self.backends, self.weights, strict=True)
             ],
         }
 
@@ -138,15 +140,30 @@ class RoutingTable:
         backends = []
         for b in spec.backends:
             old = current.backend(b.version) if current else None
-            backends.append(old if old and old.same_server(b) else Backend(spec.model, b, breaker, samples))
+            live = old if old and old.same_server(b) else Backend(spec.model, b, breaker, samples)
+            backends.append(live)
         return Route.build(spec.model, tuple(backends), tuple(b.weight for b in spec.backends))
 
     def with_weights(
         self, model: str, weights: Mapping[str, float], audience: Audience | None = None
     ) -> RoutingTable:
         route = self.routes[model]
-        new = tuple(weights.get(b.version, w) for b, w in zip(route.backends, route.weights))
+        pairs = zip(route.backends, route.weights, strict=True)
+        new = tuple(weights.get(b.version, w) for b, w in pairs)
         return self.with_route(Route.build(model, route.backends, new, audience or route.audience))
+
+
+class CurrentTable:
+    """The routing table in use: the admin API replaces `table` whole, everyone else reads it.
+
+    One holder is shared by the endpoints and the metrics collector; a change is one reference
+    swap, made with no await between the check that allowed it and the swap itself.
+    """
+
+    __slots__ = ("table",)
+
+    def __init__(self, table: RoutingTable) -> None:
+        self.table = table
 
 
 def table_from(routes: Iterable[RouteSpec], breaker: BreakerSpec, samples: int) -> RoutingTable:

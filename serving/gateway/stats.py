@@ -81,7 +81,7 @@ class Histogram:
 
 
 class BackendStats:
-    """Observations of one backend; `observe` is called once per attempt on the hot path."""
+    """Observations of one backend: `observe` or `observe_failure` once per attempt (hot path)."""
 
     __slots__ = (
         "completion_tokens",
@@ -125,20 +125,15 @@ class BackendStats:
 
     def observe(
         self,
-        ok: bool,
         e2e_s: float,
         ttft_s: float | None,
         itl_s: float | None,
         prompt_tokens: int,
         completion_tokens: int,
     ) -> None:
-        """One attempt. Failed attempts count as errors and carry no latency (it would flatter them)."""
+        """One attempt that succeeded; timings a plain JSON answer lacks are None."""
         self.requests += 1
         self.total_requests += 1
-        if not ok:
-            self.errors += 1
-            self.total_errors += 1
-            return
         self.prompt_tokens += prompt_tokens
         self.completion_tokens += completion_tokens
         self.total_prompt_tokens += prompt_tokens
@@ -152,6 +147,13 @@ class BackendStats:
             self.itl.add(itl_s)
             self.hist_itl.observe(itl_s)
 
+    def observe_failure(self) -> None:
+        """One attempt that failed: an error, with no latency (it would flatter the backend)."""
+        self.requests += 1
+        self.total_requests += 1
+        self.errors += 1
+        self.total_errors += 1
+
     def snapshot(self, with_samples: bool = False) -> dict[str, Any]:
         return {
             "since": self.since,
@@ -164,51 +166,3 @@ class BackendStats:
             "itl_s": self.itl.summary(with_samples),
             "e2e_s": self.e2e.summary(with_samples),
         }
-
-
-class Breaker:
-    """Circuit breaker: `failures` consecutive failures open it for `open_s`; then one probe.
-
-    A probe that never reports (cancelled request) stops blocking after another `open_s`.
-    """
-
-    __slots__ = ("failures", "open_s", "opened_at", "probe_at", "threshold")
-
-    def __init__(self, threshold: int, open_s: float) -> None:
-        self.threshold = threshold
-        self.open_s = open_s
-        self.failures = 0
-        self.opened_at: float | None = None
-        self.probe_at: float | None = None
-
-    def allows(self, now: float) -> bool:
-        if self.opened_at is None:
-            return True
-        if now - self.opened_at < self.open_s:
-            return False
-        if self.probe_at is not None and now - self.probe_at < self.open_s:
-            return False
-        self.probe_at = now
-        return True
-
-    def retry_after(self, now: float) -> float:
-        if self.opened_at is None:
-            return 0.0
-        return max(0.0, self.opened_at + self.open_s - now)
-
-    def success(self) -> None:
-        self.failures = 0
-        self.opened_at = None
-        self.probe_at = None
-
-    def failure(self, now: float) -> None:
-        self.failures += 1
-        if self.probe_at is not None or self.failures >= self.threshold:
-            self.opened_at = now
-            self.probe_at = None
-
-    @property
-    def state(self) -> str:
-        if self.opened_at is None:
-            return "closed"
-        return "half-open" if self.probe_at is not None else "open"

@@ -71,10 +71,14 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
   id BIGSERIAL PRIMARY KEY, time TIMESTAMPTZ NOT NULL, request_id TEXT NOT NULL, tenant TEXT,
   model TEXT, endpoint TEXT NOT NULL, backend_version TEXT, role TEXT, stream BOOLEAN NOT NULL,
   status INTEGER NOT NULL, error_kind TEXT, prompt_tokens INTEGER NOT NULL,
-  completion_tokens INTEGER NOT NULL, ttft_ms DOUBLE PRECISION, latency_ms DOUBLE PRECISION NOT NULL,
-  prompt TEXT);
+  completion_tokens INTEGER NOT NULL, ttft_ms DOUBLE PRECISION,
+  latency_ms DOUBLE PRECISION NOT NULL, prompt TEXT);
 CREATE INDEX IF NOT EXISTS {TABLE}_time ON {TABLE} (time);
 """
+
+_SQLITE_INSERT = (
+    f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+)
 
 Row = tuple
 
@@ -125,10 +129,7 @@ class SQLiteSink:
     def _write(self, rows: list[Row]) -> None:
         assert self._db is not None
         with self._db:
-            self._db.executemany(
-                f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
-                rows,
-            )
+            self._db.executemany(_SQLITE_INSERT, rows)
 
     async def write(self, rows: list[Row]) -> None:
         await asyncio.to_thread(self._write, rows)
@@ -145,7 +146,7 @@ class PostgresSink:
         self._conn = None
 
     async def open(self) -> None:
-        import asyncpg
+        import asyncpg  # noqa: PLC0415  (only a PostgreSQL usage log needs it)
 
         self._conn = await asyncpg.connect(self.url)
         await self._conn.execute(_PG_DDL)
@@ -175,7 +176,7 @@ class UsageLog:
         self._batch = spec.batch_size
         self._capacity = spec.queue_size
         self._pending: deque[Exchange] = deque()
-        self._closing = asyncio.Event()
+        self._closing: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self.dropped = 0
         self.written = 0
@@ -193,13 +194,15 @@ class UsageLog:
         self._pending.append(exchange)
 
     async def start(self) -> None:
+        """Open the sink and start the writer, in the event loop that serves the requests."""
         await self._sink.open()
-        self._task = asyncio.create_task(self._run(), name="usage-writer")
+        self._closing = asyncio.Event()
+        self._task = asyncio.create_task(self._run(self._closing), name="usage-writer")
 
-    async def _run(self) -> None:
-        while not self._closing.is_set():
+    async def _run(self, closing: asyncio.Event) -> None:
+        while not closing.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), self._interval)
+                await asyncio.wait_for(closing.wait(), self._interval)
             await self.flush()
 
     async def flush(self) -> None:
@@ -216,9 +219,10 @@ class UsageLog:
             self.written += len(batch)
 
     async def close(self) -> None:
-        self._closing.set()
         if self._task is not None:
+            self._closing.set()
             await self._task
+            self._task = None
         await self.flush()
         if self._pending:
             log.error("usage log: %d records could not be written at shutdown", len(self._pending))
@@ -226,14 +230,16 @@ class UsageLog:
 
 
 _ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
-_BOOT = os.urandom(4).hex()
 
 
 class UsageMiddleware:
     """Opens the Exchange of each API request and hands it to the usage log when it is done."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, usage: UsageLog) -> None:
         self.app = app
+        self.usage = usage
+        # Request ids: a random prefix per application, so two gateways never share one.
+        self._prefix = f"req-{os.urandom(4).hex()}-"
         self._ids = itertools.count()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -241,7 +247,7 @@ class UsageMiddleware:
         if endpoint is None:
             await self.app(scope, receive, send)
             return
-        exchange = Exchange(endpoint, f"req-{_BOOT}-{next(self._ids)}")
+        exchange = Exchange(endpoint, f"{self._prefix}{next(self._ids)}")
         scope["slipway.exchange"] = exchange
         try:
             await self.app(scope, receive, send)
@@ -249,34 +255,36 @@ class UsageMiddleware:
             exchange.latency_s = perf_counter() - exchange.started
             if exchange.status == 0:
                 exchange.status, exchange.error_kind = 499, exchange.error_kind or "cancelled"
-            scope["state"]["gateway"].usage.put(exchange)
+            self.usage.put(exchange)
 
 
-def read_usage(start: datetime | float, end: datetime | float, url: str | None = None) -> pd.DataFrame:
+def read_usage(
+    start: datetime | float, end: datetime | float, url: str | None = None
+) -> pd.DataFrame:
     """Usage rows with start <= time < end (datetimes; naive ones are UTC), oldest first.
 
     `time` comes back as a timezone-aware UTC datetime column whichever database holds the log.
     """
-    import pandas as pd
+    import pandas as pd  # noqa: PLC0415  (reports only: the gateway itself never loads pandas)
 
     url = url or default_url()
     lo, hi = _epoch(start), _epoch(end)
     columns = ", ".join(COLUMNS)
     if url.startswith("sqlite:///"):
         path = Path(url.removeprefix("sqlite:///"))
-        if not path.exists():
-            raise FileNotFoundError(f"no usage log at {path}: has the gateway run with this SLIPWAY_HOME?")
+        _check_exists(path)
         with sqlite3.connect(path) as db:
             rows = db.execute(
-                f"SELECT {columns} FROM {TABLE} WHERE time >= ? AND time < ? ORDER BY time", (lo, hi)
+                f"SELECT {columns} FROM {TABLE} WHERE time >= ? AND time < ? ORDER BY time",
+                (lo, hi),
             ).fetchall()
     else:
-        import psycopg2
+        import psycopg2  # noqa: PLC0415  (reading a PostgreSQL log only)
 
         with psycopg2.connect(url) as db, db.cursor() as cur:
             cur.execute(
-                f"SELECT {columns} FROM {TABLE} WHERE time >= to_timestamp(%s) AND time < to_timestamp(%s)"
-                " ORDER BY time",
+                f"SELECT {columns} FROM {TABLE}"
+                " WHERE time >= to_timestamp(%s) AND time < to_timestamp(%s) ORDER BY time",
                 (lo, hi),
             )
             rows = cur.fetchall()
@@ -301,11 +309,12 @@ def count_usage(
 ) -> int:
     """How many rows `iter_usage` would yield (one indexed COUNT, no rows fetched)."""
     with _reader(url) as (cur, ph):
-        cur.execute(f"SELECT COUNT(*) FROM {TABLE} WHERE {_where(ph, model)}", _args(start, end, model))
+        query = f"SELECT COUNT(*) FROM {TABLE} WHERE {_where(ph, model)}"
+        cur.execute(query, _args(start, end, model))
         return int(cur.fetchone()[0])
 
 
-def iter_usage(
+def iter_usage(  # noqa: PLR0913, PLR0917  (callers pass url and model by position)
     start: datetime | float,
     end: datetime | float,
     columns: Sequence[str],
@@ -316,7 +325,7 @@ def iter_usage(
     """The rows of `read_usage` (optionally one model's), only `columns`, oldest first, in frames
     of at most `chunk_rows`: for reports over millions of rows in bounded memory. `time` comes back
     as unix seconds (float) from either database; the other columns as the database returns them."""
-    import pandas as pd
+    import pandas as pd  # noqa: PLC0415  (reports only: the gateway itself never loads pandas)
 
     unknown = set(columns) - set(COLUMNS)
     if unknown:
@@ -338,15 +347,14 @@ def _reader(url: str | None) -> Iterator[tuple[object, str]]:
     url = url or default_url()
     if url.startswith("sqlite:///"):
         path = Path(url.removeprefix("sqlite:///"))
-        if not path.exists():
-            raise FileNotFoundError(f"no usage log at {path}: has the gateway run with this SLIPWAY_HOME?")
+        _check_exists(path)
         db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
         try:
             yield db.cursor(), "?"
         finally:
             db.close()
         return
-    import psycopg2
+    import psycopg2  # noqa: PLC0415  (reading a PostgreSQL log only)
 
     db = psycopg2.connect(url)
     try:
@@ -355,6 +363,13 @@ def _reader(url: str | None) -> Iterator[tuple[object, str]]:
             yield cur, "%s"
     finally:
         db.close()
+
+
+def _check_exists(path: Path) -> None:
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no usage log at {path}: has the gateway run with this SLIPWAY_HOME?"
+        )
 
 
 def _where(ph: str, model: str | None) -> str:

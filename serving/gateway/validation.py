@@ -33,7 +33,9 @@ _TYPED: dict[str, tuple[tuple[type, ...], str]] = {
 def parse_request(body: bytes, endpoint: str) -> dict[str, Any]:
     """The request as a dict, or BadRequest naming the field that is missing or malformed."""
     if not body:
-        raise BadRequest("request body is empty; send a JSON object with 'model' and 'messages'/'prompt'")
+        raise BadRequest(
+            "request body is empty; send a JSON object with 'model' and 'messages'/'prompt'"
+        )
     try:
         data = loads(body)
     except JSONDecodeError as e:
@@ -43,7 +45,8 @@ def parse_request(body: bytes, endpoint: str) -> dict[str, Any]:
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest(
-            "'model' is required: a string naming a model (GET /v1/models lists them)", param="model"
+            "'model' is required: a string naming a model (GET /v1/models lists them)",
+            param="model",
         )
     if endpoint == "chat":
         _check_messages(data.get("messages"))
@@ -65,13 +68,16 @@ def parse_request(body: bytes, endpoint: str) -> dict[str, Any]:
 
 def _check_messages(messages: Any) -> None:
     if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' is required: a non-empty list of {role, content}", param="messages")
+        raise BadRequest(
+            "'messages' is required: a non-empty list of {role, content}", param="messages"
+        )
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise BadRequest(f"'messages[{i}]' must be an object", param=f"messages[{i}]")
         if not isinstance(message.get("role"), str):
             raise BadRequest(
-                f"'messages[{i}].role' is required: a string such as 'user'", param=f"messages[{i}].role"
+                f"'messages[{i}].role' is required: a string such as 'user'",
+                param=f"messages[{i}].role",
             )
 
 

@@ -1,13 +1,16 @@
-"""Gateway test helpers: a mock upstream, configs with fresh secrets, a gateway on a real port."""
+"""Gateway test helpers: a mock upstream, configs with fresh secrets, a gateway on a real port,
+streamed events as bytes."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import aiohttp
 import pytest
 
 from configs.gateway import GatewayConfig
@@ -17,12 +20,25 @@ from serving.gateway.auth import key_hash
 
 MODEL = "tiny-chat"
 
+# Server-sent events as a backend streams them, for the relay's unit tests.
+HEAD = b'data: {"id":"c","object":"chat.completion.chunk","model":"m","choices":['
+WORD = HEAD + b'{"index":0,"delta":{"content":"w"},"finish_reason":null}]}\n\n'
+NULL_USAGE = HEAD + b'{"index":0,"delta":{"content":"w"}}],"usage":null}\n\n'
+USAGE_ONLY = HEAD + b'],"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}\n\n'
+USAGE_WITH_CHOICE = (
+    HEAD + b'{"index":0,"delta":{},"finish_reason":"length"}],'
+    b'"usage":{"prompt_tokens":2,"completion_tokens":4}}\n\n'
+)
+DONE = b"data: [DONE]\n\n"
+
 
 def digest(version: str) -> str:
     return "sha256:" + hashlib.sha256(version.encode()).hexdigest()
 
 
-def backend(url: str, version: str, role: str = "stable", weight: float = 100, **extra: Any) -> dict:
+def backend(
+    url: str, version: str, role: str = "stable", weight: float = 100, **extra: Any
+) -> dict:
     return {
         "version": version,
         "url": url,
@@ -48,7 +64,9 @@ class Secrets:
     def tenant(self, name: str, **fields: Any) -> dict:
         return {"name": name, "key_sha256": key_hash(self.key(name)), **fields}
 
-    def config(self, backends: list[dict], tenants: list[dict] | None = None, **fields: Any) -> GatewayConfig:
+    def config(
+        self, backends: list[dict], tenants: list[dict] | None = None, **fields: Any
+    ) -> GatewayConfig:
         tenants = tenants if tenants is not None else [self.tenant("alice")]
         return GatewayConfig.model_validate({
             "admin_token_sha256": key_hash(self.admin),
@@ -82,18 +100,17 @@ def run_gateway(home) -> Callable:
     return run
 
 
-async def post_many(url: str, key: str, bodies: list[dict], path: str = "/v1/chat/completions",
-                    headers: dict | None = None, concurrency: int = 32) -> list[tuple[int, dict, bytes]]:
-    """POST the bodies, `concurrency` at a time; returns (status, headers, body) per request."""
-    import asyncio
-
-    import aiohttp
-
+async def post_many(
+    url: str, key: str, bodies: list[dict], *, headers: dict | None = None, concurrency: int = 32
+) -> list[tuple[int, dict, bytes]]:
+    """POST the bodies to chat completions, `concurrency` at a time: (status, headers, body)."""
     gate = asyncio.Semaphore(concurrency)
+    sent = {"Authorization": f"Bearer {key}", **(headers or {})}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
         async def one(body: dict) -> tuple[int, dict, bytes]:
             async with gate, session.post(
-                url + path, json=body, headers={"Authorization": f"Bearer {key}", **(headers or {})}
+                url + "/v1/chat/completions", json=body, headers=sent
             ) as r:
                 return r.status, dict(r.headers), await r.read()
 
@@ -101,4 +118,5 @@ async def post_many(url: str, key: str, bodies: list[dict], path: str = "/v1/cha
 
 
 def chat(content: str = "hello", **fields: Any) -> dict:
-    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 2, **fields}
+    messages = [{"role": "user", "content": content}]
+    return {"model": MODEL, "messages": messages, "max_tokens": 2, **fields}

@@ -1,4 +1,4 @@
-"""Faults and overload against real processes: the gateway (`python -m serving.gateway`) and mock
+"""Faults and overload against real processes: the gateway (`slipway gateway`) and mock
 upstreams each run as their own process, so a backend can be killed with SIGKILL and the gateway's
 memory read from outside.
 

@@ -1,0 +1,93 @@
+"""One try of a request on one backend: what is sent where, and where its outcome goes.
+
+An attempt that reaches its backend ends in one outcome, recorded on that backend: success (the
+breaker closes, the statistics get its timings and tokens) or failure (the breaker counts it, the
+statistics count an error); a client that leaves first leaves no outcome. A failure before anything
+reached the client is raised as AttemptFailed, so the caller may retry elsewhere or answer it.
+"""
+
+from __future__ import annotations
+
+from time import monotonic, perf_counter
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from serving.gateway.exchange import Exchange
+    from serving.gateway.routing import Backend
+    from serving.gateway.stats import BackendStats
+
+_JSON = b"application/json"
+
+
+class AttemptFailed(Exception):
+    """The backend failed before anything was sent to the client."""
+
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        status: int | None = None,
+        body: bytes | None = None,
+        content_type: bytes = _JSON,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+
+
+class Attempt:
+    """One try; `start` (perf_counter) is when it was made, for its latencies."""
+
+    __slots__ = ("backend", "exchange", "payload", "start", "strip_usage", "url")
+
+    def __init__(
+        self, exchange: Exchange, backend: Backend, url: str, payload: bytes, strip_usage: bool
+    ) -> None:
+        self.exchange = exchange
+        self.backend = backend
+        self.url = url
+        self.payload = payload
+        self.strip_usage = strip_usage  # the gateway, not the client, asked for the usage event
+        self.start = perf_counter()
+
+    @property
+    def stats(self) -> BackendStats:
+        """Synthetic load is counted apart, so the rollout can judge organic traffic on its own."""
+        backend = self.backend
+        return backend.synthetic_stats if self.exchange.tenant.synthetic else backend.stats
+
+    def succeeded(self, ttft_s: float | None = None, itl_s: float | None = None) -> None:
+        exchange = self.exchange
+        self.backend.breaker.success()
+        self.stats.observe(
+            perf_counter() - self.start,
+            ttft_s,
+            itl_s,
+            exchange.prompt_tokens,
+            exchange.completion_tokens,
+        )
+
+    def record_failure(self) -> None:
+        self.backend.breaker.failure(monotonic())
+        self.stats.observe_failure()
+
+    def failed(self, error: BaseException) -> AttemptFailed:
+        """Record a failure to get an answer at all (unreachable, timed out, broken off)."""
+        self.record_failure()
+        if isinstance(error, TimeoutError):
+            return AttemptFailed("upstream_timeout", f"{self.where} timed out")
+        return AttemptFailed("upstream_unavailable", f"{self.where} is unreachable: {error}")
+
+    def failed_answer(self, status: int, body: bytes, content_type: bytes) -> AttemptFailed:
+        """Record a server error answer (5xx); the caller may pass it on to the client as it is."""
+        self.record_failure()
+        message = f"{self.where} answered {status}"
+        return AttemptFailed("upstream_error", message, status, body, content_type)
+
+    @property
+    def where(self) -> str:
+        """The backend, as error messages name it."""
+        return f"backend '{self.backend.version}' of model '{self.backend.model}'"
