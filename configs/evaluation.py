@@ -2,7 +2,7 @@
 
 Quality runs lm-eval through the served model: the suites shipped in evaluation/quality/suites (offline)
 plus, with network, any lm-eval task by name (`extra_tasks`). Speed runs the load generator
-(evaluation/loadgen.py) with one `LoadProfile`. Gates compare a variant with the bf16 base.
+(evaluation/loadgen/) with one `LoadProfile`. Gates compare a variant with the bf16 base.
 """
 
 from __future__ import annotations

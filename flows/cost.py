@@ -1,13 +1,13 @@
 """The cost flow (daily): one UTC day's cost per tenant, model and version from the usage log and
 configs/pricing.yaml, with dollars per million tokens, utilisation, the saving against reference
 API list prices and budget alerts for the month to date. How each figure is made:
-evaluation/cost.py.
+evaluation/monitoring/cost.py.
 
 The CSVs (the month to date per tenant/model/version/day, the day's utilisation) and a PNG chart
 go to MLflow (run cost-<day>); the day's table is a Prefect table artifact (`cost-report`); each
 tenant at or over its budget's alert share emits "slipway.cost.budget_alert".
 
-    python -m flows.cost [YYYY-MM-DD]
+    slipway cost [YYYY-MM-DD]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from evaluation.monitoring.cost import (
     summary,
     table,
 )
-from serving.gateway.usage import default_url
+from serving.gateway.usage import default_url, iter_usage
 from tasks.registry import Registry
 
 EVENT = "slipway.cost.budget_alert"
@@ -58,7 +58,7 @@ def cost(
 
 @task(name="cost-report", cache_policy=NO_CACHE)
 def report_task(day: date, url: str, pricing: Pricing) -> CostReport:
-    return report(day, url, pricing)
+    return report(day, url, pricing, read=iter_usage)
 
 
 @task(name="record-cost", cache_policy=NO_CACHE)

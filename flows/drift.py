@@ -4,9 +4,9 @@ The Evidently HTML report goes to MLflow (experiment slipway-monitoring, run
 drift-<model>-<window>) and a Prefect artifact (`drift-report`) links to it with the per-feature
 table. A drift share at or above the configured one emits "slipway.drift.detected". A window with
 too few requests (or no usage log yet) ends the run with a message and no report. What is sampled
-and what is exact: see evaluation/drift.py.
+and what is exact: see evaluation/monitoring/drift.py.
 
-    python -m flows.drift [model]
+    slipway drift [MODEL]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from evaluation.monitoring.drift import (
     metrics,
     windows,
 )
-from serving.gateway.usage import default_url
+from serving.gateway.usage import count_usage, default_url, iter_usage
 from tasks.registry import Registry
 
 EVENT = "slipway.drift.detected"
@@ -104,7 +104,9 @@ def promoted_at_task(home: Home, model: str | None) -> datetime:
 def measure_task(
     current: Window, reference: Window, url: str, config: DriftConfig, model: str | None
 ) -> tuple[DriftResult, str]:
-    result, snapshot = check(current, reference, url, config, model)
+    result, snapshot = check(
+        current, reference, url, config, model, count=count_usage, read=iter_usage
+    )
     return result, snapshot.get_html_str(as_iframe=False)
 
 

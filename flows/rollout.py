@@ -22,7 +22,8 @@ from configs.models import serving_for
 from configs.rollout import DEFAULT_POLICY, RolloutPolicy, Stage, load_rollout_policy
 from configs.settings import Settings
 from evaluation.canary import Analysis
-from evaluation.loadgen import BackgroundLoad, load_prompts
+from evaluation.loadgen.background import BackgroundLoad
+from evaluation.loadgen.report import load_prompts
 from tasks.engines import RunningVersion, start_version, stop_version
 from tasks.gateway_admin import GatewayAdmin, secret
 from tasks.registry import Registry

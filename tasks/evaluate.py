@@ -23,7 +23,8 @@ from prefect.cache_policies import NO_CACHE
 from configs.evaluation import SUITES_DIR, Evaluation, LoadProfile
 from configs.home import Home
 from configs.models import ModelConfig, Variant
-from evaluation.loadgen import LoadReport, run_profile
+from evaluation.loadgen.client import run_profile
+from evaluation.loadgen.report import LoadReport
 from evaluation.quality.gates import QualityResult, TaskScore, Verdict
 from serving.vllm import VLLMError, VLLMServer
 from tasks.quantize import VariantBuild

@@ -23,7 +23,7 @@ from prefect.events import emit_event
 from configs.evaluation import Evaluation
 from configs.home import Home
 from configs.models import ModelConfig, Serving
-from evaluation.loadgen import LoadReport
+from evaluation.loadgen.report import LoadReport
 from evaluation.monitoring.regression import REGRESSED, LedgerRun, RegressionVerdict, label
 from evaluation.quality.gates import QualityResult
 from serving.processes import members, read_state

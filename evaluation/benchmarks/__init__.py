@@ -1,1 +1,2 @@
-"""Every `make bench` benchmark, the report that gathers them, and the fakes they share with tests."""
+"""Every `make bench` benchmark, the report that gathers them, and the fakes and synthetic
+traffic they share with the tests."""

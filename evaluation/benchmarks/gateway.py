@@ -37,7 +37,7 @@ TARGETS = {"added_p99_ms_c1": 1.0, "rps_per_core": 3000, "cpu_us_per_chunk": 30}
 
 
 class FloorProxy:
-    """The floor: a bare raw-ASGI pass-through with one shared aiohttp session (FIELD-NOTES).
+    """The floor: a bare raw-ASGI pass-through with one shared aiohttp session.
 
     Measured in the same run, so the gateway's cost over it is visible even on a busy machine.
     """

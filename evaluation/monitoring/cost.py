@@ -2,7 +2,8 @@
 
 All figures are exact over every request: the log is streamed in chunks and summed per hour,
 tenant, model and version (only requests that reached a model version count; rejected ones cost
-no GPU time), so a month of traffic needs memory for the sums, not the rows.
+no GPU time), so a month of traffic needs memory for the sums, not the rows. The log is read
+through the reader the caller passes in (evaluation.monitoring.usage).
 
 - Hourly-billed versions (replicas x hardware price): a day costs price x replicas x hours, the
   hours being 24 for an always-on deployment and the hours with at least one request otherwise.
@@ -23,6 +24,7 @@ no GPU time), so a month of traffic needs memory for the sums, not the rows.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -31,25 +33,23 @@ import numpy as np
 import pandas as pd
 
 from configs.pricing import Pricing
-from serving.gateway.usage import iter_usage
+from evaluation.monitoring.usage import IterUsage
 
 NO_TENANT = "(none)"
 KEYS = ["day", "tenant", "model", "version"]
 _READ = ("time", "tenant", "model", "backend_version", "error_kind", "prompt_tokens",
          "completion_tokens", "latency_ms")  # fmt: skip
+_CHUNK_ROWS = 200_000  # rows per streamed frame: a month is summed in bounded memory
 _HOURLY = ["hour", "tenant", "model", "version"]
 _SUMS = ["requests", "errors", "prompt_tokens", "completion_tokens", "busy_s"]
 _SERVED = ["day", "model", "version", "hardware", "replicas", "hours_billed", "cost_usd", "busy_s",
            "utilisation"]  # fmt: skip
 
 
-def hourly_usage(start: date, end: date, url: str, chunk_rows: int = 200_000) -> pd.DataFrame:
-    """Requests that reached a model version on days [start, end), summed per hour (unix hour),
-    tenant, model and version."""
-    parts = [
-        _per_hour(chunk[chunk["backend_version"].notna()])
-        for chunk in iter_usage(_midnight(start), _midnight(end), _READ, url, chunk_rows=chunk_rows)
-    ]
+def hourly_usage(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
+    """Usage rows streamed as `frames` of the usage log's columns, those that reached a model
+    version summed per hour (unix hour), tenant, model and version."""
+    parts = [_per_hour(chunk[chunk["backend_version"].notna()]) for chunk in frames]
     if not parts:
         return pd.DataFrame(columns=[*_HOURLY, *_SUMS])
     return pd.concat(parts).groupby(_HOURLY, as_index=False).sum()
@@ -165,10 +165,12 @@ class CostReport:
         )
 
 
-def report(day: date, url: str, pricing: Pricing) -> CostReport:
-    """The cost report of `day` (UTC), with the month to date for the budgets."""
-    first = day.replace(day=1)
-    rows, utilisation = costs(hourly_usage(first, day + timedelta(days=1), url), pricing)
+def report(day: date, url: str, pricing: Pricing, *, read: IterUsage) -> CostReport:
+    """The cost report of `day` (UTC), with the month to date for the budgets, from the usage
+    log at `url` read with the reader handed in (the gateway's iter_usage)."""
+    start, end = _midnight(day.replace(day=1)), _midnight(day + timedelta(days=1))
+    frames = read(start, end, _READ, url, None, _CHUNK_ROWS)  # every model
+    rows, utilisation = costs(hourly_usage(frames), pricing)
     today = rows[rows["day"] == day].reset_index(drop=True)
     references = {
         name: float(p.cost(today["prompt_tokens"].sum(), today["completion_tokens"].sum()))

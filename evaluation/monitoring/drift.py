@@ -7,17 +7,19 @@ earlier (same hour and weekday, so daily and weekly cycles do not read as drift)
 that starts when the champion was promoted.
 
 What is exact and what is sampled: each window is streamed from the usage log in chunks, reading
-only the columns needed. Row counts, the error rate, the tenant shares and the number of logged
-prompts are counted over ALL rows. The distribution tests (Evidently's DataDriftPreset: normed
-Wasserstein for numbers, Jensen-Shannon for categories, a z-test for the error rate, as set in
-configs/drift.yaml) run on a uniform sample of `sample_rows` rows per window, drawn by position
-with a seeded generator, so a re-run gives the same report. At 50,000 rows a distance is known to
-about +-0.01, a tenth of the 0.1 threshold; a million rows per window cost seconds, not a minute.
+only the columns needed, through the readers the caller passes in (evaluation.monitoring.usage).
+Row counts, the error rate, the tenant shares and the number of logged prompts are counted over
+ALL rows. The distribution tests (Evidently's DataDriftPreset: normed Wasserstein for numbers,
+Jensen-Shannon for categories, a z-test for the error rate, as set in configs/drift.yaml) run on
+a uniform sample of `sample_rows` rows per window, drawn by position with a seeded generator, so a
+re-run gives the same report. At 50,000 rows a distance is known to about +-0.01, a tenth of the
+0.1 threshold; a million rows per window cost seconds, not a minute.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Literal
@@ -26,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from configs.drift import DriftConfig
-from serving.gateway.usage import count_usage, iter_usage
+from evaluation.monitoring.usage import CountUsage, IterUsage
 
 if TYPE_CHECKING:
     from evidently.core.report import Snapshot
@@ -43,6 +45,7 @@ SAMPLING_NOTE = (
 )
 _READ = ("tenant", "error_kind", "prompt_tokens", "completion_tokens", "latency_ms", "ttft_ms",
          "prompt")  # fmt: skip
+_CHUNK_ROWS = 100_000  # rows per streamed frame: memory stays bounded at a million rows a window
 
 
 class NotEnoughData(ValueError):
@@ -95,20 +98,16 @@ class WindowData:
 
 
 def load_window(
-    window: Window,
-    url: str,
-    config: DriftConfig,
-    model: str | None = None,
-    chunk_rows: int = 100_000,
+    window: Window, total: int, frames: Iterable[pd.DataFrame], config: DriftConfig
 ) -> WindowData:
-    """Stream the window's rows once: exact counts over all of them, features of the sampled."""
-    total = count_usage(window.start, window.end, url, model)
+    """One pass over the window's `total` rows, streamed as `frames` of the usage log's columns:
+    exact counts over all of them, features of the sampled."""
     rng = np.random.default_rng(config.seed)
     picks = np.sort(rng.choice(total, size=min(total, config.sample_rows), replace=False))
     rows = errors = prompts = 0
     tenants: Counter[str] = Counter()
     kept = []
-    for chunk in iter_usage(window.start, window.end, _READ, url, model, chunk_rows):
+    for chunk in frames:
         chunk["tenant"] = chunk["tenant"].fillna(NO_TENANT)
         errors += int(chunk["error_kind"].notna().sum())
         prompts += int(chunk["prompt"].notna().sum())
@@ -293,10 +292,26 @@ def _share(snapshot: Snapshot) -> float:
 
 
 def check(
-    current: Window, reference: Window, url: str, config: DriftConfig, model: str | None = None
+    current: Window,
+    reference: Window,
+    url: str,
+    config: DriftConfig,
+    model: str | None = None,
+    *,
+    count: CountUsage,
+    read: IterUsage,
 ) -> tuple[DriftResult, Snapshot]:
-    """Load both windows from the usage log at `url` and compare them."""
-    loaded = [load_window(w, url, config, model) for w in (current, reference)]
+    """Load both windows from the usage log at `url` with the readers handed in (the gateway's
+    count_usage and iter_usage) and compare them. The count comes first: it fixes the sample."""
+    loaded = [
+        load_window(
+            w,
+            count(w.start, w.end, url, model),
+            read(w.start, w.end, _READ, url, model, _CHUNK_ROWS),
+            config,
+        )
+        for w in (current, reference)
+    ]
     return compare(*loaded, config, model)
 
 

@@ -40,7 +40,6 @@ SCALED_MAD = 1.4826  # MAD x this estimates the standard deviation of normal noi
 REGRESSED = "regressed"  # the ledger status of a run that regressed: never part of a baseline
 
 
-
 class LedgerRun(Strict):
     """One earlier regression run with the same key: when, its status, and what it measured."""
 

@@ -19,7 +19,7 @@ from typing import Literal
 
 from configs.evaluation import Gates
 from configs.loader import Strict
-from evaluation.loadgen import LoadReport
+from evaluation.loadgen.report import LoadReport
 
 Status = Literal["pass", "fail", "within-noise"]
 # The metric a task is gated on when gates.metric_per_task does not say: the first one it has.
@@ -27,7 +27,6 @@ QUALITY_METRICS = ("acc", "exact_match", "acc_norm", "f1", "mcc")
 PERPLEXITY_METRIC = "word_perplexity"
 # Lower is better for these: gated on their relative increase, not on recovery.
 PERPLEXITY_METRICS = {"word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity"}
-
 
 
 class TaskScore(Strict):

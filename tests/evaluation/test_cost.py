@@ -14,8 +14,9 @@ import pytest
 
 from configs.loader import ConfigError, load_yaml
 from configs.pricing import Pricing
-from evaluation.benchmarks.drift import write_rows
+from evaluation.benchmarks.traffic import write_rows
 from evaluation.monitoring.cost import report
+from serving.gateway.usage import iter_usage
 
 DAY = date(2026, 3, 10)
 PRICING = Pricing.model_validate(
@@ -67,7 +68,7 @@ ROWS = [
 def costs(tmp_path):
     url = f"sqlite:///{tmp_path / 'gateway-usage.sqlite'}"
     write_rows(url, ROWS)
-    return report(DAY, url, PRICING)
+    return report(DAY, url, PRICING, read=iter_usage)
 
 
 def row(costs, tenant, model, version):
@@ -126,7 +127,7 @@ def test_budget_alert_on_the_month_to_date(costs):
 
 def test_postgresql_usage_log_gives_the_same_report(costs, pg_url):
     write_rows(pg_url, ROWS)
-    on_postgres = report(DAY, pg_url, PRICING)
+    on_postgres = report(DAY, pg_url, PRICING, read=iter_usage)
     pd.testing.assert_frame_equal(on_postgres.month, costs.month)
     pd.testing.assert_frame_equal(on_postgres.utilisation, costs.utilisation)
 

@@ -8,13 +8,15 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from configs.drift import DriftConfig
-from evaluation.benchmarks.drift import Traffic, synthetic_rows, write_rows
+from evaluation.benchmarks.traffic import Traffic, synthetic_rows, write_rows
 from evaluation.monitoring.drift import NotEnoughData, Window, check, windows
+from serving.gateway.usage import count_usage, iter_usage
 
 END = datetime(2026, 3, 10, 12, tzinfo=UTC)
 CURRENT, REFERENCE = windows(END, 1, "previous_week")
 ROWS = 4000
 CONFIG = DriftConfig(sample_rows=1500)  # below the window's rows: the sample must not be all
+GATEWAY = {"count": count_usage, "read": iter_usage}  # the readers the drift flow hands the check
 
 
 def usage_log(tmp_path, current: Traffic) -> str:
@@ -37,7 +39,7 @@ def test_windows_previous_week_and_promotion():
 
 
 def test_same_traffic_does_not_drift(tmp_path):
-    result, _ = check(CURRENT, REFERENCE, usage_log(tmp_path, Traffic()), CONFIG)
+    result, _ = check(CURRENT, REFERENCE, usage_log(tmp_path, Traffic()), CONFIG, **GATEWAY)
     assert result.drifted == [] and not result.detected
     compared = {f.feature for f in result.features if not f.skipped}
     assert compared == {
@@ -58,7 +60,7 @@ def test_planted_shift_names_the_features_that_moved(tmp_path):
         mix=(0.2, 0.3, 0.5), latency_median_ms=1200, ttft_median_ms=225, error_rate=0.06
     )
     result, snapshot = check(
-        CURRENT, REFERENCE, usage_log(tmp_path, shifted), CONFIG, model="smollm2-135m"
+        CURRENT, REFERENCE, usage_log(tmp_path, shifted), CONFIG, model="smollm2-135m", **GATEWAY
     )
     # Failed requests complete no tokens: more errors shift completion_tokens too.
     assert sorted(result.drifted) == [
@@ -80,7 +82,7 @@ def test_planted_shift_names_the_features_that_moved(tmp_path):
 
 def test_a_feature_without_values_is_skipped_not_compared(tmp_path):
     quiet = Traffic(logs_prompts=(), stream_share=0.0)
-    result, _ = check(CURRENT, REFERENCE, usage_log(tmp_path, quiet), CONFIG)
+    result, _ = check(CURRENT, REFERENCE, usage_log(tmp_path, quiet), CONFIG, **GATEWAY)
     skipped = {f.feature: f.skipped for f in result.features if f.skipped}
     assert set(skipped) == {"ttft_ms", "prompt_chars", "prompt_words", "prompt_sentences"}
     assert skipped["ttft_ms"].startswith("too few values (current 0, reference")
@@ -89,10 +91,10 @@ def test_a_feature_without_values_is_skipped_not_compared(tmp_path):
 
 def test_postgresql_usage_log_gives_the_same_result(tmp_path, pg_url):
     shifted = Traffic(latency_median_ms=1200)
-    on_sqlite, _ = check(CURRENT, REFERENCE, usage_log(tmp_path, shifted), CONFIG)
+    on_sqlite, _ = check(CURRENT, REFERENCE, usage_log(tmp_path, shifted), CONFIG, **GATEWAY)
     write_rows(pg_url, synthetic_rows(ROWS, REFERENCE.start, 3600, Traffic(), seed=1))
     write_rows(pg_url, synthetic_rows(ROWS, CURRENT.start, 3600, shifted, seed=2))
-    on_postgres, _ = check(CURRENT, REFERENCE, pg_url, CONFIG)
+    on_postgres, _ = check(CURRENT, REFERENCE, pg_url, CONFIG, **GATEWAY)
     assert on_postgres == on_sqlite and on_postgres.drifted == ["latency_ms"]
 
 
@@ -102,6 +104,6 @@ def test_an_empty_window_says_so(tmp_path):
     with pytest.raises(
         NotEnoughData, match=r"2026-03-11 12:00\.\.2026-03-11 13:00 UTC: 0 requests"
     ):
-        check(later, REFERENCE, url, CONFIG)
+        check(later, REFERENCE, url, CONFIG, **GATEWAY)
     with pytest.raises(NotEnoughData, match="0 requests"):
-        check(CURRENT, REFERENCE, url, CONFIG, model="another-model")
+        check(CURRENT, REFERENCE, url, CONFIG, model="another-model", **GATEWAY)

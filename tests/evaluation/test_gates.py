@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from configs.evaluation import Evaluation, Gates, LoadProfile
-from evaluation.loadgen import LevelSummary, LoadReport, Percentiles
+from evaluation.loadgen.report import LevelSummary, LoadReport, Percentiles
 from evaluation.quality.gates import QualityResult, TaskScore, judge
 
 

@@ -10,22 +10,24 @@ import pytest
 from click.testing import CliRunner
 
 from configs.evaluation import PROMPTS, LoadProfile
-from evaluation.loadgen import (
+from evaluation.benchmarks.vllm_bench import (
     BenchLevel,
+    compare_with_vllm_bench,
+    end_to_end,
+    paired_ttfts,
+    pool_bench,
+    sharegpt,
+    vllm_bench_command,
+)
+from evaluation.loadgen.client import run_level
+from evaluation.loadgen.report import (
     LoadReport,
     Prompt,
     RequestRecord,
-    compare_with_vllm_bench,
-    end_to_end,
     load_prompts,
-    paired_ttfts,
     pick_prompts,
-    pool_bench,
     record_from_stream,
-    run_level,
-    sharegpt,
     summarise,
-    vllm_bench_command,
 )
 from flows.cli import loadgen as cli
 

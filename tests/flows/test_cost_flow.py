@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.benchmarks.drift import write_rows
+from evaluation.benchmarks.traffic import write_rows
 from flows.cost import EVENT
 from tasks.registry import Registry
 from tests.evaluation.test_cost import DAY, ROWS

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from evaluation.benchmarks.drift import Traffic, synthetic_rows, write_rows
+from evaluation.benchmarks.traffic import Traffic, synthetic_rows, write_rows
 from flows.drift import EVENT, REPORT
 from tasks.registry import Registry
 from tests.flows.conftest import stored_events
