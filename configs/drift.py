@@ -17,15 +17,35 @@ from configs.loader import Strict, load_yaml
 DEFAULT_DRIFT = REPO / "configs" / "drift.yaml"
 
 Feature = Literal[
-    "prompt_tokens", "completion_tokens", "latency_ms", "ttft_ms", "is_error", "tenant",
-    "prompt_chars", "prompt_words", "prompt_sentences",
-]  # fmt: skip
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_ms",
+    "ttft_ms",
+    "is_error",
+    "tenant",
+    "prompt_chars",
+    "prompt_words",
+    "prompt_sentences",
+]
 # Evidently's stattest names: distances (drift when score >= threshold) and p-value tests (drift
 # when p < threshold).
 Method = Literal[
-    "wasserstein", "jensenshannon", "psi", "kl_div", "hellinger", "TVD", "ed",
-    "ks", "chisquare", "z", "mannw", "anderson", "cramer_von_mises", "t_test", "g_test",
-]  # fmt: skip
+    "wasserstein",
+    "jensenshannon",
+    "psi",
+    "kl_div",
+    "hellinger",
+    "TVD",
+    "ed",
+    "ks",
+    "chisquare",
+    "z",
+    "mannw",
+    "anderson",
+    "cramer_von_mises",
+    "t_test",
+    "g_test",
+]
 
 
 class DriftConfig(Strict):

@@ -1,8 +1,8 @@
 """What to measure about a built variant (`evaluation:`) and what it must reach (`gates:`).
 
-Quality runs lm-eval through the served model: the suites shipped in evaluation/quality/suites (offline)
-plus, with network, any lm-eval task by name (`extra_tasks`). Speed runs the load generator
-(evaluation/loadgen/) with one `LoadProfile`. Gates compare a variant with the bf16 base.
+Quality runs lm-eval through the served model: the suites shipped in evaluation/quality/suites
+(offline) plus, with network, any lm-eval task by name (`extra_tasks`). Speed runs the load
+generator (evaluation/loadgen/) with one `LoadProfile`. Gates compare a variant with the bf16 base.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ SUITES_DIR = REPO / "evaluation" / "quality" / "suites"
 PROMPTS = REPO / "evaluation" / "datasets" / "prompts.jsonl"
 DEFAULT_SUITES = ["slipway_knowledge", "slipway_short_answer", "slipway_perplexity"]
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
 
 
 def shipped_suites(suites_dir: Path = SUITES_DIR) -> list[str]:

@@ -71,12 +71,14 @@ class Home:
         return self.root / "envs"
 
     def python(self, env: str) -> Path:
-        """The interpreter of one environment; SLIPWAY_<ENV>_PYTHON overrides it (e.g. in an image)."""
+        """The interpreter of one environment; SLIPWAY_<ENV>_PYTHON overrides it (e.g. in an
+        image)."""
         return Settings().python(env) or self.envs / env / "bin" / "python"
 
     @property
     def tracking_uri(self) -> str:
-        """MLflow's tracking URI: MLFLOW_TRACKING_URI when set (a server, PostgreSQL), else sqlite here."""
+        """MLflow's tracking URI: MLFLOW_TRACKING_URI when set (a server, PostgreSQL), else sqlite
+        here."""
         return Settings().tracking_uri or f"sqlite:///{self.mlflow / 'mlflow.db'}"
 
     @property

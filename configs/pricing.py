@@ -15,7 +15,6 @@ from configs.loader import Strict, load_yaml
 DEFAULT_PRICING = REPO / "configs" / "pricing.yaml"
 
 
-
 class Hardware(Strict):
     hourly_usd: float = Field(gt=0, description="price of one replica (GPU or node) per hour")
     description: str = ""
@@ -64,7 +63,7 @@ class Budget(Strict):
 
 
 class Pricing(Strict):
-    hardware: dict[str, Hardware] = {}
+    hardware: dict[str, Hardware] = Field(default_factory=dict)
     deployments: list[Deployment] = Field(min_length=1)
     reference_as_of: date = Field(description="when the reference list prices were taken")
     reference: dict[str, TokenPrices] = Field(min_length=1, description="API list prices, by name")

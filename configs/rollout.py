@@ -14,7 +14,6 @@ from configs.loader import Strict, load_yaml
 DEFAULT_POLICY = REPO / "configs" / "rollout" / "default.yaml"
 
 
-
 class Margins(Strict):
     """How much worse than stable the canary may be before it counts as worse; null skips a metric.
 

@@ -98,8 +98,8 @@ class ArmSamples:
 
     @classmethod
     def from_snapshot(cls, snapshot: dict[str, Any], source: Source = "organic") -> ArmSamples:
-        """From a gateway backend snapshot taken with samples (serving.gateway.stats: inter-token latency
-        stands for TPOT)."""
+        """From a gateway backend snapshot taken with samples (serving.gateway.stats: inter-token
+        latency stands for TPOT)."""
 
         def samples(key: str) -> list[float]:
             return list((snapshot.get(key) or {}).get("samples") or [])

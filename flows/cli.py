@@ -167,9 +167,7 @@ def rollout() -> None:
 @rollout.command("run")
 @click.argument("model")
 @click.argument("candidate")
-@click.option(
-    "--policy", default=str(DEFAULT_POLICY), show_default="configs/rollout/default.yaml"
-)
+@click.option("--policy", default=str(DEFAULT_POLICY), show_default="configs/rollout/default.yaml")
 @click.option("--gateway-url", default=None, help="default: the gateway `make up` started")
 @click.option("--candidate-url", default=None, help="serve the canary from this running server")
 def rollout_run(

@@ -31,34 +31,59 @@ def release(config_path: str = "configs/models/smollm2-135m.yaml") -> list[Outco
         baseline = outcomes[0].quality if outcomes else None
         outcomes.append(release_variant(config, variant, source, home, baseline))
         if len(outcomes) == 1:  # a first release's base is champion before any rollout asks for one
-            first_champion_task(home, config.name, [o.version.version for o in outcomes if o.version])
+            first_champion_task(
+                home, config.name, [o.version.version for o in outcomes if o.version]
+            )
     create_markdown_artifact(table(config.name, outcomes, config.gates), key="release-summary")
     return outcomes
 
 
 @flow(name="release-variant", flow_run_name="{variant.label}")
 def release_variant(
-    config: ModelConfig, variant: Variant, source: Manifest, home: Home, baseline: QualityResult | None
+    config: ModelConfig,
+    variant: Variant,
+    source: Manifest,
+    home: Home,
+    baseline: QualityResult | None,
 ) -> Outcome:
     servable, reason = can_serve(variant.recipe, detect_hardware())
     if not servable:
         return Outcome(variant, "skipped", reason)
     if variant.recipe != "bf16" and baseline is None:
-        return Outcome(variant, "failed", "the bf16 base failed, so there is nothing to judge against")
+        return Outcome(
+            variant, "failed", "the bf16 base failed, so there is nothing to judge against"
+        )
     base = home.weights(config.name, "bf16")
     try:
         built = quantize_task(base, variant, home.weights(config.name, variant.label), home)
         manifest = manifest_task(built.out_dir, source)
-        if (done := find_task(home, config.name, manifest.digest)) and (quality := recorded_quality(built.out_dir)):
-            return Outcome(variant, "registered", "already registered: not served again", built, version=done, quality=quality)
+        if (done := find_task(home, config.name, manifest.digest)) and (
+            quality := recorded_quality(built.out_dir)
+        ):
+            return Outcome(
+                variant,
+                "registered",
+                "already registered: not served again",
+                built,
+                version=done,
+                quality=quality,
+            )
         trial = trial_task(built.out_dir, config, variant, home)
     except (QuantizeError, TrialError) as e:
         return Outcome(variant, "failed", str(e))
     verdict = judge(baseline or trial.quality, trial.quality, config.gates, trial.speed)
     signature = sign_task(built.out_dir, config.signing, home)
     verify_task(built.out_dir, config.signing, home)
-    tags = manifest.tags() | {"variant": variant.label, "recipe": variant.recipe, "signer": signature.identity,
-                              "signature_verified": "true"} | verdict.tags()
+    tags = (
+        manifest.tags()
+        | {
+            "variant": variant.label,
+            "recipe": variant.recipe,
+            "signer": signature.identity,
+            "signature_verified": "true",
+        }
+        | verdict.tags()
+    )
     registered = register_task(home, config.name, built.out_dir.parent, manifest.digest, tags)
     log_trial_task(home, registered, built, trial, verdict)
     return Outcome(variant, "registered", "", built, registered, trial.quality, trial, verdict)
@@ -90,22 +115,47 @@ class Outcome:
 def table(name: str, outcomes: list[Outcome], gates: Gates) -> str:
     """The comparison table of every variant (a Prefect artifact; MLflow has the details)."""
     tasks = next((list(o.quality.tasks) for o in outcomes if o.quality), [])
-    head = ["variant", "status", "version", "verdict", *tasks, "min recovery", "TTFT p50 ms",
-            "TPOT p50 ms", "out tok/s", "MB", "x smaller", "smoke answer", "note"]
+    head = [
+        "variant",
+        "status",
+        "version",
+        "verdict",
+        *tasks,
+        "min recovery",
+        "TTFT p50 ms",
+        "TPOT p50 ms",
+        "out tok/s",
+        "MB",
+        "x smaller",
+        "smoke answer",
+        "note",
+    ]
     rows = []
     for o in outcomes:
-        cell = dict.fromkeys(head, "") | {"variant": o.variant.label, "status": o.status, "note": o.reason}
+        cell = dict.fromkeys(head, "") | {
+            "variant": o.variant.label,
+            "status": o.status,
+            "note": o.reason,
+        }
         if o.version:
             cell["version"] = o.version.version
         if o.build:
-            cell |= {"MB": f"{o.build.size_bytes / 1e6:.0f}", "x smaller": f"{o.build.compression_ratio:.2f}"}
-        for task, score in (o.quality.tasks.items() if o.quality else []):
+            cell |= {
+                "MB": f"{o.build.size_bytes / 1e6:.0f}",
+                "x smaller": f"{o.build.compression_ratio:.2f}",
+            }
+        for task, score in o.quality.tasks.items() if o.quality else []:
             metric = gated_metric(task, score, gates)
             se = score.stderr.get(metric)
             cell[task] = f"{metric} {score.metrics[metric]:.3f}" + (f" ± {se:.3f}" if se else "")
         if o.verdict:
-            recoveries = [g.measured for g in o.verdict.gates if g.name.endswith("recovery") and g.measured]
-            cell |= {"verdict": "passed" if o.verdict.passed else "FAILED", "note": "; ".join(o.verdict.reasons)}
+            recoveries = [
+                g.measured for g in o.verdict.gates if g.name.endswith("recovery") and g.measured
+            ]
+            cell |= {
+                "verdict": "passed" if o.verdict.passed else "FAILED",
+                "note": "; ".join(o.verdict.reasons),
+            }
             cell["min recovery"] = f"{min(recoveries):.3f}" if recoveries else ""
         if o.trial:
             level = o.trial.speed.levels[0]
@@ -115,9 +165,22 @@ def table(name: str, outcomes: list[Outcome], gates: Gates) -> str:
                 "out tok/s": f"{level.output_tokens_per_s:.1f}",
                 "smoke answer": o.trial.smoke.answer.strip()[:40],
             }
-        rows.append("| " + " | ".join(cell[c].replace("|", "/").replace("\n", " ")[:160] for c in head) + " |")
-    return "\n".join([f"# Release of {name}", "", "Speed: the first load level; MLflow has them all.", "",
-                       "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows])
+        rows.append(
+            "| "
+            + " | ".join(cell[c].replace("|", "/").replace("\n", " ")[:160] for c in head)
+            + " |"
+        )
+    return "\n".join(
+        [
+            f"# Release of {name}",
+            "",
+            "Speed: the first load level; MLflow has them all.",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head),
+            *rows,
+        ]
+    )
 
 
 def _ms(value: float | None) -> str:

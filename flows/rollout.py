@@ -78,8 +78,17 @@ def rollout(
             for index, stage in enumerate(rules.stages()):
                 step = judge_step_task(admin, plan, index, stage, rules, steer)
                 history.step(step)
-                announce("step", plan, {"step": index + 1, "weight": stage.weight,
-                                        "action": step.action, "reason": step.reason}, _url(rules))  # fmt: skip
+                announce(
+                    "step",
+                    plan,
+                    {
+                        "step": index + 1,
+                        "weight": stage.weight,
+                        "action": step.action,
+                        "reason": step.reason,
+                    },
+                    _url(rules),
+                )
                 if step.action == "rollback":
                     reason = f"step {index + 1} ({stage.weight}%): {step.reason}"
                     break

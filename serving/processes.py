@@ -9,6 +9,7 @@ never signalled. Health is one GET answered 200, polled until it answers or the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -79,7 +80,8 @@ def wait_answering(
             )
         if time.monotonic() - start > timeout_s:
             raise NotAnswering(
-                f"{what} did not answer {url} within {timeout_s:.0f} s; log {log} ends:\n{tail(log)}",
+                f"{what} did not answer {url} within {timeout_s:.0f} s; "
+                f"log {log} ends:\n{tail(log)}",
                 None,
             )
         time.sleep(0.5)
@@ -88,10 +90,8 @@ def wait_answering(
 
 def kill_group(pgid: int, sig: signal.Signals) -> None:
     """Signal a whole process group; one that is gone already is fine."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def start_time(pid: int, what: str = "the process") -> float:

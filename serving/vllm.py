@@ -16,7 +16,7 @@ dies. Those need a CUDA GPU (Marlin kernels), so on CPU the release skips them (
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import os
 import shutil
 import signal
@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -41,6 +41,7 @@ _NEEDS_CUDA = {
     "gptq-w4a16": "W4A16",
     "awq-w4a16": "W4A16",
 }
+DEFAULT_SERVING = Serving()  # immutable (a frozen config), so one instance serves every default
 
 
 class VLLMError(RuntimeError):
@@ -52,15 +53,15 @@ class VLLMStartError(VLLMError):
 
 
 class VLLMServer:
-    """One vLLM server process. `start()` launches it, `wait_healthy()` blocks until /health answers,
-    `stop()` ends the whole process group; as a context manager it does all three."""
+    """One vLLM server process. `start()` launches it, `wait_healthy()` blocks until /health
+    answers, `stop()` ends the whole process group; as a context manager it does all three."""
 
     def __init__(
         self,
         model_dir: Path,
         name: str,
         home: Home,
-        serving: Serving = Serving(),
+        serving: Serving = DEFAULT_SERVING,
         aliases: Sequence[str] = (),
         hardware: Hardware | None = None,
         host: str = "127.0.0.1",
@@ -94,11 +95,18 @@ class VLLMServer:
         eager = self.serving.enforce_eager
         eager = self.hardware == "cpu" if eager is None else eager
         return [
-            str(self.home.python("serve")), "-m", "vllm.entrypoints.cli.main", "serve",
+            str(self.home.python("serve")),
+            "-m",
+            "vllm.entrypoints.cli.main",
+            "serve",
             str(self.model_dir),
-            "--host", self.host,
-            "--port", str(self.port),
-            "--served-model-name", self.name, *self.aliases,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--served-model-name",
+            self.name,
+            *self.aliases,
             *(["--enforce-eager"] if eager else []),
             *self.serving.engine_args,
         ]
@@ -111,7 +119,9 @@ class VLLMServer:
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
         if self.hardware == "cpu":
             env["VLLM_TARGET_DEVICE"] = "cpu"
-            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; two servers fit on a 24 GiB machine
+            env.setdefault(
+                "VLLM_CPU_KVCACHE_SPACE", "1"
+            )  # GiB; two servers fit on a 24 GiB machine
         return env
 
     def start(self) -> VLLMServer:
@@ -124,10 +134,14 @@ class VLLMServer:
             raise VLLMStartError(f"{self.model_dir} holds no config.json: not a model directory")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
+            command = self.command()
             self._proc = subprocess.Popen(
-                self.command(), env=self.env(), stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=None if self.detach else _die_with_parent(),
+                command if self.detach else _dies_with_parent(command),
+                env=self.env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self._started = time.monotonic()
         return self
@@ -185,10 +199,8 @@ class VLLMServer:
         if proc is None:
             return
         kill_group(proc.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
         # Also reaches engine processes the server left behind if it exited first.
         kill_group(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -212,18 +224,23 @@ class VLLMServer:
         self.stop()
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A pre-exec hook so that the kernel sends vLLM SIGTERM if the Python that started it dies
-    without stop() (killed, crashed): no server outlives its owner. The kernel ties this to the
-    starting thread, so it is set only from the main thread; a server started from a worker
-    thread would otherwise die when that thread ends."""
+# Run by the serve environment's Python just before it becomes vLLM (exec keeps the pid): the
+# kernel sends SIGTERM when the starter dies. Set in the child itself, so this threaded process
+# needs no pre-exec hook; a starter already gone before prctl makes it exit at once.
+_PDEATHSIG_EXEC = (
+    "import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
+    "os.getppid() == int(sys.argv[1]) or sys.exit(1); os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
+def _dies_with_parent(command: list[str]) -> list[str]:
+    """`command`, made to receive SIGTERM if the Python that started it dies without stop()
+    (killed, crashed): no server outlives its owner. The kernel ties this to the starting
+    thread, so it is done only from the main thread; a server started from a worker thread
+    would otherwise die when that thread ends."""
     if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
-        return None
-
-    def hook() -> None:
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-    return hook
+        return command
+    return [command[0], "-c", _PDEATHSIG_EXEC, str(os.getpid()), *command]
 
 
 # ---- what this machine can serve ----------------------------------------------------------------
@@ -248,7 +265,9 @@ def detect_hardware() -> Hardware:
     if smi is None:
         return "cpu"
     try:
-        listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+        listed = subprocess.run(
+            [smi, "-L"], capture_output=True, text=True, timeout=20, check=False
+        )
     except (OSError, subprocess.TimeoutExpired):
         return "cpu"
     return "cuda" if listed.returncode == 0 and "GPU" in listed.stdout else "cpu"
@@ -262,8 +281,11 @@ def hardware_class(hardware: Hardware | None = None) -> str:
         try:
             listed = subprocess.run(
                 ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=20,
-            )  # fmt: skip
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=False,
+            )
             names = listed.stdout.split("\n") if listed.returncode == 0 else []
         except (OSError, subprocess.TimeoutExpired):
             names = []

@@ -31,9 +31,14 @@ def launch(version: ModelVersion, serving: Serving, home: Home) -> tuple[VLLMSer
     """Start vLLM on a version's weights, detached, with the record that lets `down` stop it;
     the caller records it before waiting on it."""
     server = VLLMServer(
-        version.weights, version.model, home, serving, [version.served_name], host=HOST,
+        version.weights,
+        version.model,
+        home,
+        serving,
+        [version.served_name],
+        host=HOST,
         detach=True,
-    ).start()  # fmt: skip
+    ).start()
     proc = Proc.of(version.record, server.pid, server.port, "/health", server.log_path)
     return server, proc
 

@@ -180,7 +180,8 @@ QUALITY = "quality.json"
 
 
 class TrialError(RuntimeError):
-    """The variant could not be served, answered the smoke prompt wrongly, or could not be measured."""
+    """The variant could not be served, answered the smoke prompt wrongly, or could not be
+    measured."""
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,9 @@ def trial(model_dir: Path, config: ModelConfig, variant: Variant, home: Home) ->
     try:
         with VLLMServer(model_dir, name, home, config.serving) as server:
             smoke = ask(server, config.smoke)
-            quality = run_quality(server.url, name, model_dir, config.evaluation, out_dir / "quality")
+            quality = run_quality(
+                server.url, name, model_dir, config.evaluation, out_dir / "quality"
+            )
             speed = run_speed(server.url, name, config.evaluation.loadgen, out_dir / "speed")
     except (VLLMError, SmokeError, EvaluationError) as e:
         raise TrialError(f"{variant.label}: {e}") from e
@@ -242,7 +245,8 @@ def quality_metrics(quality: QualityResult) -> dict[str, float]:
 
 
 def speed_metrics(speed: LoadReport) -> dict[str, float]:
-    """Each load level's figures as "speed/<level>/<figure>" (level "concurrency 4" -> concurrency_4)."""
+    """Each load level's figures as "speed/<level>/<figure>" (level "concurrency 4" ->
+    concurrency_4)."""
     metrics: dict[str, float] = {}
     for level in speed.levels:
         prefix = "speed/" + level.label.replace(" ", "_").replace("/", "_")
@@ -256,18 +260,34 @@ def speed_metrics(speed: LoadReport) -> dict[str, float]:
     return metrics
 
 
-def log_trial(home: Home, version: RegisteredVersion, build: VariantBuild, trial: Trial, verdict: Verdict) -> str:
-    """One MLflow run per variant evaluation; the model version is tagged with the run and verdict."""
+def log_trial(
+    home: Home, version: RegisteredVersion, build: VariantBuild, trial: Trial, verdict: Verdict
+) -> str:
+    """One MLflow run per variant evaluation; the model version is tagged with the run and
+    verdict."""
     (trial.out_dir / "verdict.md").write_text(verdict.markdown())
     registry = Registry(home)
     run_id = registry.log_run(
         f"{version.name}-v{version.version}-{build.label}",
-        params={"recipe": build.recipe, "variant": build.label, "group_size": build.group_size,
-                "calibration_sha256": build.calibration_sha256, "limit": trial.quality.limit},
+        params={
+            "recipe": build.recipe,
+            "variant": build.label,
+            "group_size": build.group_size,
+            "calibration_sha256": build.calibration_sha256,
+            "limit": trial.quality.limit,
+        },
         metrics=trial_metrics(build, trial, verdict),
-        tags={"model": version.name, "version": version.version, "digest": version.digest,
-              "eval_status": "passed" if verdict.passed else "failed"},
-        artifacts=[trial.out_dir / "quality", trial.out_dir / "speed", trial.out_dir / "verdict.md"],
+        tags={
+            "model": version.name,
+            "version": version.version,
+            "digest": version.digest,
+            "eval_status": "passed" if verdict.passed else "failed",
+        },
+        artifacts=[
+            trial.out_dir / "quality",
+            trial.out_dir / "speed",
+            trial.out_dir / "verdict.md",
+        ],
     )
     registry.tag(version.name, version.version, {"eval_run_id": run_id})
     return run_id

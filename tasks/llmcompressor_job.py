@@ -29,12 +29,13 @@ def log(message: str) -> None:
     print(f"[llmcompressor_job] {message}", file=sys.stderr, flush=True)
 
 
-# ---- calibration data -----------------------------------------------------------------------------
+# ---- calibration data ----------------------------------------------------------------------------
 
 
 def read_texts(source: str, needed_tokens: int, tokenizer: Any) -> list[str]:
     """Texts from a local .jsonl ({"text": ...} per line) or .txt (paragraphs split by blank
-    lines) file, or from `hf://datasets/org/name[:split]` (streamed until enough tokens are read)."""
+    lines) file, or from `hf://datasets/org/name[:split]` (streamed until enough tokens are
+    read)."""
     if source.startswith("hf://datasets/"):
         from datasets import load_dataset
 
@@ -84,7 +85,7 @@ def calibration_dataset(texts: list[str], tokenizer: Any, samples: int, seq_len:
     )
 
 
-# ---- recipes --------------------------------------------------------------------------------------
+# ---- recipes -------------------------------------------------------------------------------------
 
 
 def default_group_size(model: Any) -> int:
@@ -106,8 +107,13 @@ def default_group_size(model: Any) -> int:
 
 
 def w4a16_groups(group_size: int) -> dict[str, Any]:
-    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
-               "group_size": group_size}
+    weights = {
+        "num_bits": 4,
+        "type": "int",
+        "symmetric": True,
+        "strategy": "group",
+        "group_size": group_size,
+    }
     return {"group_0": {"targets": ["Linear"], "weights": weights}}
 
 
@@ -154,7 +160,7 @@ def allow_awq_without_accelerator() -> None:
         IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
 
 
-# ---- the job --------------------------------------------------------------------------------------
+# ---- the job -------------------------------------------------------------------------------------
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
@@ -183,8 +189,11 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         started = time.monotonic()
         kwargs: dict[str, Any] = {}
         if dataset is not None:
-            kwargs = {"dataset": dataset, "num_calibration_samples": len(dataset),
-                      "max_seq_length": spec["calibration"]["seq_len"]}
+            kwargs = {
+                "dataset": dataset,
+                "num_calibration_samples": len(dataset),
+                "max_seq_length": spec["calibration"]["seq_len"],
+            }
         oneshot(model=model, processor=tokenizer, recipe=modifiers, **kwargs)
         facts["oneshot_s"] = round(time.monotonic() - started, 2)
     log(f"saving to {out_dir}")

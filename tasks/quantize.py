@@ -70,7 +70,7 @@ def calibration_digest(calibration: Calibration) -> str | None:
         return None
     if not path.is_file():
         raise QuantizeError(
-            f"calibration file {path} does not exist: create it (one {{\"text\": ...}} per line) "
+            f'calibration file {path} does not exist: create it (one {{"text": ...}} per line) '
             "or point calibration.source at another .jsonl/.txt file"
         )
     return sha256_file(path)
@@ -86,7 +86,9 @@ def weight_bytes(path: Path) -> int:
 
 def safetensors_dtypes(model_dir: Path) -> set[str]:
     """The tensor dtypes in a model's safetensors files, read from their JSON headers only."""
-    return {t["dtype"] for f in model_dir.glob("*.safetensors") for t in safetensors_header(f).values()}
+    return {
+        t["dtype"] for f in model_dir.glob("*.safetensors") for t in safetensors_header(f).values()
+    }
 
 
 def is_bf16(model_dir: Path) -> bool:
@@ -127,8 +129,14 @@ def run_job(
     # text mode turns tqdm's carriage returns into line ends, so progress arrives line by line.
     proc = subprocess.Popen(
         [str(python), "-m", "tasks.llmcompressor_job", "--spec", str(spec_path)],
-        cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True,
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,
     )
 
     def kill() -> None:
@@ -220,7 +228,9 @@ def build_variant(
                         "source": str(cal.path) if cal.path else cal.source,
                         "samples": cal.samples,
                         "seq_len": cal.seq_len,
-                    } if calibrated else None,
+                    }
+                    if calibrated
+                    else None,
                     "result": str(Path(work) / "result.json"),
                 }
                 log.info("building %s (%s); log: %s", variant.label, variant.recipe, log_path)
@@ -277,8 +287,14 @@ def reuse(out_dir: Path, key: str) -> VariantBuild | None:
 
 
 def _record(
-    variant: Variant, base_dir: Path, out_dir: Path, log_path: Path | None, digest: str | None,
-    started: float, peak: int | None, result: dict[str, Any],
+    variant: Variant,
+    base_dir: Path,
+    out_dir: Path,
+    log_path: Path | None,
+    digest: str | None,
+    started: float,
+    peak: int | None,
+    result: dict[str, Any],
 ) -> VariantBuild:
     build = VariantBuild(
         label=variant.label,
@@ -294,8 +310,11 @@ def _record(
         quantization_config=result.get("quantization_config"),
     )
     log.info(
-        "built %s in %.1f s: %.1f MB, %.2fx smaller than the base", build.label, build.wall_s,
-        build.size_bytes / 1e6, build.compression_ratio,
+        "built %s in %.1f s: %.1f MB, %.2fx smaller than the base",
+        build.label,
+        build.wall_s,
+        build.size_bytes / 1e6,
+        build.compression_ratio,
     )
     return build
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
@@ -62,7 +62,8 @@ class Registry:
         found = self.client.get_experiment_by_name(name)
         if found:
             return found.experiment_id
-        # A server decides where artifacts go (--artifacts-destination); a local store keeps them here.
+        # A server decides where artifacts go (--artifacts-destination); a local store keeps them
+        # here.
         location = None if self.uri.startswith("http") else self.home.artifact_root.as_uri()
         try:
             return self.client.create_experiment(name, artifact_location=location)
@@ -108,7 +109,9 @@ class Registry:
         try:
             self.client.get_registered_model(name)
         except MlflowException:
-            self.client.create_registered_model(name, description="Registered by Slipway's release flow")
+            self.client.create_registered_model(
+                name, description="Registered by Slipway's release flow"
+            )
         version = self.client.create_model_version(
             name, source=f"models:/{model.model_id}", tags=tags, model_id=model.model_id
         )
@@ -181,14 +184,16 @@ class Registry:
         run = self.client.create_run(self.experiment_id(experiment), run_name=run_name, tags=tags)
         run_id = run.info.run_id
         try:
-            self.client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+            self.client.log_batch(
+                run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()]
+            )
         except Exception:
             self.client.set_terminated(run_id, "FAILED")
             raise
         return run_id
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-        now = int(datetime.now(timezone.utc).timestamp() * 1000)
+        now = int(datetime.now(UTC).timestamp() * 1000)
         metrics = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self.client.log_batch(run_id, metrics=metrics)
 
@@ -242,7 +247,7 @@ class Registry:
     def set_alias(self, name: str, alias: str, version: str, reason: str = "") -> None:
         """Point `alias` at `version` and append the move to the alias's history."""
         self.client.set_registered_model_alias(name, alias, version)
-        entry = {"version": version, "at": datetime.now(timezone.utc).isoformat(), "reason": reason}
+        entry = {"version": version, "at": datetime.now(UTC).isoformat(), "reason": reason}
         history = [*self.alias_history(name, alias), entry][-HISTORY_KEEP:]
         self.client.set_registered_model_tag(name, f"alias_history.{alias}", json.dumps(history))
 
@@ -254,7 +259,8 @@ class Registry:
         return json.loads(raw) if raw else []
 
     def promote(self, name: str, version: str, reason: str = "") -> str | None:
-        """Make `version` the champion; the champion it replaces becomes `previous`. Returns that one."""
+        """Make `version` the champion; the champion it replaces becomes `previous`. Returns that
+        one."""
         previous = self.alias(name, "champion")
         if previous == version:
             return previous
@@ -317,8 +323,11 @@ def register_task(
             REGISTERED_EVENT,
             resource=registered_resource(name, registered.version, tags.get("eval_status", "")),
             payload={
-                "digest": digest, "model_id": registered.model_id, "variant": tags.get("variant"),
-                "eval_reasons": tags.get("eval_reasons", ""), "tracking_uri": home.tracking_uri,
+                "digest": digest,
+                "model_id": registered.model_id,
+                "variant": tags.get("variant"),
+                "eval_reasons": tags.get("eval_reasons", ""),
+                "tracking_uri": home.tracking_uri,
             },
-        )  # fmt: skip
+        )
     return registered

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -104,7 +104,7 @@ def measure(champion: ModelVersion, config: ModelConfig | None, home: Home) -> M
     """The config's load profile and the quick cut of its quality suites against the champion."""
     evaluation = (config.evaluation if config else Evaluation()).quick()
     weights = champion.weights
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out_dir = home.root / "regression" / champion.served_name / stamp
     name = champion.served_name
     with ExitStack() as stack:
@@ -127,7 +127,7 @@ def ledger(registry: Registry, key: Key) -> list[LedgerRun]:
     return [
         LedgerRun(
             run_id=r.info.run_id,
-            at=datetime.fromtimestamp(r.info.start_time / 1000, timezone.utc),
+            at=datetime.fromtimestamp(r.info.start_time / 1000, UTC),
             status=r.data.tags.get("status", ""),
             figures=dict(r.data.metrics),
         )
@@ -146,7 +146,7 @@ def plot_history(
     import matplotlib.pyplot as plt
 
     colours = {"regression": "tab:red", "improvement": "tab:green"}
-    at = datetime.now(timezone.utc)
+    at = datetime.now(UTC)
     cols = min(3, len(verdict.rows)) or 1
     rows = -(-len(verdict.rows) // cols) or 1
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows), squeeze=False)
@@ -158,10 +158,22 @@ def plot_history(
         axis.plot([r.at for r in bad], [r.figures[row.figure] for r in bad], "x", color="tab:red")
         if row.baseline is not None and row.band is not None:
             start = ok[-row.runs].at  # the oldest run of the baseline
-            axis.fill_between([start, at], row.baseline - row.band, row.baseline + row.band,
-                              color="tab:blue", alpha=0.15, label="baseline band")  # fmt: skip
-        axis.plot([at], [now[row.figure]], "o", color=colours.get(row.status, "tab:blue"),
-                  markersize=9, label=f"this run: {row.status}")  # fmt: skip
+            axis.fill_between(
+                [start, at],
+                row.baseline - row.band,
+                row.baseline + row.band,
+                color="tab:blue",
+                alpha=0.15,
+                label="baseline band",
+            )
+        axis.plot(
+            [at],
+            [now[row.figure]],
+            "o",
+            color=colours.get(row.status, "tab:blue"),
+            markersize=9,
+            label=f"this run: {row.status}",
+        )
         axis.set_title(f"{label(row.figure)} ({row.better} is better)", fontsize=9)
         axis.tick_params(axis="x", labelsize=7, rotation=30)
         axis.grid(alpha=0.3)
@@ -192,11 +204,19 @@ def log_regression(
     suites = ",".join(measured.quality.tasks) if measured.quality else ""
     return registry.log_run(
         f"{champion.served_name}-regression",
-        params={"url": measured.url, "served_by": "stack" if measured.on_stack else "this run",
-                "ledger_runs": len(history), "suites": suites},  # fmt: skip
+        params={
+            "url": measured.url,
+            "served_by": "stack" if measured.on_stack else "this run",
+            "ledger_runs": len(history),
+            "suites": suites,
+        },
         metrics=measured.metrics(),
-        tags={"model": champion.model, "version": champion.version, **measured.key.tags(),
-              "status": status},  # fmt: skip
+        tags={
+            "model": champion.model,
+            "version": champion.version,
+            **measured.key.tags(),
+            "status": status,
+        },
         artifacts=[out / "speed", out / "quality", out / "comparison.md", out / "history.png"],
         experiment=EXPERIMENT,
     )

@@ -48,7 +48,8 @@ def default_keys(home: Home) -> tuple[Path, Path]:
 
 
 def keygen(home: Home) -> tuple[Path, Path]:
-    """Create the default P-256 signing key pair once (private key mode 0600); keep an existing one."""
+    """Create the default P-256 signing key pair once (private key mode 0600); keep an existing
+    one."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -77,7 +78,9 @@ def key_fingerprint(public_key: Path) -> str:
     from cryptography.hazmat.primitives import serialization
 
     key = serialization.load_pem_public_key(public_key.read_bytes())
-    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    der = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     return "sha256:" + hashlib.sha256(der).hexdigest()
 
 
@@ -108,7 +111,7 @@ def identity(config: Signing, home: Home) -> str:
 def sign(model_dir: Path, config: Signing, home: Home) -> SignatureInfo:
     import model_signing
 
-    private, public = _keys(config, home)
+    private = _keys(config, home)[0]
     if config.method == "key" and not private.exists():
         raise SignatureError(f"no signing key at {private}: run `make setup` (it generates one)")
     signer = model_signing.signing.Config()
@@ -142,7 +145,8 @@ def verify(model_dir: Path, config: Signing, home: Home) -> SignatureInfo:
         case "key":
             verifier.use_elliptic_key_verifier(public_key=_keys(config, home)[1])
         case "certificate":
-            # Trust the CA chain when one is given (any leaf it issued verifies), else the leaf itself.
+            # Trust the CA chain when one is given (any leaf it issued verifies), else the leaf
+            # itself.
             verifier.use_certificate_verifier(
                 certificate_chain=config.certificate_chain or [config.signing_certificate]
             )
@@ -160,7 +164,9 @@ def verify(model_dir: Path, config: Signing, home: Home) -> SignatureInfo:
     return SignatureInfo(target, config.method, identity(config, home))
 
 
-_LIST = re.compile(r"(Extra|Missing) files (?:found )?in model '[^']*': ([^\"\]]+?)(?:['\"],|['\"]\]|$)")
+_LIST = re.compile(
+    r"(Extra|Missing) files (?:found )?in model '[^']*': ([^\"\]]+?)(?:['\"],|['\"]\]|$)"
+)
 # The report is a list's repr, so an item holding digest bytes with a quote has its quotes escaped.
 _CHANGED = re.compile(r"Hash mismatch for \\?'([^'\\]+)\\?'")
 
@@ -168,7 +174,9 @@ _CHANGED = re.compile(r"Hash mismatch for \\?'([^'\\]+)\\?'")
 def explain(model_dir: Path, message: str, signer: str) -> str:
     """Turn model_signing's mismatch report (digests printed as raw bytes) into plain words."""
     if not message.startswith("Signature mismatch"):
-        return f"{model_dir}: the signature was not made by the expected signer ({signer}): {message}"
+        return (
+            f"{model_dir}: the signature was not made by the expected signer ({signer}): {message}"
+        )
     lists = {kind: [f.strip() for f in files.split(",")] for kind, files in _LIST.findall(message)}
     added, removed = lists.get("Extra", []), lists.get("Missing", [])
     parts = []

@@ -49,14 +49,25 @@ def ask(server: VLLMServer, smoke: Smoke) -> SmokeResult:
     """Ask a running server the smoke prompt; raise SmokeError on a wrong answer."""
     answer = complete(server, smoke.prompt, smoke.max_tokens)
     result = SmokeResult(
-        model_dir=server.model_dir, prompt=smoke.prompt, expect=smoke.expect, answer=answer,
-        passed=smoke.expect in answer, load_s=server.startup_s,
+        model_dir=server.model_dir,
+        prompt=smoke.prompt,
+        expect=smoke.expect,
+        answer=answer,
+        passed=smoke.expect in answer,
+        load_s=server.startup_s,
     )
-    log.info("%s answered %r to %r (loaded in %.1f s)", server.model_dir, answer, smoke.prompt, result.load_s)
+    log.info(
+        "%s answered %r to %r (loaded in %.1f s)",
+        server.model_dir,
+        answer,
+        smoke.prompt,
+        result.load_s,
+    )
     if not result.passed:
         raise SmokeError(
-            f"{server.model_dir} answered {answer!r} to {smoke.prompt!r}, without {smoke.expect!r}: the "
-            "variant is broken (too lossy a recipe or bad calibration data?); do not ship it",
+            f"{server.model_dir} answered {answer!r} to {smoke.prompt!r}, "
+            f"without {smoke.expect!r}: the variant is broken (too lossy a recipe or bad "
+            "calibration data?); do not ship it",
             result,
         )
     return result

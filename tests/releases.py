@@ -18,8 +18,12 @@ def stand_in_model(root: Path, content: bytes) -> Path:
     tensor): distinct contents give distinct digests."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
-    header = json.dumps({"w": {"dtype": "U8", "shape": [len(content)], "data_offsets": [0, len(content)]}})
-    (root / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header.encode() + content)
+    header = json.dumps(
+        {"w": {"dtype": "U8", "shape": [len(content)], "data_offsets": [0, len(content)]}}
+    )
+    (root / "model.safetensors").write_bytes(
+        struct.pack("<Q", len(header)) + header.encode() + content
+    )
     return root
 
 

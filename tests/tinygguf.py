@@ -12,7 +12,9 @@ import numpy as np
 
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's rotary layout for q/k projections; transformers undoes it when it reads GGUF."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
 
 
 def write(model_dir: Path, out: Path) -> Path:
@@ -56,14 +58,22 @@ def write(model_dir: Path, out: Path) -> Path:
     w.add_tensor("output_norm.weight", tensors["model.norm.weight"])
     w.add_tensor("output.weight", tensors["lm_head.weight"])
     names = {
-        "input_layernorm": "attn_norm", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-        "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+        "input_layernorm": "attn_norm",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
         "mlp.down_proj": "ffn_down",
     }
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        w.add_tensor(f"blk.{i}.attn_q.weight", _permute(tensors[p + "self_attn.q_proj.weight"], heads))
-        w.add_tensor(f"blk.{i}.attn_k.weight", _permute(tensors[p + "self_attn.k_proj.weight"], kv_heads))
+        w.add_tensor(
+            f"blk.{i}.attn_q.weight", _permute(tensors[p + "self_attn.q_proj.weight"], heads)
+        )
+        w.add_tensor(
+            f"blk.{i}.attn_k.weight", _permute(tensors[p + "self_attn.k_proj.weight"], kv_heads)
+        )
         for hf, gg in names.items():
             w.add_tensor(f"blk.{i}.{gg}.weight", tensors[p + hf + ".weight"])
     w.write_header_to_file()

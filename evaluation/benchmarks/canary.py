@@ -103,7 +103,7 @@ def _log_latencies(
 ) -> list[np.ndarray]:
     return [
         np.log(m) + np.log(factor) + s * rng.standard_normal(n)
-        for m, s in zip(traffic.median_s, traffic.sigma)
+        for m, s in zip(traffic.median_s, traffic.sigma, strict=True)
     ]
 
 
@@ -124,7 +124,7 @@ def running_stats(
             np.cumsum(np.where(ok, log * log, 0.0)),
         )
 
-    by_metric = dict(zip(LATENCY_METRICS, logs))
+    by_metric = dict(zip(LATENCY_METRICS, logs, strict=True))
     now = ArmStats(
         requests=np.cumsum(mask),
         errors=np.cumsum(mask & failed),

@@ -68,9 +68,16 @@ class FloorProxy:
             if not message.get("more_body"):
                 break
         headers = {"Content-Type": "application/json"}
-        async with self.session.post(self.upstream + scope["path"], data=body, headers=headers) as r:
-            await send({"type": "http.response.start", "status": r.status,
-                        "headers": [(b"content-type", r.headers["Content-Type"].encode())]})  # fmt: skip
+        async with self.session.post(
+            self.upstream + scope["path"], data=body, headers=headers
+        ) as r:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": r.status,
+                    "headers": [(b"content-type", r.headers["Content-Type"].encode())],
+                }
+            )
             async for chunk in r.content.iter_any():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
@@ -79,8 +86,15 @@ class FloorProxy:
 def serve_floor(port: int, upstream: str) -> None:
     import uvicorn
 
-    uvicorn.run(FloorProxy(upstream), host="127.0.0.1", port=port, loop="uvloop", http="httptools",
-                access_log=False, log_level="warning")  # fmt: skip
+    uvicorn.run(
+        FloorProxy(upstream),
+        host="127.0.0.1",
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
+    )
 
 
 def ensure_wrk() -> str:
@@ -137,16 +151,32 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     raise click.ClickException(f"{url} not ready after {timeout} s")
 
 
-def wrk_run(wrk: str, url: str, body: dict, key: str | None, connections: int, duration: int, workdir: Path) -> dict:
+def wrk_run(
+    wrk: str, url: str, body: dict, key: str | None, connections: int, duration: int, workdir: Path
+) -> dict:
     script = workdir / f"post-{secrets.token_hex(4)}.lua"
     headers = 'wrk.headers["Content-Type"] = "application/json"\n'
     if key:
         headers += f'wrk.headers["Authorization"] = "Bearer {key}"\n'
     script.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(json.dumps(body))}\n{headers}')
     out = subprocess.run(
-        ["taskset", "-c", "1", wrk, "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url],
-        check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
+        [
+            "taskset",
+            "-c",
+            "1",
+            wrk,
+            "-t1",
+            f"-c{connections}",
+            f"-d{duration}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     if "Non-2xx" in out:
         raise click.ClickException(f"wrk saw error responses from {url}:\n{out}")
     latency = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", out, re.M))
@@ -179,9 +209,22 @@ async def first_chunk_ms(url: str, body: dict, key: str | None, n: int = 200) ->
     return times[len(times) // 2] * 1000
 
 
-def measure(name: str, pid: int, url: str, direct: dict, key: str | None, model: str,
-            wrk: str, duration: int, workdir: Path) -> dict:  # fmt: skip
-    chat = {"model": model, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4}
+def measure(
+    name: str,
+    pid: int,
+    url: str,
+    direct: dict,
+    key: str | None,
+    model: str,
+    wrk: str,
+    duration: int,
+    workdir: Path,
+) -> dict:
+    chat = {
+        "model": model,
+        "messages": [{"role": "user", "content": "hello there"}],
+        "max_tokens": 4,
+    }
     stream = {**chat, "max_tokens": STREAM_CHUNKS, "stream": True}
     click.echo(f"[{name}] concurrency 1")
     c1 = wrk_run(wrk, url, chat, key, 1, duration, workdir)
@@ -206,7 +249,9 @@ def measure(name: str, pid: int, url: str, direct: dict, key: str | None, model:
         "cpu_us_per_request": round(sat_cpu / sat["requests"] * 1e6, 1),
         "stream_c16": streams,
         "cpu_us_per_chunk_c16": round(stream_cpu / (streams["requests"] * STREAM_CHUNKS) * 1e6, 2),
-        "cpu_us_per_chunk_c1": round(stream_c1_cpu / (streams_c1["requests"] * STREAM_CHUNKS) * 1e6, 2),
+        "cpu_us_per_chunk_c1": round(
+            stream_c1_cpu / (streams_c1["requests"] * STREAM_CHUNKS) * 1e6, 2
+        ),
         "first_chunk_ms": round(ttft, 3),
         "added_first_chunk_ms": round(ttft - direct["first_chunk_ms"], 3),
     }
@@ -221,48 +266,123 @@ def run(duration: int, skip_litellm: bool) -> None:
     procs: list[subprocess.Popen] = []
 
     def start(cmd: list[str], cpu: str, **kw) -> subprocess.Popen:
-        proc = subprocess.Popen(["taskset", "-c", cpu, *cmd], cwd=REPO, stdout=subprocess.DEVNULL,
-                                stderr=open(work / f"{len(procs)}.log", "w"), **kw)  # fmt: skip
+        # The child holds its own copy of the log's descriptor; this one closes once it has started.
+        with open(work / f"{len(procs)}.log", "w") as log:
+            proc = subprocess.Popen(
+                ["taskset", "-c", cpu, *cmd],
+                cwd=REPO,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                **kw,
+            )
         procs.append(proc)
         return proc
 
     try:
         mock_port, gw_port, ll_port, floor_port = free_port(), free_port(), free_port(), free_port()
-        mock = start([sys.executable, "-m", "flows.cli", "bench", "mock-upstream", "--port", str(mock_port)], "1", env=env)
+        mock = start(
+            [sys.executable, "-m", "flows.cli", "bench", "mock-upstream", "--port", str(mock_port)],
+            "1",
+            env=env,
+        )
         wait_ready(f"http://127.0.0.1:{mock_port}/health", mock)
         key = "sk-bench-" + secrets.token_urlsafe(24)
         config = {
             "admin_token_sha256": key_hash(secrets.token_urlsafe(24)),
-            "routes": [{"model": "bench", "backends": [{
-                "version": "1", "url": f"http://127.0.0.1:{mock_port}", "served_model": "bench",
-                "digest": "sha256:" + "0" * 64, "verified": True, "weight": 100, "role": "stable",
-                "max_concurrency": 1024,
-            }]}],
-            "tenants": [{"name": "bench", "key_sha256": key_hash(key), "rpm": 10_000_000, "tpm": 10**12}],
+            "routes": [
+                {
+                    "model": "bench",
+                    "backends": [
+                        {
+                            "version": "1",
+                            "url": f"http://127.0.0.1:{mock_port}",
+                            "served_model": "bench",
+                            "digest": "sha256:" + "0" * 64,
+                            "verified": True,
+                            "weight": 100,
+                            "role": "stable",
+                            "max_concurrency": 1024,
+                        }
+                    ],
+                }
+            ],
+            "tenants": [
+                {"name": "bench", "key_sha256": key_hash(key), "rpm": 10_000_000, "tpm": 10**12}
+            ],
             "usage": {"url": f"sqlite:///{work / 'usage.sqlite'}"},
-        }  # fmt: skip
+        }
         (work / "gateway.json").write_text(json.dumps(config))  # YAML is a superset of JSON
-        gateway = start([sys.executable, "-m", "flows.cli", "gateway", "--config", str(work / "gateway.json"),
-                         "--port", str(gw_port), "--log-level", "warning"], "0", env=env)  # fmt: skip
+        gateway = start(
+            [
+                sys.executable,
+                "-m",
+                "flows.cli",
+                "gateway",
+                "--config",
+                str(work / "gateway.json"),
+                "--port",
+                str(gw_port),
+                "--log-level",
+                "warning",
+            ],
+            "0",
+            env=env,
+        )
         wait_ready(f"http://127.0.0.1:{gw_port}/health", gateway)
 
         direct_url = f"http://127.0.0.1:{mock_port}/v1/chat/completions"
         click.echo("[direct] concurrency 1")
-        chat = {"model": "bench", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4}
+        chat = {
+            "model": "bench",
+            "messages": [{"role": "user", "content": "hello there"}],
+            "max_tokens": 4,
+        }
         direct = {
             "c1": wrk_run(wrk, direct_url, chat, None, 1, duration, work),
-            "first_chunk_ms": round(asyncio.run(first_chunk_ms(
-                direct_url, {**chat, "max_tokens": STREAM_CHUNKS, "stream": True}, None)), 3),
-        }  # fmt: skip
+            "first_chunk_ms": round(
+                asyncio.run(
+                    first_chunk_ms(
+                        direct_url, {**chat, "max_tokens": STREAM_CHUNKS, "stream": True}, None
+                    )
+                ),
+                3,
+            ),
+        }
         results: dict = {"direct": direct}
-        floor = start([sys.executable, "-c", "import evaluation.benchmarks.gateway as b; "
-                       f"b.serve_floor({floor_port}, 'http://127.0.0.1:{mock_port}')"], "0", env=env)  # fmt: skip
+        floor = start(
+            [
+                sys.executable,
+                "-c",
+                "import evaluation.benchmarks.gateway as b; "
+                f"b.serve_floor({floor_port}, 'http://127.0.0.1:{mock_port}')",
+            ],
+            "0",
+            env=env,
+        )
         wait_ready(f"http://127.0.0.1:{floor_port}/health", floor)
-        results["floor"] = measure("floor", floor.pid, f"http://127.0.0.1:{floor_port}/v1/chat/completions",
-                                   direct, None, "bench", wrk, duration, work)  # fmt: skip
+        results["floor"] = measure(
+            "floor",
+            floor.pid,
+            f"http://127.0.0.1:{floor_port}/v1/chat/completions",
+            direct,
+            None,
+            "bench",
+            wrk,
+            duration,
+            work,
+        )
         floor.terminate()
-        results["gateway"] = measure("gateway", gateway.pid, f"http://127.0.0.1:{gw_port}/v1/chat/completions",
-                                     direct, key, "bench", wrk, duration, work)  # fmt: skip
+        results["gateway"] = measure(
+            "gateway",
+            gateway.pid,
+            f"http://127.0.0.1:{gw_port}/v1/chat/completions",
+            direct,
+            key,
+            "bench",
+            wrk,
+            duration,
+            work,
+        )
         if skip_litellm:
             results["litellm"] = {"skipped": "--skip-litellm"}
         else:
@@ -273,31 +393,71 @@ def run(duration: int, skip_litellm: bool) -> None:
             else:
                 # LiteLLM refuses to start without a master key; both proxies then check a key.
                 ll_key = "sk-" + secrets.token_hex(32)
-                (work / "litellm.yaml").write_text(json.dumps({
-                    "model_list": [{"model_name": "bench", "litellm_params": {
-                        "model": "openai/bench", "api_base": f"http://127.0.0.1:{mock_port}/v1", "api_key": "sk-mock"}}],
-                    "general_settings": {"master_key": ll_key},
-                }))  # fmt: skip
-                ll_env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
-                litellm = start([str(python.parent / "litellm"), "--config", str(work / "litellm.yaml"),
-                                 "--port", str(ll_port), "--num_workers", "1"], "0", env=ll_env)  # fmt: skip
+                (work / "litellm.yaml").write_text(
+                    json.dumps(
+                        {
+                            "model_list": [
+                                {
+                                    "model_name": "bench",
+                                    "litellm_params": {
+                                        "model": "openai/bench",
+                                        "api_base": f"http://127.0.0.1:{mock_port}/v1",
+                                        "api_key": "sk-mock",
+                                    },
+                                }
+                            ],
+                            "general_settings": {"master_key": ll_key},
+                        }
+                    )
+                )
+                ll_env = {
+                    **os.environ,
+                    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+                    "LITELLM_LOG": "ERROR",
+                }
+                litellm = start(
+                    [
+                        str(python.parent / "litellm"),
+                        "--config",
+                        str(work / "litellm.yaml"),
+                        "--port",
+                        str(ll_port),
+                        "--num_workers",
+                        "1",
+                    ],
+                    "0",
+                    env=ll_env,
+                )
                 wait_ready(f"http://127.0.0.1:{ll_port}/health/liveliness", litellm)
-                results["litellm"] = measure("litellm", litellm.pid, f"http://127.0.0.1:{ll_port}/v1/chat/completions",
-                                             direct, ll_key, "bench", wrk, duration, work)  # fmt: skip
+                results["litellm"] = measure(
+                    "litellm",
+                    litellm.pid,
+                    f"http://127.0.0.1:{ll_port}/v1/chat/completions",
+                    direct,
+                    ll_key,
+                    "bench",
+                    wrk,
+                    duration,
+                    work,
+                )
         gw, ll = results["gateway"], results.get("litellm", {})
         if "c1" in ll:
             results["litellm_over_gateway"] = {
                 "added_p50_ms_c1": _ratio(ll["added_p50_ms_c1"], gw["added_p50_ms_c1"]),
                 "added_p99_ms_c1": _ratio(ll["added_p99_ms_c1"], gw["added_p99_ms_c1"]),
                 "rps_per_core": _ratio(gw["rps_per_core"], ll["rps_per_core"]),
-                "cpu_us_per_chunk_c16": _ratio(ll["cpu_us_per_chunk_c16"], gw["cpu_us_per_chunk_c16"]),
+                "cpu_us_per_chunk_c16": _ratio(
+                    ll["cpu_us_per_chunk_c16"], gw["cpu_us_per_chunk_c16"]
+                ),
             }
         fl = results["floor"]
         results["gateway_over_floor"] = {
             "added_p50_ms_c1": round(gw["added_p50_ms_c1"] - fl["added_p50_ms_c1"], 3),
             "added_p99_ms_c1": round(gw["added_p99_ms_c1"] - fl["added_p99_ms_c1"], 3),
             "cpu_us_per_request": round(gw["cpu_us_per_request"] - fl["cpu_us_per_request"], 1),
-            "cpu_us_per_chunk_c16": round(gw["cpu_us_per_chunk_c16"] - fl["cpu_us_per_chunk_c16"], 2),
+            "cpu_us_per_chunk_c16": round(
+                gw["cpu_us_per_chunk_c16"] - fl["cpu_us_per_chunk_c16"], 2
+            ),
             "rps_per_core_ratio": _ratio(gw["rps_per_core"], fl["rps_per_core"]),
         }
         results["targets"] = TARGETS
@@ -306,8 +466,12 @@ def run(duration: int, skip_litellm: bool) -> None:
             "rps_per_core": gw["rps_per_core"] >= TARGETS["rps_per_core"],
             "cpu_us_per_chunk": gw["cpu_us_per_chunk_c16"] <= TARGETS["cpu_us_per_chunk"],
         }
-        results["setup"] = {"duration_s": duration, "stream_chunks": STREAM_CHUNKS, "cpus": os.cpu_count(),
-                            "layout": "proxy on CPU 0; mock upstream + wrk on CPU 1"}  # fmt: skip
+        results["setup"] = {
+            "duration_s": duration,
+            "stream_chunks": STREAM_CHUNKS,
+            "cpus": os.cpu_count(),
+            "layout": "proxy on CPU 0; mock upstream + wrk on CPU 1",
+        }
         out = home.root / "bench" / "gateway.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")

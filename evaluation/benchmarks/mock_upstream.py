@@ -61,7 +61,11 @@ class MockUpstream:
                     return
         path = scope["path"]
         if scope["method"] == "GET":
-            body = {"object": "list", "data": [{"id": "mock", "object": "model"}]} if path == "/v1/models" else {}
+            body = (
+                {"object": "list", "data": [{"id": "mock", "object": "model"}]}
+                if path == "/v1/models"
+                else {}
+            )
             return await _json(send, 200, body)
         chunks = []
         while True:
@@ -78,38 +82,79 @@ class MockUpstream:
         if delay:
             await asyncio.sleep(delay)
         if fault and fault.status and (fault.every == 1 or next_seen(fault) % fault.every == 0):
-            error = {"error": {"message": f"injected {fault.status}", "type": "server_error", "param": None, "code": None}}
+            error = {
+                "error": {
+                    "message": f"injected {fault.status}",
+                    "type": "server_error",
+                    "param": None,
+                    "code": None,
+                }
+            }
             return await _json(send, fault.status, error)
         chat = path.endswith("/chat/completions")
         try:
             n, prompts = _read(request, chat, self.chunks)
         except (TypeError, ValueError) as e:  # as vLLM does: a request it cannot serve is a 400
-            error = {"error": {"message": str(e), "type": "BadRequestError", "param": None, "code": 400}}
+            error = {
+                "error": {"message": str(e), "type": "BadRequestError", "param": None, "code": 400}
+            }
             return await _json(send, 400, error)
-        usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": n * len(prompts)}
+        usage = {
+            "prompt_tokens": sum(len(p) for p in prompts),
+            "completion_tokens": n * len(prompts),
+        }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if request.get("stream"):
             return await self._stream(send, request, model, chat, n, usage, fault)
         words = [f"w{i}" for i in range(n)]
         if chat:
-            choices = [{"index": 0, "message": {"role": "assistant", "content": " ".join(words)}, "finish_reason": "length"}]
+            choices = [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": " ".join(words)},
+                    "finish_reason": "length",
+                }
+            ]
         else:
             choices = [_completion_choice(i, p, words, request) for i, p in enumerate(prompts)]
-        body = {"id": "cmpl-mock", "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()), "model": model, "choices": choices, "usage": usage}
+        body = {
+            "id": "cmpl-mock",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": choices,
+            "usage": usage,
+        }
         await _json(send, 200, body)
 
     async def _stream(self, send, request, model, chat, n, usage, fault) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
         kind = "chat.completion.chunk" if chat else "text_completion"
-        head = f'data: {{"id":"cmpl-mock","object":"{kind}","created":{int(time.time())},"model":"{model}","choices":['
+        head = (
+            f'data: {{"id":"cmpl-mock","object":"{kind}","created":{int(time.time())},'
+            f'"model":"{model}","choices":['
+        )
         for i in range(n):
             if fault and fault.break_after is not None and i >= fault.break_after:
                 raise ConnectionAbortedError("injected: stream broken")
-            choice = (f'{{"index":0,"delta":{{"content":"w{i} "}},"finish_reason":null}}' if chat
-                      else f'{{"index":0,"text":"w{i} ","finish_reason":null}}')
-            await send({"type": "http.response.body", "body": f"{head}{choice}]}}\n\n".encode(), "more_body": True})
+            choice = (
+                f'{{"index":0,"delta":{{"content":"w{i} "}},"finish_reason":null}}'
+                if chat
+                else f'{{"index":0,"text":"w{i} ","finish_reason":null}}'
+            )
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": f"{head}{choice}]}}\n\n".encode(),
+                    "more_body": True,
+                }
+            )
             if self.chunk_delay_s:
                 await asyncio.sleep(self.chunk_delay_s)
         if (request.get("stream_options") or {}).get("include_usage"):
@@ -155,7 +200,9 @@ def _completion_choice(index: int, prompt: list, words: list[str], request: dict
         choice["logprobs"] = {
             "tokens": tokens,
             "token_logprobs": lps,
-            "top_logprobs": [None if lp is None else {t: lp} for t, lp in zip(tokens, lps)],
+            "top_logprobs": [
+                None if lp is None else {t: lp} for t, lp in zip(tokens, lps, strict=True)
+            ],
             "text_offset": list(range(len(tokens))),
         }
     return choice
@@ -163,8 +210,16 @@ def _completion_choice(index: int, prompt: list, words: list[str], request: dict
 
 async def _json(send, status: int, body: dict) -> None:
     data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": data})
 
 
@@ -172,10 +227,19 @@ async def _json(send, status: int, body: dict) -> None:
 def serve(app, port: int | None = None, **config) -> Iterator[str]:
     """Run an ASGI app on uvicorn in a thread (its own event loop); yields its base URL."""
     port = port or free_port()
-    server = uvicorn.Server(uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
-        loop="asyncio", http="httptools", lifespan="on", **config,
-    ))  # fmt: skip
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            access_log=False,
+            loop="asyncio",
+            http="httptools",
+            lifespan="on",
+            **config,
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -193,5 +257,12 @@ def serve(app, port: int | None = None, **config) -> Iterator[str]:
 def run(port: int, chunks: int, delay_s: float, chunk_delay_s: float) -> None:
     """Serve the mock on 127.0.0.1:PORT (uvloop + httptools)."""
     upstream = MockUpstream(chunks=chunks, chunk_delay_s=chunk_delay_s, delay_s=delay_s)
-    uvicorn.run(upstream, host="127.0.0.1", port=port, loop="uvloop", http="httptools",
-                access_log=False, log_level="warning")
+    uvicorn.run(
+        upstream,
+        host="127.0.0.1",
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
+    )

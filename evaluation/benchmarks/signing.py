@@ -118,8 +118,10 @@ def measure(size_gb: float, files: int, rounds: int, home: Home) -> dict:
         and med["verify"] / ideal >= TARGET_RATIO,
         "samples_GBps": {k: [round(x / 1e9, 3) for x in v] for k, v in samples.items()},
         "method": (
-            f"{len(list(weights.iterdir()))} files, {total / 1e9:.2f} GB of random bytes in the page cache; "
-            f"per round: hashlib sha256 on one core over 256 MiB in memory (x {cores} cores = ideal), "
+            f"{len(list(weights.iterdir()))} files, {total / 1e9:.2f} GB of random bytes in the "
+            "page cache; "
+            f"per round: hashlib sha256 on one core over 256 MiB in memory (x {cores} cores = "
+            "ideal), "
             "tasks.signing.sign and .verify (model_signing, elliptic key, sha256 per file), "
             f"tasks.hub.hash_dir (hashlib in {cores} threads); medians of {rounds} rounds; "
             "ratio = throughput / ideal"

@@ -227,7 +227,7 @@ async def prime(
 def run_vllm_bench(command: list[str], result: Path, log: Path, expected: int) -> dict[str, Any]:
     """One `vllm bench serve` run; its saved result, after checking every prompt completed."""
     env = {**os.environ, "VLLM_TARGET_DEVICE": os.environ.get("VLLM_TARGET_DEVICE", "cpu")}
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     log.write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         raise RuntimeError(

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import Field
+
 from configs.evaluation import LoadProfile
 from configs.loader import Strict
 
@@ -30,7 +32,7 @@ class RequestRecord(Strict):
     start: float
     ttft: float | None = None
     latency: float | None = None
-    itl: list[float] = []
+    itl: list[float] = Field(default_factory=list)
     output_tokens: int = 0
     prompt_tokens: int | None = None
     tokens_from_usage: bool = False

@@ -37,13 +37,30 @@ from evaluation.monitoring.usage import IterUsage
 
 NO_TENANT = "(none)"
 KEYS = ["day", "tenant", "model", "version"]
-_READ = ("time", "tenant", "model", "backend_version", "error_kind", "prompt_tokens",
-         "completion_tokens", "latency_ms")  # fmt: skip
+_READ = (
+    "time",
+    "tenant",
+    "model",
+    "backend_version",
+    "error_kind",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_ms",
+)
 _CHUNK_ROWS = 200_000  # rows per streamed frame: a month is summed in bounded memory
 _HOURLY = ["hour", "tenant", "model", "version"]
 _SUMS = ["requests", "errors", "prompt_tokens", "completion_tokens", "busy_s"]
-_SERVED = ["day", "model", "version", "hardware", "replicas", "hours_billed", "cost_usd", "busy_s",
-           "utilisation"]  # fmt: skip
+_SERVED = [
+    "day",
+    "model",
+    "version",
+    "hardware",
+    "replicas",
+    "hours_billed",
+    "cost_usd",
+    "busy_s",
+    "utilisation",
+]
 
 
 def hourly_usage(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
@@ -56,17 +73,19 @@ def hourly_usage(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
 
 
 def _per_hour(chunk: pd.DataFrame) -> pd.DataFrame:
-    frame = pd.DataFrame({
-        "hour": (chunk["time"] // 3600).astype("int64"),
-        "tenant": chunk["tenant"].fillna(NO_TENANT),
-        "model": chunk["model"],
-        "version": chunk["backend_version"].astype(str),
-        "requests": 1,
-        "errors": chunk["error_kind"].notna().astype("int64"),
-        "prompt_tokens": chunk["prompt_tokens"].astype("int64"),
-        "completion_tokens": chunk["completion_tokens"].astype("int64"),
-        "busy_s": chunk["latency_ms"].astype("float64") / 1000.0,
-    })  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "hour": (chunk["time"] // 3600).astype("int64"),
+            "tenant": chunk["tenant"].fillna(NO_TENANT),
+            "model": chunk["model"],
+            "version": chunk["backend_version"].astype(str),
+            "requests": 1,
+            "errors": chunk["error_kind"].notna().astype("int64"),
+            "prompt_tokens": chunk["prompt_tokens"].astype("int64"),
+            "completion_tokens": chunk["completion_tokens"].astype("int64"),
+            "busy_s": chunk["latency_ms"].astype("float64") / 1000.0,
+        }
+    )
     return frame.groupby(_HOURLY, as_index=False).sum()
 
 
@@ -94,8 +113,19 @@ def costs(hourly: pd.DataFrame, pricing: Pricing) -> tuple[pd.DataFrame, pd.Data
         rows.loc[group.index, "cost_usd"] = fixed * weight / weight.sum()
         busy = group["busy_s"].sum()
         utilisation = busy / (deployment.replicas * hours * 3600)
-        served.append((day, model, version, deployment.hardware, deployment.replicas, hours, fixed,
-                       busy, utilisation))  # fmt: skip
+        served.append(
+            (
+                day,
+                model,
+                version,
+                deployment.hardware,
+                deployment.replicas,
+                hours,
+                fixed,
+                busy,
+                utilisation,
+            )
+        )
     rows["usd_per_million_tokens"] = _per_million(rows["cost_usd"], rows["tokens"])
     reference = pricing.reference[pricing.compare_with]
     rows["reference_usd"] = reference.cost(rows["prompt_tokens"], rows["completion_tokens"])
@@ -205,8 +235,16 @@ def metrics(r: CostReport) -> dict[str, float]:
 def table(r: CostReport) -> list[dict[str, object]]:
     """The Prefect table artifact: the day's rows, rounded for reading."""
     dollars = ["cost_usd", "usd_per_million_tokens", "reference_usd", "saving_usd"]
-    shown = ["tenant", "model", "version", "requests", "errors", "prompt_tokens",
-             "completion_tokens", *dollars]  # fmt: skip
+    shown = [
+        "tenant",
+        "model",
+        "version",
+        "requests",
+        "errors",
+        "prompt_tokens",
+        "completion_tokens",
+        *dollars,
+    ]
     out = r.rows[shown].round(dict.fromkeys(dollars, 4))
     return [
         {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in rec.items()}

@@ -43,8 +43,15 @@ SAMPLING_NOTE = (
     "shares are exact over all rows. A distance (wasserstein, jensenshannon, ...) drifts at or "
     "above its threshold; a test's p-value (z, ks, chisquare, ...) below it."
 )
-_READ = ("tenant", "error_kind", "prompt_tokens", "completion_tokens", "latency_ms", "ttft_ms",
-         "prompt")  # fmt: skip
+_READ = (
+    "tenant",
+    "error_kind",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_ms",
+    "ttft_ms",
+    "prompt",
+)
 _CHUNK_ROWS = 100_000  # rows per streamed frame: memory stays bounded at a million rows a window
 
 

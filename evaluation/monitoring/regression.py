@@ -99,8 +99,17 @@ class RegressionVerdict(Strict):
         lines = [head, "|---|---|---|---|---|---|---|---|---|"]
         for r in self.rows:
             change = "" if r.change_pct is None else f"{r.change_pct:+.1f}%"
-            cells = [label(r.figure), r.better, _num(r.baseline), _num(r.spread), _num(r.band),
-                     _num(r.measured), change, str(r.runs), r.status]  # fmt: skip
+            cells = [
+                label(r.figure),
+                r.better,
+                _num(r.baseline),
+                _num(r.spread),
+                _num(r.band),
+                _num(r.measured),
+                change,
+                str(r.runs),
+                r.status,
+            ]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 
@@ -148,8 +157,16 @@ def baseline(ledger: Sequence[LedgerRun], figure: str, window: int) -> list[floa
 def judge_figure(figure: str, measured: float, history: Sequence[float], policy: Regression) -> Row:
     direction = better(figure)
     if len(history) < policy.min_runs:
-        return Row(figure=figure, better=direction, measured=measured, baseline=None, spread=None,
-                   band=None, runs=len(history), status="no-baseline")  # fmt: skip
+        return Row(
+            figure=figure,
+            better=direction,
+            measured=measured,
+            baseline=None,
+            spread=None,
+            band=None,
+            runs=len(history),
+            status="no-baseline",
+        )
     median = statistics.median(history)
     spread = SCALED_MAD * statistics.median(abs(x - median) for x in history)
     floor = policy.speed_floor if figure.startswith("speed/") else policy.quality_floor
@@ -159,8 +176,16 @@ def judge_figure(figure: str, measured: float, history: Sequence[float], policy:
     status: Status = "within-noise"
     if abs(delta) > band:
         status = "regression" if worse else "improvement"
-    return Row(figure=figure, better=direction, measured=measured, baseline=median, spread=spread,
-               band=band, runs=len(history), status=status)  # fmt: skip
+    return Row(
+        figure=figure,
+        better=direction,
+        measured=measured,
+        baseline=median,
+        spread=spread,
+        band=band,
+        runs=len(history),
+        status=status,
+    )
 
 
 def compare(

@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+from pydantic import Field
+
 from configs.evaluation import Gates
 from configs.loader import Strict
 from evaluation.loadgen.report import LoadReport
@@ -33,9 +35,9 @@ class TaskScore(Strict):
     """One task's aggregate metrics, their standard errors, and per-item scores (by doc id)."""
 
     metrics: dict[str, float]
-    stderr: dict[str, float] = {}
+    stderr: dict[str, float] = Field(default_factory=dict)
     n: int
-    items: dict[str, dict[int, float]] = {}
+    items: dict[str, dict[int, float]] = Field(default_factory=dict)
 
 
 class QualityResult(Strict):

@@ -38,7 +38,7 @@ class Backend:
         "url_chat",
         "url_completions",
         "version",
-    )  # fmt: skip
+    )
 
     def __init__(self, model: str, spec: BackendSpec, breaker: BreakerSpec, samples: int) -> None:
         self.model = model
@@ -62,8 +62,12 @@ class Backend:
     def same_server(self, spec: BackendSpec) -> bool:
         s = self.spec
         return (s.version, s.url, s.served_model, s.digest, s.role) == (
-            spec.version, spec.url, spec.served_model, spec.digest, spec.role,
-        )  # fmt: skip
+            spec.version,
+            spec.url,
+            spec.served_model,
+            spec.digest,
+            spec.role,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,9 +54,22 @@ log = logging.getLogger("serving.gateway")
 
 TABLE = "gateway_usage"
 COLUMNS = (
-    "time", "request_id", "tenant", "model", "endpoint", "backend_version", "role", "stream",
-    "status", "error_kind", "prompt_tokens", "completion_tokens", "ttft_ms", "latency_ms", "prompt",
-)  # fmt: skip
+    "time",
+    "request_id",
+    "tenant",
+    "model",
+    "endpoint",
+    "backend_version",
+    "role",
+    "stream",
+    "status",
+    "error_kind",
+    "prompt_tokens",
+    "completion_tokens",
+    "ttft_ms",
+    "latency_ms",
+    "prompt",
+)
 
 _SQLITE_DDL = f"""
 CREATE TABLE IF NOT EXISTS {TABLE} (
@@ -146,7 +159,7 @@ class PostgresSink:
         self._conn = None
 
     async def open(self) -> None:
-        import asyncpg  # noqa: PLC0415  (only a PostgreSQL usage log needs it)
+        import asyncpg  # only a PostgreSQL usage log needs it
 
         self._conn = await asyncpg.connect(self.url)
         await self._conn.execute(_PG_DDL)
@@ -265,7 +278,7 @@ def read_usage(
 
     `time` comes back as a timezone-aware UTC datetime column whichever database holds the log.
     """
-    import pandas as pd  # noqa: PLC0415  (reports only: the gateway itself never loads pandas)
+    import pandas as pd  # reports only: the gateway itself never loads pandas
 
     url = url or default_url()
     lo, hi = _epoch(start), _epoch(end)
@@ -279,7 +292,7 @@ def read_usage(
                 (lo, hi),
             ).fetchall()
     else:
-        import psycopg2  # noqa: PLC0415  (reading a PostgreSQL log only)
+        import psycopg2  # reading a PostgreSQL log only
 
         with psycopg2.connect(url) as db, db.cursor() as cur:
             cur.execute(
@@ -314,7 +327,7 @@ def count_usage(
         return int(cur.fetchone()[0])
 
 
-def iter_usage(  # noqa: PLR0913, PLR0917  (callers pass url and model by position)
+def iter_usage(
     start: datetime | float,
     end: datetime | float,
     columns: Sequence[str],
@@ -325,7 +338,7 @@ def iter_usage(  # noqa: PLR0913, PLR0917  (callers pass url and model by positi
     """The rows of `read_usage` (optionally one model's), only `columns`, oldest first, in frames
     of at most `chunk_rows`: for reports over millions of rows in bounded memory. `time` comes back
     as unix seconds (float) from either database; the other columns as the database returns them."""
-    import pandas as pd  # noqa: PLC0415  (reports only: the gateway itself never loads pandas)
+    import pandas as pd  # reports only: the gateway itself never loads pandas
 
     unknown = set(columns) - set(COLUMNS)
     if unknown:
@@ -354,7 +367,7 @@ def _reader(url: str | None) -> Iterator[tuple[object, str]]:
         finally:
             db.close()
         return
-    import psycopg2  # noqa: PLC0415  (reading a PostgreSQL log only)
+    import psycopg2  # reading a PostgreSQL log only
 
     db = psycopg2.connect(url)
     try:

@@ -90,8 +90,14 @@ def _check_prompt(prompt: Any) -> None:
 
 
 def _json_type(value: Any) -> str:
-    return {bool: "a boolean", str: "a string", int: "an integer", float: "a number",
-            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)  # fmt: skip
+    return {
+        bool: "a boolean",
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        list: "a list",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)
 
 
 def prompt_text(data: dict[str, Any], endpoint: str) -> str | None:

@@ -56,14 +56,20 @@ def write_gateway_config(home: Home, backends: list[Backend], port: int) -> Path
         "routes": [
             {
                 "model": b.champion.model,
-                "backends": [{
-                    "version": b.champion.version, "url": b.url,
-                    "served_model": b.champion.served_name, "digest": b.champion.tags["digest"],
-                    "verified": True, "weight": 100, "role": "stable",
-                }],
+                "backends": [
+                    {
+                        "version": b.champion.version,
+                        "url": b.url,
+                        "served_model": b.champion.served_name,
+                        "digest": b.champion.tags["digest"],
+                        "verified": True,
+                        "weight": 100,
+                        "role": "stable",
+                    }
+                ],
             }
             for b in backends
-        ],  # fmt: skip
+        ],
         "tenants": [
             {"name": DEMO_TENANT, "key_sha256": key_hash(key)},
             {"name": SYNTHETIC_TENANT, "key_sha256": key_hash(synthetic), "synthetic": True},

@@ -1,5 +1,5 @@
-"""`make up`, `make down`, `make status`: MLflow, Prefect (server, worker, deployments), one vLLM per
-verified champion, and the gateway in front.
+"""`make up`, `make down`, `make status`: MLflow, Prefect (server, worker, deployments), one vLLM
+per verified champion, and the gateway in front.
 
 `up` serves each registered model's `champion` only if it is servable (tasks/servable.py). Every
 process it starts runs in its own process group, detached so that it outlives `up`, and is
@@ -85,7 +85,11 @@ def up(
 
 
 def serve(
-    champion: ModelVersion, serving: Serving, home: Home, procs: list[Proc], say: Callable[[str], None]
+    champion: ModelVersion,
+    serving: Serving,
+    home: Home,
+    procs: list[Proc],
+    say: Callable[[str], None],
 ) -> Backend:
     """vLLM on the champion's weights, detached; recorded in `procs` before it is waited on."""
     server, proc = launch_engine(champion, serving, home)

@@ -54,13 +54,28 @@ class PrefectStack:
     ) -> Callable[[], None]:
         """`prefect server start` unless one answers on the port; returns the wait for it."""
         command = [
-            sys.executable, "-m", "prefect", "server", "start", "--host", HOST,
-            "--port", str(self.port),
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+        ]
         return ensure_service(
-            home, PREFECT_SERVER, command, self.port, "/api/health", procs, say, "Prefect:",
-            server_env(home), timeout_s=120,
-        )  # fmt: skip
+            home,
+            PREFECT_SERVER,
+            command,
+            self.port,
+            "/api/health",
+            procs,
+            say,
+            "Prefect:",
+            server_env(home),
+            timeout_s=120,
+        )
 
     def start_worker_and_deploy(
         self, home: Home, mlflow_url: str, procs: list[Proc], say: Callable[[str], None]
@@ -101,9 +116,19 @@ def start_worker(
         "PREFECT_WORKER_WEBSERVER_PORT": str(health_port),
     }
     command = [
-        sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process",
-        "--name", "slipway-local", "--with-healthcheck",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "prefect",
+        "worker",
+        "start",
+        "--pool",
+        POOL,
+        "--type",
+        "process",
+        "--name",
+        "slipway-local",
+        "--with-healthcheck",
+    ]
     log = home.logs / "prefect-worker.log"
     worker, popen = launch(PREFECT_WORKER, command, log, health_port, "/health", home, env=env)
     procs.append(worker)
@@ -136,13 +161,25 @@ def deploy(home: Home, api: str, prefect_file: Path) -> list[Deployed]:
     log = home.logs / "prefect-deploy.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     command = [
-        sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all",
-        "--prefect-file", str(prefect_file),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "prefect",
+        "--no-prompt",
+        "deploy",
+        "--all",
+        "--prefect-file",
+        str(prefect_file),
+    ]
     env = {**os.environ, **server_env(home), "PREFECT_API_URL": api, "SLIPWAY_HOME": str(home.root)}
     with log.open("w") as out:
         done = subprocess.run(
-            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=600
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=600,
+            check=False,
         )
     if done.returncode != 0:
         raise StackError(
@@ -201,4 +238,3 @@ def how_to_run(api: str, deployed: list[Deployed]) -> str:
   export PREFECT_API_URL={api}
 {runs}
   (-p name=value sets any other parameter, e.g. -p config_path=configs/models/other.yaml)"""
-

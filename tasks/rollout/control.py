@@ -55,10 +55,15 @@ def roll_back_by_hand(
     versions = withdraw_canary(GatewayAdmin.of(home, gateway_url), model)
     for version in versions:
         order = give_order(registry, model, version, "rollback", reason)
-        registry.tag(model, version, {
-            "rollout_status": "rolled_back", "rollout_ended_at": order["at"],
-            "rollout_reason": f"by hand: {reason}",
-        })  # fmt: skip
+        registry.tag(
+            model,
+            version,
+            {
+                "rollout_status": "rolled_back",
+                "rollout_ended_at": order["at"],
+                "rollout_reason": f"by hand: {reason}",
+            },
+        )
         stop_version(home, ModelVersion(model, version, {}, home).record)
     return versions
 

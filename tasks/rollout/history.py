@@ -50,16 +50,18 @@ def announce(event: str, plan: Plan, payload: dict[str, Any], webhook_url: str |
 def look_metrics(analysis: Analysis, weight: int) -> dict[str, float]:
     """One look as MLflow metrics: counts, and each test's statistic and limit."""
     metrics = {"canary_weight": float(weight)}
-    for basis, verdict in analysis.verdicts.items():
-        basis = basis.replace("+", "_and_")  # MLflow metric names allow no '+'
+    for key, verdict in analysis.verdicts.items():
+        basis = key.replace("+", "_and_")  # MLflow metric names allow no '+'
         metrics[f"{basis}.canary_requests"] = verdict.n_canary
         metrics[f"{basis}.stable_requests"] = verdict.n_stable
     for t in analysis.tests:
         name = t.metric if t.kind == "comparison" else f"slo.{t.metric}"
         metrics |= {
-            f"{name}.stable": t.stable, f"{name}.canary": t.canary,
-            f"{name}.p_worse": t.p_worse, f"{name}.p_not_worse": t.p_not_worse,
-        }  # fmt: skip
+            f"{name}.stable": t.stable,
+            f"{name}.canary": t.canary,
+            f"{name}.p_worse": t.p_worse,
+            f"{name}.p_not_worse": t.p_not_worse,
+        }
     return {k: float(v) for k, v in metrics.items() if not math.isnan(v)}  # NaN: no samples yet
 
 
@@ -99,17 +101,28 @@ class History:
         run_id = registry.open_run(
             f"rollout-{model}-v{cand.version}",
             params={"policy_file": policy_path, **_flat(policy.model_dump(mode="json"))},
-            tags={"model": model, "candidate": cand.version, "stable": stable.version,
-                  "candidate_digest": cand.tags["digest"], "stable_digest": stable.tags["digest"]},
+            tags={
+                "model": model,
+                "candidate": cand.version,
+                "stable": stable.version,
+                "candidate_digest": cand.tags["digest"],
+                "stable_digest": stable.tags["digest"],
+            },
             experiment=ROLLOUTS,
-        )  # fmt: skip
+        )
         # An order left from an earlier rollout of this version must not steer this one.
         registry.delete_model_tag(model, CONTROL)
         started = now_iso()
-        registry.tag(model, cand.version, {
-            "rollout_status": "in_progress", "rollout_started_at": started,
-            "rollout_run_id": run_id, "rollout_against": stable.version,
-        })  # fmt: skip
+        registry.tag(
+            model,
+            cand.version,
+            {
+                "rollout_status": "in_progress",
+                "rollout_started_at": started,
+                "rollout_run_id": run_id,
+                "rollout_against": stable.version,
+            },
+        )
         history = cls(registry, plan, run_id, tell=tell)
         steps = ", ".join(
             f"{s.weight}%" + (" (opted-in tenants)" if s.audience == "opted_in" else "")
@@ -139,22 +152,36 @@ class History:
         counts = ""
         if r.analysis is not None and r.by != "analysis":  # the analysis's reason holds them
             chosen = r.analysis.verdicts[r.analysis.basis]
-            counts = f" ({chosen.n_canary} canary / {chosen.n_stable} stable requests, {r.analysis.basis})"
+            counts = (
+                f" ({chosen.n_canary} canary / {chosen.n_stable} stable requests, "
+                f"{r.analysis.basis})"
+            )
         paused = " after a pause" if r.paused else ""
         self.say(
             f"{now_iso()}: step {r.index + 1}, {r.stage.weight}%{audience}: {r.action}{paused} "
             f"by {r.by} in {r.seconds:.0f} s{counts}: {r.reason}"
         )
-        self.steps.append({
-            "step": r.index + 1, "weight": r.stage.weight, "audience": r.stage.audience,
-            "action": r.action, "by": r.by, "paused": r.paused, "seconds": round(r.seconds, 1),
-            "looks": r.looks, "reason": r.reason,
-            "analysis": None if r.analysis is None else {
-                "decision": r.analysis.decision, "basis": r.analysis.basis,
-                "reasons": list(r.analysis.reasons),
-                "tests": [t.__dict__ for t in r.analysis.tests],
-            },
-        })  # fmt: skip
+        self.steps.append(
+            {
+                "step": r.index + 1,
+                "weight": r.stage.weight,
+                "audience": r.stage.audience,
+                "action": r.action,
+                "by": r.by,
+                "paused": r.paused,
+                "seconds": round(r.seconds, 1),
+                "looks": r.looks,
+                "reason": r.reason,
+                "analysis": None
+                if r.analysis is None
+                else {
+                    "decision": r.analysis.decision,
+                    "basis": r.analysis.basis,
+                    "reasons": list(r.analysis.reasons),
+                    "tests": [t.__dict__ for t in r.analysis.tests],
+                },
+            }
+        )
         self.registry.set_run_tag(
             self.run_id, f"step{r.index + 1}", f"{r.action}: {r.reason}"[:4900]
         )
@@ -168,14 +195,33 @@ class History:
         model, version = self.plan.model, self.plan.candidate.version
         ended = now_iso()
         self.say(f"{ended}: {status.replace('_', ' ')}: {reason}")
-        self.registry.tag(model, version, {
-            "rollout_status": status, "rollout_ended_at": ended, "rollout_reason": reason[:4900],
-        })  # fmt: skip
-        story = "\n".join([f"# Rollout of {model} v{version}", "", *(f"- {line}" for line in self.lines),
-                           "", f"MLflow run `{self.run_id}` (experiment `{ROLLOUTS}`) holds every look."])  # fmt: skip
+        self.registry.tag(
+            model,
+            version,
+            {
+                "rollout_status": status,
+                "rollout_ended_at": ended,
+                "rollout_reason": reason[:4900],
+            },
+        )
+        story = "\n".join(
+            [
+                f"# Rollout of {model} v{version}",
+                "",
+                *(f"- {line}" for line in self.lines),
+                "",
+                f"MLflow run `{self.run_id}` (experiment `{ROLLOUTS}`) holds every look.",
+            ]
+        )
         (workdir / "story.md").write_text(story + "\n")
-        evidence = {"model": model, "candidate": version, "stable": self.plan.stable.version,
-                    "status": status, "reason": reason, "steps": self.steps}  # fmt: skip
+        evidence = {
+            "model": model,
+            "candidate": version,
+            "stable": self.plan.stable.version,
+            "status": status,
+            "reason": reason,
+            "steps": self.steps,
+        }
         (workdir / "evidence.json").write_text(json.dumps(evidence, indent=2, default=str) + "\n")
         self.registry.set_run_tag(self.run_id, "rollout_status", status)
         self.registry.close_run(self.run_id, [workdir / "story.md", workdir / "evidence.json"])

@@ -18,8 +18,16 @@ DRAIN_S = 30.0  # longest wait for requests in flight on a withdrawn backend
 
 def _spec(backend: dict[str, Any], **changes: Any) -> dict[str, Any]:
     """A backend as PUT /admin/routes wants it (the description also carries weight and more)."""
-    keys = ("version", "url", "served_model", "digest", "verified", "weight", "role",
-            "max_concurrency")  # fmt: skip
+    keys = (
+        "version",
+        "url",
+        "served_model",
+        "digest",
+        "verified",
+        "weight",
+        "role",
+        "max_concurrency",
+    )
     spec = {k: backend[k] for k in keys if backend.get(k) is not None} | changes
     return spec | {"expected_digest": spec["digest"]}
 
@@ -28,9 +36,14 @@ def add_canary(admin: GatewayAdmin, plan: Plan, running: RunningVersion) -> None
     """The candidate joins the route as canary at weight 0: reachable, but no traffic yet."""
     cand = plan.candidate
     canary = {
-        "version": cand.version, "url": running.url, "served_model": cand.served_name,
-        "digest": cand.tags["digest"], "verified": True, "weight": 0, "role": "canary",
-    }  # fmt: skip
+        "version": cand.version,
+        "url": running.url,
+        "served_model": cand.served_name,
+        "digest": cand.tags["digest"],
+        "verified": True,
+        "weight": 0,
+        "role": "canary",
+    }
     admin.put_route(plan.model, [*(_spec(b) for b in plan.stable_backends), _spec(canary)])
 
 
@@ -61,14 +74,19 @@ def withdraw_canary(admin: GatewayAdmin, model: str) -> list[str]:
     versions = {b["version"] for b in canaries}
     _drain(admin, model, versions)
     total = sum(b["weight"] for b in stable)
-    admin.put_route(model, [
-        _spec(b, weight=100.0 * b["weight"] / total if total else 100.0 / len(stable)) for b in stable
-    ])  # fmt: skip
+    admin.put_route(
+        model,
+        [
+            _spec(b, weight=100.0 * b["weight"] / total if total else 100.0 / len(stable))
+            for b in stable
+        ],
+    )
     return sorted(versions)
 
 
 def make_stable(admin: GatewayAdmin, plan: Plan) -> None:
-    """Promotion in the gateway: all traffic to the candidate, then (drained) it alone, as stable."""
+    """Promotion in the gateway: all traffic to the candidate, then (drained) it alone, as
+    stable."""
     model, cand = plan.model, plan.candidate
     old = {b["version"] for b in plan.stable_backends}
     admin.set_weights(model, {cand.version: 100.0} | dict.fromkeys(old, 0.0))

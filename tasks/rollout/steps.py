@@ -109,9 +109,12 @@ def judge_step(
         canary = [b for b in snapshot["backends"] if b["version"] == cand]
         if any(b["circuit"] != "closed" for b in canary):
             # Its requests now go to stable, so the analysis would starve: the gateway has judged.
-            return result("rollback", "the gateway opened the canary's circuit after consecutive "
-                          f"failures ({canary[0]['errors']} errors in {canary[0]['requests']} requests)",
-                          "health check")  # fmt: skip
+            return result(
+                "rollback",
+                "the gateway opened the canary's circuit after consecutive "
+                f"failures ({canary[0]['errors']} errors in {canary[0]['requests']} requests)",
+                "health check",
+            )
         stables = [b for b in snapshot["backends"] if b["version"] in stable]
         stable_arms = [a for b in stables for a in arms(b)]
         if any(a.requests for a in stable_arms):  # else nothing to compare the canary with yet
@@ -137,7 +140,7 @@ def judge_step(
             steer.say(
                 f"step {index + 1} paused, {why}: approve with `slipway rollout approve "
                 f"{model}` or roll back with `slipway rollout rollback {model}`"
-            )  # fmt: skip
+            )
 
 
 @task(

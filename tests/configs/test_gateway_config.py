@@ -1,4 +1,5 @@
-"""Gateway configs: a bad one is refused before the gateway starts, naming the file, field and rule."""
+"""Gateway configs: a bad one is refused before the gateway starts, naming the file, field and
+rule."""
 
 from __future__ import annotations
 

@@ -32,9 +32,14 @@ def walk(node: object):
 
 def test_every_manifest_parses_and_opens_with_a_comment_saying_what_it_is():
     assert {p.name for p in MANIFESTS} >= {
-        "secrets.example.yaml", "storage.yaml", "prefect-server.yaml", "mlflow.yaml",
-        "worker.yaml", "gateway.yaml", "vllm.yaml",
-    }  # fmt: skip
+        "secrets.example.yaml",
+        "storage.yaml",
+        "prefect-server.yaml",
+        "mlflow.yaml",
+        "worker.yaml",
+        "gateway.yaml",
+        "vllm.yaml",
+    }
     for path in MANIFESTS:
         assert path.read_text().startswith("# "), path
     for obj in objects():

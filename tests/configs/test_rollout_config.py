@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,7 @@ def test_bad_steps_are_refused(tmp_path: Path, steps: list[int], rule: str) -> N
 
 @pytest.mark.parametrize("alpha", [0, -0.1, 0.5, 1.5])
 def test_alpha_out_of_range_is_refused(tmp_path: Path, alpha: float) -> None:
-    with pytest.raises(ConfigError, match="analysis.alpha"):
+    with pytest.raises(ConfigError, match=re.escape("analysis.alpha")):
         load_rollout_policy(write(tmp_path, {"analysis": {"alpha": alpha}}))
 
 
@@ -93,7 +94,9 @@ def test_tenant_first_is_a_stage_of_its_own_sharing_alpha() -> None:
     policy = RolloutPolicy(steps=[10, 50, 100], tenant_first=True, max_seconds=[30, 60])
     stages = policy.stages()
     assert [(s.weight, s.audience) for s in stages] == [
-        (100, "opted_in"), (10, "everyone"), (50, "everyone"),
-    ]  # fmt: skip
+        (100, "opted_in"),
+        (10, "everyone"),
+        (50, "everyone"),
+    ]
     assert [s.max_seconds for s in stages] == [30, 30, 60]
     assert sum(s.analysis.alpha for s in stages) == pytest.approx(policy.analysis.alpha)

@@ -32,7 +32,7 @@ def stream(
     failed = rng.random(n) < np.where(canary, canary_errors, stable_errors)
     logs = [
         np.log(m) + np.where(canary, np.log(slower), 0.0) + s * rng.standard_normal(n)
-        for m, s in zip(MEDIANS, SIGMAS)
+        for m, s in zip(MEDIANS, SIGMAS, strict=True)
     ]
     return canary, failed, logs
 
@@ -104,7 +104,7 @@ def test_analyse_agrees_with_every_look() -> None:
             samples(canary[:end], failed[:end], [x[:end] for x in logs], True),
             POLICY,
         )
-        for test, every in zip(one.tests, vectorised):
+        for test, every in zip(one.tests, vectorised, strict=True):
             assert test.metric == every.metric
             assert test.p_worse == pytest.approx(min(1.0, np.exp(-every.log_e_worse[end - 1])))
             assert test.canary == pytest.approx(every.canary[end - 1], nan_ok=True)

@@ -45,8 +45,23 @@ def req(at: str, tenant, model, version, prompt, completion, latency_ms, error=N
     """One usage-log row (serving.gateway.usage.COLUMNS order)."""
     when = datetime.fromisoformat(at).replace(tzinfo=UTC).timestamp()
     status = {None: 200, "rate_limit_exceeded": 429}.get(error, 500)
-    return (when, f"r-{at}-{tenant}", tenant, model, "chat", version, "stable" if version else None,
-            False, status, error, prompt, completion, None, latency_ms, None)  # fmt: skip
+    return (
+        when,
+        f"r-{at}-{tenant}",
+        tenant,
+        model,
+        "chat",
+        version,
+        "stable" if version else None,
+        False,
+        status,
+        error,
+        prompt,
+        completion,
+        None,
+        latency_ms,
+        None,
+    )
 
 
 ROWS = [

@@ -27,9 +27,10 @@ def usage_log(tmp_path, current: Traffic) -> str:
 
 
 def test_windows_previous_week_and_promotion():
-    assert CURRENT == Window(datetime(2026, 3, 10, 11, tzinfo=UTC), END)
-    assert REFERENCE == Window(
-        datetime(2026, 3, 3, 11, tzinfo=UTC), datetime(2026, 3, 3, 12, tzinfo=UTC)
+    assert Window(datetime(2026, 3, 10, 11, tzinfo=UTC), END) == CURRENT
+    assert (
+        Window(datetime(2026, 3, 3, 11, tzinfo=UTC), datetime(2026, 3, 3, 12, tzinfo=UTC))
+        == REFERENCE
     )
     promoted = datetime(2026, 3, 9, 8, 30, tzinfo=UTC)
     _, after = windows(END, 2, "promotion", promoted)

@@ -4,6 +4,7 @@ against a real vLLM serving the tiny model (slow)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 
 import pytest
@@ -180,7 +181,7 @@ def test_vllm_bench_command_matches_the_profile(tmp_path):
         result_dir=tmp_path,
         result_name="r.json",
     )
-    flags = dict(zip(command[3:], command[4:], strict=False))
+    flags = dict(itertools.pairwise(command[3:]))
     assert command[1:3] == ["bench", "serve"] and "--ignore-eos" in command
     assert flags["--max-concurrency"] == "4" and flags["--num-prompts"] == "20"
     assert flags["--dataset-name"] == "sharegpt" and flags["--sharegpt-output-len"] == "32"
@@ -262,10 +263,20 @@ def test_comparison_refuses_runs_that_sent_different_prompts():
 
 
 def test_two_vllm_bench_halves_pool_into_one_run():
-    a = {"duration": 10.0, "total_output_tokens": 640, "completed": 10,
-         "ttfts": [0.05, 0.07], "input_lens": [5, 6]}  # fmt: skip
-    b = {"duration": 30.0, "total_output_tokens": 960, "completed": 20,
-         "ttfts": [0.09, 0.01], "input_lens": [7, 8]}  # fmt: skip
+    a = {
+        "duration": 10.0,
+        "total_output_tokens": 640,
+        "completed": 10,
+        "ttfts": [0.05, 0.07],
+        "input_lens": [5, 6],
+    }
+    b = {
+        "duration": 30.0,
+        "total_output_tokens": 960,
+        "completed": 20,
+        "ttfts": [0.09, 0.01],
+        "input_lens": [7, 8],
+    }
     pooled = pool_bench([a, b])
     assert pooled["output_throughput"] == pytest.approx(1600 / 40)
     assert pooled["request_throughput"] == pytest.approx(30 / 40)

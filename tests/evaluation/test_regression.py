@@ -3,7 +3,7 @@ which way is good for each figure, and which figures are judged."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -16,7 +16,7 @@ TOKS = "speed/concurrency_4/output_tokens_per_s"
 ACC = "slipway_knowledge_quick/acc"
 PPL = "slipway_perplexity_quick/word_perplexity"
 POLICY = Regression()  # window 10, min_runs 3, k 3, floors 10% speed / 2% quality
-T0 = datetime(2026, 11, 1, 2, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 1, 2, 0, tzinfo=UTC)
 
 
 def ledger(figure: str, values: list[float], statuses: list[str] | None = None) -> list[LedgerRun]:
@@ -115,11 +115,17 @@ def test_only_the_last_window_of_runs_is_the_baseline():
 def test_key_figures_are_the_speed_figures_per_level_and_each_tasks_gated_metric():
     knowledge, perplexity = "slipway_knowledge_quick", "slipway_perplexity_quick"
     metrics = {
-        TTFT: 400, TOKS: 50, "speed/concurrency_4/itl_ms_p90": 30,
+        TTFT: 400,
+        TOKS: 50,
+        "speed/concurrency_4/itl_ms_p90": 30,
         "speed/concurrency_4/goodput_share": 1,
-        ACC: 0.5, f"{knowledge}/acc_norm": 0.4, f"{knowledge}/acc_stderr": 0.1,
-        PPL: 20, f"{perplexity}/byte_perplexity": 2, f"{perplexity}/bits_per_byte": 1,
-    }  # fmt: skip
+        ACC: 0.5,
+        f"{knowledge}/acc_norm": 0.4,
+        f"{knowledge}/acc_stderr": 0.1,
+        PPL: 20,
+        f"{perplexity}/byte_perplexity": 2,
+        f"{perplexity}/bits_per_byte": 1,
+    }
     quality = QualityResult(
         model="m",
         tasks={
@@ -139,14 +145,20 @@ def test_the_table_has_a_row_per_figure_with_its_call():
     history = ledger(TTFT, [410, 414, 412]) + ledger(ACC, [0.5, 0.5, 0.5])
     table = compare({TTFT: 540, ACC: 0.5, TOKS: 9}, history, POLICY).markdown()
     rows = table.splitlines()
-    assert "| figure | better | baseline | spread | band | measured | change | runs | status |" in rows
     assert (
-        "| ttft_ms_p50 at concurrency 4 | lower | 412 | 2.965 | 41.2 | 540 | +31.1% | 3 | regression |"
+        "| figure | better | baseline | spread | band | measured | change | runs | status |" in rows
+    )
+    assert (
+        "| ttft_ms_p50 at concurrency 4 | lower | 412 | 2.965 | 41.2 | 540 | +31.1% | 3 | "
+        "regression |"
     ) in rows
     assert (
         "| slipway_knowledge_quick acc | higher | 0.5 | 0 | 0.01 | 0.5 | +0.0% | 3 | within-noise |"
     ) in rows
-    assert "| output_tokens_per_s at concurrency 4 | higher |  |  |  | 9 |  | 0 | no-baseline |" in rows
+    assert (
+        "| output_tokens_per_s at concurrency 4 | higher |  |  |  | 9 |  | 0 | no-baseline |"
+        in rows
+    )
     assert label("speed/synchronous/tpot_ms_p50") == "tpot_ms_p50 (synchronous)"
 
 

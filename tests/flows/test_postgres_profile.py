@@ -1,5 +1,5 @@
-"""The production profile end to end: `make up` (serving.stack.operator) with Prefect and MLflow both on
-PostgreSQL, set by one URL each, in fresh databases dropped afterwards. The deployments of
+"""The production profile end to end: `make up` (serving.stack.operator) with Prefect and MLflow
+both on PostgreSQL, set by one URL each, in fresh databases dropped afterwards. The deployments of
 prefect.yaml are registered with their schedules, the worker runs a small real flow that registers
 a model version over HTTP, and the rows land in PostgreSQL; `down` leaves no process behind."""
 
@@ -57,9 +57,14 @@ def databases() -> Iterator[tuple[str, str]]:
 
 def stack(home: Home, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args], cwd=REPO, capture_output=True, text=True,
-        env={**os.environ, **env, "SLIPWAY_HOME": str(home.root)}, timeout=600,
-    )  # fmt: skip
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env, "SLIPWAY_HOME": str(home.root)},
+        timeout=600,
+        check=False,
+    )
 
 
 @pytest.mark.slow
@@ -80,8 +85,11 @@ def test_up_on_postgresql_deploys_runs_a_flow_and_down_leaves_nothing(home, data
     }
     # prefect.yaml's deployments and the probe flow beside them.
     config = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    probe = {"name": "probe", "entrypoint": "tests/flows/profile_probe.py:probe",
-             "work_pool": {"name": POOL}}  # fmt: skip
+    probe = {
+        "name": "probe",
+        "entrypoint": "tests/flows/profile_probe.py:probe",
+        "work_pool": {"name": POOL},
+    }
     prefect_file = tmp_path / "prefect.yaml"
     deployments = [*config["deployments"], probe]
     prefect_file.write_text(yaml.safe_dump({**config, "deployments": deployments}))
@@ -92,15 +100,27 @@ def test_up_on_postgresql_deploys_runs_a_flow_and_down_leaves_nothing(home, data
 
     procs = []
     try:
-        up = stack(home, env, "up", "--mlflow-port", str(mlflow_port), "--prefect-port",
-                   str(prefect_port), "--prefect-file", str(prefect_file))  # fmt: skip
+        up = stack(
+            home,
+            env,
+            "up",
+            "--mlflow-port",
+            str(mlflow_port),
+            "--prefect-port",
+            str(prefect_port),
+            "--prefect-file",
+            str(prefect_file),
+        )
         procs = read_state(home)
         assert up.returncode == 0, up.stdout + up.stderr
         assert [p.what for p in procs] == ["mlflow", "prefect server", "prefect worker"]
         assert f"export PREFECT_API_URL={api}" in up.stdout
         assert "deployment run 'profile-probe/probe'" in up.stdout
         assert "deployment run 'release/release'\n" in up.stdout
-        assert "deployment run 'rollout/rollout' -p model=<model> -p candidate=<candidate>" in up.stdout
+        assert (
+            "deployment run 'rollout/rollout' -p model=<model> -p candidate=<candidate>"
+            in up.stdout
+        )
         assert "deployment run 'drift/drift'  # also cron 0 * * * * UTC" in up.stdout
         assert "automation slipway-auto-rollout on" in up.stdout
         assert "No registered model has a `champion` yet" in up.stdout
@@ -113,8 +133,12 @@ def test_up_on_postgresql_deploys_runs_a_flow_and_down_leaves_nothing(home, data
                 assert found.parameters == d["parameters"] and set(found.tags) == set(d["tags"])
                 crons = [(s.schedule.cron, s.schedule.timezone) for s in found.schedules]
                 assert crons == [(s["cron"], s["timezone"]) for s in d.get("schedules", [])]
-            parameters = {"out": str(seen_file), "variant_dir": str(variant), "model": "pg-model",
-                          "digest": "sha256:" + "3" * 64}  # fmt: skip
+            parameters = {
+                "out": str(seen_file),
+                "variant_dir": str(variant),
+                "model": "pg-model",
+                "digest": "sha256:" + "3" * 64,
+            }
             run = run_deployment("profile-probe/probe", parameters=parameters, timeout=300)
             assert run.state.is_completed(), run.state
             # Its registration passed, so the automation started the real rollout deployment.
@@ -125,9 +149,12 @@ def test_up_on_postgresql_deploys_runs_a_flow_and_down_leaves_nothing(home, data
             assert started.parameters == expected
 
         assert json.loads(seen_file.read_text()) == {
-            "MLFLOW_TRACKING_URI": mlflow_url, "PREFECT_API_URL": api,
-            "SLIPWAY_HOME": str(home.root), "SLIPWAY_REPO": str(REPO), "cwd": str(REPO),
-        }  # fmt: skip
+            "MLFLOW_TRACKING_URI": mlflow_url,
+            "PREFECT_API_URL": api,
+            "SLIPWAY_HOME": str(home.root),
+            "SLIPWAY_REPO": str(REPO),
+            "cwd": str(REPO),
+        }
         assert Registry(home, tracking_uri=mlflow_url).alias("pg-model", "champion") == "1"
         # The rows are in PostgreSQL, not in a sqlite file beside them.
         assert query(mlflow_db, "SELECT name, version FROM model_versions") == [("pg-model", 1)]

@@ -61,8 +61,16 @@ def test_regression_flow_logs_the_ledger_and_fails_on_a_regression(
     # Served as `make up` serves it: the flow must measure this server and start none.
     with VLLMServer(weights, "tiny", home, serving, [champion.served_name]) as server:
         what, log = f"vllm {champion.served_name}", str(server.log_path)
-        proc = Proc(what, server.pid, server.pid, server.port, server.url, "/health", log,
-                    start_time(server.pid))  # fmt: skip
+        proc = Proc(
+            what,
+            server.pid,
+            server.pid,
+            server.port,
+            server.url,
+            "/health",
+            log,
+            start_time(server.pid),
+        )
         write_state(home, [proc])
 
         [first] = regression("tiny", str(configs))
@@ -81,9 +89,14 @@ def test_regression_flow_logs_the_ledger_and_fails_on_a_regression(
         key = {k: tags[k] for k in ("model", "version", "digest", "vllm_version", "hardware")}
         seeded = metrics | {TTFT: metrics[TTFT] / 10, PPL: metrics[PPL] * 2}
         for night in range(3):
-            registry.log_run(f"seeded-{night}", params={}, metrics=seeded,
-                             tags=key | {"status": "passed"}, artifacts=[],
-                             experiment=EXPERIMENT)  # fmt: skip
+            registry.log_run(
+                f"seeded-{night}",
+                params={},
+                metrics=seeded,
+                tags=key | {"status": "passed"},
+                artifacts=[],
+                experiment=EXPERIMENT,
+            )
 
         state = regression(None, str(configs), return_state=True)
     assert [p.name for p in home.logs.glob("*.log")] == [server.log_path.name]  # no second vLLM

@@ -1,7 +1,8 @@
-"""A corrupt checkpoint given to the release flow: a clear error naming the file, nothing registered,
-no model directory left. (A bad config is refused before any work: test_release.py; bad sources
-and corrupt files at the pull itself: tests/tasks/test_hub.py.) The pull is not retried: a corrupt
-checkpoint would be as corrupt the second time (tests/flows/test_pull_retries.py)."""
+"""A corrupt checkpoint given to the release flow: a clear error naming the file, nothing
+registered, no model directory left. (A bad config is refused before any work: test_release.py;
+bad sources and corrupt files at the pull itself: tests/tasks/test_hub.py.) The pull is not
+retried: a corrupt checkpoint would be as corrupt the second time
+(tests/flows/test_pull_retries.py)."""
 
 from __future__ import annotations
 

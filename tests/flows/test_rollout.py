@@ -35,10 +35,18 @@ CHUNK_DELAY_S = 0.005  # between chunks: TPOT is measurable
 def policy(tmp_path) -> Path:
     """Fast steps: a look every 0.1 s, 60 canary requests per step, rollback when inconclusive."""
     path = tmp_path / "policy.yaml"
-    path.write_text(yaml.safe_dump({
-        "steps": [20, 50, 100], "min_samples": 60, "max_seconds": 40, "look_interval_s": 0.1,
-        "on_inconclusive": "rollback", "slos": {"ttft_p99_s": None, "error_rate": None},
-    }))  # fmt: skip
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "steps": [20, 50, 100],
+                "min_samples": 60,
+                "max_seconds": 40,
+                "look_interval_s": 0.1,
+                "on_inconclusive": "rollback",
+                "slos": {"ttft_p99_s": None, "error_rate": None},
+            }
+        )
+    )
     return path
 
 
@@ -86,12 +94,28 @@ def stage(home, tmp_path, monkeypatch, prefect_server) -> Iterator[Stage]:
     keys = Secrets()
     monkeypatch.setenv("SLIPWAY_ADMIN_TOKEN", keys.admin)
     with serve(upstream) as upstream_url:
-        backend = {"version": stable, "url": upstream_url, "served_model": f"{MODEL}-v{stable}",
-                   "digest": digest, "verified": True, "weight": 100, "role": "stable"}  # fmt: skip
+        backend = {
+            "version": stable,
+            "url": upstream_url,
+            "served_model": f"{MODEL}-v{stable}",
+            "digest": digest,
+            "verified": True,
+            "weight": 100,
+            "role": "stable",
+        }
         config = keys.config([backend], tenants=[keys.tenant("alice")])
         with serve(build_app(config, home)) as gateway_url:
-            yield Stage(home, registry, upstream, upstream_url, gateway_url, keys.key("alice"),
-                        stable, candidate, _admin=keys.admin)  # fmt: skip
+            yield Stage(
+                home,
+                registry,
+                upstream,
+                upstream_url,
+                gateway_url,
+                keys.key("alice"),
+                stable,
+                candidate,
+                _admin=keys.admin,
+            )
 
 
 @contextmanager
@@ -101,11 +125,16 @@ def traffic(stage: Stage, stream: bool = True, workers: int = 4) -> Iterator[lis
     done = threading.Event()
 
     def worker() -> None:
-        with httpx.Client(base_url=stage.gateway_url, timeout=30,
-                          headers={"Authorization": f"Bearer {stage.key}"}) as client:  # fmt: skip
+        with httpx.Client(
+            base_url=stage.gateway_url, timeout=30, headers={"Authorization": f"Bearer {stage.key}"}
+        ) as client:
             while not done.is_set():
-                body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-                        "max_tokens": 4, "stream": stream}  # fmt: skip
+                body = {
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 4,
+                    "stream": stream,
+                }
                 if stream:
                     with client.stream("POST", "/v1/chat/completions", json=body) as response:
                         text = "".join(response.iter_text())
@@ -126,8 +155,9 @@ def traffic(stage: Stage, stream: bool = True, workers: int = 4) -> Iterator[lis
 
 
 def run(stage: Stage, policy: Path, candidate_url: str | None = None) -> str:
-    return rollout(MODEL, stage.candidate, str(policy), stage.gateway_url,
-                   candidate_url or stage.upstream_url)  # fmt: skip
+    return rollout(
+        MODEL, stage.candidate, str(policy), stage.gateway_url, candidate_url or stage.upstream_url
+    )
 
 
 def rollout_runs(stage: Stage) -> list:
@@ -146,8 +176,11 @@ def assert_rolled_back(stage: Stage, because: str) -> None:
     assert because in tags["rollout_reason"], tags["rollout_reason"]
     [run_] = rollout_runs(stage)
     assert run_.data.tags["rollout_status"] == "rolled_back"
-    story = Path(mlflow.artifacts.download_artifacts(run_id=run_.info.run_id, artifact_path="story.md",
-                                                     tracking_uri=stage.registry.uri)).read_text()  # fmt: skip
+    story = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=run_.info.run_id, artifact_path="story.md", tracking_uri=stage.registry.uri
+        )
+    ).read_text()
     assert "rolled back" in story and because in story
 
 
@@ -242,8 +275,11 @@ def test_tampered_candidate_weights_are_refused(stage, policy):
 def test_a_paused_step_waits_for_approval_and_a_person_can_roll_back(stage, policy, tmp_path):
     # No traffic at all: every step is inconclusive at its time limit and pauses.
     paused = tmp_path / "pause.yaml"
-    paused.write_text(policy.read_text().replace("on_inconclusive: rollback", "on_inconclusive: pause")
-                      .replace("max_seconds: 40", "max_seconds: 0.5"))  # fmt: skip
+    paused.write_text(
+        policy.read_text()
+        .replace("on_inconclusive: rollback", "on_inconclusive: pause")
+        .replace("max_seconds: 40", "max_seconds: 0.5")
+    )
     result: list[str] = []
     flow = threading.Thread(target=lambda: result.append(run(stage, paused)))
     flow.start()

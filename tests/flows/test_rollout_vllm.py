@@ -35,26 +35,43 @@ def test_a_vllm_candidate_is_launched_judged_on_synthetic_load_and_promoted(
     (twin / "README.md").write_text("The same weights: an A/A rollout.\n")  # another digest
     candidate = release(home, "tiny", twin, "fp8-dynamic")
     policy = tmp_path / "policy.yaml"
-    policy.write_text(yaml.safe_dump({
-        "steps": [50, 100], "min_samples": 20, "max_seconds": 240, "on_inconclusive": "rollback",
-        "look_interval_s": 0.5, "synthetic_load": True, "synthetic_rate": 4.0,
-        "slos": {"ttft_p99_s": None, "error_rate": None},
-        # Both engines share one core here: only a gross difference counts as worse.
-        "analysis": {"burn_in": 10, "margins": {"ttft": 1.0, "tpot": 1.0, "e2e": 1.0}},
-    }))  # fmt: skip
+    policy.write_text(
+        yaml.safe_dump(
+            {
+                "steps": [50, 100],
+                "min_samples": 20,
+                "max_seconds": 240,
+                "on_inconclusive": "rollback",
+                "look_interval_s": 0.5,
+                "synthetic_load": True,
+                "synthetic_rate": 4.0,
+                "slos": {"ttft_p99_s": None, "error_rate": None},
+                # Both engines share one core here: only a gross difference counts as worse.
+                "analysis": {"burn_in": 10, "margins": {"ttft": 1.0, "tpot": 1.0, "e2e": 1.0}},
+            }
+        )
+    )
     keys = Secrets()
     monkeypatch.setenv("SLIPWAY_ADMIN_TOKEN", keys.admin)
     monkeypatch.setenv("SLIPWAY_SYNTHETIC_KEY", keys.key("load"))
     weights = home.models / "tiny" / "bf16" / "weights"
     with VLLMServer(weights, "tiny", home, Serving(), aliases=[f"tiny-v{stable}"]) as server:
-        backend = {"version": stable, "url": server.url, "served_model": f"tiny-v{stable}",
-                   "digest": registry.tags("tiny", stable)["digest"], "verified": True,
-                   "weight": 100, "role": "stable"}  # fmt: skip
-        config = GatewayConfig.model_validate({
-            "admin_token_sha256": key_hash(keys.admin),
-            "routes": [{"model": "tiny", "backends": [backend]}],
-            "tenants": [keys.tenant("load", synthetic=True)],
-        })  # fmt: skip
+        backend = {
+            "version": stable,
+            "url": server.url,
+            "served_model": f"tiny-v{stable}",
+            "digest": registry.tags("tiny", stable)["digest"],
+            "verified": True,
+            "weight": 100,
+            "role": "stable",
+        }
+        config = GatewayConfig.model_validate(
+            {
+                "admin_token_sha256": key_hash(keys.admin),
+                "routes": [{"model": "tiny", "backends": [backend]}],
+                "tenants": [keys.tenant("load", synthetic=True)],
+            }
+        )
         with serve(build_app(config, home)) as gateway_url:
             try:
                 outcome = rollout("tiny", "fp8-dynamic", str(policy), gateway_url)

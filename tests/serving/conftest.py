@@ -68,12 +68,14 @@ class Secrets:
         self, backends: list[dict], tenants: list[dict] | None = None, **fields: Any
     ) -> GatewayConfig:
         tenants = tenants if tenants is not None else [self.tenant("alice")]
-        return GatewayConfig.model_validate({
-            "admin_token_sha256": key_hash(self.admin),
-            "routes": [{"model": MODEL, "backends": backends}] if backends else [],
-            "tenants": tenants,
-            **fields,
-        })  # fmt: skip
+        return GatewayConfig.model_validate(
+            {
+                "admin_token_sha256": key_hash(self.admin),
+                "routes": [{"model": MODEL, "backends": backends}] if backends else [],
+                "tenants": tenants,
+                **fields,
+            }
+        )
 
 
 @pytest.fixture
@@ -109,9 +111,10 @@ async def post_many(
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
 
         async def one(body: dict) -> tuple[int, dict, bytes]:
-            async with gate, session.post(
-                url + "/v1/chat/completions", json=body, headers=sent
-            ) as r:
+            async with (
+                gate,
+                session.post(url + "/v1/chat/completions", json=body, headers=sent) as r,
+            ):
                 return r.status, dict(r.headers), await r.read()
 
         return await asyncio.gather(*(one(b) for b in bodies))

@@ -45,7 +45,8 @@ from tests.serving.conftest import MODEL, backend, chat
 
 @contextmanager
 def process(args: list[str], log: Path, health: str) -> Iterator[subprocess.Popen]:
-    """A Python module of this repo as a process, answering `health`; SIGTERM (then SIGKILL) after."""
+    """A Python module of this repo as a process, answering `health`; SIGTERM (then SIGKILL)
+    after."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
@@ -114,7 +115,16 @@ def gateway(
     path = tmp_path / "gateway.json"
     path.write_text(json.dumps(config))  # YAML is a superset of JSON
     port = free_port()
-    args = ["flows.cli", "gateway", "--config", str(path), "--port", str(port), "--log-level", "warning"]
+    args = [
+        "flows.cli",
+        "gateway",
+        "--config",
+        str(path),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
     with process(args, tmp_path / "gateway.log", f"http://127.0.0.1:{port}/health") as proc:
         yield Gateway(f"http://127.0.0.1:{port}", key, admin, usage), proc
 
@@ -161,7 +171,8 @@ def stats(gw: Gateway) -> dict[str, dict]:
 async def closed_loop(
     gw: Gateway, workers: int, seconds: float, kill_at: float, victim: subprocess.Popen
 ) -> tuple[list[Answer], float]:
-    """`workers` clients, each alternating a plain and a streamed request; SIGKILL `victim` at kill_at."""
+    """`workers` clients, each alternating a plain and a streamed request; SIGKILL `victim` at
+    kill_at."""
     answers: list[Answer] = []
     start = time.monotonic()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
@@ -222,7 +233,8 @@ def test_canary_killed_under_load(tmp_path):
     assert after["2"]["circuit"] == "open" and after["1"]["circuit"] == "closed"
     assert ready == 200  # the stable backend still serves the model
     print(
-        f"\n{len(plain)} plain requests, all 200; {len(streams)} streams, {len(broken)} broken off by the kill"
+        f"\n{len(plain)} plain requests, all 200; {len(streams)} streams, "
+        f"{len(broken)} broken off by the kill"
     )
 
 
@@ -230,8 +242,9 @@ def test_canary_killed_under_load(tmp_path):
 @pytest.mark.xfail(
     strict=True,
     reason=(
-        "the gateway retries only a failed canary on stable; with the stable backend dead and its circuit "
-        "open, requests get 503 'every backend is failing' although the canary is healthy (issue 9, item 1)"
+        "the gateway retries only a failed canary on stable; with the stable backend dead and its "
+        "circuit open, requests get 503 'every backend is failing' although the canary is healthy "
+        "(issue 9, item 1)"
     ),
 )
 def test_stable_killed_under_load_fails_over_to_the_canary(tmp_path):
@@ -251,7 +264,8 @@ CAPACITY = CONCURRENCY / SERVICE_S
 
 
 async def open_loop(gw: Gateway, rate: float, seconds: float, limited_key: str) -> list[Answer]:
-    """Arrivals at a fixed rate whatever the answers (open loop); every 10th from a rate-limited tenant."""
+    """Arrivals at a fixed rate whatever the answers (open loop); every 10th from a rate-limited
+    tenant."""
     async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=120)
     ) as session:
@@ -322,9 +336,12 @@ def test_ten_times_capacity_for_a_minute(tmp_path):
     rows = read_usage(started, time.time() + 1, url=gw.usage)  # the warm-up came before `started`
     assert len(rows) == len(answers)  # SIGTERM after the load: every request is in the usage log
     print(
-        f"\noffered {rate:.0f} req/s ({len(answers)} requests, 10x capacity {CAPACITY:.0f}/s) for {seconds} s: "
+        f"\noffered {rate:.0f} req/s ({len(answers)} requests, 10x capacity {CAPACITY:.0f}/s) "
+        f"for {seconds} s: "
         f"admitted {len(ok)} ({len(ok) / seconds:.1f}/s), refused {len(refused)} "
-        f"(429: {sum(a.status == 429 for a in refused)}, 503: {sum(a.status == 503 for a in refused)}); "
-        f"admitted latency p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms (service {SERVICE_S * 1000:.0f} ms); "
+        f"(429: {sum(a.status == 429 for a in refused)}, "
+        f"503: {sum(a.status == 503 for a in refused)}); "
+        f"admitted latency p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms "
+        f"(service {SERVICE_S * 1000:.0f} ms); "
         f"RSS {baseline / 1e6:.0f} MB -> peak {max(samples) / 1e6:.0f} MB"
     )

@@ -225,7 +225,8 @@ def test_headers(gateway, scale):
 
 @pytest.mark.parametrize("scale", SCALES)
 def test_paths_and_methods(gateway, scale):
-    """Unknown paths and wrong methods, with and without keys: 401/403/404/405 in the OpenAI shape."""
+    """Unknown paths and wrong methods, with and without keys: 401/403/404/405 in the OpenAI
+    shape."""
     segment = st.text(max_size=12).map(lambda s: quote(s, safe=""))
     prefixes = st.sampled_from(
         ["/v1/", "/admin/", "/admin/routes/", "/admin/stats/", "/", "/v1/models/"]

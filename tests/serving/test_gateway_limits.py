@@ -41,14 +41,18 @@ def test_exactly_rpm_requests_admitted_in_process(mock, keys, run_gateway):
 
 def test_exactly_rpm_requests_admitted_across_two_instances(mock, keys, run_gateway, redis_prefix):
     _, url = mock
-    config = keys.config([wide(url)], [keys.tenant("alice", rpm=100)], redis_url=REDIS_URL, redis_prefix=redis_prefix)
+    config = keys.config(
+        [wide(url)], [keys.tenant("alice", rpm=100)], redis_url=REDIS_URL, redis_prefix=redis_prefix
+    )
     with run_gateway(config) as one, run_gateway(config) as two:
 
         async def both():
             # One request on each instance first, so both are known to draw on the shared count;
             # which instance wins the race that follows is up to the scheduler.
-            opening = [*await post_many(one, keys.key("alice"), [chat()], concurrency=1),
-                       *await post_many(two, keys.key("alice"), [chat()], concurrency=1)]
+            opening = [
+                *await post_many(one, keys.key("alice"), [chat()], concurrency=1),
+                *await post_many(two, keys.key("alice"), [chat()], concurrency=1),
+            ]
             race = await asyncio.gather(
                 post_many(one, keys.key("alice"), [chat()] * 499, concurrency=499),
                 post_many(two, keys.key("alice"), [chat()] * 499, concurrency=499),
@@ -67,15 +71,23 @@ def test_token_limits_and_budget(mock, keys, run_gateway, redis_prefix, shared):
     tenants = [keys.tenant("alice", tpm=10), keys.tenant("bob", monthly_token_budget=12)]
     extra = {"redis_url": REDIS_URL, "redis_prefix": redis_prefix} if shared else {}
     with run_gateway(keys.config([wide(url)], tenants, **extra)) as base:
+
         def post(tenant: str, **body):
-            return httpx.post(f"{base}/v1/chat/completions", json=chat("one two", **body),
-                              headers={"Authorization": f"Bearer {keys.key(tenant)}"})  # fmt: skip
+            return httpx.post(
+                f"{base}/v1/chat/completions",
+                json=chat("one two", **body),
+                headers={"Authorization": f"Bearer {keys.key(tenant)}"},
+            )
 
         # Each call: 2 prompt + 4 completion tokens = 6, streamed or not.
         assert post("alice", max_tokens=4).status_code == 200
         assert post("alice", max_tokens=4, stream=True).status_code == 200
         r = post("alice", max_tokens=4)
-        assert r.status_code == 429 and r.json()["error"]["type"] == "tokens" and int(r.headers["Retry-After"]) >= 1
+        assert (
+            r.status_code == 429
+            and r.json()["error"]["type"] == "tokens"
+            and int(r.headers["Retry-After"]) >= 1
+        )
         assert post("bob", max_tokens=4).status_code == 200
         assert post("bob", max_tokens=4).status_code == 200
         r = post("bob", max_tokens=4)

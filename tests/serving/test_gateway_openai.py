@@ -1,4 +1,5 @@
-"""The official openai client (sync, async, streaming) and lm-eval work through the gateway unchanged."""
+"""The official openai client (sync, async, streaming) and lm-eval work through the gateway
+unchanged."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ def gw(mock, keys, run_gateway):
 def test_sync_chat_and_completion(gw):
     upstream, base, keys = gw
     client = openai.OpenAI(base_url=f"{base}/v1", api_key=keys.key("alice"), max_retries=0)
-    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi there"}], max_tokens=3)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi there"}], max_tokens=3
+    )
     assert chat.choices[0].message.content == "w0 w1 w2"
     assert chat.model == "served-1"
     assert chat.usage.completion_tokens == 3
@@ -35,16 +38,24 @@ def test_sync_chat_and_completion(gw):
 def test_streaming_counts_usage_but_strips_unasked_usage_chunk(gw, home):
     upstream, base, keys = gw
     client = openai.OpenAI(base_url=f"{base}/v1", api_key=keys.key("alice"), max_retries=0)
-    chunks = list(client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "a b c"}], max_tokens=5, stream=True
-    ))  # fmt: skip
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "a b c"}], max_tokens=5, stream=True
+        )
+    )
     assert "".join(c.choices[0].delta.content for c in chunks) == "w0 w1 w2 w3 w4 "
     assert all(c.usage is None for c in chunks)  # the client did not ask for usage
     assert upstream.requests[-1]["stream_options"] == {"include_usage": True}  # but the gateway did
 
-    asked = list(client.completions.create(
-        model=MODEL, prompt="x y", max_tokens=2, stream=True, stream_options={"include_usage": True}
-    ))  # fmt: skip
+    asked = list(
+        client.completions.create(
+            model=MODEL,
+            prompt="x y",
+            max_tokens=2,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert asked[-1].choices == [] and asked[-1].usage.completion_tokens == 2
 
 
@@ -53,10 +64,14 @@ def test_async_and_async_streaming(gw):
 
     async def go():
         client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=keys.key("alice"), max_retries=0)
-        answers = await asyncio.gather(*[
-            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "q"}], max_tokens=2)
-            for _ in range(20)
-        ])  # fmt: skip
+        answers = await asyncio.gather(
+            *[
+                client.chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "q"}], max_tokens=2
+                )
+                for _ in range(20)
+            ]
+        )
         stream = await client.completions.create(model=MODEL, prompt="p", max_tokens=3, stream=True)
         pieces = [c.choices[0].text async for c in stream]
         await client.close()
@@ -91,14 +106,21 @@ def test_lm_eval_local_completions(gw, tmp_path, monkeypatch):
     build_tokenizer(tokenizer_dir)
     monkeypatch.setenv("OPENAI_API_KEY", keys.key("alice"))
     lm = LocalCompletionsAPI(
-        base_url=f"{base}/v1/completions", model=MODEL, tokenizer=str(tokenizer_dir),
-        tokenizer_backend="huggingface", num_concurrent=1, max_retries=1, batch_size=2,
-    )  # fmt: skip
+        base_url=f"{base}/v1/completions",
+        model=MODEL,
+        tokenizer=str(tokenizer_dir),
+        tokenizer_backend="huggingface",
+        num_concurrent=1,
+        max_retries=1,
+        batch_size=2,
+    )
     requests = [
         Instance("loglikelihood", {}, ("The capital of France is", " Paris."), 0),
         Instance("loglikelihood", {}, ("Two plus two is", " four."), 1),
     ]
     results = lm.loglikelihood(requests)
     assert len(results) == 2 and all(lp < 0 for lp, _ in results)
-    generated = lm.generate_until([Instance("generate_until", {}, ("The sky is", {"until": ["\n"], "max_gen_toks": 2}), 0)])
+    generated = lm.generate_until(
+        [Instance("generate_until", {}, ("The sky is", {"until": ["\n"], "max_gen_toks": 2}), 0)]
+    )
     assert generated == ["w0 w1"]

@@ -109,18 +109,21 @@ def timeline(log: list) -> list:
 def test_each_run_of_events_is_sent_before_the_next_read():
     pieces = [WORD, WORD[:9], WORD[9:] + WORD, USAGE_ONLY + DONE]
     a, client, _ = stream(pieces)
-    assert timeline(client.log) == [
-        ("read", WORD),
-        "start",
-        WORD,  # the first event goes out at once
-        ("read", WORD[:9]),
-        ("read", WORD[9:] + WORD),
-        WORD + WORD,  # the completed event and the one that came with it, in one send
-        ("read", USAGE_ONLY + DONE),
-        DONE,  # the usage event only the gateway asked for is dropped
-        ("read", b""),
-        b"",
-    ]
+    assert (
+        timeline(client.log)
+        == [
+            ("read", WORD),
+            "start",
+            WORD,  # the first event goes out at once
+            ("read", WORD[:9]),
+            ("read", WORD[9:] + WORD),
+            WORD + WORD,  # the completed event and the one that came with it, in one send
+            ("read", USAGE_ONLY + DONE),
+            DONE,  # the usage event only the gateway asked for is dropped
+            ("read", b""),
+            b"",
+        ]
+    )
     start = client.messages[0]
     assert start["status"] == 200
     assert (b"x-slipway-backend", b"1") in start["headers"]

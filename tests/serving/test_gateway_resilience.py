@@ -14,8 +14,11 @@ from tests.serving.conftest import MODEL, backend, chat, post_many
 @pytest.fixture
 def gw(mock, keys, run_gateway):
     upstream, url = mock
-    config = keys.config([backend(url, "1", max_concurrency=2)], max_body_bytes=2048,
-                         timeouts={"connect_s": 1, "read_s": 0.5})  # fmt: skip
+    config = keys.config(
+        [backend(url, "1", max_concurrency=2)],
+        max_body_bytes=2048,
+        timeouts={"connect_s": 1, "read_s": 0.5},
+    )
     with run_gateway(config) as base:
         yield upstream, base, {"Authorization": f"Bearer {keys.key('alice')}"}
 
@@ -42,8 +45,14 @@ def test_body_over_the_limit_is_413(gw):
         (b'{"model": "tiny-chat"}', "messages"),
         (b'{"model": "tiny-chat", "messages": [{"content": "x"}]}', "messages[0].role"),
         (b'{"model": "tiny-chat", "messages": [{"role": "user"}], "stream": "yes"}', "stream"),
-        (b'{"model": "tiny-chat", "messages": [{"role": "user"}], "max_tokens": true}', "max_tokens"),
-        (b'{"model": "tiny-chat", "messages": [{"role": "user"}], "temperature": "hot"}', "temperature"),
+        (
+            b'{"model": "tiny-chat", "messages": [{"role": "user"}], "max_tokens": true}',
+            "max_tokens",
+        ),
+        (
+            b'{"model": "tiny-chat", "messages": [{"role": "user"}], "temperature": "hot"}',
+            "temperature",
+        ),
     ],
 )
 def test_malformed_requests_are_400_naming_the_field(gw, body, param):
@@ -78,7 +87,9 @@ def test_read_timeout_is_504_and_broken_stream_ends_with_error_event(gw):
     r = httpx.post(f"{base}/v1/chat/completions", json=chat(), headers=auth, timeout=10)
     assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout"
     upstream.faults["served-1"] = Fault(break_after=2, times=1)
-    r = httpx.post(f"{base}/v1/chat/completions", json=chat(stream=True, max_tokens=5), headers=auth)
+    r = httpx.post(
+        f"{base}/v1/chat/completions", json=chat(stream=True, max_tokens=5), headers=auth
+    )
     assert r.status_code == 200
     events = [line for line in r.text.splitlines() if line.startswith("data: ")]
     assert len(events) == 3 and '"code":"upstream_stream_broken"' in events[-1]
@@ -89,6 +100,10 @@ def test_unreachable_backend_is_502(keys, run_gateway):
 
     dead = f"http://127.0.0.1:{free_port()}"
     with run_gateway(keys.config([backend(dead, "1")])) as base:
-        r = httpx.post(f"{base}/v1/chat/completions", json=chat(), headers={"Authorization": f"Bearer {keys.key('alice')}"})
+        r = httpx.post(
+            f"{base}/v1/chat/completions",
+            json=chat(),
+            headers={"Authorization": f"Bearer {keys.key('alice')}"},
+        )
         assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_unavailable"
         assert httpx.get(f"{base}/health").status_code == 200

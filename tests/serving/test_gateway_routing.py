@@ -1,4 +1,5 @@
-"""Routing: weights, sticky sessions, canary opt-out, admin changes, retries and circuit breakers."""
+"""Routing: weights, sticky sessions, canary opt-out, admin changes, retries and circuit
+breakers."""
 
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ def served_by(responses) -> Counter:
 
 def test_weighted_choice_follows_weights(mock, keys, run_gateway):
     _, url = mock
-    config = keys.config([backend(url, "1", weight=80), backend(url, "2", role="canary", weight=20)])
+    config = keys.config(
+        [backend(url, "1", weight=80), backend(url, "2", role="canary", weight=20)]
+    )
     with run_gateway(config) as base:
         n = 2000
         counts = served_by(asyncio.run(post_many(base, keys.key("alice"), [chat()] * n)))
@@ -35,14 +38,18 @@ def test_weighted_choice_follows_weights(mock, keys, run_gateway):
 
 def test_sessions_stick_to_one_backend(mock, keys, run_gateway):
     _, url = mock
-    config = keys.config([backend(url, "1", weight=50), backend(url, "2", role="canary", weight=50)])
+    config = keys.config(
+        [backend(url, "1", weight=50), backend(url, "2", role="canary", weight=50)]
+    )
     with run_gateway(config) as base:
         key = keys.key("alice")
 
         async def go():
             by_header = {}
             for s in range(40):
-                rs = await post_many(base, key, [chat()] * 5, headers={"X-Session-ID": f"session-{s}"})
+                rs = await post_many(
+                    base, key, [chat()] * 5, headers={"X-Session-ID": f"session-{s}"}
+                )
                 by_header[s] = served_by(rs)
             by_user = {}
             for s in range(40):
@@ -58,7 +65,9 @@ def test_sessions_stick_to_one_backend(mock, keys, run_gateway):
 def test_opted_out_tenant_never_gets_the_canary(mock, keys, run_gateway):
     _, url = mock
     tenants = [keys.tenant("alice"), keys.tenant("careful", canary="out")]
-    config = keys.config([backend(url, "1", weight=10), backend(url, "2", role="canary", weight=90)], tenants)
+    config = keys.config(
+        [backend(url, "1", weight=10), backend(url, "2", role="canary", weight=90)], tenants
+    )
     with run_gateway(config) as base:
         careful = served_by(asyncio.run(post_many(base, keys.key("careful"), [chat()] * 200)))
         alice = served_by(asyncio.run(post_many(base, keys.key("alice"), [chat()] * 200)))
@@ -69,24 +78,36 @@ def test_opted_out_tenant_never_gets_the_canary(mock, keys, run_gateway):
 def test_admin_route_changes_verify_digests(mock, keys, run_gateway):
     _, url = mock
     with run_gateway(keys.config([backend(url, "1")])) as base:
-        good = {"backends": [
-            {**backend(url, "1", weight=90), "expected_digest": digest("1")},
-            {**backend(url, "2", role="canary", weight=10), "expected_digest": digest("2")},
-        ]}  # fmt: skip
+        good = {
+            "backends": [
+                {**backend(url, "1", weight=90), "expected_digest": digest("1")},
+                {**backend(url, "2", role="canary", weight=10), "expected_digest": digest("2")},
+            ]
+        }
         r = httpx.put(f"{base}/admin/routes/{MODEL}", json=good, headers=admin(keys))
         assert r.status_code == 200, r.text
         assert [(b["version"], b["weight"]) for b in r.json()["backends"]] == [("1", 90), ("2", 10)]
 
-        wrong = {"backends": [
-            {**backend(url, "1"), "expected_digest": digest("1")},
-            {**backend(url, "3", role="canary", weight=10), "expected_digest": digest("registered-3")},
-        ]}  # fmt: skip
+        wrong = {
+            "backends": [
+                {**backend(url, "1"), "expected_digest": digest("1")},
+                {
+                    **backend(url, "3", role="canary", weight=10),
+                    "expected_digest": digest("registered-3"),
+                },
+            ]
+        }
         r = httpx.put(f"{base}/admin/routes/{MODEL}", json=wrong, headers=admin(keys))
         assert r.status_code == 400
         error = r.json()["error"]
-        assert error["code"] == "digest_mismatch" and "differs from the registered digest" in error["message"]
+        assert (
+            error["code"] == "digest_mismatch"
+            and "differs from the registered digest" in error["message"]
+        )
 
-        unverified = {"backends": [{**backend(url, "4", verified=False), "expected_digest": digest("4")}]}
+        unverified = {
+            "backends": [{**backend(url, "4", verified=False), "expected_digest": digest("4")}]
+        }
         r = httpx.put(f"{base}/admin/routes/{MODEL}", json=unverified, headers=admin(keys))
         assert r.status_code == 400 and "verified" in r.json()["error"]["message"]
 
@@ -94,11 +115,17 @@ def test_admin_route_changes_verify_digests(mock, keys, run_gateway):
         r = httpx.get(f"{base}/admin/routes/{MODEL}", headers=admin(keys))
         assert [b["version"] for b in r.json()["backends"]] == ["1", "2"]
 
-        r = httpx.post(f"{base}/admin/routes/{MODEL}/weights", json={"weights": {"2": 100, "1": 0}}, headers=admin(keys))
+        r = httpx.post(
+            f"{base}/admin/routes/{MODEL}/weights",
+            json={"weights": {"2": 100, "1": 0}},
+            headers=admin(keys),
+        )
         assert r.status_code == 200
         rs = asyncio.run(post_many(base, keys.key("alice"), [chat()] * 20))
         assert served_by(rs) == {"2": 20}
-        r = httpx.post(f"{base}/admin/routes/{MODEL}/weights", json={"weights": {"9": 1}}, headers=admin(keys))
+        r = httpx.post(
+            f"{base}/admin/routes/{MODEL}/weights", json={"weights": {"9": 1}}, headers=admin(keys)
+        )
         assert r.status_code == 400 and r.json()["error"]["param"] == "weights"
 
 
@@ -111,7 +138,9 @@ def test_route_change_is_atomic_for_a_stream_in_flight(keys, run_gateway):
 
         def stream() -> None:
             body = chat(max_tokens=20, stream=True)
-            with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, headers=headers, timeout=30) as r:
+            with httpx.stream(
+                "POST", f"{base}/v1/chat/completions", json=body, headers=headers, timeout=30
+            ) as r:
                 got.append(r.headers["x-slipway-backend"])
                 for line in r.iter_lines():
                     if line.startswith("data: {"):
@@ -122,7 +151,10 @@ def test_route_change_is_atomic_for_a_stream_in_flight(keys, run_gateway):
         reader.start()
         assert started.wait(10)
         new = {"backends": [{**backend(url, "2"), "expected_digest": digest("2")}]}
-        assert httpx.put(f"{base}/admin/routes/{MODEL}", json=new, headers=admin(keys)).status_code == 200
+        assert (
+            httpx.put(f"{base}/admin/routes/{MODEL}", json=new, headers=admin(keys)).status_code
+            == 200
+        )
         after = httpx.post(f"{base}/v1/chat/completions", json=chat(), headers=headers)
         reader.join(30)
     assert after.headers["x-slipway-backend"] == "2"
@@ -133,14 +165,20 @@ def test_route_change_is_atomic_for_a_stream_in_flight(keys, run_gateway):
 def test_failed_canary_is_retried_once_on_stable(mock, keys, run_gateway):
     upstream, url = mock
     upstream.faults["served-2"] = Fault(status=500)
-    config = keys.config([backend(url, "1", weight=0), backend(url, "2", role="canary", weight=100)],
-                         breaker={"failures": 100, "open_s": 30})  # fmt: skip
+    config = keys.config(
+        [backend(url, "1", weight=0), backend(url, "2", role="canary", weight=100)],
+        breaker={"failures": 100, "open_s": 30},
+    )
     with run_gateway(config) as base:
         headers = {"Authorization": f"Bearer {keys.key('alice')}"}
         r = httpx.post(f"{base}/v1/chat/completions", json=chat(), headers=headers)
         assert r.status_code == 200 and r.headers["x-slipway-backend"] == "1"
         s = httpx.post(f"{base}/v1/chat/completions", json=chat(stream=True), headers=headers)
-        assert s.status_code == 200 and s.headers["x-slipway-backend"] == "1" and "data: [DONE]" in s.text
+        assert (
+            s.status_code == 200
+            and s.headers["x-slipway-backend"] == "1"
+            and "data: [DONE]" in s.text
+        )
         stats = httpx.get(f"{base}/admin/stats/{MODEL}", headers=admin(keys)).json()
         by_version = {b["version"]: b for b in stats["backends"]}
         assert by_version["2"]["errors"] == 2 and by_version["2"]["requests"] == 2
@@ -154,24 +192,36 @@ def test_failed_canary_is_retried_once_on_stable(mock, keys, run_gateway):
 def test_circuit_opens_after_consecutive_failures(mock, keys, run_gateway):
     upstream, url = mock
     upstream.faults["served-2"] = Fault(status=502)
-    config = keys.config([backend(url, "1", weight=50), backend(url, "2", role="canary", weight=50)],
-                         breaker={"failures": 3, "open_s": 60})  # fmt: skip
+    config = keys.config(
+        [backend(url, "1", weight=50), backend(url, "2", role="canary", weight=50)],
+        breaker={"failures": 3, "open_s": 60},
+    )
     with run_gateway(config) as base:
         rs = asyncio.run(post_many(base, keys.key("alice"), [chat()] * 60, concurrency=1))
         assert all(status == 200 for status, _, _ in rs)  # canary failures were retried on stable
         canary_calls = sum(1 for r in upstream.requests if r["model"] == "served-2")
         assert canary_calls == 3  # then the circuit opened and the canary got no more traffic
         stats = httpx.get(f"{base}/admin/stats/{MODEL}", headers=admin(keys)).json()
-        assert {b["version"]: b["circuit"] for b in stats["backends"]} == {"1": "closed", "2": "open"}
+        assert {b["version"]: b["circuit"] for b in stats["backends"]} == {
+            "1": "closed",
+            "2": "open",
+        }
         metrics = httpx.get(f"{base}/metrics").text
-        assert 'slipway_gateway_backend_circuit_open{model="tiny-chat",role="canary",version="2"} 1.0' in metrics
+        assert (
+            'slipway_gateway_backend_circuit_open{model="tiny-chat",role="canary",version="2"} 1.0'
+            in metrics
+        )
 
 
 def test_stats_window_and_reset(mock, keys, run_gateway):
     upstream, url = mock
     upstream.chunk_delay_s = 0.002  # chunks apart in time: inter-token latency is measured
     with run_gateway(keys.config([backend(url, "1")])) as base:
-        asyncio.run(post_many(base, keys.key("alice"), [chat(stream=True, max_tokens=4)] * 10 + [chat()] * 5))
+        asyncio.run(
+            post_many(
+                base, keys.key("alice"), [chat(stream=True, max_tokens=4)] * 10 + [chat()] * 5
+            )
+        )
         r = httpx.get(f"{base}/admin/stats/{MODEL}?samples=true", headers=admin(keys)).json()
         b = r["backends"][0]
         assert b["requests"] == 15 and b["errors"] == 0 and b["role"] == "stable"
@@ -182,14 +232,22 @@ def test_stats_window_and_reset(mock, keys, run_gateway):
         reset = httpx.post(f"{base}/admin/stats/{MODEL}/reset", headers=admin(keys)).json()
         assert reset["backends"][0]["requests"] == 0 and reset["backends"][0]["since"] > b["since"]
         metrics = httpx.get(f"{base}/metrics").text  # Prometheus counters are never reset
-        assert 'slipway_gateway_backend_requests_total{model="tiny-chat",role="stable",version="1"} 15.0' in metrics
-        assert 'slipway_gateway_backend_ttft_seconds_count{model="tiny-chat",role="stable",version="1"} 10.0' in metrics
+        assert (
+            'slipway_gateway_backend_requests_total{model="tiny-chat",role="stable",version="1"} '
+            "15.0" in metrics
+        )
+        assert (
+            "slipway_gateway_backend_ttft_seconds_count"
+            '{model="tiny-chat",role="stable",version="1"} 10.0' in metrics
+        )
 
 
 @pytest.mark.parametrize("weights", [(100, 0), (0, 100)])
 def test_zero_weight_backends_get_nothing(mock, keys, run_gateway, weights):
     _, url = mock
-    config = keys.config([backend(url, "1", weight=weights[0]), backend(url, "2", role="canary", weight=weights[1])])
+    config = keys.config(
+        [backend(url, "1", weight=weights[0]), backend(url, "2", role="canary", weight=weights[1])]
+    )
     with run_gateway(config) as base:
         counts = served_by(asyncio.run(post_many(base, keys.key("alice"), [chat()] * 50)))
     assert counts == {"1" if weights[0] else "2": 50}

@@ -15,10 +15,20 @@ from tests.serving.conftest import backend, chat, post_many
 def traffic(base: str, keys) -> None:
     alice = {"Authorization": f"Bearer {keys.key('alice')}"}
     bob = {"Authorization": f"Bearer {keys.key('bob')}"}
-    httpx.post(f"{base}/v1/chat/completions", json=chat("secret prompt words", max_tokens=3), headers=alice)
-    httpx.post(f"{base}/v1/chat/completions", json=chat("bob private text", max_tokens=2, stream=True), headers=bob)
-    httpx.post(f"{base}/v1/chat/completions", json=chat(), headers=alice)  # alice is over rpm=1: 429
-    httpx.post(f"{base}/v1/chat/completions", json=chat(), headers={"Authorization": "Bearer wrong"})
+    httpx.post(
+        f"{base}/v1/chat/completions", json=chat("secret prompt words", max_tokens=3), headers=alice
+    )
+    httpx.post(
+        f"{base}/v1/chat/completions",
+        json=chat("bob private text", max_tokens=2, stream=True),
+        headers=bob,
+    )
+    httpx.post(
+        f"{base}/v1/chat/completions", json=chat(), headers=alice
+    )  # alice is over rpm=1: 429
+    httpx.post(
+        f"{base}/v1/chat/completions", json=chat(), headers={"Authorization": "Bearer wrong"}
+    )
 
 
 def check(frame) -> None:
@@ -57,8 +67,10 @@ def test_sqlite_usage_flushed_on_shutdown(mock, keys, run_gateway, home):
 def test_usage_written_in_batches_while_running(mock, keys, run_gateway, home):
     upstream, url = mock
     upstream.faults["served-2"] = Fault(status=500)
-    config = keys.config([backend(url, "1", weight=0), backend(url, "2", role="canary", weight=100)],
-                         usage={"batch_interval_s": 0.1})  # fmt: skip
+    config = keys.config(
+        [backend(url, "1", weight=0), backend(url, "2", role="canary", weight=100)],
+        usage={"batch_interval_s": 0.1},
+    )
     start = time.time()
     with run_gateway(config) as base:
         asyncio.run(post_many(base, keys.key("alice"), [chat()] * 50))
@@ -71,7 +83,9 @@ def test_usage_written_in_batches_while_running(mock, keys, run_gateway, home):
 def test_postgres_usage_flushed_on_shutdown(mock, keys, run_gateway, pg_url):
     _, url = mock
     start = time.time()
-    config = keys.config([backend(url, "1")], tenants(keys), usage={"url": pg_url, "batch_interval_s": 3600})
+    config = keys.config(
+        [backend(url, "1")], tenants(keys), usage={"url": pg_url, "batch_interval_s": 3600}
+    )
     with run_gateway(config) as base:
         traffic(base, keys)
     check(read_usage(start, time.time() + 1, url=pg_url))

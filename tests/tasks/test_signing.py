@@ -3,6 +3,7 @@ with a message that names the file; a foreign key is refused."""
 
 from __future__ import annotations
 
+import re
 import stat
 import subprocess
 import sys
@@ -42,9 +43,21 @@ def test_verify_accepts_an_untouched_model(home, signed):
 
 def test_model_signing_cli_accepts_the_bundle(home, signed):
     result = subprocess.run(
-        [sys.executable, "-m", "model_signing", "verify", "key", str(signed),
-         "--signature", str(signed.parent / "model.sig"), "--public_key", str(home.keys / "signing.pub")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "model_signing",
+            "verify",
+            "key",
+            str(signed),
+            "--signature",
+            str(signed.parent / "model.sig"),
+            "--public_key",
+            str(home.keys / "signing.pub"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert "Verification succeeded" in result.stdout + result.stderr
@@ -65,7 +78,8 @@ def flip_byte(weights: Path) -> None:
         (lambda w: (w / "LICENSE").unlink(), "missing since signing: LICENSE"),
         (
             lambda w: (w / "LICENSE").rename(w / "LICENSE.txt"),
-            "added since signing: LICENSE.txt; missing since signing: LICENSE; (an added and a missing",
+            "added since signing: LICENSE.txt; missing since signing: LICENSE; "
+            "(an added and a missing",
         ),
     ],
     ids=["flipped-byte", "added-file", "deleted-file", "renamed-file"],
@@ -106,7 +120,7 @@ def make_chain(tmp_path: Path) -> tuple[Path, Path, Path]:
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     def cert(subject, issuer, key, signer, ca: bool):
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
@@ -118,9 +132,15 @@ def make_chain(tmp_path: Path) -> tuple[Path, Path, Path]:
             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=not ca, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=ca, crl_sign=ca,
-                    encipher_only=False, decipher_only=False,
+                    digital_signature=not ca,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=ca,
+                    crl_sign=ca,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
@@ -129,16 +149,25 @@ def make_chain(tmp_path: Path) -> tuple[Path, Path, Path]:
             builder = builder.add_extension(
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False
             ).add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), critical=False
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()),
+                critical=False,
             )
         return builder.sign(signer, hashes.SHA256())
 
-    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_key, leaf_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
     ca = cert("Slipway Test CA", "Slipway Test CA", ca_key, ca_key, ca=True)
     leaf = cert("release-bot", "Slipway Test CA", leaf_key, ca_key, ca=False)
     paths = tmp_path / "leaf.key", tmp_path / "leaf.pem", tmp_path / "ca.pem"
-    paths[0].write_bytes(leaf_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    paths[0].write_bytes(
+        leaf_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     paths[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
     paths[2].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     return paths
@@ -146,7 +175,9 @@ def make_chain(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 def test_certificate_chain_signing(home, tiny_model, tmp_path):
     key, leaf, ca = make_chain(tmp_path)
-    config = Signing(method="certificate", private_key=key, signing_certificate=leaf, certificate_chain=[ca])
+    config = Signing(
+        method="certificate", private_key=key, signing_certificate=leaf, certificate_chain=[ca]
+    )
     weights = tiny_model.parent / "variant" / "weights"
     weights.parent.mkdir()
     tiny_model.rename(weights)
@@ -154,5 +185,7 @@ def test_certificate_chain_signing(home, tiny_model, tmp_path):
     assert info.identity == "certificate:CN=release-bot"
     assert signing.verify(weights, config, home).method == "certificate"
     flip_byte(weights)
-    with pytest.raises(signing.SignatureError, match="changed since signing: model.safetensors"):
+    with pytest.raises(
+        signing.SignatureError, match=re.escape("changed since signing: model.safetensors")
+    ):
         signing.verify(weights, config, home)
