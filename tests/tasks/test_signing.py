@@ -1,12 +1,15 @@
 """Signing: a standard bundle the model_signing CLI accepts; every kind of tampering is refused
-with a message that names the file; a foreign key is refused."""
+with a message that names the file; a foreign key is refused; each signature is verified with
+the trust it recorded, so a rotated key's versions keep verifying; keygen never replaces a key."""
 
 from __future__ import annotations
 
 import re
+import shutil
 import stat
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,10 @@ def signed(home, tiny_model) -> Path:
     return weights
 
 
+def key_trust(home: Home) -> signing.Trust:
+    return signing.Trust("key", key_fingerprint=signing.key_fingerprint(home.keys / "signing.pub"))
+
+
 def test_keygen_is_private_and_idempotent(home):
     private, public = signing.keygen(home)
     assert stat.S_IMODE(private.stat().st_mode) == 0o600
@@ -36,8 +43,47 @@ def test_keygen_is_private_and_idempotent(home):
     assert private.read_bytes() == before  # an existing key is kept, never rotated silently
 
 
+def test_keygen_derives_a_lost_public_key_and_never_replaces_the_private_one(home):
+    private, public = signing.keygen(home)
+    before, fingerprint = private.read_bytes(), signing.key_fingerprint(public)
+    public.unlink()
+    signing.keygen(home)
+    assert private.read_bytes() == before and signing.key_fingerprint(public) == fingerprint
+
+
+def test_keygen_refuses_to_make_a_new_key_when_the_private_one_is_lost(home):
+    private, _ = signing.keygen(home)
+    private.unlink()
+    with pytest.raises(signing.SigningKeyError, match="slipway keys rotate"):
+        signing.keygen(home)
+    assert not private.exists()
+
+
+def test_a_rotated_key_still_verifies_what_it_signed(home, signed, tmp_path):
+    old = key_trust(home)
+    retired, new = signing.rotate(home)
+    assert retired == old.key_fingerprint and new != retired
+    assert signing.verify(signed, old, home).identity == old.identity  # from the keyring
+    other = tmp_path / "later" / "weights"
+    other.parent.mkdir()
+    shutil.copytree(signed, other)
+    later = signing.sign(other, Signing(), home)
+    assert later.trust.key_fingerprint == new
+    with pytest.raises(signing.SignatureError, match="not made by the expected signer"):
+        signing.verify(other, old, home)  # a version verifies only with its own signer
+
+
+def test_trust_round_trips_through_registry_tags(home, signed):
+    trust = key_trust(home)
+    assert signing.Trust.from_tags(trust.tags()) == trust
+    legacy = {"signer": trust.identity}  # a version registered before trust was recorded
+    assert signing.Trust.from_tags(legacy) == trust
+    with pytest.raises(signing.SignatureError, match="records no signing method"):
+        signing.Trust.from_tags({"signer": "certificate:CN=someone"})
+
+
 def test_verify_accepts_an_untouched_model(home, signed):
-    info = signing.verify(signed, Signing(), home)
+    info = signing.verify(signed, key_trust(home), home)
     assert info.identity == "key:" + signing.key_fingerprint(home.keys / "signing.pub")
 
 
@@ -87,7 +133,7 @@ def flip_byte(weights: Path) -> None:
 def test_tampering_is_refused_in_plain_words(home, signed, tamper, expected):
     tamper(signed)
     with pytest.raises(signing.SignatureError) as e:
-        signing.verify(signed, Signing(), home)
+        signing.verify(signed, key_trust(home), home)
     assert expected in str(e.value)
     assert "b'" not in str(e.value)  # no raw digest bytes in what users read
 
@@ -96,13 +142,15 @@ def test_wrong_key_is_refused(home, signed, tmp_path):
     other = Home(tmp_path / "other")
     signing.keygen(other)
     _, public = signing.default_keys(other)
+    foreign = signing.Trust("key", key_fingerprint=signing.trust_key(public, home))
     with pytest.raises(signing.SignatureError, match="not made by the expected signer"):
-        signing.verify(signed, Signing(public_key=public), home)
+        signing.verify(signed, foreign, home)
 
 
 def test_unsigned_model_is_refused(home, tiny_model):
+    signing.keygen(home)
     with pytest.raises(signing.SignatureError, match="is not signed"):
-        signing.verify(tiny_model, Signing(), home)
+        signing.verify(tiny_model, key_trust(home), home)
 
 
 def test_sign_without_key_says_how_to_fix(home, tiny_model):
@@ -183,9 +231,15 @@ def test_certificate_chain_signing(home, tiny_model, tmp_path):
     tiny_model.rename(weights)
     info = signing.sign(weights, config, home)
     assert info.identity == "certificate:CN=release-bot"
-    assert signing.verify(weights, config, home).method == "certificate"
+    assert signing.verify(weights, info.trust, home).method == "certificate"
+    for path in (key, leaf, ca):  # verification needs only what the keyring kept
+        path.unlink()
+    assert signing.verify(weights, info.trust, home).identity == "certificate:CN=release-bot"
+    impostor = replace(info.trust, certificate_subject="CN=someone-else")
+    with pytest.raises(signing.SignatureError, match="signed by CN=release-bot, not by the"):
+        signing.verify(weights, impostor, home)
     flip_byte(weights)
     with pytest.raises(
         signing.SignatureError, match=re.escape("changed since signing: model.safetensors")
     ):
-        signing.verify(weights, config, home)
+        signing.verify(weights, info.trust, home)
