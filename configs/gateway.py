@@ -1,4 +1,5 @@
-"""The gateway config (configs/gateway.yaml): routes, tenants, limits, usage log, resilience.
+"""The gateway config (configs/gateway.yaml): routes, tenants, limits, usage log, resilience, and
+the state store every instance shares.
 
 Secrets never appear here: tenant keys and the admin token are stored as sha256 hex digests
 (`slipway keys new TENANT` prints a key once, with the hash to paste here).
@@ -15,6 +16,9 @@ from pydantic import Field, field_validator, model_validator
 from configs.loader import Strict, load_yaml
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_STATE_SCHEMES = ("sqlite:///", "postgresql://", "postgres://", "redis://", "rediss://")
+
+Audience = Literal["everyone", "opted_in"]
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
@@ -80,6 +84,11 @@ class RouteSpec(Strict):
 
     model: str = Field(min_length=1)
     backends: tuple[BackendSpec, ...] = Field(min_length=1)
+    audience: Audience = Field(
+        "everyone",
+        description="'opted_in': only tenants with canary: in reach a canary (a rollout's "
+        "tenant-first stage)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> RouteSpec:
@@ -150,6 +159,38 @@ class UsageSpec(Strict):
         return value
 
 
+class StateSpec(Strict):
+    """The gateway's durable shared state (the routing table today): every instance pointed at one
+    store serves the same routes, and a restart serves what the store holds."""
+
+    url: str | None = Field(
+        None,
+        description="sqlite:///path, postgresql://user@host:5432/db or redis://host:6379/0; "
+        "default SQLite at $SLIPWAY_HOME/state/gateway.sqlite (one machine only)",
+    )
+    redis_prefix: str = Field(
+        "slipway:gateway:", min_length=1, description="Redis only: the prefix of every state key"
+    )
+    poll_interval_s: float = Field(
+        0.25,
+        ge=0.01,
+        le=60,
+        description="how often each instance checks the store's version: a change made through "
+        "another instance is served here within about this long",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(_STATE_SCHEMES):
+            raise ValueError(
+                f"state.url must start with {', '.join(_STATE_SCHEMES)}, e.g. "
+                "postgresql://postgres@127.0.0.1:5432/slipway; leave it out for SQLite under "
+                "$SLIPWAY_HOME"
+            )
+        return value
+
+
 class StatsSpec(Strict):
     samples: int = Field(
         4096, ge=16, description="raw samples kept per backend and measure since the last reset"
@@ -170,7 +211,10 @@ class GatewayConfig(Strict):
     breaker: BreakerSpec = BreakerSpec()
     usage: UsageSpec = UsageSpec()
     stats: StatsSpec = StatsSpec()
-    routes: tuple[RouteSpec, ...] = ()
+    state: StateSpec = StateSpec()
+    routes: tuple[RouteSpec, ...] = Field(
+        (), description="seeds an empty state store; once it holds routes, the store's win"
+    )
     tenants: tuple[TenantSpec, ...] = ()
 
     @field_validator("admin_token_sha256")

@@ -10,8 +10,10 @@
                                           (synthetic-load tenants apart, under "synthetic")
   POST /admin/stats/{model}/reset         start a new statistics window
 
-Every change builds a new routing table and swaps it in one step; requests in flight finish on
-the backend they started on. A route or weight change starts a new statistics window for the
+A route or weight change is written to the state store first (compare-and-set on the table's
+version, serving/gateway/table_sync.py), so every instance on the store serves it and a restart
+keeps it; then a new routing table is swapped in here in one step, and requests in flight finish
+on the backend they started on. A route or weight change starts a new statistics window for the
 model, so the flow compares backends under the weights it set.
 """
 
@@ -24,11 +26,12 @@ from pydantic import BaseModel, Field, FiniteFloat, ValidationError, model_valid
 from starlette.requests import Request
 from starlette.responses import Response
 
-from configs.gateway import BackendSpec, BreakerSpec, RouteSpec
+from configs.gateway import Audience, BackendSpec, RouteSpec
 from configs.loader import Strict, describe
 from serving.gateway.codec import JSONDecodeError, dumps, loads
 from serving.gateway.errors import BadRequest, NotFound
-from serving.gateway.routing import Audience, CurrentTable, Route
+from serving.gateway.routing import Route
+from serving.gateway.table_sync import TableSync
 
 log = logging.getLogger("serving.gateway")
 
@@ -82,22 +85,24 @@ async def _payload(request: Request, schema: type[BaseModel]) -> BaseModel:
         ) from None
 
 
-class AdminAPI:
-    """The admin endpoints, over the routing table they read and replace."""
+def _not_found(model: str) -> NotFound:
+    return NotFound(
+        f"no route for model '{model}'; create it with PUT /admin/routes/{model}", param="model"
+    )
 
-    def __init__(self, current: CurrentTable, breaker: BreakerSpec, samples: int) -> None:
-        self.current = current
-        self.breaker = breaker  # for the backends a route change adds
-        self.samples = samples
+
+class AdminAPI:
+    """The admin endpoints, over the routing table they read and, through `sync`, change."""
+
+    def __init__(self, sync: TableSync) -> None:
+        self.sync = sync
+        self.current = sync.current
 
     def _route(self, request: Request) -> Route:
         model = request.path_params["model"]
         route = self.current.table.get(model)
         if route is None:
-            raise NotFound(
-                f"no route for model '{model}'; create it with PUT /admin/routes/{model}",
-                param="model",
-            )
+            raise _not_found(model)
         return route
 
     async def list_routes(self, request: Request) -> Response:
@@ -119,38 +124,17 @@ class AdminAPI:
             raise BadRequest(
                 f"invalid route for '{model}':\n{describe(e)}", param="backends"
             ) from None
-        # Built and swapped with no await in between: one atomic change.
-        current = self.current
-        route = current.table.build_route(spec, self.breaker, self.samples)
-        current.table = current.table.with_route(route)
-        for backend in route.backends:
-            backend.reset_stats()
+        route = await self.sync.change(model, lambda _: spec)
         log.info("route '%s' set: %s", model, _weights_text(route))
         return _json(route.describe())
 
     async def set_weights(self, request: Request) -> Response:
         self._route(request)  # an unknown model is a 404 before the body is read
         update = await _payload(request, WeightsUpdate)
-        # The route as it is now: no await from here to the swap, so the checks see what changes.
-        route = self._route(request)
-        known = {b.version for b in route.backends}
-        if unknown := sorted(set(update.weights) - known):
-            raise BadRequest(
-                f"route '{route.model}' has no backend {unknown}; its versions are {sorted(known)}",
-                param="weights",
-            )
-        if any(w < 0 for w in update.weights.values()):
-            raise BadRequest("weights must be 0 or more", param="weights")
-        pairs = zip(route.backends, route.weights, strict=True)
-        if sum(update.weights.get(b.version, w) for b, w in pairs) <= 0:
-            raise BadRequest("at least one backend needs a weight above 0", param="weights")
-        current = self.current
-        current.table = current.table.with_weights(route.model, update.weights, update.audience)
-        new_route = current.table.routes[route.model]
-        for backend in new_route.backends:
-            backend.reset_stats()
-        log.info("weights of '%s' set: %s", route.model, _weights_text(new_route))
-        return _json(new_route.describe())
+        model = request.path_params["model"]
+        route = await self.sync.change(model, lambda route: _reweighted(model, route, update))
+        log.info("weights of '%s' set: %s", model, _weights_text(route))
+        return _json(route.describe())
 
     async def get_stats(self, request: Request) -> Response:
         route = self._route(request)
@@ -162,6 +146,30 @@ class AdminAPI:
         for backend in route.backends:
             backend.reset_stats()
         return _json(_stats(route, False))
+
+
+def _reweighted(model: str, route: Route | None, update: WeightsUpdate) -> RouteSpec:
+    """`route` with the weights (and audience) of `update`, checked against the route as it is."""
+    if route is None:
+        raise _not_found(model)
+    spec = route.spec()
+    known = {b.version for b in spec.backends}
+    if unknown := sorted(set(update.weights) - known):
+        raise BadRequest(
+            f"route '{model}' has no backend {unknown}; its versions are {sorted(known)}",
+            param="weights",
+        )
+    if any(w < 0 for w in update.weights.values()):
+        raise BadRequest("weights must be 0 or more", param="weights")
+    backends = tuple(
+        b.model_copy(update={"weight": update.weights.get(b.version, b.weight)})
+        for b in spec.backends
+    )
+    if sum(b.weight for b in backends) <= 0:
+        raise BadRequest("at least one backend needs a weight above 0", param="weights")
+    return spec.model_copy(
+        update={"backends": backends, "audience": update.audience or spec.audience}
+    )
 
 
 def _stats(route: Route, samples: bool) -> dict[str, Any]:

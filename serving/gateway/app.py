@@ -10,14 +10,15 @@ Request path, outermost first:
 
 build_app makes every part without I/O and gives each middleware and endpoint the parts it uses,
 as Starlette's own middleware takes its options. Lifespan only opens them (connections and tasks
-belong to the event loop that serves the requests) and closes them again.
+belong to the event loop that serves the requests) and closes them again. The routing table starts
+empty and is loaded from the state store when the table sync opens, before the first request.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 
 from starlette.applications import Starlette
@@ -40,13 +41,23 @@ from serving.gateway.metrics import (
 )
 from serving.gateway.proxy import Upstream
 from serving.gateway.routes import Completions, Models, health
-from serving.gateway.routing import CurrentTable, table_from
+from serving.gateway.routing import CurrentTable, RoutingTable
+from serving.gateway.state import store_for
+from serving.gateway.table_sync import TableSync
 from serving.gateway.usage import UsageLog, UsageMiddleware, default_url, sink_for
 
 
 def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
-    """The gateway for `config`; its usage log defaults to SQLite under `home`."""
-    current = CurrentTable(table_from(config.routes, config.breaker, config.stats.samples))
+    """The gateway for `config`; its state store and usage log default to SQLite under `home`."""
+    current = CurrentTable(RoutingTable.empty())
+    sync = TableSync(
+        store_for(config.state, home),
+        current,
+        config.routes,
+        config.breaker,
+        config.stats.samples,
+        config.state.poll_interval_s,
+    )
     upstream = Upstream(config.timeouts)
     limiter: Limiter = (
         RedisLimiter(config.redis_url, config.redis_prefix) if config.redis_url else LocalLimiter()
@@ -58,15 +69,16 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await upstream.open()
-        await limiter.open()
-        await usage.start()
-        try:
+        async with AsyncExitStack() as opened:  # what opened is closed, in reverse, whatever fails
+            await sync.open()  # first: a gateway that cannot load its routes does not start
+            opened.push_async_callback(sync.close)
+            await upstream.open()
+            opened.push_async_callback(upstream.close)
+            await limiter.open()
+            opened.push_async_callback(limiter.close)
+            await usage.start()
+            opened.push_async_callback(usage.close)
             yield
-        finally:
-            await usage.close()
-            await upstream.close()
-            await limiter.close()
 
     def completions(endpoint: str) -> Completions:
         return Completions(
@@ -74,7 +86,7 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
         )
 
     models = Models(current)
-    admin = AdminAPI(current, config.breaker, config.stats.samples)
+    admin = AdminAPI(sync)
     return Starlette(
         routes=[
             Route("/v1/chat/completions", completions("chat"), methods=["POST"]),

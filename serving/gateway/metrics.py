@@ -111,6 +111,11 @@ class GatewayCollector(Collector):
                 for name, hist in (("ttft", s.hist_ttft), ("itl", s.hist_itl), ("e2e", s.hist_e2e)):
                     hists[name].add_metric(values, _buckets(hist), hist.sum)
         yield from (requests, errors, tokens, inflight, weight, circuit, *hists.values())
+        yield GaugeMetricFamily(
+            "slipway_gateway_routes_version",
+            "Version of the state store's routes this instance serves (replicas agree once synced)",
+            value=self.current.table.version,
+        )
 
         usage = self.usage
         yield CounterMetricFamily(

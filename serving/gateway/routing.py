@@ -1,9 +1,11 @@
 """The routing table (discovery): which backends serve each public model, with what weight.
 
-The table is immutable. A change builds a new table and swaps one reference (CurrentTable), so a
-request sees either the old table or the new one, never a mix; in-flight requests keep the Backend
-object they started on. Backend objects carry live state (in-flight count, breaker, stats) and are
-reused across tables while their identity (version, URL, served name, digest) is unchanged.
+The table is immutable and carries the state store's version of the routes it was built from
+(serving/gateway/table_sync.py keeps it current). A change builds a new table and swaps one
+reference (CurrentTable), so a request sees either the old table or the new one, never a mix;
+in-flight requests keep the Backend object they started on. Backend objects carry live state
+(in-flight count, breaker, stats) and are reused across tables while their identity (version, URL,
+served name, digest, role) is unchanged.
 """
 
 from __future__ import annotations
@@ -12,13 +14,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from itertools import accumulate
 from types import MappingProxyType
-from typing import Literal
 
-from configs.gateway import BackendSpec, BreakerSpec, RouteSpec
+from configs.gateway import Audience, BackendSpec, BreakerSpec, RouteSpec
 from serving.gateway.breaker import Breaker
 from serving.gateway.stats import BackendStats
-
-Audience = Literal["everyone", "opted_in"]
 
 
 class Backend:
@@ -113,6 +112,17 @@ class Route:
     def backend(self, version: str) -> Backend | None:
         return next((b for b in self.backends if b.version == version), None)
 
+    def spec(self) -> RouteSpec:
+        """The route as configs and the state store spell it, with the weights in use."""
+        return RouteSpec(
+            model=self.model,
+            backends=tuple(
+                b.spec.model_copy(update={"weight": w})
+                for b, w in zip(self.backends, self.weights, strict=True)
+            ),
+            audience=self.audience,
+        )
+
     def describe(self) -> dict:
         return {
             "model": self.model,
@@ -127,6 +137,7 @@ class Route:
 @dataclass(frozen=True, slots=True)
 class RoutingTable:
     routes: Mapping[str, Route]
+    version: int = 0  # the state store's version of the routes; 0: none stored yet
 
     @classmethod
     def empty(cls) -> RoutingTable:
@@ -135,8 +146,8 @@ class RoutingTable:
     def get(self, model: str) -> Route | None:
         return self.routes.get(model)
 
-    def with_route(self, route: Route) -> RoutingTable:
-        return RoutingTable(MappingProxyType({**self.routes, route.model: route}))
+    def with_route(self, route: Route, version: int) -> RoutingTable:
+        return RoutingTable(MappingProxyType({**self.routes, route.model: route}), version)
 
     def build_route(self, spec: RouteSpec, breaker: BreakerSpec, samples: int) -> Route:
         """A route for `spec`, reusing the live Backend of every unchanged server."""
@@ -146,32 +157,25 @@ class RoutingTable:
             old = current.backend(b.version) if current else None
             live = old if old and old.same_server(b) else Backend(spec.model, b, breaker, samples)
             backends.append(live)
-        return Route.build(spec.model, tuple(backends), tuple(b.weight for b in spec.backends))
+        weights = tuple(b.weight for b in spec.backends)
+        return Route.build(spec.model, tuple(backends), weights, spec.audience)
 
-    def with_weights(
-        self, model: str, weights: Mapping[str, float], audience: Audience | None = None
+    def rebuilt(
+        self, specs: Iterable[RouteSpec], breaker: BreakerSpec, samples: int, version: int
     ) -> RoutingTable:
-        route = self.routes[model]
-        pairs = zip(route.backends, route.weights, strict=True)
-        new = tuple(weights.get(b.version, w) for b, w in pairs)
-        return self.with_route(Route.build(model, route.backends, new, audience or route.audience))
+        """A table of exactly `specs` at `version`, reusing this table's live backends."""
+        routes = {s.model: self.build_route(s, breaker, samples) for s in specs}
+        return RoutingTable(MappingProxyType(routes), version)
 
 
 class CurrentTable:
-    """The routing table in use: the admin API replaces `table` whole, everyone else reads it.
+    """The routing table in use: TableSync replaces `table` whole, everyone else reads it.
 
-    One holder is shared by the endpoints and the metrics collector; a change is one reference
-    swap, made with no await between the check that allowed it and the swap itself.
+    One holder is shared by the endpoints, the admin API and the metrics collector; a change is
+    one reference swap.
     """
 
     __slots__ = ("table",)
 
     def __init__(self, table: RoutingTable) -> None:
         self.table = table
-
-
-def table_from(routes: Iterable[RouteSpec], breaker: BreakerSpec, samples: int) -> RoutingTable:
-    table = RoutingTable.empty()
-    for spec in routes:
-        table = table.with_route(table.build_route(spec, breaker, samples))
-    return table

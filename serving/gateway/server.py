@@ -1,6 +1,7 @@
 """The gateway process: one uvicorn server with uvloop and httptools (`slipway gateway`).
 
-To use more cores run several instances behind a load balancer with `redis_url` set, so they
+To use more cores run several instances behind a load balancer on one shared state store
+(`state.url`: PostgreSQL or Redis), so they serve the same routes, with `redis_url` set, so they
 share tenant limits.
 """
 

@@ -81,6 +81,16 @@ def backend_with(**fields) -> dict:
             "admin token must differ from every tenant key",
         ),
         ({**good(), "usage": {"url": "mysql://x"}}, "usage.url", "must start with sqlite:///"),
+        (
+            {**good(), "state": {"url": "mysql://x"}},
+            "state.url",
+            "state.url must start with sqlite:///, postgresql://",
+        ),
+        (
+            {**good(), "state": {"poll_interval_s": 0}},
+            "state.poll_interval_s",
+            "greater than or equal to 0.01",
+        ),
         ({**good(), "colour": "red"}, "colour", "Extra inputs"),
     ],
     ids=[
@@ -93,6 +103,8 @@ def backend_with(**fields) -> dict:
         "no-stable",
         "admin-is-tenant",
         "usage-url",
+        "state-url",
+        "state-poll",
         "extra-field",
     ],
 )

@@ -1,5 +1,5 @@
 """Gateway test helpers: a mock upstream, configs with fresh secrets, a gateway on a real port,
-streamed events as bytes."""
+a fresh state store of each kind, streamed events as bytes."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis
 
 from configs.gateway import GatewayConfig
 from evaluation.benchmarks.mock_upstream import MockUpstream, serve
@@ -19,6 +20,7 @@ from serving.gateway.app import build_app
 from serving.gateway.auth import key_hash
 
 MODEL = "tiny-chat"
+REDIS_URL = "redis://127.0.0.1:6379/0"
 
 # Server-sent events as a backend streams them, for the relay's unit tests.
 HEAD = b'data: {"id":"c","object":"chat.completion.chunk","model":"m","choices":['
@@ -88,6 +90,28 @@ def mock() -> Iterator[tuple[MockUpstream, str]]:
     upstream = MockUpstream()
     with serve(upstream) as url:
         yield upstream, url
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A key prefix of this test's own on the local Redis, its keys deleted afterwards."""
+    prefix = f"slipway-test-{secrets.token_hex(6)}:"
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(f"{prefix}*"):
+        client.delete(key)
+    client.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "redis"])
+def state(request, home) -> dict:
+    """The `state` section of a gateway config naming a fresh store of each kind: the default
+    (SQLite under `home`), a fresh PostgreSQL database, a fresh Redis key prefix."""
+    if request.param == "postgresql":
+        return {"url": request.getfixturevalue("pg_url")}
+    if request.param == "redis":
+        return {"url": REDIS_URL, "redis_prefix": request.getfixturevalue("redis_prefix")}
+    return {}
 
 
 @pytest.fixture

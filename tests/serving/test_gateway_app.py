@@ -1,5 +1,6 @@
 """The application's wiring in process (Starlette's TestClient, no sockets): each app owns its
-parts, and the admin API's table swap is seen by every endpoint of that app and no other."""
+parts, and the admin API's table swap is seen by every endpoint of that app and no other (apps on
+one state store share its routes by design: test_gateway_state_sync.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 
 from starlette.testclient import TestClient
 
+from configs.home import Home
 from serving.gateway.app import build_app
 from serving.gateway.usage import read_usage
 from tests.serving.conftest import MODEL, backend, digest
@@ -19,11 +21,15 @@ def models(client: TestClient, key: str) -> list[str]:
     return [m["id"] for m in r.json()["data"]]
 
 
-def test_two_apps_from_one_config_share_nothing(keys, home):
+def test_two_apps_from_one_config_share_nothing(keys, home, tmp_path):
     config = keys.config([backend(URL, "1")])
     alice, admin = keys.key("alice"), {"Authorization": f"Bearer {keys.admin}"}
     route = {"backends": [{**backend(URL, "2"), "expected_digest": digest("2")}]}
-    with TestClient(build_app(config, home)) as one, TestClient(build_app(config, home)) as two:
+    elsewhere = Home(tmp_path / "elsewhere")  # a state store of its own
+    with (
+        TestClient(build_app(config, home)) as one,
+        TestClient(build_app(config, elsewhere)) as two,
+    ):
         assert one.put("/admin/routes/other", json=route, headers=admin).status_code == 200
         assert models(one, alice) == ["other", MODEL]  # the swap is seen at once (sorted)
         assert one.get("/v1/models/other", headers={"Authorization": f"Bearer {alice}"}).is_success

@@ -110,6 +110,7 @@ def gateway(
         "routes": [{"model": MODEL, "backends": backends}],
         "tenants": [{"name": "alice", "key_sha256": key_hash(key)}, *tenants],
         "usage": {"url": usage},
+        "state": {"url": f"sqlite:///{tmp_path / 'state.sqlite'}"},  # a store of this test's own
         **fields,
     }
     path = tmp_path / "gateway.json"

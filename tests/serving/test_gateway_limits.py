@@ -3,25 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 
 import httpx
 import pytest
-import redis
 
-from tests.serving.conftest import backend, chat, post_many
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-@pytest.fixture
-def redis_prefix():
-    prefix = f"slipway-test-{secrets.token_hex(6)}:"
-    yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(f"{prefix}*"):
-        client.delete(key)
-    client.close()
+from tests.serving.conftest import REDIS_URL, backend, chat, post_many
 
 
 def wide(url: str) -> dict:
