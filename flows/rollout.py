@@ -8,9 +8,7 @@ the one `make up` started unless gateway_url names another. `slipway rollout --h
 
 from __future__ import annotations
 
-import tempfile
 from contextlib import nullcontext
-from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -24,12 +22,15 @@ from configs.settings import Settings
 from evaluation.canary import Analysis
 from evaluation.loadgen.background import BackgroundLoad
 from evaluation.loadgen.report import load_prompts
-from tasks.engines import RunningVersion, start_version, stop_version
+from tasks.engines import RunningVersion, serve_version
 from tasks.gateway_admin import GatewayAdmin, secret
 from tasks.registry import Registry
 from tasks.rollout.history import History, announce
-from tasks.rollout.plan import AlreadyChampion, Plan, preconditions_task
-from tasks.rollout.route import add_canary, make_stable, withdraw_canary
+from tasks.rollout.plan import AlreadyChampion, Plan, preconditions_task, resolve
+from tasks.rollout.promote import promote
+from tasks.rollout.reconcile import Unsettled, reconcile_task, settle_task
+from tasks.rollout.record import NEEDS_RECONCILE
+from tasks.rollout.route import add_canary
 from tasks.rollout.steps import Steering, judge_step_task
 
 
@@ -42,7 +43,8 @@ def rollout(
     candidate_url: str | None = None,
 ) -> str:
     """Roll `candidate` out against the champion; returns 'promoted', 'rolled_back' or
-    'already_champion' (nothing to do).
+    'already_champion' (nothing to do). What an earlier, killed flow left unsettled is repaired
+    first (logged, and the first lines of the story).
 
     candidate_url: serve the canary from this running OpenAI-compatible server (it must answer
     to <model>-v<version>) instead of starting vLLM for it.
@@ -50,64 +52,70 @@ def rollout(
     rules = load_rollout_policy(policy)
     home = Home.from_env()
     admin = GatewayAdmin.of(home, gateway_url)
+    registry, say = Registry(home), get_run_logger().info
+    # Raises Busy while another rollout runs; the candidate's vLLM, if it runs, is kept for reuse.
+    spare = frozenset([resolve(registry, model, candidate)])
+    repaired = reconcile_task(home, admin, model, spare=spare).changes
+    for line in repaired:
+        say("reconciled before the rollout: %s", line)
     try:
         plan = preconditions_task(home, admin, model, candidate)  # raises: nothing has moved
     except AlreadyChampion as e:
-        get_run_logger().info("%s", e)
+        say("%s", e)
         return "already_champion"
-    running = serve_candidate_task(plan, home, candidate_url)
-    registry = Registry(home)
-    say = get_run_logger().info
-    history = History.open(registry, plan, policy, rules, tell=say)
+    history = History.open(registry, plan, policy, rules, tell=say, repaired=repaired)
     status, reason = "rolled_back", "the rollout stopped before a decision"
+    try:
+        running = serve_candidate_task(plan, home, candidate_url)
+        status, reason = canary_steps(admin, plan, rules, running, history, home)
+    except BaseException as e:
+        reason = f"the rollout itself failed ({type(e).__name__}: {e})"
+        raise
+    finally:
+        owner = history.claim.owner
+        status, reason = settle_task(home, admin, model, owner, status, reason, history.say)
+        story = history.close(status, reason)
+        announce(status, plan, {"reason": reason, "run_id": history.run_id}, _url(rules))
+        create_markdown_artifact(
+            story, key=f"rollout-{_slug(model)}", description=f"{status}: {reason}"[:500]
+        )
+    if status == NEEDS_RECONCILE:
+        raise Unsettled(reason)
+    return status
+
+
+def canary_steps(
+    admin: GatewayAdmin,
+    plan: Plan,
+    rules: RolloutPolicy,
+    running: RunningVersion,
+    history: History,
+    home: Home,
+) -> tuple[str, str]:
+    """The canary joins the route, every step is judged, and a canary not worse at every step is
+    promoted; the outcome and why."""
 
     def paused(index: int, stage: Stage, analysis: Analysis | None) -> None:
         history.pause(index, stage, analysis)
         announce("paused", plan, {"step": index + 1, "weight": stage.weight}, _url(rules))
 
+    registry, model = history.registry, plan.model
     steer = Steering(
-        registry, model, plan.candidate.version, running.url, history.look, paused, say
+        registry, model, plan.candidate.version, running.url, history.look, paused, history.tell
     )
-    load = synthetic_load(rules, admin.url, home, model)
-    try:
-        add_canary(admin, plan, running)
-        announce(
-            "started", plan, {"stable": plan.stable.version, "run_id": history.run_id}, _url(rules)
-        )
-        with load:
-            for index, stage in enumerate(rules.stages()):
-                step = judge_step_task(admin, plan, index, stage, rules, steer)
-                history.step(step)
-                announce(
-                    "step",
-                    plan,
-                    {
-                        "step": index + 1,
-                        "weight": stage.weight,
-                        "action": step.action,
-                        "reason": step.reason,
-                    },
-                    _url(rules),
-                )
-                if step.action == "rollback":
-                    reason = f"step {index + 1} ({stage.weight}%): {step.reason}"
-                    break
-            else:
-                promote_task(admin, registry, plan, home)
-                status, reason = "promoted", "every step judged the canary not worse than stable"
-    except BaseException as e:
-        reason = f"the rollout itself failed ({type(e).__name__}: {e}); the canary is withdrawn"
-        raise
-    finally:
-        if status != "promoted":
-            roll_back_task(admin, plan, running, home)
-        with tempfile.TemporaryDirectory() as workdir:
-            story = history.close(status, reason, Path(workdir))
-        announce(status, plan, {"reason": reason, "run_id": history.run_id}, _url(rules))
-        create_markdown_artifact(
-            story, key=f"rollout-{_slug(model)}", description=f"{status}: {reason}"[:500]
-        )
-    return status
+    add_canary(admin, model, running)
+    started = {"stable": plan.stable.version, "run_id": history.run_id}
+    announce("started", plan, started, _url(rules))
+    with synthetic_load(rules, admin.url, home, model):
+        for index, stage in enumerate(rules.stages()):
+            step = judge_step_task(admin, plan, index, stage, rules, steer)
+            history.step(step)
+            told = {"step": index + 1, "weight": stage.weight, "action": step.action}
+            announce("step", plan, told | {"reason": step.reason}, _url(rules))
+            if step.action == "rollback":
+                return "rolled_back", f"step {index + 1} ({stage.weight}%): {step.reason}"
+    promote_task(admin, registry, plan, home)
+    return "promoted", "every step judged the canary not worse than stable"
 
 
 def _url(rules: RolloutPolicy) -> str | None:
@@ -123,26 +131,15 @@ def _slug(name: str) -> str:
 def serve_candidate_task(plan: Plan, home: Home, url: str | None) -> RunningVersion:
     if url is not None:
         return RunningVersion(plan.candidate, url.rstrip("/"), started_here=False)
-    return start_version(plan.candidate, serving_for(plan.model), home)
+    return serve_version(plan.candidate, serving_for(plan.model), home)
 
 
 @task(name="promote", cache_policy=NO_CACHE)
 def promote_task(admin: GatewayAdmin, registry: Registry, plan: Plan, home: Home) -> None:
     """All traffic to the candidate, alias `champion` to it (the old one becomes `previous`),
     the old champion drained from the gateway and its vLLM stopped."""
-    make_stable(admin, plan)
-    registry.promote(plan.model, plan.candidate.version, reason="rollout: every step not worse")
-    stop_version(home, plan.stable.record)
-
-
-@task(name="roll-back", cache_policy=NO_CACHE)
-def roll_back_task(admin: GatewayAdmin, plan: Plan, running: RunningVersion, home: Home) -> None:
-    """Canary weight 0 at once, its requests drained, the route back to stable alone, and the
-    canary's vLLM stopped if this rollout started it."""
-    withdrawn = withdraw_canary(admin, plan.model)
-    # Not withdrawn means it already serves as stable (a promotion that failed late): keep it.
-    if running.started_here and plan.candidate.version in withdrawn:
-        stop_version(home, running.version.record)
+    reason = "rollout: every step not worse"
+    promote(admin, registry, home, plan.model, plan.candidate.version, reason)
 
 
 def synthetic_load(rules: RolloutPolicy, gateway_url: str, home: Home, model: str):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from configs.home import Home
 from configs.models import Serving
-from serving.processes import HOST, Proc, ProcessError, forget, record
+from serving.processes import HOST, Proc, ProcessError, forget, read_state, record
 from serving.vllm import VLLMServer, VLLMStartError
 from tasks.servable import ModelVersion
 
@@ -55,6 +55,23 @@ def start_version(version: ModelVersion, serving: Serving, home: Home) -> Runnin
         stop_version(home, proc.what)
         raise EngineError(f"the {version} server did not start: {e}") from e
     return RunningVersion(version, server.url, started_here=True)
+
+
+def find_running(home: Home, version: ModelVersion) -> RunningVersion | None:
+    """The version's recorded vLLM, if it answers its health check now."""
+    for proc in read_state(home):
+        if proc.what == version.record and proc.answers():
+            return RunningVersion(version, proc.url, started_here=False)
+    return None
+
+
+def serve_version(version: ModelVersion, serving: Serving, home: Home) -> RunningVersion:
+    """The version's recorded vLLM if it still answers (reused), else a new one: a record that
+    no longer answers is stopped and replaced."""
+    if (running := find_running(home, version)) is not None:
+        return running
+    stop_version(home, version.record)
+    return start_version(version, serving, home)
 
 
 def stop_version(home: Home, name: str, grace_s: float = 20) -> bool:

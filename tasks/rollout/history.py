@@ -1,50 +1,30 @@
-"""The rollout's record: one MLflow run for its whole length, tags on the candidate's version,
-Prefect events and the policy's webhook at every step, and the story told as markdown."""
+"""The rollout's record: one MLflow run for its whole length, the in-flight claim and tags on the
+candidate's version, Prefect events and the policy's webhook at every step, and the story told as
+markdown (tasks/rollout/record.py writes what every move shares)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import httpx
-from prefect.events import emit_event
 
 from configs.rollout import RolloutPolicy, Stage
 from evaluation.canary import Analysis
 from tasks.registry import Registry
 from tasks.rollout.control import CONTROL, now_iso
+from tasks.rollout.inflight import InFlight, Owner
 from tasks.rollout.plan import Plan
+from tasks.rollout.record import NEEDS_RECONCILE, ROLLOUTS, emit, tag_outcome, write_story
 from tasks.rollout.steps import StepResult
 
 log = logging.getLogger(__name__)
 
-ROLLOUTS = "slipway-rollouts"  # the MLflow experiment: one run per rollout
-
 
 def announce(event: str, plan: Plan, payload: dict[str, Any], webhook_url: str | None) -> None:
-    """A Prefect event (automations and notifications react to it) and the policy's webhook.
-    A webhook that fails is logged, never fatal: the rollout's decision stands."""
-    model, version = plan.model, plan.candidate.version
-    emit_event(
-        event=f"slipway.rollout.{event}",
-        resource={
-            "prefect.resource.id": f"slipway.model.{model}.{version}",
-            "slipway.model": model,
-            "slipway.version": version,
-        },
-        payload=payload,
-    )
-    if webhook_url:
-        body = {"event": f"slipway.rollout.{event}", "model": model, "version": version} | payload
-        try:
-            httpx.post(webhook_url, json=body, timeout=5).raise_for_status()
-        except httpx.HTTPError as e:
-            log.warning("webhook %s failed for %s: %s", webhook_url, event, e)
+    """The event `slipway.rollout.<event>` about the candidate, and the policy's webhook."""
+    emit(f"slipway.rollout.{event}", plan.model, plan.candidate.version, payload, webhook_url)
 
 
 def look_metrics(analysis: Analysis, weight: int) -> dict[str, float]:
@@ -83,6 +63,7 @@ class History:
     registry: Registry
     plan: Plan
     run_id: str
+    claim: InFlight  # the in-flight record this rollout holds until it has settled
     lines: list[str] = field(default_factory=list)
     steps: list[dict[str, Any]] = field(default_factory=list)
     looks: int = 0
@@ -96,12 +77,26 @@ class History:
         policy_path: str,
         policy: RolloutPolicy,
         tell: Callable[[str], None] = log.info,
+        repaired: tuple[str, ...] = (),
     ) -> History:
         model, cand, stable = plan.model, plan.candidate, plan.stable
+        started = now_iso()
+        # Claimed before anything is written or moved: a reconcile meanwhile sees a live owner, and
+        # one after a kill knows what to settle.
+        claim = InFlight(
+            kind="rollout",
+            source=stable.version,
+            target=cand.version,
+            run_id=None,
+            started_at=started,
+            owner=Owner.me(),
+        )
+        claim.claim(registry, model)
         run_id = registry.open_run(
             f"rollout-{model}-v{cand.version}",
             params={"policy_file": policy_path, **_flat(policy.model_dump(mode="json"))},
             tags={
+                "kind": "rollout",
                 "model": model,
                 "candidate": cand.version,
                 "stable": stable.version,
@@ -110,9 +105,10 @@ class History:
             },
             experiment=ROLLOUTS,
         )
+        claim = claim.model_copy(update={"run_id": run_id})
+        claim.claim(registry, model)
         # An order left from an earlier rollout of this version must not steer this one.
         registry.delete_model_tag(model, CONTROL)
-        started = now_iso()
         registry.tag(
             model,
             cand.version,
@@ -123,7 +119,9 @@ class History:
                 "rollout_against": stable.version,
             },
         )
-        history = cls(registry, plan, run_id, tell=tell)
+        history = cls(registry, plan, run_id, claim, tell=tell)
+        for line in repaired:
+            history.say(f"{started}: before it began, the reconcile repaired: {line}")
         steps = ", ".join(
             f"{s.weight}%" + (" (opted-in tenants)" if s.audience == "opted_in" else "")
             for s in policy.stages()
@@ -190,30 +188,15 @@ class History:
                 self.plan.model, self.plan.candidate.version, {"rollout_status": "in_progress"}
             )
 
-    def close(self, status: str, reason: str, workdir: Path) -> str:
-        """Tag the version with the outcome, store story and evidence, end the run; the story."""
+    def close(self, status: str, reason: str) -> str:
+        """Tag the version with the outcome, store story and evidence, end the run, and give up
+        the in-flight claim (kept when the gateway is left unsettled: the reconcile needs it);
+        the story."""
         model, version = self.plan.model, self.plan.candidate.version
-        ended = now_iso()
-        self.say(f"{ended}: {status.replace('_', ' ')}: {reason}")
-        self.registry.tag(
-            model,
-            version,
-            {
-                "rollout_status": status,
-                "rollout_ended_at": ended,
-                "rollout_reason": reason[:4900],
-            },
+        self.say(f"{now_iso()}: {status.replace('_', ' ')}: {reason}")
+        tag_outcome(
+            self.registry, model, "rollout", self.plan.stable.version, version, status, reason
         )
-        story = "\n".join(
-            [
-                f"# Rollout of {model} v{version}",
-                "",
-                *(f"- {line}" for line in self.lines),
-                "",
-                f"MLflow run `{self.run_id}` (experiment `{ROLLOUTS}`) holds every look.",
-            ]
-        )
-        (workdir / "story.md").write_text(story + "\n")
         evidence = {
             "model": model,
             "candidate": version,
@@ -222,7 +205,15 @@ class History:
             "reason": reason,
             "steps": self.steps,
         }
-        (workdir / "evidence.json").write_text(json.dumps(evidence, indent=2, default=str) + "\n")
-        self.registry.set_run_tag(self.run_id, "rollout_status", status)
-        self.registry.close_run(self.run_id, [workdir / "story.md", workdir / "evidence.json"])
+        unsettled = status == NEEDS_RECONCILE
+        story = write_story(
+            self.registry,
+            self.run_id,
+            f"Rollout of {model} v{version}",
+            self.lines,
+            evidence,
+            run_status="FAILED" if unsettled else "FINISHED",
+        )
+        if not unsettled:
+            InFlight.clear(self.registry, model)
         return story

@@ -1,5 +1,6 @@
-"""Moving traffic in the gateway: the canary joins at weight 0, is withdrawn, or becomes stable.
-Every move is one atomic table swap in the gateway; a withdrawn backend is drained first."""
+"""Moving traffic in the gateway: a version joins at weight 0, takes all the traffic, is left
+alone in the route, or (a canary) is withdrawn. Every move is one atomic table swap in the
+gateway; a backend leaves the route only once its requests in flight are drained."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from typing import Any
 
 from tasks.engines import RunningVersion
 from tasks.gateway_admin import GatewayAdmin
-from tasks.rollout.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +32,25 @@ def _spec(backend: dict[str, Any], **changes: Any) -> dict[str, Any]:
     return spec | {"expected_digest": spec["digest"]}
 
 
-def add_canary(admin: GatewayAdmin, plan: Plan, running: RunningVersion) -> None:
-    """The candidate joins the route as canary at weight 0: reachable, but no traffic yet."""
-    cand = plan.candidate
+def describe(backends: list[dict[str, Any]]) -> str:
+    """A route as a person reads it: `v1 (stable, 0%), v2 (canary, 100%)`."""
+    return ", ".join(f"v{b['version']} ({b['role']}, {b['weight']:g}%)" for b in backends)
+
+
+def add_canary(admin: GatewayAdmin, model: str, running: RunningVersion) -> None:
+    """A version joins the route as canary at weight 0: reachable, but no traffic yet."""
+    version = running.version
     canary = {
-        "version": cand.version,
+        "version": version.version,
         "url": running.url,
-        "served_model": cand.served_name,
-        "digest": cand.tags["digest"],
+        "served_model": version.served_name,
+        "digest": version.tags["digest"],
         "verified": True,
         "weight": 0,
         "role": "canary",
     }
-    admin.put_route(plan.model, [*(_spec(b) for b in plan.stable_backends), _spec(canary)])
+    others = [b for b in admin.route(model)["backends"] if b["version"] != version.version]
+    admin.put_route(model, [*(_spec(b) for b in others), _spec(canary)])
 
 
 def _drain(admin: GatewayAdmin, model: str, versions: set[str]) -> None:
@@ -84,12 +90,18 @@ def withdraw_canary(admin: GatewayAdmin, model: str) -> list[str]:
     return sorted(versions)
 
 
-def make_stable(admin: GatewayAdmin, plan: Plan) -> None:
-    """Promotion in the gateway: all traffic to the candidate, then (drained) it alone, as
-    stable."""
-    model, cand = plan.model, plan.candidate
-    old = {b["version"] for b in plan.stable_backends}
-    admin.set_weights(model, {cand.version: 100.0} | dict.fromkeys(old, 0.0))
-    _drain(admin, model, old)
-    canary = next(b for b in admin.route(model)["backends"] if b["version"] == cand.version)
-    admin.put_route(model, [_spec(canary, role="stable", weight=100.0)])
+def hand_over(admin: GatewayAdmin, model: str, version: str) -> None:
+    """All of the route's traffic to `version` in one atomic swap; the other backends stay, at
+    weight 0, so that requests in flight on them finish (and the move can still be undone)."""
+    nothing = {b["version"]: 0.0 for b in admin.route(model)["backends"]}
+    admin.set_weights(model, nothing | {version: 100.0})
+
+
+def keep_only(admin: GatewayAdmin, model: str, version: str) -> list[str]:
+    """Once the other backends' requests in flight have finished, a route of `version` alone, as
+    stable. Returns the versions removed. `version` must be in the route."""
+    others = {b["version"] for b in admin.route(model)["backends"]} - {version}
+    _drain(admin, model, others)
+    kept = next(b for b in admin.route(model)["backends"] if b["version"] == version)
+    admin.put_route(model, [_spec(kept, role="stable", weight=100.0)])
+    return sorted(others)

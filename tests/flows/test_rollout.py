@@ -24,6 +24,8 @@ from tasks.registry import Registry
 from tasks.rollout.control import approve, roll_back_by_hand
 from tasks.rollout.history import ROLLOUTS
 from tasks.rollout.plan import RolloutRefused
+from tasks.servable import version_of
+from tasks.store import writable
 from tests.releases import release, stand_in_model
 from tests.serving.conftest import MODEL, Secrets
 
@@ -264,7 +266,8 @@ def test_rolling_out_the_champion_is_a_no_op(stage, policy):
 
 
 def test_tampered_candidate_weights_are_refused(stage, policy):
-    weights = stage.home.models / MODEL / "gptq-w8a8" / "weights"
+    weights = version_of(stage.registry, MODEL, stage.candidate).weights
+    writable(weights)
     (weights / "model.safetensors").write_bytes(b"tampered")
     before = stage.route()
     with pytest.raises(RolloutRefused, match="signature does not verify"):
