@@ -20,7 +20,7 @@ CONFIG ?= configs/models/smollm2-135m.yaml
 DEMO_MODEL ?= smollm2-135m-instruct
 DEMO_CANDIDATE ?= gptq-w8a8
 
-.PHONY: setup demo rollback approve test lint stress bench drift cost up down status bench-gateway bench-canary bench-loadgen clean lock mlflow-ui prefect-ui
+.PHONY: setup demo rollback revert approve test lint stress bench drift cost up down status bench-gateway bench-canary bench-loadgen clean lock mlflow-ui prefect-ui
 
 ## setup: build (or reuse) the core, quant and serve environments and the signing key. Idempotent.
 setup:
@@ -43,6 +43,10 @@ demo: setup
 ## rollback: withdraw MODEL's canary now (`make rollback MODEL=smollm2-135m-instruct`)
 rollback: setup
 	$(SLIPWAY) rollout rollback $(MODEL) --reason "$(or $(REASON),rolled back by hand)"
+
+## revert: put MODEL's `previous` back as champion, verified (`make revert MODEL=... REASON=...`)
+revert: setup
+	$(SLIPWAY) revert $(MODEL) --reason "$(or $(REASON),reverted by hand)"
 
 ## approve: let MODEL's paused rollout step advance
 approve: setup

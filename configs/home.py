@@ -26,10 +26,6 @@ class Home:
     def models(self) -> Path:
         return self.root / "models"
 
-    def weights(self, model: str, variant: str) -> Path:
-        """One variant's model directory (a release writes it; vLLM serves it)."""
-        return self.models / model / variant / "weights"
-
     @property
     def demo_key(self) -> Path:
         """The demo tenant's API key (mode 0600), written by `make up`."""

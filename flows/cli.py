@@ -161,7 +161,8 @@ def release(config: str) -> None:
 
 @cli.group()
 def rollout() -> None:
-    """Canary rollouts: run one, roll one back by hand, approve a paused step."""
+    """Canary rollouts: run one, roll one back by hand, approve a paused step, reconcile what a
+    killed one left."""
 
 
 @rollout.command("run")
@@ -178,12 +179,13 @@ def rollout_run(
     from tasks.engines import EngineError
     from tasks.gateway_admin import GatewayAdminError
     from tasks.rollout.plan import RolloutRefused
+    from tasks.rollout.reconcile import ReconcileError, Unsettled
 
     try:
         click.echo(rollout_flow(model, candidate, policy, gateway_url, candidate_url))
     except RolloutRefused as e:
         raise click.ClickException(f"rollout refused, nothing changed: {e}") from None
-    except (GatewayAdminError, EngineError) as e:
+    except (GatewayAdminError, EngineError, ReconcileError, Unsettled) as e:
         raise click.ClickException(str(e)) from None
 
 
@@ -215,6 +217,48 @@ def rollout_approve(model: str) -> None:
     except NothingToApprove as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"approved v{version}; the rollout advances at its next look")
+
+
+@rollout.command("reconcile")
+@click.argument("model")
+@click.option("--gateway-url", default=None, help="default: the gateway `make up` started")
+def rollout_reconcile(model: str, gateway_url: str | None) -> None:
+    """Make MODEL's gateway route, registry aliases and version tags agree after a killed rollout
+    or revert (the registry's champion is what should be served), and say what was repaired."""
+    from tasks.gateway_admin import GatewayAdmin, GatewayAdminError
+    from tasks.registry import Registry
+    from tasks.rollout.reconcile import Busy, ReconcileError, reconcile
+
+    home = Home.from_env()
+    try:
+        admin = GatewayAdmin.of(home, gateway_url)
+        done = reconcile(Registry(home), admin, home, model)
+    except (Busy, ReconcileError, GatewayAdminError) as e:
+        raise click.ClickException(str(e)) from None
+    for line in done.lines():
+        click.echo(line)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--reason", default="reverted by hand", show_default=True)
+@click.option("--gateway-url", default=None, help="default: the gateway `make up` started")
+@click.option("--previous-url", default=None, help="serve `previous` from this running server")
+def revert(model: str, reason: str, gateway_url: str | None, previous_url: str | None) -> None:
+    """Put MODEL's `previous` back as champion in one step, after verifying it: the emergency
+    path when a promoted model misbehaves."""
+    from flows.revert import revert as revert_flow
+    from tasks.engines import EngineError
+    from tasks.gateway_admin import GatewayAdminError
+    from tasks.rollout.plan import RolloutRefused
+    from tasks.rollout.reconcile import ReconcileError, Unsettled
+
+    try:
+        click.echo(revert_flow(model, reason, gateway_url, previous_url))
+    except RolloutRefused as e:
+        raise click.ClickException(f"revert refused, nothing changed: {e}") from None
+    except (GatewayAdminError, EngineError, ReconcileError, Unsettled) as e:
+        raise click.ClickException(str(e)) from None
 
 
 @cli.command()
@@ -272,6 +316,120 @@ def cost(day: datetime | None) -> None:
     click.echo(cost_flow(day.date() if day else None).line())
 
 
+# ---- the model store -----------------------------------------------------------------------------
+
+
+@cli.group()
+def store() -> None:
+    """The model store: one directory per digest under $SLIPWAY_HOME/models, written once."""
+
+
+@store.command("list")
+@click.argument("model", required=False)
+def store_list(model: str | None) -> None:
+    """Every stored entry (of MODEL, or of every model), its size and the labels naming it."""
+    from tasks.store import Store
+
+    home = Home.from_env()
+    models = [model] if model else sorted(p.name for p in home.models.glob("*") if p.is_dir())
+    for name in models:
+        store = Store(home, name)
+        labels = store.labels()
+        for entry in store.entries():
+            named = ", ".join(sorted(k for k, v in labels.items() if v == entry.digest))
+            size = entry.size_bytes() / 1e6
+            click.echo(f"{name}  {entry.digest}  {size:.0f} MB  {named or '(no label)'}")
+
+
+@store.command("fetch")
+@click.argument("model")
+@click.argument("version")
+def store_fetch(model: str, version: str) -> None:
+    """Materialise VERSION of MODEL from MLflow's artifact copy into this node's store, verified
+    against its registered digest and signature first."""
+    from tasks.fetch import FetchError, fetch
+    from tasks.registry import Registry
+
+    try:
+        entry, fetched = fetch(Registry(Home.from_env()), model, version)
+    except FetchError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{'fetched' if fetched else 'already stored'}: {model} v{version} at {entry.root}")
+
+
+@store.command("migrate")
+def store_migrate() -> None:
+    """Move model directories of the layout before the store (models/<name>/<variant>/) into it."""
+    from tasks.store import migrate
+
+    moved = migrate(Home.from_env())
+    click.echo("\n".join(moved) if moved else "nothing to migrate: the home uses the store")
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="list what would be freed, remove nothing")
+def gc(dry_run: bool) -> None:
+    """Remove the stored model directories no registered version references (what an alias
+    names is always registered, so never removed), and say what was freed."""
+    from tasks.gc import GcRefused, collect
+
+    try:
+        freed, cleaned = collect(Home.from_env(), dry_run)
+    except GcRefused as e:
+        raise click.ClickException(str(e)) from None
+    verb = "would free" if dry_run else "freed"
+    for f in freed:
+        click.echo(f"{verb} {f.model} {f.digest} ({f.bytes / 1e6:.0f} MB)")
+    for line in cleaned:
+        click.echo(line)
+    total = sum(f.bytes for f in freed) / 1e6
+    click.echo(f"{verb} {total:.0f} MB in {len(freed)} entries")
+
+
+def _passphrase(path: Path | None) -> bytes | None:
+    return path.read_bytes().strip() if path else None
+
+
+@cli.command()
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--private-key-passphrase-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="also back up the private signing key, encrypted with the passphrase in this file",
+)
+def backup(dest: Path, private_key_passphrase_file: Path | None) -> None:
+    """Back this home up into DEST: registry, artifacts, model store, keyring, state and usage."""
+    from tasks.backup import BackupError
+    from tasks.backup import backup as write_backup
+
+    try:
+        record = write_backup(Home.from_env(), dest, _passphrase(private_key_passphrase_file))
+    except BackupError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"backed up {len(record['files'])} files into {dest} (backup.json lists them)")
+
+
+@cli.command()
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--private-key-passphrase-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="the passphrase of a backed-up private signing key",
+)
+def restore(source: Path, private_key_passphrase_file: Path | None) -> None:
+    """Restore the backup in SOURCE into this (empty) home; `make up` then serves its champions."""
+    from tasks.backup import BackupError
+    from tasks.backup import restore as read_backup
+
+    try:
+        restored = read_backup(source, Home.from_env(), _passphrase(private_key_passphrase_file))
+    except BackupError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"restored {', '.join(restored)} into {Home.from_env().root}")
+
+
 # ---- keys ----------------------------------------------------------------------------------------
 
 
@@ -305,11 +463,24 @@ def keys_admin() -> None:
 
 @keys.command("signing")
 def keys_signing() -> None:
-    """Create the default signing key once (an existing one is kept)."""
-    from tasks.signing import key_fingerprint, keygen
+    """Create the default signing key once (an existing one is kept, never replaced)."""
+    from tasks.signing import SigningKeyError, key_fingerprint, keygen
 
-    private, public = keygen(Home.from_env())
+    try:
+        private, public = keygen(Home.from_env())
+    except SigningKeyError as e:
+        raise click.ClickException(str(e)) from None
     click.echo(f"signing key: {private} (public {public}, {key_fingerprint(public)})")
+
+
+@keys.command("rotate")
+def keys_rotate() -> None:
+    """Sign from now on with a new key; versions the old key signed keep verifying (its public
+    half stays in the keyring) and its private half is deleted."""
+    from tasks.signing import rotate
+
+    old, new = rotate(Home.from_env())
+    click.echo(f"signing key rotated: {old or '(none)'} -> {new}")
 
 
 # ---- load generator ------------------------------------------------------------------------------

@@ -14,10 +14,11 @@ from configs.models import ModelConfig, Variant, load_model_config
 from evaluation.quality.gates import QualityResult, Verdict, gated_metric, judge
 from serving.vllm import can_serve, detect_hardware
 from tasks.evaluate import Trial, TrialError, log_trial_task, recorded_quality, trial_task
-from tasks.hub import Manifest, manifest_task, pull_task
+from tasks.hub import pull_task
 from tasks.quantize import QuantizeError, VariantBuild, quantize_task
 from tasks.registry import RegisteredVersion, find_task, first_champion_task, register_task
 from tasks.signing import sign_task, verify_task
+from tasks.store import Entry, point_task, prepare_store_task
 
 
 # No log_prints: a dependency prints bytecode to stdout while datasets hashes a loader function.
@@ -25,12 +26,13 @@ from tasks.signing import sign_task, verify_task
 def release(config_path: str = "configs/models/smollm2-135m.yaml") -> list[Outcome]:
     config = load_model_config(config_path)
     home = Home.from_env()
-    source = pull_task(config.source, home.weights(config.name, "bf16"), home, config.allow_pickle)
+    prepare_store_task(home, config.name)
+    base, _ = pull_task(config.source, config.name, home, config.allow_pickle)
     outcomes: list[Outcome] = []
     for variant in sorted(config.variants, key=lambda v: v.recipe != "bf16"):  # the base first
         baseline = outcomes[0].quality if outcomes else None
-        outcomes.append(release_variant(config, variant, source, home, baseline))
-        if len(outcomes) == 1:  # a first release's base is champion before any rollout asks for one
+        outcomes.append(release_variant(config, variant, base, home, baseline))
+        if len(outcomes) == 1:  # a first release's base is champion before any rollout asks
             first_champion_task(
                 home, config.name, [o.version.version for o in outcomes if o.version]
             )
@@ -42,7 +44,7 @@ def release(config_path: str = "configs/models/smollm2-135m.yaml") -> list[Outco
 def release_variant(
     config: ModelConfig,
     variant: Variant,
-    source: Manifest,
+    base: Entry,
     home: Home,
     baseline: QualityResult | None,
 ) -> Outcome:
@@ -53,12 +55,11 @@ def release_variant(
         return Outcome(
             variant, "failed", "the bf16 base failed, so there is nothing to judge against"
         )
-    base = home.weights(config.name, "bf16")
     try:
-        built = quantize_task(base, variant, home.weights(config.name, variant.label), home)
-        manifest = manifest_task(built.out_dir, source)
+        built, entry, manifest = quantize_task(base, variant, config.name, home)
+        point_task(home, config.name, variant.label, entry.digest)
         if (done := find_task(home, config.name, manifest.digest)) and (
-            quality := recorded_quality(built.out_dir)
+            quality := recorded_quality(entry.weights)
         ):
             return Outcome(
                 variant,
@@ -68,23 +69,19 @@ def release_variant(
                 version=done,
                 quality=quality,
             )
-        trial = trial_task(built.out_dir, config, variant, home)
+        trial = trial_task(entry.weights, config, variant, home)
     except (QuantizeError, TrialError) as e:
         return Outcome(variant, "failed", str(e))
     verdict = judge(baseline or trial.quality, trial.quality, config.gates, trial.speed)
-    signature = sign_task(built.out_dir, config.signing, home)
-    verify_task(built.out_dir, config.signing, home)
+    signature = sign_task(entry.weights, config.signing, home)
+    verify_task(entry.weights, signature.trust, home)
     tags = (
         manifest.tags()
-        | {
-            "variant": variant.label,
-            "recipe": variant.recipe,
-            "signer": signature.identity,
-            "signature_verified": "true",
-        }
+        | {"variant": variant.label, "recipe": variant.recipe, "signature_verified": "true"}
+        | signature.trust.tags()
         | verdict.tags()
     )
-    registered = register_task(home, config.name, built.out_dir.parent, manifest.digest, tags)
+    registered = register_task(home, config.name, entry.root, manifest.digest, tags)
     log_trial_task(home, registered, built, trial, verdict)
     return Outcome(variant, "registered", "", built, registered, trial.quality, trial, verdict)
 

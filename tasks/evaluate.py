@@ -195,7 +195,7 @@ class Trial:
 def trial(model_dir: Path, config: ModelConfig, variant: Variant, home: Home) -> Trial:
     """Serve `model_dir` with vLLM once and measure what will be served: the smoke answer, the
     quality suites through lm-eval, the speed through the load generator."""
-    out_dir = home.models / config.name / variant.label / "evaluation"
+    out_dir = evaluation_dir(model_dir)
     name = f"{config.name}-{variant.label}"
     try:
         with VLLMServer(model_dir, name, home, config.serving) as server:
@@ -210,9 +210,15 @@ def trial(model_dir: Path, config: ModelConfig, variant: Variant, home: Home) ->
     return Trial(smoke, quality, speed, out_dir)
 
 
+def evaluation_dir(model_dir: Path) -> Path:
+    """Beside the weights, like the manifest and signature: per digest, so a second release of
+    a variant never overwrites what the first one measured."""
+    return model_dir.parent / "evaluation"
+
+
 def recorded_quality(model_dir: Path) -> QualityResult | None:
     """The quality an earlier trial measured for the variant in model_dir, if it kept one."""
-    path = model_dir.parent / "evaluation" / QUALITY
+    path = evaluation_dir(model_dir) / QUALITY
     return QualityResult.model_validate_json(path.read_text()) if path.is_file() else None
 
 

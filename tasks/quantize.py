@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,8 @@ from prefect.cache_policies import NO_CACHE
 from configs.home import REPO, Home
 from configs.models import Calibration, Variant
 from serving.processes import kill_group
-from tasks.hub import Manifest, manifest_path, safetensors_header, sha256_file
+from tasks.manifest import Manifest, safetensors_header, sha256_file
+from tasks.store import Entry, Store
 
 log = logging.getLogger(__name__)
 
@@ -187,33 +188,21 @@ def run_job(
 def build_variant(
     base_dir: Path, variant: Variant, out_dir: Path, home: Home, timeout_s: float = 6 * 3600
 ) -> VariantBuild:
-    """Build `variant` of the model in `base_dir` into `out_dir` (replaced only on success).
-
-    `out_dir` may be `base_dir` for bf16: a bf16 base is then used as it is.
-    """
+    """Build `variant` of the model in `base_dir` into `out_dir`, which must not exist yet (the
+    store hands out a fresh staging folder). A failed build leaves no `out_dir` behind."""
     base_dir, out_dir = Path(base_dir).resolve(), Path(out_dir).resolve()
     if not (base_dir / "config.json").is_file():
         raise QuantizeError(f"{base_dir} holds no config.json: pull the model first")
     started = time.monotonic()
-    if variant.recipe == "bf16" and is_bf16(base_dir) and base_dir == out_dir:
-        return _record(variant, base_dir, out_dir, None, None, started, None, {})
-
     calibrated = variant.recipe in CALIBRATED
     digest = calibration_digest(variant.calibration) if calibrated else None
-    key = build_key(base_dir, variant, digest)
-    if key and (done := reuse(out_dir, key)):
-        log.info("%s already built from this base, recipe and calibration: reused", variant.label)
-        return done
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for stale in [*out_dir.parent.glob(f".{out_dir.name}-*"), *out_dir.parent.glob(".quantize-*")]:
-        shutil.rmtree(stale, ignore_errors=True)  # left by a build that was killed (SIGKILL, OOM)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     log_path: Path | None = None
     peak: int | None = None
     result: dict[str, Any] = {}
     try:
         if variant.recipe == "bf16" and is_bf16(base_dir):
-            shutil.copytree(base_dir, staging, dirs_exist_ok=True)
+            shutil.copytree(base_dir, out_dir)
         else:
             log_path = home.logs / f"quantize-{variant.label}-{datetime.now():%Y%m%d-%H%M%S}.log"
             with tempfile.TemporaryDirectory(prefix=".quantize-", dir=out_dir.parent) as work:
@@ -221,7 +210,7 @@ def build_variant(
                 spec = {
                     "recipe": variant.recipe,
                     "model_dir": str(base_dir),
-                    "out_dir": str(staging),
+                    "out_dir": str(out_dir),
                     "group_size": variant.group_size,
                     "smoothing_strength": variant.smoothing_strength,
                     "calibration": {
@@ -237,53 +226,48 @@ def build_variant(
                 result, peak = run_job(spec, home, log_path, job_env(cal), timeout_s)
             for extra in base_dir.iterdir():
                 kept = extra.name.lower().startswith(KEEP_PREFIXES)
-                if kept and extra.is_file() and not (staging / extra.name).exists():
-                    shutil.copy2(extra, staging / extra.name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+                if kept and extra.is_file() and not (out_dir / extra.name).exists():
+                    shutil.copy2(extra, out_dir / extra.name)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     digest = digest or result.get("calibration_sha256")
-    build = _record(variant, base_dir, out_dir, log_path, digest, started, peak, result)
-    if key:
-        record = {"key": key, "build": asdict(build) | {"out_dir": None, "log_path": None}}
-        build_record(out_dir).write_text(json.dumps(record, indent=2, default=str) + "\n")
-    return build
+    return _record(variant, base_dir, out_dir, log_path, digest, started, peak, result)
 
 
-# ---- reuse ---------------------------------------------------------------------------------------
+def build(
+    base: Entry, variant: Variant, store: Store, home: Home, timeout_s: float = 6 * 3600
+) -> tuple[VariantBuild, Entry, Manifest]:
+    """`variant` of the stored `base`, in the store under its own digest. A bf16 variant of a
+    bf16 base is the base itself. A build with the same inputs as an earlier one (base digest,
+    variant spec, calibration data) is reused rather than rebuilt: GPTQ and AWQ are not
+    bit-reproducible, so a rebuild would be a new digest, a new version of the same release."""
+    started = time.monotonic()
+    source = Manifest.read(base.manifest)
+    if variant.recipe == "bf16" and is_bf16(base.weights):
+        built = _record(variant, base.weights, base.weights, None, None, started, None, {})
+        return built, base, source
+    calibrated = variant.recipe in CALIBRATED
+    key = build_key(
+        base.digest, variant, calibration_digest(variant.calibration) if calibrated else None
+    )
+    if (digest := store.built(key)) and (record := store.build_of(key)):
+        log.info("%s already built from this base, recipe and calibration: reused", variant.label)
+        entry = store.entry(digest)
+        built = VariantBuild(**record | {"out_dir": entry.weights, "log_path": None})
+        return built, entry, Manifest.read(entry.manifest)
+    with store.staging() as work:
+        built = build_variant(base.weights, variant, work / "weights", home, timeout_s)
+        entry, manifest = store.commit(work / "weights", source.source, source.revision)
+    built = replace(built, out_dir=entry.weights)
+    store.record_build(key, entry.digest, asdict(built) | {"out_dir": None, "log_path": None})
+    return built, entry, manifest
 
 
-def build_record(out_dir: Path) -> Path:
-    """Beside the variant's weights (like its manifest), so it is never signed or served."""
-    return out_dir.parent / "build.json"
-
-
-def build_key(base_dir: Path, variant: Variant, calibration: str | None) -> str | None:
-    """What a build depends on: the base's digest, the variant's spec, the calibration data. GPTQ
-    and AWQ are not bit-reproducible, so rebuilding would make a new digest (a new version) of
-    the same release; None (never reuse) when the base has no manifest to vouch for it."""
-    manifest = manifest_path(base_dir)
-    if not manifest.is_file():
-        return None
-    parts = [Manifest.read(manifest).digest, variant.model_dump_json(), calibration or ""]
+def build_key(base_digest: str, variant: Variant, calibration: str | None) -> str:
+    """What a build depends on: the base's digest, the variant's spec, the calibration data."""
+    parts = [base_digest, variant.model_dump_json(), calibration or ""]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
-
-
-def reuse(out_dir: Path, key: str) -> VariantBuild | None:
-    """The recorded build of `out_dir` if it was made with this key. Its files are not trusted
-    here: the release hashes them again, so a changed directory is a new digest, never reused."""
-    path = build_record(out_dir)
-    if not (out_dir / "config.json").is_file() or not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-        if record.get("key") != key:
-            return None
-        return VariantBuild(**record["build"] | {"out_dir": out_dir, "log_path": None})
-    except (ValueError, TypeError, KeyError):
-        return None
 
 
 def _record(
@@ -323,8 +307,9 @@ def _record(
 
 
 # No retries: a recipe that fails once fails again; the flow records the error and goes on.
-# No Prefect cache: its key would be the base's path, not its content; build_variant reuses a
-# build by content (build_key) instead.
+# No Prefect cache: `build` reuses a build by its content (build_key) instead.
 @task(name="quantize", cache_policy=NO_CACHE)
-def quantize_task(base_dir: Path, variant: Variant, out_dir: Path, home: Home) -> VariantBuild:
-    return build_variant(base_dir, variant, out_dir, home)
+def quantize_task(
+    base: Entry, variant: Variant, model: str, home: Home
+) -> tuple[VariantBuild, Entry, Manifest]:
+    return build(base, variant, Store(home, model), home)

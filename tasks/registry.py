@@ -118,6 +118,14 @@ class Registry:
         log.info("registered %s version %s (%s)", name, version.version, digest)
         return RegisteredVersion(name, str(version.version), model.model_id, digest, created=True)
 
+    def download(self, name: str, version: str, dest: Path) -> Path:
+        """The version's artifact copy (what `register` logged), downloaded into `dest`."""
+        source = self.client.get_model_version(name, version).source  # models:/<model id>
+        path = mlflow.artifacts.download_artifacts(
+            artifact_uri=source, dst_path=str(dest), tracking_uri=self.uri
+        )
+        return Path(path)
+
     def registered(self, name: str, version: str, digest: str) -> RegisteredVersion:
         model_id = self.client.get_model_version(name, version).model_id
         return RegisteredVersion(name, version, model_id, digest, created=False)
@@ -133,6 +141,11 @@ class Registry:
         """The versions of `name` whose tags have these values, oldest first."""
         query = " and ".join([f"name='{name}'", *(f"tags.{k}='{v}'" for k, v in tags.items())])
         return sorted((str(v.version) for v in self.client.search_model_versions(query)), key=int)
+
+    def digests(self, name: str) -> dict[str, str]:
+        """Every version of `name` and the digest it was registered with."""
+        found = self.client.search_model_versions(f"name='{name}'")
+        return {str(v.version): v.tags["digest"] for v in found if "digest" in v.tags}
 
     def tags(self, name: str, version: str) -> dict[str, str]:
         return dict(self.client.get_model_version(name, version).tags)
@@ -213,6 +226,22 @@ class Registry:
     def set_run_tag(self, run_id: str, key: str, value: str) -> None:
         self.client.set_tag(run_id, key, value)
 
+    def run_status(self, run_id: str) -> str:
+        """RUNNING, FINISHED, FAILED or KILLED."""
+        return self.client.get_run(run_id).info.status
+
+    def open_runs(self, experiment: str, filter_string: str) -> list[mlflow.entities.Run]:
+        """The runs of `experiment` that match and are still running (never ended), oldest
+        first."""
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            return []
+        return self.client.search_runs(
+            [found.experiment_id],
+            filter_string=f"{filter_string} and attributes.status = 'RUNNING'",
+            order_by=["attributes.start_time ASC"],
+        )
+
     def finished_runs(
         self, experiment: str, filter_string: str, max_results: int
     ) -> list[mlflow.entities.Run]:
@@ -258,15 +287,21 @@ class Registry:
             return []
         return json.loads(raw) if raw else []
 
-    def promote(self, name: str, version: str, reason: str = "") -> str | None:
-        """Make `version` the champion; the champion it replaces becomes `previous`. Returns that
-        one."""
+    def promote(
+        self, name: str, version: str, reason: str = "", replaced_reason: str | None = None
+    ) -> str | None:
+        """Make `version` the champion; the champion it replaces becomes `previous` (its history
+        says `replaced_reason`, by default who replaced it). Returns that one.
+
+        `champion` moves first: it is the decision (what should be served), and a crash before
+        `previous` follows leaves a reconcile that can finish it (tasks/rollout/reconcile.py)."""
         previous = self.alias(name, "champion")
         if previous == version:
             return previous
-        if previous:
-            self.set_alias(name, "previous", previous, reason=f"replaced by {version}")
         self.set_alias(name, "champion", version, reason=reason)
+        if previous:
+            why = replaced_reason or f"replaced by {version}"
+            self.set_alias(name, "previous", previous, reason=why)
         return previous
 
 

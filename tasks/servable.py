@@ -1,8 +1,9 @@
 """May this registered version be served? The one check that `make up`, the rollout and the
 regression make before any traffic reaches a version.
 
-A version is servable only if its evaluation passed, its weights are on disk with their manifest
-and signature, the signature verifies, and both the manifest's digest and the digest of the files
+A version is servable only if its evaluation passed, its store entry (the directory named by its
+registered digest) holds its weights, manifest and signature, the signature verifies with exactly
+the trust the version records, and both the manifest's digest and the digest of the files
 themselves equal the digest the registry holds for it.
 """
 
@@ -12,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from configs.home import Home
-from configs.models import Signing
-from tasks.hub import Manifest, hash_dir, model_digest
+from tasks.manifest import Manifest, hash_dir, model_digest
 from tasks.registry import Registry
-from tasks.signing import SignatureError, verify
+from tasks.signing import SignatureError, Trust, verify
+from tasks.store import Entry, Store, StoreError
 
 CHAMPION = "champion"
 
@@ -43,13 +44,18 @@ class ModelVersion:
         return f"vllm {self.served_name}"
 
     @property
-    def variant_dir(self) -> Path | None:
-        variant = self.tags.get("variant")
-        return self.home.models / self.model / variant if variant else None
+    def entry(self) -> Entry:
+        """Its directory in the model store, named by its registered digest."""
+        if not (digest := self.tags.get("digest")):
+            raise NotServable(f"{self} has no `digest` tag: its files cannot be found")
+        try:
+            return Store(self.home, self.model).entry(digest)
+        except StoreError as e:
+            raise NotServable(f"{self}: {e}") from None
 
     @property
-    def weights(self) -> Path | None:
-        return self.variant_dir / "weights" if self.variant_dir else None
+    def weights(self) -> Path:
+        return self.entry.weights
 
     def __str__(self) -> str:
         return f"{self.model} v{self.version} ({self.tags.get('variant', 'no variant tag')})"
@@ -85,16 +91,16 @@ def check_servable(version: ModelVersion, role: str = CHAMPION) -> None:
             else "only a version whose evaluation passed may be served"
         )
         raise refuse(f"its evaluation did not pass (eval_status={status}: {reasons}); {hint}")
-    if (variant_dir := version.variant_dir) is None:
-        raise refuse("the version has no `variant` tag, so its weights cannot be found")
     if not (digest := tags.get("digest")):
         raise refuse("the version has no `digest` tag to check its weights against")
-    weights, manifest = variant_dir / "weights", variant_dir / "manifest.json"
-    if not weights.is_dir() or not manifest.is_file():
+    entry = version.entry
+    if not entry.exists():
         raise refuse(
-            f"its weights or manifest are missing ({weights}, {manifest}): run the release "
-            "(`make demo`) on this machine first"
+            f"its weights are not in the model store ({entry.root}): fetch them from MLflow with "
+            f"`slipway store fetch {version.model} {version.version}`, or run the release on "
+            "this machine"
         )
+    weights, manifest = entry.weights, entry.manifest
     recorded = Manifest.read(manifest).digest
     if recorded != digest:
         raise refuse(
@@ -102,7 +108,7 @@ def check_servable(version: ModelVersion, role: str = CHAMPION) -> None:
             "the files on disk are not the registered model; re-run the release"
         )
     try:
-        verify(weights, Signing(), version.home)
+        verify(weights, Trust.from_tags(tags), version.home)
     except SignatureError as e:
         raise refuse(f"its signature does not verify: {e}") from e
     if (actual := model_digest(hash_dir(weights))) != digest:

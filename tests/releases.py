@@ -11,6 +11,7 @@ from configs.models import DirSource, Signing
 from tasks.hub import pull
 from tasks.registry import Registry
 from tasks.signing import keygen, sign
+from tasks.store import Store
 
 
 def stand_in_model(root: Path, content: bytes) -> Path:
@@ -27,12 +28,27 @@ def stand_in_model(root: Path, content: bytes) -> Path:
     return root
 
 
-def release(home: Home, name: str, source: Path, variant: str = "bf16", **tags: str) -> str:
-    """Pull, sign and register `source` as the release flow does; return the version."""
-    weights = home.models / name / variant / "weights"
-    manifest = pull(DirSource(path=source), weights, home)
+def release(
+    home: Home,
+    name: str,
+    source: Path,
+    variant: str = "bf16",
+    signing: Signing | None = None,
+    **tags: str,
+) -> str:
+    """Pull into the store, sign and register `source` as the release flow does; return the
+    version."""
+    store = Store(home, name)
+    entry, manifest = pull(DirSource(path=source), store, home)
+    store.point(variant, entry.digest)
     keygen(home)
-    sign(weights, Signing(), home)
+    signed = sign(entry.weights, signing or Signing(), home)
     digest = tags.pop("digest", manifest.digest)
-    tags = {"eval_status": "passed", "variant": variant, "signature_verified": "true", **tags}
-    return Registry(home).register(name, weights.parent, digest, tags).version
+    tags = {
+        "eval_status": "passed",
+        "variant": variant,
+        "signature_verified": "true",
+        **signed.trust.tags(),
+        **tags,
+    }
+    return Registry(home).register(name, entry.root, digest, tags).version

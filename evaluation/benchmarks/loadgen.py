@@ -27,19 +27,20 @@ from configs.models import ModelConfig
 from evaluation.benchmarks.vllm_bench import compare_with_vllm_bench
 from serving.vllm import VLLMServer
 from tasks.hub import pull
+from tasks.store import Store
 
 SERVED = "bench"
 
 
 def weights(config: ModelConfig, home: Home) -> Path:
-    released = home.weights(config.name, "bf16")
-    if (released / "config.json").is_file():
-        return released
-    pulled = home.root / "bench" / "loadgen-model"
-    if not (pulled / "config.json").is_file():
-        click.echo(f"[bench] no release of {config.name} yet: pulling {config.source} to {pulled}")
-        pull(config.source, pulled, home, config.allow_pickle)
-    return pulled
+    """The release's bf16 weights, or (before any release) the embedded model pulled into the
+    store the way the release pulls it."""
+    store = Store(home, config.name)
+    if (digest := store.label("bf16")) and store.entry(digest).exists():
+        return store.entry(digest).weights
+    click.echo(f"[bench] no release of {config.name} yet: pulling {config.source}")
+    entry, _ = pull(config.source, store, home, config.allow_pickle)
+    return entry.weights
 
 
 def run(config: Path, concurrency: list[int], num_prompts: int, tolerance: float) -> None:

@@ -1,6 +1,8 @@
 """The gateway config `make up` generates: one stable route per verified champion, the demo tenant,
 the rollout's synthetic-load tenant and the admin token, as hashes. The secrets themselves live
-only in 0600 files under $SLIPWAY_HOME (Home.demo_key, .admin_token, .synthetic_key)."""
+only in 0600 files under $SLIPWAY_HOME (Home.demo_key, .admin_token, .synthetic_key). Its routes
+are also what `up` writes into the gateway's state store (stored_routes.py), where the gateway
+reads them: the file's routes alone would seed only an empty store."""
 
 from __future__ import annotations
 

@@ -1,8 +1,12 @@
 """`make up`, `make down`, `make status`: MLflow, Prefect (server, worker, deployments), one vLLM
 per verified champion, and the gateway in front.
 
-`up` serves each registered model's `champion` only if it is servable (tasks/servable.py). Every
-process it starts runs in its own process group, detached so that it outlives `up`, and is
+`up` migrates a home made before the model store, fetches a champion's files from MLflow's copy
+on a node that has none (verified before they are stored), serves each registered model's
+`champion` only if it is servable (tasks/servable.py), writes their routes into the gateway's
+state store before the gateway starts, reporting what it changed there (stored_routes.py), and
+settles the records of a rollout or revert that was killed before (tasks/rollout/reconcile.py).
+Every process it starts runs in its own process group, detached so that it outlives `up`, and is
 recorded (serving/processes.py); `down` ends each group (SIGTERM, then SIGKILL after a grace
 period) and checks that no process of it is left.
 """
@@ -13,16 +17,22 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from configs.gateway import load_gateway_config
 from configs.home import Home
 from configs.models import Serving, serving_for
 from serving.processes import HOST, Proc, launch, members, read_state, state_path, stop, write_state
 from serving.stack.gateway_config import DEMO_TENANT, Backend, write_gateway_config
 from serving.stack.prefect_server import PrefectStack
 from serving.stack.services import LEFT, REUSED, StackError, display, ensure_mlflow, wait_up
+from serving.stack.stored_routes import reconcile_routes
 from serving.vllm import VLLMStartError
 from tasks.engines import launch as launch_engine
+from tasks.fetch import FetchError, fetch
+from tasks.gateway_admin import GatewayAdmin
 from tasks.registry import Registry
+from tasks.rollout.reconcile import reconcile
 from tasks.servable import ModelVersion, NotServable, champions, check_servable
+from tasks.store import migrate
 
 
 def up(
@@ -50,7 +60,10 @@ def up(
     if prefect is not None:
         prefect.start_worker_and_deploy(home, f"http://{HOST}:{mlflow_port}", procs, say)
 
-    chosen = champions(Registry(home))
+    for line in migrate(home):
+        say(f"store:    {line}")
+    registry = Registry(home)
+    chosen = champions(registry)
     if not chosen:
         say(
             "\nNo registered model has a `champion` yet, so there is nothing to serve.\n"
@@ -62,10 +75,12 @@ def up(
     refusals = []
     for champion in chosen:
         try:
+            if fetch(registry, champion.model, champion.version)[1]:  # a node new to the model
+                say(f"store:    fetched {champion} from MLflow (digest and signature checked)")
             check_servable(champion)
             digest = champion.tags["digest"]
             say(f"checked:  {champion}: eval passed, signature and digest {digest} verified")
-        except NotServable as e:
+        except (NotServable, FetchError) as e:
             refusals.append(str(e))
     if refusals:
         refusals.append("Nothing was served; what started keeps running (`make down` stops it).")
@@ -73,12 +88,18 @@ def up(
 
     backends = [serve(c, serving_for(c.model, configs), home, procs, say) for c in chosen]
     config = write_gateway_config(home, backends, gateway_port)
+    for line in reconcile_routes(load_gateway_config(config), home):
+        say(f"routes:   {line}")
     command = [sys.executable, "-m", "flows.cli", "gateway", "--config", str(config)]
     log = home.logs / "gateway.log"
     gateway, popen = launch("gateway", command, log, gateway_port, "/ready", home)
     procs.append(gateway)
     write_state(home, procs)
     wait_up(gateway, popen, timeout_s=60)
+    admin = GatewayAdmin(gateway.url, home.admin_token.read_text().strip())  # the token it wrote
+    for champion in chosen:  # a rollout or revert killed before this `up` is settled now
+        for line in reconcile(registry, admin, home, champion.model).changes:
+            say(f"records:  {line}")
     say(f"Gateway:  {gateway.url}/v1  (config {display(config)}, log {display(log)})")
     say(f"Models:   {', '.join(c.model for c in chosen)}")
     say(usage(gateway.url, chosen[0].model, home.demo_key, home.admin_token))

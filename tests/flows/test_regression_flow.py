@@ -55,7 +55,7 @@ def test_regression_flow_logs_the_ledger_and_fails_on_a_regression(
     configs = tmp_path / "configs"
     configs.mkdir()
     (configs / "tiny.yaml").write_text(CONFIG.format(source=tiny_model))
-    weights = champion.variant_dir / "weights"
+    weights = champion.weights
     serving = Serving(engine_args=["--max-model-len", "256"])
 
     # Served as `make up` serves it: the flow must measure this server and start none.

@@ -7,10 +7,10 @@ import re
 
 import pytest
 
-from configs.models import Signing
-from tasks.hub import Manifest
+from tasks.manifest import Manifest
 from tasks.registry import EVALUATIONS, Registry
-from tasks.signing import keygen, verify
+from tasks.signing import Trust, keygen, verify
+from tasks.store import Store
 
 CONFIG = """\
 name: tiny
@@ -67,12 +67,13 @@ def test_release_builds_judges_signs_and_registers_once(prefect_server, home, co
     for label in ("bf16", "fp8-dynamic"):
         version = outcomes[label].version.version
         tags = registry.tags("tiny", version)
-        weights = home.models / "tiny" / label / "weights"
-        manifest = Manifest.read(weights.parent / "manifest.json")
+        entry = Store(home, "tiny").entry(tags["digest"])
+        manifest = Manifest.read(entry.manifest)
         assert tags["digest"] == manifest.digest
+        assert Store(home, "tiny").label(label) == tags["digest"]
         assert tags["variant"] == label and tags["signature_verified"] == "true"
         assert tags["eval_status"] in ("passed", "failed") and tags["eval_run_id"]
-        verify(weights, Signing(), home)
+        verify(entry.weights, Trust.from_tags(tags), home)
         run = registry.client.get_run(tags["eval_run_id"])
         assert run.data.metrics["slipway_knowledge/acc"] >= 0
         assert run.data.metrics["speed/synchronous/output_tokens_per_s"] > 0

@@ -39,6 +39,7 @@ from serving.stack.operator import down
 from tasks.registry import Registry
 from tasks.servable import ModelVersion, NotServable, champions, check_servable
 from tasks.signing import sign
+from tasks.store import writable
 from tests.releases import release, stand_in_model
 
 
@@ -74,7 +75,7 @@ def test_only_models_with_a_champion_are_chosen_with_their_tags(home, model_dir)
     [chosen] = champions(registry)
     assert (chosen.model, chosen.version, chosen.served_name) == ("m", second, f"m-v{second}")
     assert chosen.tags["variant"] == "fp8-dynamic" and chosen.tags["eval_status"] == "passed"
-    assert chosen.variant_dir == home.models / "m" / "fp8-dynamic"
+    assert chosen.entry.root == home.models / "m" / chosen.tags["digest"].replace(":", "-")
     check_servable(chosen)  # signed, digest as registered, eval passed: servable
 
 
@@ -111,25 +112,38 @@ def test_a_failed_evaluation_is_refused_with_its_reasons(home, model_dir):
 )
 def test_weights_that_do_not_verify_are_refused(home, model_dir, tamper, expected):
     Registry(home).promote("m", release(home, "m", model_dir))
-    tamper(home.models / "m" / "bf16" / "weights")
+    weights = champion_of(home, "m").weights
+    writable(weights)
+    tamper(weights)
     refusal = r"^refusing to serve the champion m v1 \(bf16\): "
     with pytest.raises(NotServable, match=refusal + expected):
         check_servable(champion_of(home, "m"))
 
 
-def test_a_digest_other_than_the_registry_s_is_refused(home, model_dir):
+def test_a_manifest_other_than_the_registry_s_is_refused(home, model_dir):
+    Registry(home).promote("m", release(home, "m", model_dir))
+    champion = champion_of(home, "m")
+    manifest = champion.entry.manifest
+    other = "sha256:" + "0" * 64
+    manifest.write_text(manifest.read_text().replace(champion.tags["digest"], other))
+    registered = champion.tags["digest"]
+    expected = rf"{manifest} records digest {other} but the registry's digest is {registered}"
+    with pytest.raises(NotServable, match=expected + ": the files on disk are not the registered"):
+        check_servable(champion)
+
+
+def test_a_version_whose_digest_is_not_stored_says_how_to_fetch_it(home, model_dir):
     registered = "sha256:" + "0" * 64
     Registry(home).promote("m", release(home, "m", model_dir, digest=registered))
-    manifest = home.models / "m" / "bf16" / "manifest.json"
-    expected = rf"{manifest} records digest sha256:\w+ but the registry's digest is {registered}"
-    with pytest.raises(NotServable, match=expected + ": the files on disk are not the registered"):
+    with pytest.raises(NotServable, match=r"not in the model store .*`slipway store fetch m 1`"):
         check_servable(champion_of(home, "m"))
 
 
 def test_weights_re_signed_after_a_change_are_refused_by_their_digest(home, model_dir):
     # The signature alone would pass: the weights were changed and signed again with the same key.
     Registry(home).promote("m", release(home, "m", model_dir))
-    weights = home.models / "m" / "bf16" / "weights"
+    weights = champion_of(home, "m").weights
+    writable(weights)
     (weights / "model.safetensors").write_bytes(b"swapped")
     sign(weights, Signing(), home)
     with pytest.raises(NotServable, match=rf"the weights at {weights} hash to sha256:\w+, not the"):
@@ -140,8 +154,9 @@ def test_missing_weights_say_to_run_the_release(home, model_dir):
     import shutil
 
     Registry(home).promote("m", release(home, "m", model_dir))
+    writable(home.models / "m")
     shutil.rmtree(home.models / "m")
-    with pytest.raises(NotServable, match=r"weights or manifest are missing .* run the release"):
+    with pytest.raises(NotServable, match=r"not in the model store .* or run the release"):
         check_servable(champion_of(home, "m"))
 
 

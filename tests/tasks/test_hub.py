@@ -1,5 +1,6 @@
 """Pull: through the real huggingface_hub code path from a local cache with the Hub unreachable,
-from a directory, and from a GGUF file the tests make; every pull writes a manifest."""
+from a directory, and from a GGUF file the tests make; every pull lands in the model store under
+its digest, with a manifest; a local pull copies only the regular files inside the directory."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import pytest
 
 from configs.models import DirSource, GGUFSource, HubSource
 from tasks import hub
+from tasks.manifest import Manifest, hash_dir, sha256_file
+from tasks.store import Store
 from tests import tinygguf
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -50,19 +53,20 @@ def offline_hub(tmp_path, monkeypatch) -> Path:
 
 def test_pull_hub_from_cache_when_unreachable(home, tiny_model_source, offline_hub):
     make_hf_cache(offline_hub, "acme/tiny", tiny_model_source, extra={"notes.xyz": b"not allowed"})
-    dest = home.models / "tiny" / "bf16" / "weights"
-    manifest = hub.pull(HubSource(repo="acme/tiny", revision="main"), dest, home)
+    entry, manifest = hub.pull(HubSource(repo="acme/tiny", revision="main"), Store(home, "t"), home)
+    dest = entry.weights
 
     assert manifest.revision == COMMIT  # the branch resolved to its commit and recorded
     assert manifest.source == "hf://acme/tiny@main"
     assert "notes.xyz" not in manifest.files  # outside the allow-list
     assert {"model.safetensors", "config.json", "tokenizer.json", "LICENSE"} <= set(manifest.files)
     assert not any(p.is_symlink() for p in dest.iterdir())  # real files, not links into the cache
-    assert manifest.files["model.safetensors"] == hub.sha256_file(
+    assert manifest.files["model.safetensors"] == sha256_file(
         tiny_model_source / "model.safetensors"
     )
     assert manifest.license == "LICENSE"
-    assert hub.Manifest.read(hub.manifest_path(dest)) == manifest
+    assert Manifest.read(entry.manifest) == manifest
+    assert entry.root.name == "sha256-" + manifest.digest.removeprefix("sha256:")
 
 
 def test_pull_hub_refuses_pickled_weights_unless_allowed(
@@ -74,11 +78,11 @@ def test_pull_hub_refuses_pickled_weights_unless_allowed(
         shutil.copy(tiny_model_source / name, pickled / name)
     (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
     make_hf_cache(offline_hub, "acme/pickled", pickled)
-    dest = home.models / "p" / "weights"
+    store = Store(home, "p")
     with pytest.raises(hub.PullError, match=r"pytorch_model.bin.*allow_pickle: true"):
-        hub.pull(HubSource(repo="acme/pickled"), dest, home)
-    assert not dest.exists()
-    manifest = hub.pull(HubSource(repo="acme/pickled"), dest, home, allow_pickle=True)
+        hub.pull(HubSource(repo="acme/pickled"), store, home)
+    assert store.entries() == []
+    _, manifest = hub.pull(HubSource(repo="acme/pickled"), store, home, allow_pickle=True)
     assert "pytorch_model.bin" in manifest.files
 
 
@@ -86,41 +90,75 @@ def test_pull_hub_not_cached_and_unreachable_says_so(home, offline_hub):
     with pytest.raises(
         hub.PullError, match="unreachable and the revision is not in the local HF cache"
     ):
-        hub.pull(HubSource(repo="acme/absent"), home.models / "a" / "weights", home)
+        hub.pull(HubSource(repo="acme/absent"), Store(home, "a"), home)
 
 
 def test_pull_dir_and_digest(home, tiny_model):
-    dest = home.models / "tiny" / "bf16" / "weights"
-    first = hub.pull(DirSource(path=tiny_model), dest, home)
-    again = hub.pull(DirSource(path=tiny_model), dest, home)
-    assert first.digest == again.digest and first.digest.startswith("sha256:")
+    store = Store(home, "tiny")
+    first, manifest = hub.pull(DirSource(path=tiny_model), store, home)
+    again, _ = hub.pull(DirSource(path=tiny_model), store, home)
+    assert again == first and manifest.digest.startswith("sha256:")
     (tiny_model / "config.json").write_text(json.dumps({"changed": True}))
-    assert hub.pull(DirSource(path=tiny_model), dest, home).digest != first.digest
+    changed, _ = hub.pull(DirSource(path=tiny_model), store, home)  # pulled again, not cached
+    assert changed.digest != first.digest
+    assert {e.digest for e in store.entries()} == {first.digest, changed.digest}
+    assert hash_dir(first.weights) == manifest.files  # the first build is untouched
 
 
-def test_failed_pull_leaves_the_earlier_model(home, tiny_model, tmp_path):
-    dest = home.models / "tiny" / "bf16" / "weights"
-    good = hub.pull(DirSource(path=tiny_model), dest, home)
+def test_failed_pull_leaves_the_store_as_it_was(home, tiny_model, tmp_path):
+    store = Store(home, "tiny")
+    good, manifest = hub.pull(DirSource(path=tiny_model), store, home)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(hub.PullError, match="no safetensors weights"):
-        hub.pull(DirSource(path=empty), dest, home)
-    assert hub.Manifest.read(hub.manifest_path(dest)) == good
-    assert hub.hash_dir(dest) == good.files
-    assert sorted(p.name for p in dest.parent.iterdir()) == [
-        "manifest.json",
-        "weights",
-    ]  # no debris
+        hub.pull(DirSource(path=empty), store, home)
+    assert store.entries() == [good]
+    assert hash_dir(good.weights) == manifest.files
+    assert list((store.root / ".staging").iterdir()) == []  # no debris
+
+
+def test_a_local_pull_refuses_a_symlink_out_of_the_directory(home, tiny_model, tmp_path):
+    secret = tmp_path / "host-secret.json"
+    secret.write_text('{"password": "hunter2"}')
+    (tiny_model / "extra_config.json").symlink_to(secret)
+    store = Store(home, "tiny")
+    with pytest.raises(hub.PullError, match=r"extra_config\.json is a symlink \(to .*host-secret"):
+        hub.pull(DirSource(path=tiny_model), store, home)
+    assert store.entries() == []
+
+
+def test_a_local_pull_refuses_special_files(home, tiny_model):
+    os.mkfifo(tiny_model / "tokenizer_pipe.json")
+    with pytest.raises(hub.PullError, match=r"tokenizer_pipe\.json is not a regular file"):
+        hub.pull(DirSource(path=tiny_model), Store(home, "tiny"), home)
+
+
+def test_a_hub_pull_sees_a_new_commit_on_its_branch(home, tiny_model_source, offline_hub, tmp_path):
+    """`main` is resolved on every pull: when the cached branch moves to a new commit, the next
+    pull brings the new files (no cache keyed on the word `main`)."""
+    make_hf_cache(offline_hub, "acme/moving", tiny_model_source)
+    store = Store(home, "moving")
+    first, manifest = hub.pull(HubSource(repo="acme/moving"), store, home)
+    assert manifest.revision == COMMIT
+    newer = "fedcba9876543210fedcba9876543210fedcba98"
+    root = offline_hub / "models--acme--moving"
+    shutil.copytree(root / "snapshots" / COMMIT, root / "snapshots" / newer, symlinks=True)
+    (root / "snapshots" / newer / "README.md").write_text("license: apache-2.0\n")
+    (root / "refs" / "main").write_text(newer)
+    second, manifest = hub.pull(HubSource(repo="acme/moving"), store, home)
+    assert manifest.revision == newer and second.digest != first.digest
 
 
 def test_pull_gguf_converts_to_identical_safetensors(home, tiny_model_source, tmp_path):
     from safetensors.torch import load_file
 
     gguf = tinygguf.write(tiny_model_source, tmp_path / "tiny.gguf")
-    dest = home.models / "tiny-gguf" / "bf16" / "weights"
-    manifest = hub.pull(GGUFSource(path=gguf), dest, home)
+    store = Store(home, "tiny-gguf")
+    entry, manifest = hub.pull(GGUFSource(path=gguf), store, home)
+    dest = entry.weights
 
-    assert manifest.revision == "sha256:" + hub.sha256_file(gguf)
+    assert manifest.revision == "sha256:" + sha256_file(gguf)
+    assert hub.pull(GGUFSource(path=gguf), store, home)[0] == entry  # the conversion is reused
     original = load_file(tiny_model_source / "model.safetensors")
     converted = load_file(dest / "model.safetensors")
     assert set(original) == set(converted)
@@ -131,7 +169,7 @@ def test_pull_gguf_converts_to_identical_safetensors(home, tiny_model_source, tm
 
 def test_pull_gguf_missing_file(home, tmp_path):
     with pytest.raises(hub.PullError, match="no such file"):
-        hub.pull(GGUFSource(path=tmp_path / "absent.gguf"), home.models / "x" / "weights", home)
+        hub.pull(GGUFSource(path=tmp_path / "absent.gguf"), Store(home, "x"), home)
 
 
 def _truncate(path: Path) -> None:
@@ -163,13 +201,14 @@ def _garbage_header(path: Path) -> None:
 def test_corrupt_checkpoint_is_refused_by_name_and_leaves_the_earlier_model(
     home, tiny_model, corrupt, why
 ):
-    dest = home.models / "tiny" / "bf16" / "weights"
-    good = hub.pull(DirSource(path=tiny_model), dest, home)
+    store = Store(home, "tiny")
+    good, manifest = hub.pull(DirSource(path=tiny_model), store, home)
     corrupt(tiny_model / "model.safetensors")
     with pytest.raises(
         hub.PullError, match=r"model\.safetensors is not a valid safetensors file"
     ) as e:
-        hub.pull(DirSource(path=tiny_model), dest, home)
+        hub.pull(DirSource(path=tiny_model), store, home)
     assert why in str(e.value)
-    assert hub.hash_dir(dest) == good.files  # nothing of the corrupt checkpoint was kept
-    assert sorted(p.name for p in dest.parent.iterdir()) == ["manifest.json", "weights"]
+    assert store.entries() == [good]  # nothing of the corrupt checkpoint was kept
+    assert hash_dir(good.weights) == manifest.files
+    assert list((store.root / ".staging").iterdir()) == []

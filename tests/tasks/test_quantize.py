@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -15,9 +17,10 @@ from pydantic import ValidationError
 from configs.home import REPO
 from configs.loader import ConfigError
 from configs.models import Calibration, DirSource, Variant, load_model_config
-from tasks import llmcompressor_job
+from tasks import llmcompressor_job, quantize
 from tasks.hub import pull
-from tasks.quantize import QuantizeError, build_variant, is_bf16
+from tasks.quantize import QuantizeError, build, build_key, build_variant, is_bf16
+from tasks.store import Store
 
 SMALL = Calibration(samples=8, seq_len=128)  # minutes on SmolLM2 are seconds on the tiny model
 
@@ -126,28 +129,38 @@ def test_bf16_copies_a_bf16_base_without_a_subprocess(tiny_model, home, tmp_path
 
 
 def test_a_build_is_reused_only_for_the_same_base_digest_recipe_and_calibration(
-    tiny_model, home, tmp_path
+    tiny_model, home, tmp_path, monkeypatch
 ):
-    base = home.models / "t" / "bf16" / "weights"
-    pull(DirSource(path=tiny_model), base, home)  # writes the manifest that vouches for the base
-    out = tmp_path / "variants" / "copy" / "weights"
-    first = build_variant(base, Variant(recipe="bf16"), out, home)
-    written = (out / "model.safetensors").stat().st_ino  # a rebuild replaces the directory
-    again = build_variant(base, Variant(recipe="bf16"), out, home)
-    assert again == first  # the recorded build, wall time and all: nothing was rebuilt
-    assert (out / "model.safetensors").stat().st_ino == written
+    store = Store(home, "t")
+    base, _ = pull(DirSource(path=tiny_model), store, home)
+    variant = Variant(recipe="fp8-dynamic")
+    # An earlier fp8 build of this base, as `build` records it (its bytes: any committed entry).
+    with store.staging() as work:
+        shutil.copytree(tiny_model, work / "weights")
+        (work / "weights" / "marker.json").write_text("{}")
+        earlier, _ = store.commit(work / "weights", "dir://x", "local")
+    record = build_variant(tiny_model, Variant(recipe="bf16"), tmp_path / "b", home)
+    key = build_key(base.digest, variant, None)
+    store.record_build(key, earlier.digest, asdict(record) | {"out_dir": None, "log_path": None})
 
-    record = out.parent / "build.json"
-    record.write_text(record.read_text().replace(json.loads(record.read_text())["key"], "other"))
-    build_variant(base, Variant(recipe="bf16"), out, home)  # another key: built again
-    assert (out / "model.safetensors").stat().st_ino != written
+    def no_job(*args, **kwargs):
+        raise AssertionError("a reusable build ran llmcompressor again")
+
+    monkeypatch.setattr(quantize, "run_job", no_job)
+    built, entry, _ = build(base, variant, store, home)
+    assert entry == earlier and built.out_dir == earlier.weights  # reused, nothing rebuilt
+    other = Variant(recipe="fp8-dynamic", name="fp8-b")  # another spec: another key
+    with pytest.raises(AssertionError, match="ran llmcompressor again"):
+        build(base, other, store, home)
+    assert list((store.root / ".staging").iterdir()) == []
 
 
-def test_bf16_in_place_keeps_the_base(tiny_model, home):
-    before = (tiny_model / "model.safetensors").stat().st_mtime_ns
-    build = build_variant(tiny_model, Variant(recipe="bf16"), tiny_model, home)
-    assert build.out_dir == tiny_model.resolve()
-    assert (tiny_model / "model.safetensors").stat().st_mtime_ns == before
+def test_bf16_of_a_bf16_base_is_the_base_itself(tiny_model, home):
+    store = Store(home, "t")
+    base, _ = pull(DirSource(path=tiny_model), store, home)
+    built, entry, _ = build(base, Variant(recipe="bf16"), store, home)
+    assert entry == base and built.out_dir == base.weights
+    assert store.entries() == [base]  # no copy of the same bytes
 
 
 def test_missing_base_or_calibration_file_fails_before_any_job(tiny_model, home, tmp_path):
