@@ -22,8 +22,10 @@ def prefect_server(tmp_path_factory):
         yield
 
 
-def stored_events(name: str, within_s: float = 30) -> list:
-    """The events named `name` that the test server has stored (they arrive asynchronously)."""
+def stored_events(name: str, within_s: float = 30, where=lambda event: True) -> list:
+    """The events named `name` for which `where` holds that the test server has stored (they
+    arrive asynchronously; the server is shared by the session, so other tests' events are there
+    too)."""
     import time
 
     from prefect.client.orchestration import get_client
@@ -33,6 +35,7 @@ def stored_events(name: str, within_s: float = 30) -> list:
     with get_client(sync_client=True) as client:
         while True:
             page = client.read_events(EventFilter(event=EventNameFilter(name=[name])), limit=50)
-            if page.events or time.monotonic() > deadline:
-                return page.events
+            events = [event for event in page.events if where(event)]
+            if events or time.monotonic() > deadline:
+                return events
             time.sleep(0.5)

@@ -91,7 +91,7 @@ def test_a_revert_puts_previous_back_as_champion_in_one_step(promoted):
     assert set(seconds) == {"verify", "serve", "swap", "total"}, seconds
     assert InFlight.read(registry, MODEL) is None
     for event in ("slipway.revert.started", "slipway.revert.reverted"):
-        [found] = stored_events(event)
+        [found] = stored_events(event, where=lambda e: e.payload["run_id"] == run.info.run_id)
         assert found.resource["slipway.version"] == back
     assert set(statuses) == {200}  # the swap is one atomic change: no client saw it
 
