@@ -158,7 +158,10 @@ class _Postgres:
         try:
             return await step
         except self._errors as e:
-            raise StoreUnavailable(f"the gateway state store {self._where} failed: {e}") from e
+            raise self._unavailable(e) from e
+
+    def _unavailable(self, error: BaseException) -> StoreUnavailable:
+        return StoreUnavailable(f"the gateway state store {self._where} failed: {error}")
 
     async def fetch(self, sql: str, *args: Any) -> list[Sequence[Any]]:
         return await self._guard(self._conn.fetch(sql, *args))
@@ -168,7 +171,10 @@ class _Postgres:
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[None]:
-        transaction = self._conn.transaction()
+        try:  # a closed connection refuses here already, before any await
+            transaction = self._conn.transaction()
+        except self._errors as e:
+            raise self._unavailable(e) from e
         await self._guard(transaction.start())
         try:
             yield
