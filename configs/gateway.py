@@ -105,7 +105,14 @@ class RouteSpec(Strict):
 
 
 class TenantSpec(Strict):
-    """A tenant: its key's hash, its limits and its choices. Limits left out are unlimited."""
+    """A tenant: its key's hash, its limits and its choices. Limits left out are unlimited.
+
+    The prompt is bounded in bytes, not tokens: the gateway holds no tokenizer, so it cannot count
+    a prompt's tokens before the backend does. Refusing on an estimate would refuse some prompts
+    within a token limit, and counting afterwards would refuse nothing; the UTF-8 byte length is
+    exact, and since a byte-level tokenizer's token stands for at least one byte, N bytes also
+    bound the prompt's text to at most N tokens (the chat template adds its own few).
+    """
 
     name: str = Field(min_length=1, pattern=r"^[\w.-]+$")
     key_sha256: str
@@ -114,6 +121,25 @@ class TenantSpec(Strict):
     monthly_token_budget: int | None = Field(
         None, ge=1, description="prompt+completion tokens per calendar month (UTC)"
     )
+    models: tuple[str, ...] | None = Field(
+        None,
+        min_length=1,
+        description="the public model names this tenant may use (others answer 404 as if not "
+        "served); None: all",
+    )
+    max_prompt_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="largest prompt, in UTF-8 bytes of its text (all prompts of a request "
+        "together; token ids count one each)",
+    )
+    max_tokens_cap: int | None = Field(
+        None,
+        ge=1,
+        description="largest max_tokens / max_completion_tokens; also the max_tokens of a "
+        "request that names neither",
+    )
+    max_n: int | None = Field(None, ge=1, description="largest n (choices per prompt)")
     canary: Literal["in", "out"] | None = Field(None, description="None follows canary_default")
     log_prompts: bool = Field(False, description="store prompt text in the usage log")
     synthetic: bool = Field(

@@ -310,6 +310,8 @@ def run(duration: int, skip_litellm: bool) -> None:
                 {"name": "bench", "key_sha256": key_hash(key), "rpm": 10_000_000, "tpm": 10**12}
             ],
             "usage": {"url": f"sqlite:///{work / 'usage.sqlite'}"},
+            # Its own state store: the home's holds the routes `make up` wrote, not this one.
+            "state": {"url": f"sqlite:///{work / 'state.sqlite'}"},
         }
         (work / "gateway.json").write_text(json.dumps(config))  # YAML is a superset of JSON
         gateway = start(

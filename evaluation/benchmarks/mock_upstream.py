@@ -2,8 +2,11 @@
 
 It answers /v1/chat/completions and /v1/completions (streaming or not, usage, echo + logprobs as
 lm-eval's local-completions reads them) with the requested model name echoed back, so a test sees
-which backend answered. Faults are injected per served model name: an error status, latency, a
-stream that breaks off, a server that never answers.
+which backend answered. Streams honour stream_options as vLLM does: include_usage adds a final
+usage-only event, continuous_usage_stats (with it) puts the cumulative usage in every chunk; a
+client that goes away stops the generation, and `generated` records the tokens each stream made.
+Faults are injected per served model name: an error status, latency, a stream that breaks off, a
+server that never answers, one that ignores stream_options (sends no usage).
 
     slipway bench mock-upstream --port 9000           # for the benchmark
     with serve(MockUpstream()) as url: ...             # in a test: a uvicorn thread on a free port
@@ -30,6 +33,7 @@ class Fault:
     status: int | None = None  # answer this status instead
     delay_s: float = 0.0  # wait before answering
     break_after: int | None = None  # streams: abort the connection after this many chunks
+    no_usage: bool = False  # streams: ignore stream_options, as some OpenAI-compatible servers do
     times: int = -1  # how many requests it applies to; -1: all
     every: int = 1  # the status applies to one request in `every` (others answer normally)
     seen: int = 0
@@ -42,6 +46,7 @@ class MockUpstream:
         self.delay_s = delay_s  # service time before every answer, unless a fault sets its own
         self.faults: dict[str, Fault] = {}
         self.requests: deque[dict] = deque(maxlen=10_000)
+        self.generated: deque[int] = deque(maxlen=10_000)  # completion tokens, per stream, in order
         self.record = True
 
     def _fault(self, model: str) -> Fault | None:
@@ -105,7 +110,7 @@ class MockUpstream:
         }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if request.get("stream"):
-            return await self._stream(send, request, model, chat, n, usage, fault)
+            return await self._stream(send, receive, request, model, chat, n, usage, fault)
         words = [f"w{i}" for i in range(n)]
         if chat:
             choices = [
@@ -127,7 +132,7 @@ class MockUpstream:
         }
         await _json(send, 200, body)
 
-    async def _stream(self, send, request, model, chat, n, usage, fault) -> None:
+    async def _stream(self, send, receive, request, model, chat, n, usage, fault) -> None:
         await send(
             {
                 "type": "http.response.start",
@@ -135,29 +140,47 @@ class MockUpstream:
                 "headers": [(b"content-type", b"text/event-stream")],
             }
         )
+        options = {} if fault and fault.no_usage else request.get("stream_options") or {}
+        include = bool(options.get("include_usage"))
+        continuous = include and bool(options.get("continuous_usage_stats"))
+        prompt_tokens = usage["prompt_tokens"]
         kind = "chat.completion.chunk" if chat else "text_completion"
         head = (
             f'data: {{"id":"cmpl-mock","object":"{kind}","created":{int(time.time())},'
             f'"model":"{model}","choices":['
         )
-        for i in range(n):
-            if fault and fault.break_after is not None and i >= fault.break_after:
-                raise ConnectionAbortedError("injected: stream broken")
-            choice = (
-                f'{{"index":0,"delta":{{"content":"w{i} "}},"finish_reason":null}}'
-                if chat
-                else f'{{"index":0,"text":"w{i} ","finish_reason":null}}'
-            )
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": f"{head}{choice}]}}\n\n".encode(),
-                    "more_body": True,
-                }
-            )
-            if self.chunk_delay_s:
-                await asyncio.sleep(self.chunk_delay_s)
-        if (request.get("stream_options") or {}).get("include_usage"):
+        gone = asyncio.ensure_future(receive())  # the body is read: the next message is the end
+        sent = 0
+        try:
+            while sent < n and not gone.done():  # a client gone stops the generation, as in vLLM
+                if fault and fault.break_after is not None and sent >= fault.break_after:
+                    raise ConnectionAbortedError("injected: stream broken")
+                choice = (
+                    f'{{"index":0,"delta":{{"content":"w{sent} "}},"finish_reason":null}}'
+                    if chat
+                    else f'{{"index":0,"text":"w{sent} ","finish_reason":null}}'
+                )
+                sent += 1
+                tail = (
+                    f',"usage":{{"prompt_tokens":{prompt_tokens},"completion_tokens":{sent},'
+                    f'"total_tokens":{prompt_tokens + sent}}}}}'
+                    if continuous
+                    else "}"
+                )
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": f"{head}{choice}]{tail}\n\n".encode(),
+                        "more_body": True,
+                    }
+                )
+                if self.chunk_delay_s:
+                    await asyncio.sleep(self.chunk_delay_s)
+        finally:
+            gone.cancel()
+            if self.record:
+                self.generated.append(sent)
+        if include:
             tail = f'{head}],"usage":{json.dumps(usage, separators=(",", ":"))}}}\n\n'
             await send({"type": "http.response.body", "body": tail.encode(), "more_body": True})
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})

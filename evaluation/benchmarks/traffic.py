@@ -90,6 +90,7 @@ def synthetic_rows(
         ttft.tolist(),
         latency.tolist(),
         np.where(logged, prompts[which], None).tolist(),
+        [None] * n,
     )
     return list(zip(*columns, strict=True))
 

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from serving.gateway.exchange import Exchange
     from serving.gateway.routing import Backend
     from serving.gateway.stats import BackendStats
+    from serving.gateway.tokens import Asked
 
 _JSON = b"application/json"
 
@@ -41,16 +42,16 @@ class AttemptFailed(Exception):
 class Attempt:
     """One try; `start` (perf_counter) is when it was made, for its latencies."""
 
-    __slots__ = ("backend", "exchange", "payload", "start", "strip_usage", "url")
+    __slots__ = ("asked", "backend", "exchange", "payload", "start", "url")
 
     def __init__(
-        self, exchange: Exchange, backend: Backend, url: str, payload: bytes, strip_usage: bool
+        self, exchange: Exchange, backend: Backend, url: str, payload: bytes, asked: Asked
     ) -> None:
         self.exchange = exchange
         self.backend = backend
         self.url = url
         self.payload = payload
-        self.strip_usage = strip_usage  # the gateway, not the client, asked for the usage event
+        self.asked = asked  # the usage the client asked of a stream (the gateway asks for all)
         self.start = perf_counter()
 
     @property

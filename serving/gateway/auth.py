@@ -73,6 +73,7 @@ class AuthMiddleware:
                 raise Unauthorized(
                     "invalid API key; check the key or ask your operator for a new one"
                 )
+            scope["slipway.tenant"] = tenant  # what the endpoints may show this tenant
             exchange = scope.get("slipway.exchange")
             if exchange is not None:
                 exchange.tenant = tenant

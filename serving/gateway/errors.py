@@ -71,6 +71,16 @@ class NotFound(GatewayError):
     code = "not_found"
 
 
+def model_not_found(model: str, param: str | None = None) -> NotFound:
+    """A model not served here, or not to this tenant: the same answer, so a tenant learns nothing
+    of the models kept from it."""
+    return NotFound(
+        f"model '{model}' is not served here; GET /v1/models lists the models",
+        param=param,
+        code="model_not_found",
+    )
+
+
 class TooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"

@@ -30,6 +30,7 @@ class Exchange:
         "stream",
         "tenant",
         "time",
+        "tokens_from",
         "ttft_s",
     )
 
@@ -46,6 +47,7 @@ class Exchange:
         self.error_kind: str | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.tokens_from: str | None = None  # None: the backend's counts; "content": see tokens.py
         self.ttft_s: float | None = None
         self.latency_s = 0.0
         self.prompt: str | None = None

@@ -1,12 +1,15 @@
 """Relaying a backend's answer to the client, and recording how the attempt went.
 
 A JSON answer is read whole, its token counts noted, and sent on. A stream is relayed as it
-arrives: EventFramer (sse.py) cuts the backend's reads into whole events, UsageFilter (tokens.py)
-reads the token counts and drops the usage event only the gateway asked for, and relay_stream
-sends each run of events on as soon as it is in hand, measuring time to first event and the
-interval between events. A stream that fails before its first event raises AttemptFailed (the
-caller may retry elsewhere); after that it ends with an OpenAI-shaped error event. A client that
-goes away closes the backend's response, so the backend can drop the request.
+arrives: EventFramer (sse.py) cuts the backend's reads into whole events (an event left without
+its blank line at the end of the body is completed and sent), UsageFilter (tokens.py) reads the
+running token counts and cuts out the usage only the gateway asked for, and relay_stream sends
+each run of events on as soon as it is in hand, measuring time to first event and the interval
+between events. A stream that fails before its first event raises AttemptFailed (the caller may
+retry elsewhere); after that it ends with an OpenAI-shaped error event. A client that goes away
+closes the backend's response, so the backend can drop the request; the exchange keeps the tokens
+generated until then, so they are charged. A stream whose backend sent no token counts is counted
+from its content (tokens.py), and its usage row says so (tokens_from "content").
 
 Both take the backend's answer as a Reply: aiohttp's ClientResponse, or a fake in unit tests.
 """
@@ -16,7 +19,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from time import perf_counter
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 from starlette.types import Message, Receive, Send
@@ -24,7 +27,10 @@ from starlette.types import Message, Receive, Send
 from serving.gateway.attempt import Attempt
 from serving.gateway.codec import dumps
 from serving.gateway.sse import EventFramer, data_event
-from serving.gateway.tokens import USAGE_MARK, UsageFilter, read_answer_usage
+from serving.gateway.tokens import UsageFilter, read_answer_usage
+
+if TYPE_CHECKING:
+    from serving.gateway.exchange import Exchange
 
 OK = 200
 SERVER_ERROR = 500
@@ -82,25 +88,26 @@ async def relay_stream(attempt: Attempt, reply: Reply, send: Send, receive: Rece
     """Relay a 200 event stream to the client as it arrives, then record the attempt's outcome."""
     exchange = attempt.exchange
     framer = EventFramer()
-    usage = UsageFilter(exchange, framer, attempt.strip_usage)
-    frame, read = framer.feed, reply.content.readany
+    usage = UsageFilter(exchange, framer, attempt.asked)
+    frame, flush, read, keep = framer.feed, framer.flush, reply.content.readany, usage.filter
     gone = asyncio.ensure_future(_disconnect(receive, reply))
     first = last = 0.0
     try:
-        while piece := await read():
-            run = frame(piece)
-            if USAGE_MARK in run:  # most runs hold no usage event: skip even the call
-                run = usage.filter(run)
-            if not run:
-                continue
-            last = perf_counter()
-            if not first:
-                first = last
-                exchange.ttft_s = first - exchange.started
-                exchange.status = OK
-                await send(_stream_start(attempt))
-            await send({"type": "http.response.body", "body": run, "more_body": True})
+        while True:
+            piece = await read()
+            run = frame(piece) if piece else flush()  # b"": the body ended
+            if run and (run := keep(run)):
+                last = perf_counter()
+                if not first:
+                    first = last
+                    exchange.ttft_s = first - exchange.started
+                    exchange.status = OK
+                    await send(_stream_start(attempt))
+                await send({"type": "http.response.body", "body": run, "more_body": True})
+            if not piece:
+                break
     except FAILURES as e:
+        _settle(usage, exchange)  # the tokens generated until it stopped are charged all the same
         if _client_left(gone, attempt):
             return
         if not first:
@@ -112,6 +119,7 @@ async def relay_stream(attempt: Attempt, reply: Reply, send: Send, receive: Rece
         return
     finally:
         gone.cancel()
+    _settle(usage, exchange)
     if _client_left(gone, attempt):
         return
     if not first:
@@ -121,6 +129,11 @@ async def relay_stream(attempt: Attempt, reply: Reply, send: Send, receive: Rece
     itl = (last - first) / (events - 1) if events > 1 and last > first else None
     attempt.succeeded(first - attempt.start, itl)
     await send(_last())
+
+
+def _settle(usage: UsageFilter, exchange: Exchange) -> None:
+    if usage.settle():  # a backend that ignores stream_options: counted from content
+        exchange.tokens_from = "content"
 
 
 def _stream_start(attempt: Attempt) -> Message:

@@ -16,11 +16,21 @@ from starlette.types import Receive, Scope, Send
 from serving.gateway.attempt import Attempt, AttemptFailed
 from serving.gateway.choice import choose, fallback, point_for, takes_canary
 from serving.gateway.codec import dumps
-from serving.gateway.errors import GatewayError, NotFound, TooLarge, Unavailable, UpstreamError
+from serving.gateway.errors import (
+    GatewayError,
+    TooLarge,
+    Unavailable,
+    UpstreamError,
+    model_not_found,
+)
 from serving.gateway.exchange import Exchange
 from serving.gateway.proxy import Upstream
 from serving.gateway.routing import Backend, CurrentTable
-from serving.gateway.validation import parse_request, prompt_text
+from serving.gateway.shape import apply_tenant_bounds
+from serving.gateway.tokens import Asked, ask_for_usage
+from serving.gateway.validation import parse_request, prompt_count, prompt_text
+
+NOT_STREAMED = Asked(final=False, continuous=False)  # a JSON answer's usage is passed on as it is
 
 
 def header(scope: Scope, name: bytes) -> bytes | None:
@@ -54,26 +64,6 @@ def _too_large(size: int, limit: int) -> TooLarge:
     return TooLarge(f"request body of {size} bytes is over this gateway's limit of {limit} bytes")
 
 
-def _not_served(model: str, param: str | None = None) -> NotFound:
-    return NotFound(
-        f"model '{model}' is not served here; GET /v1/models lists the models",
-        param=param,
-        code="model_not_found",
-    )
-
-
-def _ask_for_usage(data: dict[str, Any]) -> bool:
-    """Ask a stream for its usage event, so it is counted too; True if the client had not."""
-    options = data.get("stream_options")
-    if options is None:
-        data["stream_options"] = {"include_usage": True}
-        return True
-    if not options.get("include_usage"):
-        options["include_usage"] = True
-        return True
-    return False
-
-
 class Completions:
     """POST /v1/chat/completions or /v1/completions: check, route, relay; a failed canary is
     retried once on stable."""
@@ -99,14 +89,15 @@ class Completions:
         model = exchange.model = data["model"]
         route = self.current.table.get(model)
         if route is None:
-            raise _not_served(model, param="model")
+            raise model_not_found(model, param="model")
         tenant = exchange.tenant
+        apply_tenant_bounds(tenant, data, self.endpoint)
         if tenant.log_prompts:
             exchange.prompt = prompt_text(data, self.endpoint)
-        strip_usage = False
+        asked = NOT_STREAMED
         if data.get("stream"):
             exchange.stream = True
-            strip_usage = _ask_for_usage(data)
+            asked = ask_for_usage(data, prompt_count(data, self.endpoint))
         session = header(scope, b"x-session-id")
         point = point_for(
             session.decode("utf-8", "replace") if session is not None else data.get("user")
@@ -114,7 +105,7 @@ class Completions:
         canary = takes_canary(route, tenant.canary, self.canary_default)
         backend = choose(route, point, canary)
         try:
-            attempt = self._attempt(exchange, backend, data, strip_usage)
+            attempt = self._attempt(exchange, backend, data, asked)
             await self.upstream.forward(attempt, send, receive)
             return
         except AttemptFailed as failure:
@@ -128,18 +119,18 @@ class Completions:
             await _answer_failure(exchange, first_failure, send)
             return
         try:
-            attempt = self._attempt(exchange, stable, data, strip_usage)
+            attempt = self._attempt(exchange, stable, data, asked)
             await self.upstream.forward(attempt, send, receive)
         except AttemptFailed as failure:
             await _answer_failure(exchange, failure, send)
 
     def _attempt(
-        self, exchange: Exchange, backend: Backend, data: dict[str, Any], strip_usage: bool
+        self, exchange: Exchange, backend: Backend, data: dict[str, Any], asked: Asked
     ) -> Attempt:
         exchange.backend = backend
         data["model"] = backend.served_model
         url = backend.url_chat if self.chat else backend.url_completions
-        return Attempt(exchange, backend, url, dumps(data), strip_usage)
+        return Attempt(exchange, backend, url, dumps(data), asked)
 
 
 async def _answer_failure(exchange: Exchange, failure: AttemptFailed, send: Send) -> None:
@@ -167,7 +158,10 @@ async def health(request: Request) -> Response:
 
 
 class Models:
-    """The models the current routing table serves: GET /v1/models, /v1/models/{model}, /ready."""
+    """The models the current routing table serves: GET /v1/models, /v1/models/{model}, /ready.
+
+    A tenant with a `models` list sees only those (AuthMiddleware puts the tenant in the scope).
+    """
 
     def __init__(self, current: CurrentTable) -> None:
         self.current = current
@@ -176,14 +170,19 @@ class Models:
     def _entry(self, name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": self.created, "owned_by": "slipway"}
 
+    @staticmethod
+    def _allowed(request: Request, name: str) -> bool:
+        tenant = request.scope.get("slipway.tenant")
+        return tenant is None or tenant.models is None or name in tenant.models
+
     async def list(self, request: Request) -> Response:
-        names = sorted(self.current.table.routes)
+        names = sorted(n for n in self.current.table.routes if self._allowed(request, n))
         return _json({"object": "list", "data": [self._entry(name) for name in names]})
 
     async def get(self, request: Request) -> Response:
         name = request.path_params["model"]
-        if self.current.table.get(name) is None:
-            raise _not_served(name)
+        if self.current.table.get(name) is None or not self._allowed(request, name):
+            raise model_not_found(name)
         return _json(self._entry(name))
 
     async def ready(self, request: Request) -> Response:

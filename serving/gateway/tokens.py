@@ -1,14 +1,26 @@
 """Token counts as a backend reports them, read on the way through to the client.
 
-A JSON answer carries them in its "usage" object. A stream carries them in one usage event near
-its end, which the gateway asks for on every stream (stream_options.include_usage) so that streams
-are counted too; when the client did not ask for it, UsageFilter drops that usage-only event again
-and the client gets the stream it asked for. An event with choices is always passed on.
+A JSON answer carries them in its "usage" object. For a stream the gateway asks the backend for
+usage on every chunk as well as at the end (stream_options.continuous_usage_stats and
+include_usage, as vLLM's OpenAI server takes them): each chunk then carries its choice's cumulative
+counts, so a stream the client leaves half-way is charged the tokens generated until then, not 0.
+
+Reading stays cheap on the hot path: with one choice, the last "completion_tokens" in a run (a
+bytes search) is the count so far; only a stream of several choices (n > 1, or several prompts)
+reads each event, to add up its choices. The client still gets the stream it asked for: the
+per-chunk usage is cut out of each run (one regex pass in C) unless it asked for
+continuous_usage_stats, and the usage-only event at the end is dropped unless it asked for
+include_usage. An event with choices is always passed on.
+
+A backend that sends no usage at all (an OpenAI-compatible server that ignores stream_options) is
+counted from what it relayed instead: one completion token per non-empty content or text delta.
+That is a lower bound, as a server may put several tokens in one delta; the relay flags it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import re
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from serving.gateway.codec import loads
 
@@ -17,13 +29,44 @@ if TYPE_CHECKING:
     from serving.gateway.sse import EventFramer
 
 USAGE_MARK = b'"usage"'  # bytes without it hold no usage object
-_NO_USAGE = b'"usage":null'  # OpenAI puts this in every chunk once usage is asked for
 _DATA = b"data:"
+_COMPLETION = b'"completion_tokens":'
+_PROMPT = b'"prompt_tokens":'
+_INDEX = b'"index":'
+_NO_CHOICES = (b'"choices":[]', b'"choices": []')  # the usage-only event, compact or not
+_INT = re.compile(rb"\s*(\d+)")
+# A chunk's usage object (one level of nesting: prompt_tokens_details), with the comma before it.
+_CHUNK_USAGE = re.compile(rb',\s*"usage"\s*:\s*\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\}')
+_DELTA = re.compile(rb'"(?:content|text)"\s*:\s*"(?!")')  # a non-empty content or text string
+
+
+class Asked(NamedTuple):
+    """What a client asked of a stream's usage, and how the stream's choices group by prompt."""
+
+    final: bool  # include_usage: one usage-only event at the end
+    continuous: bool  # continuous_usage_stats (only with include_usage, as in vLLM): every chunk
+    n: int = 1  # choices per prompt
+    choices: int = 1  # choices in all: n x prompts
+
+
+def ask_for_usage(data: dict[str, Any], prompts: int) -> Asked:
+    """Ask the stream for usage on every chunk and at its end; return what the client asked for."""
+    options = data.get("stream_options") or {}
+    final = options.get("include_usage") is True
+    continuous = final and options.get("continuous_usage_stats") is True
+    data["stream_options"] = {**options, "include_usage": True, "continuous_usage_stats": True}
+    n = max(data.get("n") or 1, 1)
+    return Asked(final, continuous, n, n * prompts)
 
 
 def _record(exchange: Exchange, usage: dict[str, Any]) -> None:
     exchange.prompt_tokens = usage.get("prompt_tokens") or 0
     exchange.completion_tokens = usage.get("completion_tokens") or 0
+
+
+def _int_at(data: bytes, at: int) -> int | None:
+    match = _INT.match(data, at)
+    return int(match[1]) if match else None
 
 
 def read_answer_usage(exchange: Exchange, body: bytes) -> None:
@@ -39,35 +82,108 @@ def read_answer_usage(exchange: Exchange, body: bytes) -> None:
 
 
 class UsageFilter:
-    """Reads a stream's usage event into the exchange; drops it if only the gateway asked for it.
+    """Reads a stream's token counts into the exchange as they pass; gives the client the usage it
+    asked for and no other.
 
-    `dropped` counts the events dropped so far.
+    `reported`: the backend has sent counts. `counted`: the non-empty deltas of the runs that had
+    none, for `settle`. `dropped`: the events dropped so far.
     """
 
-    __slots__ = ("_exchange", "_split", "_strip", "dropped")
+    __slots__ = ("_asked", "_choices", "_exchange", "_split", "counted", "dropped", "reported")
 
-    def __init__(self, exchange: Exchange, framer: EventFramer, strip: bool) -> None:
+    def __init__(self, exchange: Exchange, framer: EventFramer, asked: Asked) -> None:
         self._exchange = exchange
         self._split = framer.split
-        self._strip = strip
+        self._asked = asked
+        # index -> (prompt, completion) tokens so far, for streams of several choices only
+        self._choices: dict[int, tuple[int, int]] | None = {} if asked.choices > 1 else None
+        self.reported = False
+        self.counted = 0
         self.dropped = 0
 
     def filter(self, run: bytes) -> bytes:
-        """A run of whole events as the client gets it: unchanged unless it holds a usage event."""
-        if USAGE_MARK not in run or run.count(USAGE_MARK) == run.count(_NO_USAGE):
+        """A run of whole events as the client gets it: unchanged unless it holds usage the client
+        did not ask for."""
+        at = run.rfind(_COMPLETION)
+        if at < 0:
+            if not self.reported:
+                self.counted += len(_DELTA.findall(run))
             return run
-        kept = []
+        self.reported = True
+        if self._choices is None:
+            self._read_last(run, at)
+        else:
+            self._read_choices(run)
+        if _NO_CHOICES[0] in run or _NO_CHOICES[1] in run:
+            return self._final(run)
+        return run if self._asked.continuous else _CHUNK_USAGE.sub(b"", run)
+
+    def settle(self) -> bool:
+        """When the stream stops: True if the backend sent no counts, the completion tokens then
+        being the non-empty deltas relayed (a lower bound; the prompt's are unknown, 0)."""
+        if self.reported:
+            return False
+        self._exchange.completion_tokens = self.counted
+        return True
+
+    def _read_last(self, run: bytes, at: int) -> None:
+        exchange = self._exchange
+        completion = _int_at(run, at + len(_COMPLETION))
+        if completion is not None:
+            exchange.completion_tokens = completion
+        at = run.rfind(_PROMPT)
+        prompt = _int_at(run, at + len(_PROMPT)) if at >= 0 else None
+        if prompt is not None:
+            exchange.prompt_tokens = prompt
+
+    def _read_choices(self, run: bytes) -> None:
+        """Each choice's latest counts: completions add up; a prompt's count, repeated by each of
+        its n choices, is taken once."""
+        seen = self._choices
         for event in self._split(run):
-            if USAGE_MARK in event and event.startswith(_DATA):
-                try:
-                    data = loads(event[len(_DATA) :])
-                except ValueError:
-                    data = None
-                usage = data.get("usage") if isinstance(data, dict) else None
-                if isinstance(usage, dict):
+            at, i = event.rfind(_COMPLETION), event.find(_INDEX)
+            if at < 0 or i < 0:  # the usage-only event has no choice: _final reads it
+                continue
+            index, completion = (
+                _int_at(event, i + len(_INDEX)),
+                _int_at(event, at + len(_COMPLETION)),
+            )
+            if index is not None and completion is not None:
+                at = event.rfind(_PROMPT)
+                seen[index] = (
+                    (_int_at(event, at + len(_PROMPT)) or 0) if at >= 0 else 0,
+                    completion,
+                )
+        n, prompts = self._asked.n, {}
+        for index, (prompt, _) in seen.items():
+            prompts[index // n] = max(prompts.get(index // n, 0), prompt)
+        self._exchange.prompt_tokens = sum(prompts.values())
+        self._exchange.completion_tokens = sum(completion for _, completion in seen.values())
+
+    def _final(self, run: bytes) -> bytes:
+        """A run holding the usage-only event (once a stream): its counts are the backend's own
+        totals; it goes on only if the client asked for it."""
+        asked, kept = self._asked, []
+        for event in self._split(run):
+            if _NO_CHOICES[0] in event or _NO_CHOICES[1] in event:
+                usage = _usage_of(event)
+                if usage is not None:
                     _record(self._exchange, usage)
-                    if self._strip and not data.get("choices"):
+                    if not asked.final:
                         self.dropped += 1
                         continue
-            kept.append(event)
-        return b"".join(kept)
+                kept.append(event)
+            else:
+                kept.append(_CHUNK_USAGE.sub(b"", event))
+        return run if asked.continuous else b"".join(kept)  # it asked for all: nothing is cut
+
+
+def _usage_of(event: bytes) -> dict[str, Any] | None:
+    if not event.startswith(_DATA):
+        return None
+    try:
+        data = loads(event[len(_DATA) :])
+    except ValueError:
+        return None
+    usage = data.get("usage") if isinstance(data, dict) else None
+    return usage if isinstance(usage, dict) and not data.get("choices") else None

@@ -17,7 +17,11 @@ Table gateway_usage, one row per request:
   stream           whether the response was streamed
   status           HTTP status sent to the client
   error_kind       NULL on success, else a short code (rate_limit_exceeded, upstream_timeout, ...)
-  prompt_tokens, completion_tokens   as reported by the backend
+  prompt_tokens, completion_tokens   as reported by the backend; for a stream cut short (the
+                   client left: client_disconnected), those generated until then
+  tokens_from      NULL when the backend reported the counts; 'content' when it sent none and
+                   the completion tokens are the non-empty content deltas relayed (a lower
+                   bound) with 0 prompt tokens
   ttft_ms          time to the first streamed byte (streams only)
   latency_ms       request start to last byte
   prompt           prompt text, only for tenants with log_prompts: true
@@ -69,6 +73,7 @@ COLUMNS = (
     "ttft_ms",
     "latency_ms",
     "prompt",
+    "tokens_from",
 )
 
 _SQLITE_DDL = f"""
@@ -76,7 +81,8 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
   id INTEGER PRIMARY KEY, time REAL NOT NULL, request_id TEXT NOT NULL, tenant TEXT, model TEXT,
   endpoint TEXT NOT NULL, backend_version TEXT, role TEXT, stream INTEGER NOT NULL,
   status INTEGER NOT NULL, error_kind TEXT, prompt_tokens INTEGER NOT NULL,
-  completion_tokens INTEGER NOT NULL, ttft_ms REAL, latency_ms REAL NOT NULL, prompt TEXT);
+  completion_tokens INTEGER NOT NULL, ttft_ms REAL, latency_ms REAL NOT NULL, prompt TEXT,
+  tokens_from TEXT);
 CREATE INDEX IF NOT EXISTS {TABLE}_time ON {TABLE} (time);
 """
 _PG_DDL = f"""
@@ -85,9 +91,12 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
   model TEXT, endpoint TEXT NOT NULL, backend_version TEXT, role TEXT, stream BOOLEAN NOT NULL,
   status INTEGER NOT NULL, error_kind TEXT, prompt_tokens INTEGER NOT NULL,
   completion_tokens INTEGER NOT NULL, ttft_ms DOUBLE PRECISION,
-  latency_ms DOUBLE PRECISION NOT NULL, prompt TEXT);
+  latency_ms DOUBLE PRECISION NOT NULL, prompt TEXT, tokens_from TEXT);
 CREATE INDEX IF NOT EXISTS {TABLE}_time ON {TABLE} (time);
+ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS tokens_from TEXT;
 """
+# A log written before tokens_from existed gains it (SQLite has no ADD COLUMN IF NOT EXISTS).
+_SQLITE_ADDED = (("tokens_from", "TEXT"),)
 
 _SQLITE_INSERT = (
     f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
@@ -118,6 +127,7 @@ def row(ex: Exchange) -> Row:
         None if ex.ttft_s is None else ex.ttft_s * 1000.0,
         ex.latency_s * 1000.0,
         ex.prompt,
+        ex.tokens_from,
     )
 
 
@@ -138,6 +148,10 @@ class SQLiteSink:
         self._db = sqlite3.connect(self.path, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SQLITE_DDL)
+        have = {info[1] for info in self._db.execute(f"PRAGMA table_info({TABLE})")}
+        for column, kind in _SQLITE_ADDED:
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {TABLE} ADD COLUMN {column} {kind}")
 
     def _write(self, rows: list[Row]) -> None:
         assert self._db is not None

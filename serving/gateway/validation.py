@@ -59,10 +59,10 @@ def parse_request(body: bytes, endpoint: str) -> dict[str, Any]:
         ):
             raise BadRequest(f"'{field}' must be {what}, got {_json_type(value)}", param=field)
     options = data.get("stream_options")
-    if options is not None and not isinstance(options.get("include_usage", False), bool):
-        raise BadRequest(
-            "'stream_options.include_usage' must be a boolean", param="stream_options.include_usage"
-        )
+    for option in ("include_usage", "continuous_usage_stats"):
+        if options is not None and not isinstance(options.get(option, False), bool):
+            param = f"stream_options.{option}"
+            raise BadRequest(f"'{param}' must be a boolean", param=param)
     return data
 
 
@@ -109,3 +109,36 @@ def prompt_text(data: dict[str, Any], endpoint: str) -> str | None:
     if isinstance(prompt, str):
         return prompt
     return "\n".join(p for p in prompt if isinstance(p, str)) or None
+
+
+def prompt_count(data: dict[str, Any], endpoint: str) -> int:
+    """How many prompts the request holds: a completions prompt may be a list of them."""
+    prompt = data.get("prompt") if endpoint == "completions" else None
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return len(prompt)
+    return 1
+
+
+def prompt_bytes(data: dict[str, Any], endpoint: str) -> int:
+    """The prompt's size: UTF-8 bytes of its text (message contents and text parts, or prompt
+    strings, all prompts together); a prompt given as token ids counts one per id, the fewest bytes
+    an id can stand for."""
+    if endpoint == "chat":
+        return sum(_text_bytes(m.get("content")) for m in data["messages"])
+    prompt = data["prompt"]
+    if isinstance(prompt, str):
+        return len(prompt.encode())
+    return sum(len(p.encode()) if isinstance(p, str) else _ids(p) for p in prompt)
+
+
+def _text_bytes(content: Any) -> int:
+    if isinstance(content, str):
+        return len(content.encode())
+    if isinstance(content, list):
+        texts = (p.get("text") for p in content if isinstance(p, dict))
+        return sum(len(t.encode()) for t in texts if isinstance(t, str))
+    return 0
+
+
+def _ids(prompt: Any) -> int:
+    return len(prompt) if isinstance(prompt, list) else 1

@@ -61,6 +61,7 @@ def req(at: str, tenant, model, version, prompt, completion, latency_ms, error=N
         None,
         latency_ms,
         None,
+        None,
     )
 
 

@@ -34,6 +34,20 @@ USAGE_WITH_CHOICE = (
 DONE = b"data: [DONE]\n\n"
 
 
+def counted(completion: int, prompt: int = 3, index: int = 0) -> bytes:
+    """A chunk with vLLM's continuous usage: its choice's cumulative counts (the word, as WORD)."""
+    return (
+        HEAD + b'{"index":%d,"delta":{"content":"w"},"finish_reason":null}],'
+        b'"usage":{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d}}\n\n'
+        % (index, prompt, completion, prompt + completion)
+    )
+
+
+def crlf(events: bytes) -> bytes:
+    """The same events framed with CRLF line ends, as some OpenAI-compatible servers send them."""
+    return events.replace(b"\n", b"\r\n")
+
+
 def digest(version: str) -> str:
     return "sha256:" + hashlib.sha256(version.encode()).hexdigest()
 

@@ -45,7 +45,11 @@ def test_streaming_counts_usage_but_strips_unasked_usage_chunk(gw, home):
     )
     assert "".join(c.choices[0].delta.content for c in chunks) == "w0 w1 w2 w3 w4 "
     assert all(c.usage is None for c in chunks)  # the client did not ask for usage
-    assert upstream.requests[-1]["stream_options"] == {"include_usage": True}  # but the gateway did
+    # but the gateway did, with the running count on every chunk (so a disconnect is charged too)
+    assert upstream.requests[-1]["stream_options"] == {
+        "include_usage": True,
+        "continuous_usage_stats": True,
+    }
 
     asked = list(
         client.completions.create(

@@ -16,7 +16,8 @@ from serving.gateway.attempt import Attempt, AttemptFailed
 from serving.gateway.exchange import Exchange
 from serving.gateway.relay import relay_body, relay_stream
 from serving.gateway.routing import Backend
-from tests.serving.conftest import DONE, MODEL, USAGE_ONLY, WORD, backend
+from serving.gateway.tokens import Asked
+from tests.serving.conftest import DONE, MODEL, USAGE_ONLY, WORD, backend, counted, crlf
 
 HANG = object()  # a read that waits until the reply is closed, as aiohttp's does
 
@@ -76,7 +77,10 @@ class Client:
         return [m["body"] for m in self.messages if m["type"] == "http.response.body"]
 
 
-def attempt(strip_usage: bool = True) -> Attempt:
+NOTHING = Asked(final=False, continuous=False)  # the client asked for no usage
+
+
+def attempt(asked: Asked = NOTHING) -> Attempt:
     live = Backend(
         MODEL,
         BackendSpec.model_validate(backend("http://127.0.0.1:9", "1")),
@@ -87,7 +91,7 @@ def attempt(strip_usage: bool = True) -> Attempt:
     exchange.tenant = TenantSpec(name="alice", key_sha256="0" * 64)
     exchange.stream = True
     exchange.backend = live
-    return Attempt(exchange, live, live.url_chat, b"{}", strip_usage)
+    return Attempt(exchange, live, live.url_chat, b"{}", asked)
 
 
 def run(relay: Callable[..., Awaitable[None]], *args: object) -> None:
@@ -150,7 +154,7 @@ def test_events_that_arrive_in_one_read_carry_no_inter_token_time():
 
 def test_the_usage_event_the_client_asked_for_is_relayed():
     log: list = []
-    a, client, reply = attempt(strip_usage=False), Client(log), FakeReply([USAGE_ONLY, DONE], log)
+    a, client, reply = attempt(Asked(True, False)), Client(log), FakeReply([USAGE_ONLY, DONE], log)
     run(relay_stream, a, reply, client.send, client.receive)
     assert client.bodies == [USAGE_ONLY, DONE, b""]
 
@@ -190,6 +194,55 @@ def test_a_client_that_leaves_closes_the_backend_reply_and_records_no_outcome():
     assert client.bodies == [WORD]  # no end of stream is sent to a client that has gone
     assert a.exchange.status == 200 and a.exchange.error_kind == "client_disconnected"
     assert a.backend.stats.requests == 0 and a.backend.breaker.failures == 0
+
+
+def test_a_crlf_framed_stream_reaches_the_client_as_whole_events_with_its_usage_counted():
+    body = crlf(WORD + WORD + USAGE_ONLY + DONE)
+    cut = len(crlf(WORD)) - 1  # between the CR and the LF of the first event's blank line
+    a, client, _ = stream([body[:cut], body[cut:-5], body[-5:]])
+    assert b"".join(client.bodies) == WORD + WORD + DONE  # valid SSE, the usage event dropped
+    assert all(body.endswith(b"\n\n") for body in client.bodies[:-1]) and client.bodies[-1] == b""
+    assert a.exchange.status == 200 and a.exchange.error_kind is None
+    assert a.exchange.tokens_from is None  # the backend's own counts
+    assert (a.exchange.prompt_tokens, a.exchange.completion_tokens) == (3, 5)
+    assert a.backend.stats.completion_tokens == 5
+
+
+def test_an_event_left_without_its_blank_line_at_the_end_is_sent_whole():
+    a, client, _ = stream([WORD, b"data: [DONE]\r\n"])
+    assert client.bodies == [WORD, DONE, b""]
+    assert a.exchange.error_kind is None and a.exchange.tokens_from == "content"  # no usage
+
+
+def test_a_stream_of_one_event_without_its_blank_line_is_not_empty():
+    _, client, _ = stream([b"data: [DONE]"])
+    assert client.bodies == [DONE, b""]
+
+
+def test_a_client_that_leaves_is_charged_the_tokens_generated_until_then():
+    a, client, reply = stream([counted(1), counted(2) + counted(3), HANG], leave_after=2)
+    assert reply.closed.is_set() and client.bodies == [WORD, WORD + WORD]  # usage cut out
+    assert a.exchange.error_kind == "client_disconnected"
+    assert (a.exchange.prompt_tokens, a.exchange.completion_tokens) == (3, 3)
+
+
+def test_a_stream_without_usage_is_counted_from_its_content_and_flagged():
+    a, client, _ = stream([WORD, WORD + WORD, DONE])
+    assert client.bodies == [WORD, WORD + WORD, DONE, b""]
+    assert a.exchange.status == 200 and a.exchange.error_kind is None
+    assert a.exchange.tokens_from == "content"
+    assert (a.exchange.prompt_tokens, a.exchange.completion_tokens) == (0, 3)
+    assert (a.backend.stats.requests, a.backend.stats.errors) == (1, 0)
+
+
+def test_a_client_that_leaves_a_stream_without_usage_is_charged_its_content():
+    a, _, _ = stream([WORD, WORD, HANG], leave_after=2)
+    assert a.exchange.error_kind == "client_disconnected" and a.exchange.completion_tokens == 2
+
+
+def test_a_stream_broken_off_keeps_the_tokens_generated_before():
+    a, _, _ = stream([counted(1), counted(2), aiohttp.ClientPayloadError("reset")])
+    assert a.exchange.error_kind == "upstream_stream_broken" and a.exchange.tokens == 5
 
 
 def answer(status: int, body: bytes) -> tuple[Attempt, Client]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 
 import httpx
+import psycopg2
 
 from evaluation.benchmarks.mock_upstream import Fault
 from serving.gateway.usage import read_usage
@@ -89,3 +91,41 @@ def test_postgres_usage_flushed_on_shutdown(mock, keys, run_gateway, pg_url):
     with run_gateway(config) as base:
         traffic(base, keys)
     check(read_usage(start, time.time() + 1, url=pg_url))
+
+
+OLD_SCHEMA = """CREATE TABLE gateway_usage (
+  id {id} PRIMARY KEY, time {time} NOT NULL, request_id TEXT NOT NULL, tenant TEXT, model TEXT,
+  endpoint TEXT NOT NULL, backend_version TEXT, role TEXT, stream {bool} NOT NULL,
+  status INTEGER NOT NULL, error_kind TEXT, prompt_tokens INTEGER NOT NULL,
+  completion_tokens INTEGER NOT NULL, ttft_ms {real}, latency_ms {real} NOT NULL, prompt TEXT)"""
+OLD_ROW = "INSERT INTO gateway_usage (time, request_id, endpoint, stream, status, prompt_tokens, "
+OLD_ROW += "completion_tokens, latency_ms) VALUES ({at}, 'old', 'chat', {no}, 200, 1, 2, 3.0)"
+
+
+def test_a_log_written_before_tokens_from_gains_the_column_and_keeps_its_rows(
+    mock, keys, run_gateway, home, pg_url
+):
+    _, url = mock
+    start = time.time()
+    path = home.logs / "gateway-usage.sqlite"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path) as db:
+        db.execute(OLD_SCHEMA.format(id="INTEGER", time="REAL", bool="INTEGER", real="REAL"))
+        db.execute(OLD_ROW.format(at=start, no=0))
+    pg = psycopg2.connect(pg_url)
+    with pg, pg.cursor() as cursor:
+        cursor.execute(
+            OLD_SCHEMA.format(
+                id="BIGSERIAL", time="TIMESTAMPTZ", bool="BOOLEAN", real="DOUBLE PRECISION"
+            )
+        )
+        cursor.execute(OLD_ROW.format(at=f"to_timestamp({start})", no="false"))
+    pg.close()
+    for usage in ({}, {"url": pg_url}):
+        config = keys.config([backend(url, "1")], usage=usage)
+        with run_gateway(config) as base:
+            headers = {"Authorization": f"Bearer {keys.key('alice')}"}
+            httpx.post(f"{base}/v1/chat/completions", json=chat(), headers=headers)
+        frame = read_usage(start - 1, time.time() + 1, url=usage.get("url"))
+        assert len(frame) == 2 and frame.request_id.iloc[0] == "old"  # kept, then the new row
+        assert frame.tokens_from.isna().all() and frame.completion_tokens.iloc[0] == 2

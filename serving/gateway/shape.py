@@ -1,0 +1,47 @@
+"""A tenant's bounds on the shape of a request: models, prompt size, max_tokens and n.
+
+Applied once the tenant is known and the body parsed, before anything reaches a backend. A model
+the tenant may not use gets the same 404 as a model that is not served; a request over a bound
+gets a 400 whose message names the field and the limit, with `param` set to the field. A cap on
+max_tokens is also the default of a request that names none, or leaving it out would lift the cap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from configs.gateway import TenantSpec
+from serving.gateway.errors import BadRequest, model_not_found
+from serving.gateway.validation import prompt_bytes
+
+_MAX_TOKENS = ("max_tokens", "max_completion_tokens")
+
+
+def _over(field: str, value: int, limit: str, bound: int, unit: str = "") -> BadRequest:
+    return BadRequest(
+        f"'{field}' is {value}{unit}, over this tenant's {limit} of {bound}{unit}",
+        param=field,
+        code="over_tenant_limit",
+    )
+
+
+def apply_tenant_bounds(tenant: TenantSpec, data: dict[str, Any], endpoint: str) -> None:
+    """Refuse a request outside the tenant's bounds; give one that names no max_tokens the cap."""
+    model = data["model"]
+    if tenant.models is not None and model not in tenant.models:
+        raise model_not_found(model, param="model")
+    cap = tenant.max_tokens_cap
+    if cap is not None:
+        named = [(field, data[field]) for field in _MAX_TOKENS if data.get(field) is not None]
+        for field, value in named:
+            if value > cap:
+                raise _over(field, value, "max_tokens_cap", cap)
+        if not named:
+            data["max_tokens"] = cap
+    n = data.get("n")
+    if tenant.max_n is not None and n is not None and n > tenant.max_n:
+        raise _over("n", n, "max_n", tenant.max_n)
+    limit = tenant.max_prompt_bytes
+    if limit is not None and (size := prompt_bytes(data, endpoint)) > limit:
+        field = "messages" if endpoint == "chat" else "prompt"
+        raise _over(field, size, "max_prompt_bytes", limit, " bytes")

@@ -1,0 +1,123 @@
+"""Every token vLLM generates for a tenant is in the gateway's usage log: the rows' prompt and
+completion tokens equal the increase of vLLM's own counters (vllm:prompt_tokens_total,
+vllm:generation_tokens_total) exactly over a JSON answer, a stream, a stream of n=2 (whose prompt
+vLLM counts twice) and an error; over a client that hangs up mid-stream, up to the few tokens vLLM
+generated after the gateway stopped reading. Against the shared real vLLM on the tiny model."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import httpx
+import pytest
+
+from configs.gateway import GatewayConfig
+from evaluation.benchmarks.mock_upstream import serve
+from serving.gateway.app import build_app
+from serving.gateway.auth import key_hash
+from serving.gateway.usage import read_usage
+from tests.evaluation.conftest import SERVED
+
+KEY, ADMIN = "sk-test-usage-vllm", "adm-test-usage-vllm"
+COUNTERS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
+
+
+def counters(url: str) -> tuple[int, int]:
+    """vLLM's prompt and generation token counters, summed over their label sets."""
+    text = httpx.get(f"{url}/metrics").text
+    return tuple(
+        int(sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)))
+        for name in COUNTERS
+    )
+
+
+def settled(url: str) -> tuple[int, int]:
+    """The counters once they stop moving (an aborted request is counted when vLLM drops it)."""
+    last, deadline = counters(url), time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = counters(url)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+@pytest.fixture
+def gateway(tiny_server, home):
+    backend = {
+        "version": "1",
+        "url": tiny_server.url,
+        "served_model": SERVED,
+        "digest": "sha256:" + "0" * 64,
+        "verified": True,
+        "weight": 100,
+        "role": "stable",
+    }
+    config = GatewayConfig.model_validate(
+        {
+            "admin_token_sha256": key_hash(ADMIN),
+            "routes": [{"model": "tiny-chat", "backends": [backend]}],
+            "tenants": [{"name": "alice", "key_sha256": key_hash(KEY)}],
+            "usage": {"batch_interval_s": 0.1},
+        }
+    )
+    with serve(build_app(config, home)) as url:
+        yield url
+
+
+def completion(**fields) -> dict:
+    return {
+        "model": "tiny-chat",
+        "prompt": "The capital of France is",
+        "ignore_eos": True,
+        **fields,
+    }
+
+
+def test_the_usage_log_equals_vllms_own_token_counters(tiny_server, gateway):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    post = f"{gateway}/v1/completions"
+    before, start = settled(tiny_server.url), time.time()
+    assert httpx.post(post, json=completion(max_tokens=7), headers=headers).status_code == 200
+    assert httpx.post(post, json=completion(max_tokens=9, stream=True), headers=headers).is_success
+    two = completion(max_tokens=5, n=2, stream=True)
+    assert httpx.post(post, json=two, headers=headers).status_code == 200
+    too_long = completion(max_tokens=100_000)  # over the 256-token context: vLLM refuses it
+    assert httpx.post(post, json=too_long, headers=headers).status_code == 400
+    complete_rows = 4
+    after_complete = settled(tiny_server.url)
+    with httpx.stream(
+        "POST", post, json=completion(max_tokens=200, stream=True), headers=headers
+    ) as r:
+        read = 0
+        for line in r.iter_lines():
+            read += line.startswith("data: ")
+            if read == 3:
+                break  # leaving the block hangs up
+    after = settled(tiny_server.url)
+    deadline = time.monotonic() + 10
+    while len(rows := read_usage(start, time.time() + 1)) < complete_rows + 1:
+        assert time.monotonic() < deadline, "the usage rows were not written"
+        time.sleep(0.1)
+
+    done, left = rows.iloc[:complete_rows], rows.iloc[complete_rows]
+    assert list(done.completion_tokens) == [7, 9, 10, 0] and list(done.status) == [
+        200,
+        200,
+        200,
+        400,
+    ]
+    assert done.tokens_from.isna().all()  # every count came from vLLM itself
+    # Completed requests: exact, both counters. vLLM runs each of n choices as its own request and
+    # counts the prompt once per choice; usage (like OpenAI's) counts it once per request.
+    choices = [1, 1, 2, 1]
+    assert (done.prompt_tokens * choices).sum() == after_complete[0] - before[0]
+    assert done.completion_tokens.sum() == after_complete[1] - before[1]
+    # The hang-up: its prompt exactly; the tokens it was relayed are charged, and vLLM stopped
+    # well short of 200, generating at most the few tokens in flight beyond them.
+    assert left.error_kind == "client_disconnected" and left.completion_tokens >= 3
+    assert left.prompt_tokens == after[0] - after_complete[0]
+    generated = after[1] - after_complete[1]
+    assert left.completion_tokens <= generated < 200, (left.completion_tokens, generated)
