@@ -175,12 +175,18 @@ def rollout_run(
     model: str, candidate: str, policy: str, gateway_url: str | None, candidate_url: str | None
 ) -> None:
     """Roll CANDIDATE (version, alias or variant) of MODEL out against its champion."""
+    from configs.loader import ConfigError
+    from configs.rollout import load_rollout_policy
     from flows.rollout import rollout as rollout_flow
     from tasks.engines import EngineError
     from tasks.gateway_admin import GatewayAdminError
     from tasks.rollout.plan import RolloutRefused
     from tasks.rollout.reconcile import ReconcileError, Unsettled
 
+    try:  # a bad policy is refused here, before a flow run starts and fails on it
+        load_rollout_policy(policy)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
     try:
         click.echo(rollout_flow(model, candidate, policy, gateway_url, candidate_url))
     except RolloutRefused as e:

@@ -100,3 +100,19 @@ def test_tenant_first_is_a_stage_of_its_own_sharing_alpha() -> None:
     ]
     assert [s.max_seconds for s in stages] == [30, 30, 60]
     assert sum(s.analysis.alpha for s in stages) == pytest.approx(policy.analysis.alpha)
+
+
+def test_the_cli_refuses_a_bad_policy_before_a_flow_starts(tmp_path: Path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    import flows.rollout
+    from flows.cli import cli
+
+    def started(*args, **kwargs):
+        raise AssertionError("the rollout flow started on a bad policy")
+
+    monkeypatch.setattr(flows.rollout, "rollout", started)
+    bad = write(tmp_path, {"steps": [50, 100], "analysis": {"burn_in": 1}})
+    result = CliRunner().invoke(cli, ["rollout", "run", "m", "2", "--policy", str(bad)])
+    assert result.exit_code == 1, result.output
+    assert "analysis.burn_in" in result.output and "greater than or equal to 2" in result.output
