@@ -217,6 +217,36 @@ class StateSpec(Strict):
         return value
 
 
+class LimitsSpec(Strict):
+    """How a request's tokens are bounded at admission, for tenants with `tpm` or a
+    `monthly_token_budget`: the bound is held against those limits while the request runs, then
+    replaced by the tokens it used (serving/gateway/limits.py).
+
+    The gateway has no tokenizer: a prompt's text is bounded by its UTF-8 bytes (a byte-level
+    tokenizer's token stands for at least one byte), and what a chat template or the tokenizer adds
+    around the text (role markers, BOS) by a fixed allowance per message.
+    """
+
+    template_tokens_per_message: int = Field(
+        16,
+        ge=0,
+        description="tokens a chat template may add per message, and once more per request (the "
+        "assistant's header); per prompt on /v1/completions (special tokens)",
+    )
+    default_max_tokens: int = Field(
+        1024,
+        ge=1,
+        description="the max_tokens given to a request that names none, of a tenant with token "
+        "limits and no max_tokens_cap (without one its completion would have no bound)",
+    )
+    hold_ttl_s: int = Field(
+        900,
+        ge=60,
+        description="Redis only: a reservation not settled within this long (its gateway died "
+        "mid-request) stops counting against the tenant's limits",
+    )
+
+
 class StatsSpec(Strict):
     samples: int = Field(
         4096, ge=16, description="raw samples kept per backend and measure since the last reset"
@@ -237,6 +267,7 @@ class GatewayConfig(Strict):
     breaker: BreakerSpec = BreakerSpec()
     usage: UsageSpec = UsageSpec()
     stats: StatsSpec = StatsSpec()
+    limits: LimitsSpec = LimitsSpec()
     state: StateSpec = StateSpec()
     routes: tuple[RouteSpec, ...] = Field(
         (), description="seeds an empty state store; once it holds routes, the store's win"

@@ -5,8 +5,10 @@ Request path, outermost first:
   MetricsMiddleware    counts the response by tenant and status
   ErrorMiddleware      renders GatewayError in the OpenAI error shape
   AuthMiddleware       tenant key on /v1, admin token on /admin
-  RateLimitMiddleware  admits against the tenant's limits; charges tokens afterwards
   router               completions (raw ASGI) / models / health / ready / metrics / admin
+
+The completions endpoints admit a request against its tenant's limits themselves, once the body is
+parsed: the tokens held for it at admission are bounded by its prompt and max_tokens (limits.py).
 
 build_app makes every part without I/O and gives each middleware and endpoint the parts it uses,
 as Starlette's own middleware takes its options. Lifespan only opens them (connections and tasks
@@ -31,7 +33,7 @@ from configs.home import Home
 from serving.gateway.admin import AdminAPI
 from serving.gateway.auth import AuthMiddleware
 from serving.gateway.errors import ErrorMiddleware, http_exception_handler
-from serving.gateway.limits import Limiter, LocalLimiter, RateLimitMiddleware, RedisLimiter
+from serving.gateway.limits import Limiter, LocalLimiter, RedisLimiter
 from serving.gateway.metrics import (
     GatewayCollector,
     MetricsMiddleware,
@@ -60,7 +62,9 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
     )
     upstream = Upstream(config.timeouts)
     limiter: Limiter = (
-        RedisLimiter(config.redis_url, config.redis_prefix) if config.redis_url else LocalLimiter()
+        RedisLimiter(config.redis_url, config.redis_prefix, config.limits.hold_ttl_s)
+        if config.redis_url
+        else LocalLimiter()
     )
     usage = UsageLog(sink_for(config.usage.url or default_url(home)), config.usage)
     responses: Responses = Counter()
@@ -82,7 +86,13 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
 
     def completions(endpoint: str) -> Completions:
         return Completions(
-            endpoint, current, upstream, config.canary_default, config.max_body_bytes
+            endpoint,
+            current,
+            upstream,
+            limiter,
+            config.limits,
+            config.canary_default,
+            config.max_body_bytes,
         )
 
     models = Models(current)
@@ -108,7 +118,6 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
             Middleware(MetricsMiddleware, responses=responses),
             Middleware(ErrorMiddleware),
             Middleware(AuthMiddleware, tenants=tenants, admin_hash=config.admin_token_sha256),
-            Middleware(RateLimitMiddleware, limiter=limiter),
         ],
         exception_handlers={HTTPException: http_exception_handler},
         lifespan=lifespan,

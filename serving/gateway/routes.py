@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from configs.gateway import LimitsSpec
 from serving.gateway.attempt import Attempt, AttemptFailed
 from serving.gateway.choice import choose, fallback, point_for, takes_canary
 from serving.gateway.codec import dumps
@@ -24,8 +25,9 @@ from serving.gateway.errors import (
     model_not_found,
 )
 from serving.gateway.exchange import Exchange
+from serving.gateway.limits import Limiter, reservation
 from serving.gateway.proxy import Upstream
-from serving.gateway.routing import Backend, CurrentTable
+from serving.gateway.routing import Backend, CurrentTable, Route
 from serving.gateway.shape import apply_tenant_bounds
 from serving.gateway.tokens import Asked, ask_for_usage
 from serving.gateway.validation import parse_request, prompt_count, prompt_text
@@ -73,6 +75,8 @@ class Completions:
         endpoint: str,
         current: CurrentTable,
         upstream: Upstream,
+        limiter: Limiter,
+        limits: LimitsSpec,
         canary_default: str,
         max_body_bytes: int,
     ) -> None:
@@ -80,6 +84,8 @@ class Completions:
         self.chat = endpoint == "chat"
         self.current = current
         self.upstream = upstream
+        self.limiter = limiter
+        self.limits = limits
         self.canary_default = canary_default
         self.max_body_bytes = max_body_bytes
 
@@ -91,7 +97,27 @@ class Completions:
         if route is None:
             raise model_not_found(model, param="model")
         tenant = exchange.tenant
-        apply_tenant_bounds(tenant, data, self.endpoint)
+        apply_tenant_bounds(tenant, data, self.endpoint, self.limits.default_max_tokens)
+        # Admitted only now that the request's reservation is known; settled exactly once, when
+        # it is done however it ends, with the tokens the relay counted (0 if none were made).
+        reserved = reservation(tenant, data, self.endpoint, self.limits)
+        hold = await self.limiter.admit(tenant, reserved)
+        try:
+            await self._serve(scope, receive, send, exchange, route, data)
+        finally:
+            await self.limiter.settle(tenant, hold, exchange.tokens)
+
+    async def _serve(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        exchange: Exchange,
+        route: Route,
+        data: dict[str, Any],
+    ) -> None:
+        """Route the admitted request and relay its answer; a failed canary is retried on stable."""
+        tenant = exchange.tenant
         if tenant.log_prompts:
             exchange.prompt = prompt_text(data, self.endpoint)
         asked = NOT_STREAMED

@@ -3,7 +3,9 @@
 Applied once the tenant is known and the body parsed, before anything reaches a backend. A model
 the tenant may not use gets the same 404 as a model that is not served; a request over a bound
 gets a 400 whose message names the field and the limit, with `param` set to the field. A cap on
-max_tokens is also the default of a request that names none, or leaving it out would lift the cap.
+max_tokens is also the default of a request that names none, or leaving it out would lift the cap;
+a tenant with token limits and no cap gives such a request the gateway's
+`limits.default_max_tokens`, so the tokens held for it at admission (limits.py) bound its use.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 from configs.gateway import TenantSpec
 from serving.gateway.errors import BadRequest, model_not_found
+from serving.gateway.limits import token_limited
 from serving.gateway.validation import prompt_bytes
 
 _MAX_TOKENS = ("max_tokens", "max_completion_tokens")
@@ -25,19 +28,22 @@ def _over(field: str, value: int, limit: str, bound: int, unit: str = "") -> Bad
     )
 
 
-def apply_tenant_bounds(tenant: TenantSpec, data: dict[str, Any], endpoint: str) -> None:
-    """Refuse a request outside the tenant's bounds; give one that names no max_tokens the cap."""
+def apply_tenant_bounds(
+    tenant: TenantSpec, data: dict[str, Any], endpoint: str, default_max_tokens: int
+) -> None:
+    """Refuse a request outside the tenant's bounds; give one that names no max_tokens the cap,
+    or `default_max_tokens` when the tenant has token limits but no cap."""
     model = data["model"]
     if tenant.models is not None and model not in tenant.models:
         raise model_not_found(model, param="model")
     cap = tenant.max_tokens_cap
-    if cap is not None:
+    if cap is not None or token_limited(tenant):
         named = [(field, data[field]) for field in _MAX_TOKENS if data.get(field) is not None]
         for field, value in named:
-            if value > cap:
+            if cap is not None and value > cap:
                 raise _over(field, value, "max_tokens_cap", cap)
         if not named:
-            data["max_tokens"] = cap
+            data["max_tokens"] = cap if cap is not None else default_max_tokens
     n = data.get("n")
     if tenant.max_n is not None and n is not None and n > tenant.max_n:
         raise _over("n", n, "max_n", tenant.max_n)

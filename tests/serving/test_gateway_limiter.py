@@ -1,16 +1,17 @@
-"""The in-process limiter on a hand-stepped clock: the sliding minute, tokens, the monthly
-budget."""
+"""The in-process limiter on a hand-stepped clock: the sliding minute, token reservations held
+until settled, the monthly budget; and the reservation a request holds."""
 
 from __future__ import annotations
 
 from collections.abc import Coroutine
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
-from configs.gateway import TenantSpec
-from serving.gateway.errors import RateLimited
-from serving.gateway.limits import LocalLimiter
+from configs.gateway import LimitsSpec, TenantSpec
+from serving.gateway.errors import BadRequest, RateLimited
+from serving.gateway.limits import Hold, LocalLimiter, reservation
 
 T0 = 1_750_000_000.0  # a whole second, mid-month
 
@@ -27,23 +28,37 @@ def tenant(**limits: int) -> TenantSpec:
     return TenantSpec(name="alice", key_sha256="0" * 64, **limits)
 
 
-def at_once(step: Coroutine) -> None:
-    """Run a coroutine that must finish without awaiting: check and take are one atomic step."""
-    with pytest.raises(StopIteration):
+def at_once(step: Coroutine) -> Any:
+    """Run a coroutine that must finish without awaiting (check and take are one atomic step);
+    its result."""
+    with pytest.raises(StopIteration) as done:
         step.send(None)
+    return done.value.value
 
 
-def admit(limiter: LocalLimiter, who: TenantSpec) -> RateLimited | None:
+def admit(limiter: LocalLimiter, who: TenantSpec, reserved: int = 0) -> RateLimited | None:
     """None when admitted, else the refusal."""
     try:
-        at_once(limiter.admit(who))
+        at_once(limiter.admit(who, reserved))
     except RateLimited as refusal:
         return refusal
     return None
 
 
-def charge(limiter: LocalLimiter, who: TenantSpec, tokens: int) -> None:
-    at_once(limiter.charge(who, tokens))
+def reserve(limiter: LocalLimiter, who: TenantSpec, reserved: int) -> Hold:
+    """Admit a request holding `reserved` tokens (it must be admitted)."""
+    hold = at_once(limiter.admit(who, reserved))
+    assert isinstance(hold, Hold) and hold.tokens == reserved
+    return hold
+
+
+def settle(limiter: LocalLimiter, who: TenantSpec, hold: Hold, tokens: int) -> None:
+    at_once(limiter.settle(who, hold, tokens))
+
+
+def spend(limiter: LocalLimiter, who: TenantSpec, tokens: int) -> None:
+    """One request that reserved and used exactly `tokens`."""
+    settle(limiter, who, reserve(limiter, who, tokens), tokens)
 
 
 def epoch(*when: int) -> float:
@@ -78,52 +93,123 @@ def test_refused_requests_take_nothing_from_the_limit():
     assert admit(limiter, alice) is None
 
 
-def test_tokens_count_when_charged_after_the_response_not_at_admission():
+def test_a_reservation_is_held_until_settled_and_only_the_tokens_used_stay_charged():
     clock, alice = Clock(), tenant(tpm=10)
     limiter = LocalLimiter(clock)
-    for _ in range(5):
-        assert admit(limiter, alice) is None  # tokens are unknown until a response is complete
-    charge(limiter, alice, 6)
-    assert admit(limiter, alice) is None  # 6 of 10 used
+    first = reserve(limiter, alice, 6)
+    refused = admit(limiter, alice, 5)  # 6 held + 5 > 10, though nothing is used yet
+    assert refused.type == "tokens" and refused.retry_after == 1
+    second = reserve(limiter, alice, 4)  # 6 + 4 = 10: exactly the limit
+    assert admit(limiter, alice, 1) is not None
+    settle(limiter, alice, first, 2)  # used less than it held: 2 used + 4 held
+    assert admit(limiter, alice, 5) is not None
+    third = reserve(limiter, alice, 4)  # 2 + 4 + 4 = 10
+    settle(limiter, alice, second, 0)  # failed before any token: all of it released
+    settle(limiter, alice, third, 4)
+    assert admit(limiter, alice, 5) is not None  # 6 used
+    reserve(limiter, alice, 4)
+
+
+def test_a_request_that_uses_more_than_it_held_is_charged_all_it_used():
+    clock, alice = Clock(), tenant(tpm=10)
+    limiter = LocalLimiter(clock)
+    settle(limiter, alice, reserve(limiter, alice, 3), 8)  # a prompt over its bound
+    assert admit(limiter, alice, 3) is not None  # 8 used + 3 > 10
+    reserve(limiter, alice, 2)
+
+
+def test_settled_tokens_leave_the_window_a_minute_after_they_were_charged():
+    clock, alice = Clock(), tenant(tpm=10)
+    limiter = LocalLimiter(clock)
+    hold = reserve(limiter, alice, 10)
     clock.now = T0 + 20
-    charge(limiter, alice, 6)
-    refused = admit(limiter, alice)
-    assert refused.type == "tokens" and refused.retry_after == 40
-    clock.now = T0 + 60  # the first 6 have left the window
-    assert admit(limiter, alice) is None
+    settle(limiter, alice, hold, 6)  # charged at T0 + 20, not at admission
+    clock.now = T0 + 30
+    refused = admit(limiter, alice, 5)
+    assert refused.type == "tokens" and refused.retry_after == 50
+    clock.now = T0 + 79.9
+    assert admit(limiter, alice, 5) is not None
+    clock.now = T0 + 80
+    reserve(limiter, alice, 10)
 
 
 def test_the_monthly_budget_holds_until_the_month_rolls_over():
     clock, bob = Clock(epoch(2025, 1, 31, 23, 59)), tenant(monthly_token_budget=12)
     limiter = LocalLimiter(clock)
-    charge(limiter, bob, 7)
-    assert admit(limiter, bob) is None
-    charge(limiter, bob, 5)
-    refused = admit(limiter, bob)
+    spend(limiter, bob, 7)
+    hold = reserve(limiter, bob, 5)
+    refused = admit(limiter, bob, 1)  # 7 spent + 5 held
     assert refused.code == "insufficient_quota" and refused.retry_after == 60
+    assert "monthly token budget" in refused.message
+    settle(limiter, bob, hold, 5)
+    assert admit(limiter, bob, 1) is not None
     clock.now = epoch(2025, 2, 1, 0, 0, 1)
-    assert admit(limiter, bob) is None  # a new month, a new budget
-    charge(limiter, bob, 11)
-    assert admit(limiter, bob) is None
-    charge(limiter, bob, 1)
-    assert admit(limiter, bob).code == "insufficient_quota"
+    spend(limiter, bob, 11)  # a new month, a new budget
+    assert admit(limiter, bob, 2) is not None
+    spend(limiter, bob, 1)
+    assert admit(limiter, bob, 1).code == "insufficient_quota"
 
 
-def test_tokens_charged_first_in_a_new_month_count_against_that_month():
+def test_tokens_settled_first_in_a_new_month_count_against_that_month():
     clock, bob = Clock(epoch(2025, 12, 31, 23, 59, 30)), tenant(monthly_token_budget=10)
     limiter = LocalLimiter(clock)
-    charge(limiter, bob, 10)
-    assert admit(limiter, bob).retry_after == 30  # December rolls over into next year
+    spend(limiter, bob, 6)
+    hold = reserve(limiter, bob, 4)
+    assert admit(limiter, bob, 1).retry_after == 30  # December rolls over into next year
     clock.now = epoch(2026, 1, 1, 0, 0, 5)
-    charge(limiter, bob, 4)  # the charge, not an admission, sees the new month first
-    assert admit(limiter, bob) is None
-    charge(limiter, bob, 6)
-    assert admit(limiter, bob) is not None
+    settle(limiter, bob, hold, 4)  # the settle, not an admission, sees the new month first
+    spend(limiter, bob, 6)
+    assert admit(limiter, bob, 1) is not None
 
 
 @pytest.mark.parametrize("tokens", [0, 100])
-def test_a_tenant_without_limits_is_never_refused(tokens):
+def test_a_tenant_without_limits_is_never_refused_and_holds_nothing(tokens):
     limiter, carol = LocalLimiter(Clock()), tenant()
     for _ in range(1000):
-        charge(limiter, carol, tokens)
-        assert admit(limiter, carol) is None
+        hold = at_once(limiter.admit(carol, 0))
+        assert hold is None
+        at_once(limiter.settle(carol, hold, tokens))
+
+
+LIMITS = LimitsSpec(template_tokens_per_message=16)
+
+
+def test_a_chat_reservation_bounds_prompt_template_and_every_choice():
+    messages = [
+        {"role": "system", "content": "héllo"},  # 6 bytes
+        {"role": "user", "content": [{"type": "text", "text": "abc"}, {"type": "image_url"}]},
+    ]
+    data = {"model": "m", "messages": messages, "max_tokens": 10, "n": 3}
+    # 9 bytes, 16 per message and once more, 10 tokens for each of 3 choices
+    assert reservation(tenant(tpm=1000), data, "chat", LIMITS) == 9 + 16 * 3 + 30
+    data["max_completion_tokens"] = 20  # both named: the larger bounds the completion
+    assert reservation(tenant(tpm=1000), data, "chat", LIMITS) == 9 + 48 + 60
+
+
+def test_a_completions_reservation_counts_each_prompt():
+    texts = {"model": "m", "prompt": ["ab", "cde"], "max_tokens": 4, "n": 2}
+    assert reservation(tenant(tpm=1000), texts, "completions", LIMITS) == 5 + 32 + 4 * 2 * 2
+    ids = {"model": "m", "prompt": [1, 2, 3], "max_tokens": 4}
+    assert reservation(tenant(tpm=1000), ids, "completions", LIMITS) == 3 + 16 + 4
+
+
+def test_no_reservation_for_a_tenant_without_token_limits_and_none_below_zero():
+    data = {"model": "m", "messages": [{"role": "user", "content": "x" * 100}], "max_tokens": 5}
+    assert reservation(tenant(rpm=5), data, "chat", LIMITS) == 0
+    data.update(max_tokens=-1000, n=-3)  # must not lower what the tenant's other requests hold
+    assert reservation(tenant(tpm=1000), data, "chat", LIMITS) == 100 + 32
+
+
+@pytest.mark.parametrize(
+    ("limit", "value"), [("tpm", 50), ("monthly_token_budget", 50)], ids=["tpm", "budget"]
+)
+def test_a_reservation_over_the_whole_limit_is_refused_as_one_never_admitted(limit, value):
+    data = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
+    assert reservation(tenant(**{limit: value}), data, "chat", LIMITS) == 2 + 32 + 16  # fits
+    data["max_tokens"] = 17
+    with pytest.raises(BadRequest) as refused:
+        reservation(tenant(**{limit: value}), data, "chat", LIMITS)
+    error = refused.value
+    assert error.status == 400 and error.param == "max_tokens"
+    assert error.code == "reservation_over_limit"
+    assert "up to 51 tokens" in error.message and f"whole {limit} of 50" in error.message

@@ -54,9 +54,10 @@ def test_exactly_rpm_requests_admitted_across_two_instances(mock, keys, run_gate
 @pytest.mark.parametrize("shared", [False, True])
 def test_token_limits_and_budget(mock, keys, run_gateway, redis_prefix, shared):
     _, url = mock
-    tenants = [keys.tenant("alice", tpm=10), keys.tenant("bob", monthly_token_budget=12)]
+    tenants = [keys.tenant("alice", tpm=17), keys.tenant("bob", monthly_token_budget=17)]
     extra = {"redis_url": REDIS_URL, "redis_prefix": redis_prefix} if shared else {}
-    with run_gateway(keys.config([wide(url)], tenants, **extra)) as base:
+    limits = {"template_tokens_per_message": 0}
+    with run_gateway(keys.config([wide(url)], tenants, limits=limits, **extra)) as base:
 
         def post(tenant: str, **body):
             return httpx.post(
@@ -65,7 +66,10 @@ def test_token_limits_and_budget(mock, keys, run_gateway, redis_prefix, shared):
                 headers={"Authorization": f"Bearer {keys.key(tenant)}"},
             )
 
-        # Each call: 2 prompt + 4 completion tokens = 6, streamed or not.
+        # Each call holds 7 prompt bytes + max_tokens 4 = 11 and uses 2 prompt + 4 completion = 6
+        # tokens, streamed or not: a third call is refused with 5 tokens left, which cannot hold 11.
+        r = post("alice", max_tokens=20)  # 27 held: more than the whole limit, never admitted
+        assert r.status_code == 400 and r.json()["error"]["code"] == "reservation_over_limit"
         assert post("alice", max_tokens=4).status_code == 200
         assert post("alice", max_tokens=4, stream=True).status_code == 200
         r = post("alice", max_tokens=4)
