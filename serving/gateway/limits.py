@@ -42,12 +42,11 @@ from redis.exceptions import RedisError
 
 from configs.gateway import LimitsSpec, TenantSpec
 from serving.gateway.errors import BadRequest, RateLimited
-from serving.gateway.validation import prompt_bytes, prompt_count
+from serving.gateway.validation import MAX_TOKENS_FIELDS, prompt_bytes, prompt_count
 
 log = logging.getLogger("serving.gateway")
 
 WINDOW_S = 60
-_MAX_TOKENS = ("max_tokens", "max_completion_tokens")
 
 
 def _month(now: float) -> str:
@@ -77,7 +76,7 @@ def reservation(tenant: TenantSpec, data: dict[str, Any], endpoint: str, limits:
     else:
         prompts = prompt_count(data, endpoint)
         template = per_message * prompts
-    named = [data[f] for f in _MAX_TOKENS if data.get(f) is not None]
+    named = [data[f] for f in MAX_TOKENS_FIELDS if data.get(f) is not None]
     # Clamped: a negative max_tokens or n, refused by vLLM only after admission, must not lower
     # what the tenant holds.
     max_tokens = max([0, *named])

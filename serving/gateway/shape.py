@@ -15,9 +15,7 @@ from typing import Any
 from configs.gateway import TenantSpec
 from serving.gateway.errors import BadRequest, model_not_found
 from serving.gateway.limits import token_limited
-from serving.gateway.validation import prompt_bytes
-
-_MAX_TOKENS = ("max_tokens", "max_completion_tokens")
+from serving.gateway.validation import MAX_TOKENS_FIELDS, prompt_bytes
 
 
 def _over(field: str, value: int, limit: str, bound: int, unit: str = "") -> BadRequest:
@@ -38,7 +36,7 @@ def apply_tenant_bounds(
         raise model_not_found(model, param="model")
     cap = tenant.max_tokens_cap
     if cap is not None or token_limited(tenant):
-        named = [(field, data[field]) for field in _MAX_TOKENS if data.get(field) is not None]
+        named = [(field, data[field]) for field in MAX_TOKENS_FIELDS if data.get(field) is not None]
         for field, value in named:
             if cap is not None and value > cap:
                 raise _over(field, value, "max_tokens_cap", cap)

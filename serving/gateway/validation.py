@@ -12,6 +12,7 @@ from serving.gateway.codec import JSONDecodeError, loads
 from serving.gateway.errors import BadRequest
 
 _NUMBER = (int, float)
+MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")  # either bounds the completion
 # field -> (accepted types, description); bool is refused where a number is expected.
 _TYPED: dict[str, tuple[tuple[type, ...], str]] = {
     "stream": ((bool,), "a boolean"),

@@ -56,18 +56,22 @@ def events(base: str, key: str, body: dict) -> list[dict | str]:
     return [d if d == "[DONE]" else json.loads(d) for d in datas]
 
 
-def test_a_client_that_hangs_up_after_3_chunks_is_charged_what_was_generated(
-    slow_mock, keys, run_gateway, redis_prefix
-):
-    upstream, url = slow_mock
-    tenants = [keys.tenant("alice", monthly_token_budget=1_000_000)]
-    config = keys.config(
+def budgeted(keys, url: str, redis_prefix: str):
+    """Alice with a monthly budget on the shared (Redis) limiter, usage written every 0.1 s."""
+    return keys.config(
         [backend(url, "1")],
-        tenants,
+        [keys.tenant("alice", monthly_token_budget=1_000_000)],
         redis_url=REDIS_URL,
         redis_prefix=redis_prefix,
         usage={"batch_interval_s": 0.1},
     )
+
+
+def test_a_client_that_hangs_up_after_3_chunks_is_charged_what_was_generated(
+    slow_mock, keys, run_gateway, redis_prefix
+):
+    upstream, url = slow_mock
+    config = budgeted(keys, url, redis_prefix)
     start = time.time()
     body = chat("one two three", max_tokens=200, stream=True)
     headers = {"Authorization": f"Bearer {keys.key('alice')}"}
@@ -98,14 +102,7 @@ def test_a_stream_without_usage_is_counted_from_its_content_and_flagged(
 ):
     upstream, url = mock
     upstream.faults["served-1"] = Fault(no_usage=True)
-    tenants = [keys.tenant("alice", monthly_token_budget=1_000_000)]
-    config = keys.config(
-        [backend(url, "1")],
-        tenants,
-        redis_url=REDIS_URL,
-        redis_prefix=redis_prefix,
-        usage={"batch_interval_s": 0.1},
-    )
+    config = budgeted(keys, url, redis_prefix)
     start = time.time()
     body = chat("one two", max_tokens=5, stream=True, stream_options={"include_usage": True})
     headers = {"Authorization": f"Bearer {keys.key('alice')}"}
