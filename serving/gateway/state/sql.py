@@ -67,6 +67,25 @@ class _Connection(Protocol):
     async def close(self) -> None: ...
 
 
+_BUSY_S = 5  # how long a connection waits for another's lock before it gives up
+
+
+def _wal(db: sqlite3.Connection) -> None:
+    """Put the database in WAL mode (readers go on beside the writer). The switch needs the
+    database to itself, and SQLite refuses it at once, without its busy timeout, while other
+    connections open the same new file (instances starting together): so it is retried for as
+    long as that timeout."""
+    deadline = time.monotonic() + _BUSY_S
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class _SQLite:
     """sqlite3 on a thread of its own, one statement per hop; transactions are BEGIN IMMEDIATE.
 
@@ -87,8 +106,8 @@ class _SQLite:
             path.parent.mkdir(parents=True, exist_ok=True)
             # Autocommit (isolation_level=None): transactions are explicit; timeout: wait for a
             # writer in another connection instead of failing at once.
-            db = sqlite3.connect(path, isolation_level=None, timeout=5)
-            db.execute("PRAGMA journal_mode=WAL")
+            db = sqlite3.connect(path, isolation_level=None, timeout=_BUSY_S)
+            _wal(db)
             return db
 
         thread = ThreadPoolExecutor(1, thread_name_prefix="gateway-state")
