@@ -97,7 +97,7 @@ bench-gateway: setup
 
 ## bench-canary: simulated rollouts, Slipway's sequential analysis vs Flagger's defaults; bench/canary.{json,md}
 bench-canary: setup
-	$(SLIPWAY) bench canary --runs 1000
+	$(SLIPWAY) bench canary --runs 1000 --aa-runs 3000
 
 ## bench-loadgen: the load generator vs `vllm bench serve` on one vLLM serving the embedded model (~8 min)
 bench-loadgen: setup

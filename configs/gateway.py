@@ -79,6 +79,19 @@ class BackendSpec(Strict):
         return value
 
 
+class MirrorSpec(Strict):
+    """Copies of stable's requests sent to one canary for analysis only (a rollout's shadow
+    phase): the client gets stable's answer, the copy is never billed."""
+
+    to: str = Field(min_length=1, description="the canary version that gets the copies")
+    rate_rps: float = Field(
+        gt=0, allow_inf_nan=False, description="at most this many copies per second"
+    )
+    share: float = Field(
+        1.0, gt=0, le=1, description="the share of stable's requests copied, within rate_rps"
+    )
+
+
 class RouteSpec(Strict):
     """A public model name and the backends that serve it."""
 
@@ -89,6 +102,7 @@ class RouteSpec(Strict):
         description="'opted_in': only tenants with canary: in reach a canary (a rollout's "
         "tenant-first stage)",
     )
+    mirror: MirrorSpec | None = Field(None, description="copy stable's requests to a canary")
 
     @model_validator(mode="after")
     def _consistent(self) -> RouteSpec:
@@ -101,6 +115,11 @@ class RouteSpec(Strict):
             raise ValueError(f"route '{self.model}' needs at least one backend with role 'stable'")
         if sum(b.weight for b in self.backends) <= 0:
             raise ValueError(f"route '{self.model}': at least one backend needs a weight above 0")
+        mirror = self.mirror
+        if mirror and not any(b.version == mirror.to and b.role == "canary" for b in self.backends):
+            raise ValueError(
+                f"route '{self.model}': mirror.to '{mirror.to}' is not one of its canary backends"
+            )
         return self
 
 

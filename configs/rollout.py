@@ -47,6 +47,71 @@ class Slos(Strict):
     error_rate: float | None = Field(default=None, gt=0, lt=1, description="error-rate ceiling")
 
 
+class QualityPolicy(Strict):
+    """How a mirrored answer is compared with stable's (evaluation/quality/agreement.py and
+    logprob.py), and how many degraded answers the canary may give. A quantized model never
+    matches its base token for token, so an answer counts as degraded only when the canary finds
+    stable's answer much less likely than stable does (or, without log-probabilities, when its
+    text leaves stable's far behind), refuses, breaks the asked format or changes length."""
+
+    logprob: bool = Field(
+        default=True,
+        description="judge an answer by the canary's log-probability of stable's answer where the "
+        "engines give prompt log-probabilities (vLLM does), by its text elsewhere",
+    )
+    max_logprob_drop: float = Field(
+        default=0.3,
+        gt=0,
+        description="nats per token: the canary finding stable's answer less likely than stable "
+        "does by more than this is a degraded answer",
+    )
+    min_agreement: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="without log-probabilities: token agreement with stable's answer (F1 over "
+        "words) below which the canary's answer is degraded",
+    )
+    max_length_ratio: float = Field(
+        default=2.0, gt=1, description="an answer this many times longer or shorter is degraded"
+    )
+    accepted: float = Field(
+        default=0.2,
+        ge=0,
+        lt=1,
+        description="share of degraded answers accepted for a candidate that passed its "
+        "release evaluation",
+    )
+    margin: float = Field(
+        default=0.1, gt=0, lt=1, description="absolute excess over `accepted` that is worse"
+    )
+
+    @model_validator(mode="after")
+    def _below_one(self) -> QualityPolicy:
+        if self.accepted + self.margin >= 1:
+            raise ValueError(
+                f"accepted + margin = {self.accepted + self.margin:g} would accept every answer "
+                "degraded; keep their sum below 1"
+            )
+        return self
+
+
+class ShadowPolicy(Strict):
+    """A shadow phase before any user reaches the canary: the gateway copies stable's requests
+    to it (the client gets stable's answer) and the copies are judged in pairs with stable's."""
+
+    rate_rps: float = Field(
+        default=1.0, gt=0, description="at most this many copies per second (the canary's load)"
+    )
+    min_pairs: int = Field(default=50, ge=1, description="mirrored pairs before it may pass")
+    max_seconds: float = Field(default=600, gt=0, description="time limit of the shadow phase")
+    every_step: bool = Field(
+        default=True,
+        description="keep mirroring at every live step: latency is then compared on pairs and "
+        "answers stay judged",
+    )
+
+
 class AnalysisPolicy(Strict):
     """How one step's canary-vs-stable analysis decides (see evaluation/canary.py for the tests)."""
 
@@ -68,6 +133,7 @@ class AnalysisPolicy(Strict):
     )
     min_samples: int = Field(default=100, ge=1, description="canary requests before 'not worse'")
     slos: Slos = Slos()
+    quality: QualityPolicy = QualityPolicy()
 
 
 class RolloutPolicy(Strict):
@@ -101,6 +167,9 @@ class RolloutPolicy(Strict):
     synthetic_rate: float = Field(default=1.0, gt=0, description="synthetic requests per second")
     webhook_url: AnyHttpUrl | None = Field(
         default=None, description="told of every step and verdict"
+    )
+    shadow: ShadowPolicy | None = Field(
+        default=None, description="a mirrored phase first, judged before any user sees the canary"
     )
 
     @field_validator("steps")
@@ -158,24 +227,32 @@ class RolloutPolicy(Strict):
             return value if isinstance(value, list) else [value] * len(judged)
 
         min_samples, max_seconds = each(self.min_samples), each(self.max_seconds)
-        # (weight, audience, index of the step whose limits apply)
-        plan = [(w, "everyone", i) for i, w in enumerate(judged)]
+        shadow = self.shadow
+        mirror = shadow.rate_rps if shadow and shadow.every_step else None
+        # (weight, audience, time limit, canary requests before it may pass, mirrored copies/s)
+        plan = [
+            (w, "everyone", float(max_seconds[i]), min_samples[i], mirror)
+            for i, w in enumerate(judged)
+        ]
         if self.tenant_first:
-            plan.insert(0, (100, "opted_in", 0))
+            plan.insert(0, (100, "opted_in", float(max_seconds[0]), min_samples[0], mirror))
+        if shadow:
+            plan.insert(0, (0, "everyone", shadow.max_seconds, shadow.min_pairs, shadow.rate_rps))
         return [
             Stage(
                 weight=weight,
                 audience=audience,
-                max_seconds=float(max_seconds[i]),
+                max_seconds=seconds,
+                mirror_rps=mirror_rps,
                 analysis=self.analysis.model_copy(
                     update={
                         "alpha": self.analysis.alpha / len(plan),
-                        "min_samples": min_samples[i],
+                        "min_samples": needed,
                         "slos": self.slos,
                     }
                 ),
             )
-            for weight, audience, i in plan
+            for weight, audience, seconds, needed, mirror_rps in plan
         ]
 
 
@@ -184,10 +261,22 @@ class Stage(Strict):
     A tenant-first stage sends every opted-in tenant to the canary (weight 100, audience
     opted_in) and everyone else to stable."""
 
-    weight: int
+    weight: int  # 0: the shadow phase (mirrored copies only)
     audience: Literal["everyone", "opted_in"] = "everyone"
     max_seconds: float
     analysis: AnalysisPolicy
+    mirror_rps: float | None = None  # stable's requests copied to the canary, at most this rate
+
+    @property
+    def shadow(self) -> bool:
+        return self.weight == 0
+
+    @property
+    def label(self) -> str:
+        """How the story names the stage."""
+        if self.shadow:
+            return "shadow (mirrored copies only)"
+        return f"{self.weight}%" + (" of opted-in tenants" if self.audience == "opted_in" else "")
 
 
 def load_rollout_policy(path: str | Path = DEFAULT_POLICY) -> RolloutPolicy:

@@ -690,11 +690,50 @@ def bench_gateway(duration: int, skip_litellm: bool) -> None:
     default=None,
     help="folder for canary.json and canary.md [default: $SLIPWAY_HOME/bench]",
 )
-def bench_canary(runs: int, rate: float, seed: int, policy_path: Path, out: Path | None) -> None:
-    """Simulated rollouts: Slipway's sequential analysis vs a Flagger-like static one."""
+@click.option(
+    "--aa-runs", default=None, type=int, help="rollouts per good canary [default: --runs]"
+)
+@click.option("--tuning", is_flag=True, help="use the tuning half of the recorded latencies")
+def bench_canary(
+    runs: int,
+    rate: float,
+    seed: int,
+    policy_path: Path,
+    out: Path | None,
+    aa_runs: int | None,
+    tuning: bool,
+) -> None:
+    """Simulated rollouts: Slipway's sequential analysis vs Flagger, with and without mirroring."""
     from evaluation.benchmarks import canary as benchmark
 
-    benchmark.run(runs, rate, seed, policy_path, out)
+    benchmark.run(runs, rate, seed, policy_path, out, aa_runs, tuning)
+
+
+@bench.command("arms")
+@click.option("--a", "a", required=True, help="the reference engine, URL=MODEL (e.g. stable)")
+@click.option("--b", "b", required=True, help="the engine judged against it, URL=MODEL")
+@click.option("--rate", default=2.0, show_default=True, help="arrivals per second (the demo's)")
+@click.option("--paired", default=240, show_default=True, help="arrivals sent to both, A-B-B-A")
+@click.option("--split", default=240, show_default=True, help="arrivals sent to one, by a coin")
+@click.option("--max-tokens", default=16, show_default=True, help="as the synthetic load asks")
+@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="folder for samples.jsonl, arms.json, arms.md [default: $SLIPWAY_HOME/bench/arms]",
+)
+def bench_arms(
+    a: str, b: str, rate: float, paired: int, split: int, max_tokens: int, seed: int, out
+) -> None:
+    """Two running engines side by side: B's latency ratios to A and their answers' agreement."""
+    from evaluation.benchmarks import arms as benchmark
+
+    out = out or Home.from_env().root / "bench" / "arms"
+    try:
+        benchmark.run(a, b, rate, paired, split, max_tokens, seed, out)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 @bench.command("signing")

@@ -8,7 +8,7 @@ the one `make up` started unless gateway_url names another. `slipway rollout --h
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -22,6 +22,7 @@ from configs.settings import Settings
 from evaluation.canary import Analysis
 from evaluation.loadgen.background import BackgroundLoad
 from evaluation.loadgen.report import load_prompts
+from evaluation.quality.logprob import Engine, Scorer
 from tasks.engines import RunningVersion, serve_version
 from tasks.gateway_admin import GatewayAdmin, secret
 from tasks.registry import Registry
@@ -100,20 +101,31 @@ def canary_steps(
         announce("paused", plan, {"step": index + 1, "weight": stage.weight}, _url(rules))
 
     registry, model = history.registry, plan.model
+    scorer = Scorer(
+        {b["version"]: Engine(b["url"], b["served_model"]) for b in plan.stable_backends},
+        Engine(running.url, plan.candidate.served_name),
+    )
     steer = Steering(
-        registry, model, plan.candidate.version, running.url, history.look, paused, history.tell
+        registry,
+        model,
+        plan.candidate.version,
+        running.url,
+        history.look,
+        paused,
+        history.tell,
+        scorer,
     )
     add_canary(admin, model, running)
     started = {"stable": plan.stable.version, "run_id": history.run_id}
     announce("started", plan, started, _url(rules))
-    with synthetic_load(rules, admin.url, home, model):
+    with synthetic_load(rules, admin.url, home, model), closing(scorer):
         for index, stage in enumerate(rules.stages()):
             step = judge_step_task(admin, plan, index, stage, rules, steer)
             history.step(step)
             told = {"step": index + 1, "weight": stage.weight, "action": step.action}
             announce("step", plan, told | {"reason": step.reason}, _url(rules))
             if step.action == "rollback":
-                return "rolled_back", f"step {index + 1} ({stage.weight}%): {step.reason}"
+                return "rolled_back", f"step {index + 1} ({stage.label}): {step.reason}"
     promote_task(admin, registry, plan, home)
     return "promoted", "every step judged the canary not worse than stable"
 

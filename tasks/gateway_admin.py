@@ -7,7 +7,7 @@ SLIPWAY_ADMIN_TOKEN or the 0600 file `make up` wrote; it is sent, never logged.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 from pydantic import SecretStr
@@ -62,11 +62,19 @@ class GatewayAdmin:
         return self._call("PUT", f"/admin/routes/{model}", {"backends": backends})
 
     def set_weights(
-        self, model: str, weights: dict[str, float], audience: str | None = None
+        self,
+        model: str,
+        weights: dict[str, float],
+        audience: str | None = None,
+        mirror: dict[str, Any] | Literal["keep"] | None = "keep",
     ) -> dict[str, Any]:
+        """New weights; `audience` None keeps the route's; `mirror` left out keeps the route's
+        mirror, None stops it."""
         body: dict[str, Any] = {"weights": weights}
         if audience is not None:
             body["audience"] = audience
+        if mirror != "keep":
+            body["mirror"] = mirror
         return self._call("POST", f"/admin/routes/{model}/weights", body)
 
     def stats(self, model: str, samples: bool = True) -> dict[str, Any]:

@@ -309,8 +309,20 @@ def markdown(results: list[tuple[str, str, Summary]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(runs: int, rate: float, seed: int, policy_path: Path, out: Path | None) -> None:
-    """Simulate canary rollouts: Slipway's sequential analysis vs a Flagger-like static one."""
+def run(
+    runs: int,
+    rate: float,
+    seed: int,
+    policy_path: Path,
+    out: Path | None,
+    aa_runs: int | None = None,
+    tuning: bool = False,
+) -> None:
+    """Simulate canary rollouts: Slipway's sequential analysis vs a Flagger-like static one, on
+    independent lognormal requests, then with mirroring on real latency shapes
+    (canary_mirrored.py; `aa_runs` rollouts per good canary, default `runs`)."""
+    from evaluation.benchmarks import canary_mirrored
+
     try:
         policy = load_rollout_policy(policy_path)
     except ConfigError as e:
@@ -325,6 +337,9 @@ def run(runs: int, rate: float, seed: int, policy_path: Path, out: Path | None) 
         rng = np.random.default_rng([seed, i, 1])
         sims = [simulate_flagger(rng, flagger, traffic, scenario) for _ in range(runs)]
         results.append(("flagger", scenario.name, summarise(sims)))
+    mirrored, mirrored_info = canary_mirrored.run(
+        runs, aa_runs or runs, rate, seed, policy, held_out=not tuning
+    )
     elapsed = round(time.perf_counter() - started, 1)
 
     out = out or Home.from_env().root / "bench"
@@ -338,6 +353,11 @@ def run(runs: int, rate: float, seed: int, policy_path: Path, out: Path | None) 
         "policy": policy.model_dump(mode="json"),
         "flagger": asdict(flagger),
         "results": [{"method": m, "scenario": sc, **asdict(s)} for m, sc, s in results],
+        "mirrored": {
+            **mirrored_info,
+            "aa_runs": aa_runs or runs,
+            "results": [{"method": m, "scenario": sc, **asdict(s)} for m, sc, s in mirrored],
+        },
     }
     (out / "canary.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(results)
@@ -346,5 +366,12 @@ def run(runs: int, rate: float, seed: int, policy_path: Path, out: Path | None) 
         f"seed {seed}. Slipway: steps {policy.steps}, judged after every request. Flagger: a "
         f"check every {flagger.interval_s:g} s, +{flagger.step_weight}% per passed check up to "
         f"{flagger.max_weight}%, rollback after {flagger.threshold} failed checks.\n\n{table}"
+        f"\n## With mirroring, on real latency shapes\n\n{aa_runs or runs} rollouts per good "
+        f"canary, {runs} per bad one; a shadow phase, then every step judged on mirrored pairs "
+        f"(alpha {policy.analysis.alpha:g}). Recorded pairs: "
+        f"{'tuning half' if tuning else 'held-out half'}.\n\n{markdown(mirrored)}"
     )
-    click.echo(f"{table}\n{elapsed} s; wrote {out / 'canary.json'} and {out / 'canary.md'}")
+    click.echo(
+        f"{table}\n{markdown(mirrored)}\n{elapsed} s; wrote {out / 'canary.json'} and "
+        f"{out / 'canary.md'}"
+    )

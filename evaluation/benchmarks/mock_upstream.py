@@ -6,7 +6,7 @@ which backend answered. Streams honour stream_options as vLLM does: include_usag
 usage-only event, continuous_usage_stats (with it) puts the cumulative usage in every chunk; a
 client that goes away stops the generation, and `generated` records the tokens each stream made.
 Faults are injected per served model name: an error status, latency, a stream that breaks off, a
-server that never answers, one that ignores stream_options (sends no usage).
+server that never answers, one that ignores stream_options (sends no usage), other answers.
 
     slipway bench mock-upstream --port 9000           # for the benchmark
     with serve(MockUpstream()) as url: ...             # in a test: a uvicorn thread on a free port
@@ -34,6 +34,7 @@ class Fault:
     delay_s: float = 0.0  # wait before answering
     break_after: int | None = None  # streams: abort the connection after this many chunks
     no_usage: bool = False  # streams: ignore stream_options, as some OpenAI-compatible servers do
+    word: str = "w"  # answers are word0 word1 ...: another word stands for a different answer
     times: int = -1  # how many requests it applies to; -1: all
     every: int = 1  # the status applies to one request in `every` (others answer normally)
     seen: int = 0
@@ -111,7 +112,8 @@ class MockUpstream:
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if request.get("stream"):
             return await self._stream(send, receive, request, model, chat, n, usage, fault)
-        words = [f"w{i}" for i in range(n)]
+        word = fault.word if fault else "w"
+        words = [f"{word}{i}" for i in range(n)]
         if chat:
             choices = [
                 {
@@ -150,15 +152,16 @@ class MockUpstream:
             f'"model":"{model}","choices":['
         )
         gone = asyncio.ensure_future(receive())  # the body is read: the next message is the end
+        word = fault.word if fault else "w"
         sent = 0
         try:
             while sent < n and not gone.done():  # a client gone stops the generation, as in vLLM
                 if fault and fault.break_after is not None and sent >= fault.break_after:
                     raise ConnectionAbortedError("injected: stream broken")
                 choice = (
-                    f'{{"index":0,"delta":{{"content":"w{sent} "}},"finish_reason":null}}'
+                    f'{{"index":0,"delta":{{"content":"{word}{sent} "}},"finish_reason":null}}'
                     if chat
-                    else f'{{"index":0,"text":"w{sent} ","finish_reason":null}}'
+                    else f'{{"index":0,"text":"{word}{sent} ","finish_reason":null}}'
                 )
                 sent += 1
                 tail = (

@@ -37,6 +37,7 @@ class RequestRecord(Strict):
     prompt_tokens: int | None = None
     tokens_from_usage: bool = False
     error: str | None = None
+    text: str = Field(default="", exclude=True)  # the first choice's answer, not in reports
 
     @property
     def ok(self) -> bool:
@@ -181,7 +182,13 @@ def record_from_stream(
         output_tokens=tokens if tokens is not None else len(times),
         prompt_tokens=usage.get("prompt_tokens") if usage else None,
         tokens_from_usage=tokens is not None,
+        text="".join(_text(data) for _, data in messages if generated(data)),
     )
+
+
+def _text(data: dict[str, Any]) -> str:
+    choice = data["choices"][0]
+    return ((choice.get("delta") or {}).get("content") or "") or (choice.get("text") or "")
 
 
 def summarise(

@@ -5,9 +5,13 @@
   PUT  /admin/routes/{model}              replace the route:
                                           {"backends": [BackendSpec + expected_digest]}
   POST /admin/routes/{model}/weights      {"weights": {"<version>": 90, "<version>": 10},
-                                           "audience": "everyone" | "opted_in" (optional)}
+                                           "audience": "everyone" | "opted_in" (optional),
+                                           "mirror": {"to": "<canary>", "rate_rps": 1} or null
+                                           (optional; null stops mirroring)}
   GET  /admin/stats/{model}?samples=true  live statistics per backend since the last reset
-                                          (synthetic-load tenants apart, under "synthetic")
+                                          (synthetic-load tenants apart, under "synthetic";
+                                          mirrored copies under "shadow", their pairs under
+                                          "pairs")
   POST /admin/stats/{model}/reset         start a new statistics window
 
 A route or weight change is written to the state store first (compare-and-set on the table's
@@ -26,7 +30,7 @@ from pydantic import BaseModel, Field, FiniteFloat, ValidationError, model_valid
 from starlette.requests import Request
 from starlette.responses import Response
 
-from configs.gateway import Audience, BackendSpec, RouteSpec
+from configs.gateway import Audience, BackendSpec, MirrorSpec, RouteSpec
 from configs.loader import Strict, describe
 from serving.gateway.codec import JSONDecodeError, dumps, loads
 from serving.gateway.errors import BadRequest, NotFound
@@ -62,6 +66,9 @@ class WeightsUpdate(Strict):
     weights: dict[str, FiniteFloat] = Field(min_length=1)
     audience: Audience | None = Field(
         None, description="'opted_in': only tenants with canary: in reach canaries; None keeps it"
+    )
+    mirror: MirrorSpec | None = Field(
+        None, description="copies of stable's requests to a canary; left out keeps, null stops"
     )
 
 
@@ -167,15 +174,23 @@ def _reweighted(model: str, route: Route | None, update: WeightsUpdate) -> Route
     )
     if sum(b.weight for b in backends) <= 0:
         raise BadRequest("at least one backend needs a weight above 0", param="weights")
-    return spec.model_copy(
-        update={"backends": backends, "audience": update.audience or spec.audience}
-    )
+    mirror = update.mirror if "mirror" in update.model_fields_set else spec.mirror
+    try:
+        return RouteSpec(
+            model=model,
+            backends=backends,
+            audience=update.audience or spec.audience,
+            mirror=mirror,
+        )
+    except ValidationError as e:
+        raise BadRequest(f"invalid route for '{model}':\n{describe(e)}", param="mirror") from None
 
 
 def _stats(route: Route, samples: bool) -> dict[str, Any]:
     return {
         "model": route.model,
         "audience": route.audience,
+        "mirror": route.mirror.spec.model_dump() if route.mirror else None,
         "backends": [
             {
                 "version": b.version,
@@ -186,6 +201,8 @@ def _stats(route: Route, samples: bool) -> dict[str, Any]:
                 "circuit": b.breaker.state,
                 **b.stats.snapshot(samples),
                 "synthetic": b.synthetic_stats.snapshot(samples),
+                "shadow": b.shadow_stats.snapshot(samples),
+                "pairs": b.pairs.snapshot(samples),
             }
             for b, w in zip(route.backends, route.weights, strict=True)
         ],

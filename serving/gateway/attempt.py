@@ -42,7 +42,7 @@ class AttemptFailed(Exception):
 class Attempt:
     """One try; `start` (perf_counter) is when it was made, for its latencies."""
 
-    __slots__ = ("asked", "backend", "exchange", "payload", "start", "url")
+    __slots__ = ("asked", "backend", "exchange", "payload", "start", "timings", "url")
 
     def __init__(
         self, exchange: Exchange, backend: Backend, url: str, payload: bytes, asked: Asked
@@ -53,6 +53,7 @@ class Attempt:
         self.payload = payload
         self.asked = asked  # the usage the client asked of a stream (the gateway asks for all)
         self.start = perf_counter()
+        self.timings: tuple[float, float | None, float | None] | None = None  # e2e, ttft, itl
 
     @property
     def stats(self) -> BackendStats:
@@ -61,15 +62,14 @@ class Attempt:
         return backend.synthetic_stats if self.exchange.tenant.synthetic else backend.stats
 
     def succeeded(self, ttft_s: float | None = None, itl_s: float | None = None) -> None:
-        exchange = self.exchange
         self.backend.breaker.success()
-        self.stats.observe(
-            perf_counter() - self.start,
-            ttft_s,
-            itl_s,
-            exchange.prompt_tokens,
-            exchange.completion_tokens,
-        )
+        self._observe(ttft_s, itl_s)
+
+    def _observe(self, ttft_s: float | None, itl_s: float | None) -> None:
+        exchange = self.exchange
+        e2e_s = perf_counter() - self.start
+        self.timings = (e2e_s, ttft_s, itl_s)
+        self.stats.observe(e2e_s, ttft_s, itl_s, exchange.prompt_tokens, exchange.completion_tokens)
 
     def record_failure(self) -> None:
         self.backend.breaker.failure(monotonic())

@@ -11,12 +11,15 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from configs.gateway import TenantSpec
+    from serving.gateway.attempt import Attempt
     from serving.gateway.routing import Backend
 
 
 class Exchange:
     __slots__ = (
+        "attempt",
         "backend",
+        "cached_tokens",
         "completion_tokens",
         "endpoint",
         "error_kind",
@@ -25,12 +28,14 @@ class Exchange:
         "prompt",
         "prompt_tokens",
         "request_id",
+        "session",
         "started",
         "status",
         "stream",
         "tenant",
         "time",
         "tokens_from",
+        "transcript",
         "ttft_s",
     )
 
@@ -47,10 +52,14 @@ class Exchange:
         self.error_kind: str | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cached_tokens: int | None = None  # prompt tokens from the prefix cache, if reported
         self.tokens_from: str | None = None  # None: the backend's counts; "content": see tokens.py
         self.ttft_s: float | None = None
         self.latency_s = 0.0
         self.prompt: str | None = None
+        self.session: str | None = None
+        self.attempt: Attempt | None = None  # the latest try
+        self.transcript: list[bytes] | None = None  # the answer as relayed, for a mirrored request
 
     @property
     def tokens(self) -> int:

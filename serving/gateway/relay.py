@@ -70,6 +70,8 @@ async def relay_body(attempt: Attempt, reply: Reply, send: Send) -> None:
     exchange = attempt.exchange
     if status == OK:
         read_answer_usage(exchange, body)
+        if exchange.transcript is not None:
+            exchange.transcript.append(body)
     attempt.succeeded()
     exchange.status = status
     if status != OK:
@@ -91,12 +93,15 @@ async def relay_stream(attempt: Attempt, reply: Reply, send: Send, receive: Rece
     usage = UsageFilter(exchange, framer, attempt.asked)
     frame, flush, read, keep = framer.feed, framer.flush, reply.content.readany, usage.filter
     gone = asyncio.ensure_future(_disconnect(receive, reply))
+    transcript = exchange.transcript  # kept only for a mirrored request (mirror.py)
     first = last = 0.0
     try:
         while True:
             piece = await read()
             run = frame(piece) if piece else flush()  # b"": the body ended
             if run and (run := keep(run)):
+                if transcript is not None:
+                    transcript.append(run)
                 last = perf_counter()
                 if not first:
                     first = last

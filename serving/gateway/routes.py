@@ -6,6 +6,7 @@ request's own record, the Exchange, comes in the scope from UsageMiddleware.
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Any
 
@@ -26,6 +27,7 @@ from serving.gateway.errors import (
 )
 from serving.gateway.exchange import Exchange
 from serving.gateway.limits import Limiter, reservation
+from serving.gateway.mirror import start_copy
 from serving.gateway.proxy import Upstream
 from serving.gateway.routing import Backend, CurrentTable, Route
 from serving.gateway.shape import apply_tenant_bounds
@@ -116,7 +118,8 @@ class Completions:
         route: Route,
         data: dict[str, Any],
     ) -> None:
-        """Route the admitted request and relay its answer; a failed canary is retried on stable."""
+        """Route the admitted request and relay its answer; a request the route mirrors is copied
+        to the other side at the same moment (mirror.py)."""
         tenant = exchange.tenant
         if tenant.log_prompts:
             exchange.prompt = prompt_text(data, self.endpoint)
@@ -125,11 +128,35 @@ class Completions:
             exchange.stream = True
             asked = ask_for_usage(data, prompt_count(data, self.endpoint))
         session = header(scope, b"x-session-id")
-        point = point_for(
+        exchange.session = (
             session.decode("utf-8", "replace") if session is not None else data.get("user")
         )
+        point = point_for(exchange.session)
         canary = takes_canary(route, tenant.canary, self.canary_default)
         backend = choose(route, point, canary)
+        mirror = route.mirror
+        target = mirror.wants(backend, random.random()) if mirror is not None else None
+        if target is None:
+            await self._relay(receive, send, exchange, route, data, backend, point, asked)
+            return
+        copy = start_copy(self.upstream, mirror, target, exchange, data, self.chat, asked)
+        try:
+            await self._relay(receive, send, exchange, route, data, backend, point, asked)
+        finally:
+            copy.finish(exchange, exchange.transcript or [])
+
+    async def _relay(
+        self,
+        receive: Receive,
+        send: Send,
+        exchange: Exchange,
+        route: Route,
+        data: dict[str, Any],
+        backend: Backend,
+        point: float,
+        asked: Asked,
+    ) -> None:
+        """Relay `backend`'s answer; a failed canary is retried on stable."""
         try:
             attempt = self._attempt(exchange, backend, data, asked)
             await self.upstream.forward(attempt, send, receive)
@@ -156,7 +183,8 @@ class Completions:
         exchange.backend = backend
         data["model"] = backend.served_model
         url = backend.url_chat if self.chat else backend.url_completions
-        return Attempt(exchange, backend, url, dumps(data), asked)
+        exchange.attempt = Attempt(exchange, backend, url, dumps(data), asked)
+        return exchange.attempt
 
 
 async def _answer_failure(exchange: Exchange, failure: AttemptFailed, send: Send) -> None:

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from itertools import accumulate
 from types import MappingProxyType
 
-from configs.gateway import Audience, BackendSpec, BreakerSpec, RouteSpec
+from configs.gateway import Audience, BackendSpec, BreakerSpec, MirrorSpec, RouteSpec
 from serving.gateway.breaker import Breaker
+from serving.gateway.mirror import Mirroring, PairLog
 from serving.gateway.stats import BackendStats
 
 
@@ -29,8 +30,10 @@ class Backend:
         "label",
         "max_concurrency",
         "model",
+        "pairs",
         "role",
         "served_model",
+        "shadow_stats",
         "spec",
         "stats",
         "synthetic_stats",
@@ -52,11 +55,15 @@ class Backend:
         self.breaker = Breaker(breaker.failures, breaker.open_s)
         self.stats = BackendStats(samples)  # organic traffic
         self.synthetic_stats = BackendStats(samples)  # tenants marked `synthetic`
+        self.shadow_stats = BackendStats(samples)  # mirrored copies (serving/gateway/mirror.py)
+        self.pairs = PairLog(samples)  # those copies beside stable's answers
         self.label = spec.version.encode()  # the x-slipway-backend response header
 
     def reset_stats(self) -> None:
         self.stats.reset()
         self.synthetic_stats.reset()
+        self.shadow_stats.reset()
+        self.pairs.reset()
 
     def same_server(self, spec: BackendSpec) -> bool:
         s = self.spec
@@ -92,6 +99,7 @@ class Route:
     everyone: Pick  # all backends: tenants that take canary traffic
     stable: Pick  # stable backends only: opted-out tenants and retries
     audience: Audience = "everyone"  # "opted_in": only tenants with canary: in reach the canary
+    mirror: Mirroring | None = None  # copies of stable's requests to a canary
 
     @classmethod
     def build(
@@ -100,6 +108,7 @@ class Route:
         backends: tuple[Backend, ...],
         weights: tuple[float, ...],
         audience: Audience = "everyone",
+        mirror: MirrorSpec | None = None,
     ) -> Route:
         pairs = list(zip(backends, weights, strict=True))
         stable = [(b, w) for b, w in pairs if b.role == "stable"]
@@ -107,7 +116,11 @@ class Route:
         if stable_pick.total == 0:
             # All traffic on canaries: opted-out tenants still get a stable backend, evenly.
             stable_pick = Pick.of((b, 1.0) for b, _ in stable)
-        return cls(model, backends, weights, Pick.of(pairs), stable_pick, audience)
+        mirroring = None
+        if mirror is not None:
+            canary = next(b for b in backends if b.version == mirror.to)
+            mirroring = Mirroring(mirror, canary, tuple(b for b in backends if b.role == "stable"))
+        return cls(model, backends, weights, Pick.of(pairs), stable_pick, audience, mirroring)
 
     def backend(self, version: str) -> Backend | None:
         return next((b for b in self.backends if b.version == version), None)
@@ -121,12 +134,14 @@ class Route:
                 for b, w in zip(self.backends, self.weights, strict=True)
             ),
             audience=self.audience,
+            mirror=self.mirror.spec if self.mirror else None,
         )
 
     def describe(self) -> dict:
         return {
             "model": self.model,
             "audience": self.audience,
+            "mirror": self.mirror.spec.model_dump() if self.mirror else None,
             "backends": [
                 {**b.spec.model_dump(), "weight": w}
                 for b, w in zip(self.backends, self.weights, strict=True)
@@ -158,7 +173,7 @@ class RoutingTable:
             live = old if old and old.same_server(b) else Backend(spec.model, b, breaker, samples)
             backends.append(live)
         weights = tuple(b.weight for b in spec.backends)
-        return Route.build(spec.model, tuple(backends), weights, spec.audience)
+        return Route.build(spec.model, tuple(backends), weights, spec.audience, spec.mirror)
 
     def rebuilt(
         self, specs: Iterable[RouteSpec], breaker: BreakerSpec, samples: int, version: int

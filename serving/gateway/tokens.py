@@ -62,6 +62,9 @@ def ask_for_usage(data: dict[str, Any], prompts: int) -> Asked:
 def _record(exchange: Exchange, usage: dict[str, Any]) -> None:
     exchange.prompt_tokens = usage.get("prompt_tokens") or 0
     exchange.completion_tokens = usage.get("completion_tokens") or 0
+    details = usage.get("prompt_tokens_details")
+    if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+        exchange.cached_tokens = details["cached_tokens"]  # vLLM: --enable-prompt-tokens-details
 
 
 def _int_at(data: bytes, at: int) -> int | None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from configs.rollout import RolloutPolicy, Stage
 from evaluation.canary import Analysis
+from evaluation.paired import quality_summary
 from tasks.registry import Registry
 from tasks.rollout.control import CONTROL, now_iso
 from tasks.rollout.inflight import InFlight, Owner
@@ -122,10 +123,7 @@ class History:
         history = cls(registry, plan, run_id, claim, tell=tell)
         for line in repaired:
             history.say(f"{started}: before it began, the reconcile repaired: {line}")
-        steps = ", ".join(
-            f"{s.weight}%" + (" (opted-in tenants)" if s.audience == "opted_in" else "")
-            for s in policy.stages()
-        )
+        steps = ", ".join(s.label for s in policy.stages())
         history.say(f"{started}: canary {cand} against champion {stable}; steps {steps}, then 100%")
         return history
 
@@ -143,10 +141,9 @@ class History:
         self.registry.tag(
             self.plan.model, self.plan.candidate.version, {"rollout_status": "paused"}
         )
-        self.say(f"{now_iso()}: step {index + 1} ({stage.weight}%) paused, waiting for approval")
+        self.say(f"{now_iso()}: step {index + 1} ({stage.label}) paused, waiting for approval")
 
     def step(self, r: StepResult) -> None:
-        audience = " of opted-in tenants" if r.stage.audience == "opted_in" else ""
         counts = ""
         if r.analysis is not None and r.by != "analysis":  # the analysis's reason holds them
             chosen = r.analysis.verdicts[r.analysis.basis]
@@ -156,9 +153,11 @@ class History:
             )
         paused = " after a pause" if r.paused else ""
         self.say(
-            f"{now_iso()}: step {r.index + 1}, {r.stage.weight}%{audience}: {r.action}{paused} "
+            f"{now_iso()}: step {r.index + 1}, {r.stage.label}: {r.action}{paused} "
             f"by {r.by} in {r.seconds:.0f} s{counts}: {r.reason}"
         )
+        if r.stage.mirror_rps is not None:
+            self.say(f"step {r.index + 1} answers: {quality_summary(r.pairs)}")
         self.steps.append(
             {
                 "step": r.index + 1,
@@ -170,6 +169,7 @@ class History:
                 "seconds": round(r.seconds, 1),
                 "looks": r.looks,
                 "reason": r.reason,
+                "mirrored_pairs": list(r.pairs),
                 "analysis": None
                 if r.analysis is None
                 else {

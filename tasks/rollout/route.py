@@ -76,7 +76,7 @@ def withdraw_canary(admin: GatewayAdmin, model: str) -> list[str]:
     weights = {b["version"]: 0.0 for b in canaries}
     if not any(b["weight"] > 0 for b in stable):  # traffic was all on the canary: give it back
         weights |= {b["version"]: 100.0 / len(stable) for b in stable}
-    admin.set_weights(model, weights)
+    admin.set_weights(model, weights, mirror=None)  # no more copies to it either
     versions = {b["version"] for b in canaries}
     _drain(admin, model, versions)
     total = sum(b["weight"] for b in stable)
@@ -94,7 +94,7 @@ def hand_over(admin: GatewayAdmin, model: str, version: str) -> None:
     """All of the route's traffic to `version` in one atomic swap; the other backends stay, at
     weight 0, so that requests in flight on them finish (and the move can still be undone)."""
     nothing = {b["version"]: 0.0 for b in admin.route(model)["backends"]}
-    admin.set_weights(model, nothing | {version: 100.0})
+    admin.set_weights(model, nothing | {version: 100.0}, mirror=None)
 
 
 def keep_only(admin: GatewayAdmin, model: str, version: str) -> list[str]:

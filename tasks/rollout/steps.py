@@ -15,6 +15,8 @@ from prefect.cache_policies import NO_CACHE
 
 from configs.rollout import RolloutPolicy, Stage
 from evaluation.canary import Analysis, ArmSamples, analyse
+from evaluation.paired import mirrored_arms, pair_counts, pair_table
+from evaluation.quality.logprob import Scorer
 from serving.processes import answers
 from tasks.gateway_admin import GatewayAdmin
 from tasks.registry import Registry
@@ -36,6 +38,35 @@ def arms(backend: dict[str, Any]) -> list[ArmSamples]:
     ]
 
 
+def _pairs(backend: dict[str, Any]) -> list[dict[str, Any]]:
+    return (backend.get("pairs") or {}).get("pairs") or []
+
+
+def look(
+    snapshot: dict[str, Any],
+    candidate: str,
+    stable: set[str],
+    stage: Stage,
+    scorer: Scorer | None = None,
+) -> Analysis | None:
+    """The analysis of one look at the gateway's statistics, or None while stable has served
+    nothing to compare with. A mirroring step adds the canary's copies to its arms and judges
+    latency and answers on the pairs."""
+    backends = snapshot["backends"]
+    stable_arms = [a for b in backends if b["version"] in stable for a in arms(b)]
+    if not any(a.requests for a in stable_arms):
+        return None
+    canary = [b for b in backends if b["version"] == candidate]
+    canary_arms = [a for b in canary for a in arms(b)]
+    if stage.mirror_rps is None:
+        return analyse(stable_arms, canary_arms, stage.analysis)
+    pairs = [p for b in canary for p in _pairs(b)]
+    if scorer is not None and stage.analysis.quality.logprob:
+        scorer.score(pairs)
+    counts = pair_counts(pairs, stage.analysis)
+    return analyse(stable_arms, canary_arms + mirrored_arms(pairs), stage.analysis, counts)
+
+
 @dataclass(frozen=True)
 class StepResult:
     index: int
@@ -47,6 +78,7 @@ class StepResult:
     paused: bool
     analysis: Analysis | None
     by: Literal["analysis", "time limit", "person", "health check"] = "analysis"
+    pairs: tuple[dict[str, Any], ...] = ()  # a mirroring step's scored pairs (pair_table)
 
 
 @dataclass
@@ -60,6 +92,7 @@ class Steering:
     on_look: Callable[[int, Stage, Analysis, dict[str, Any]], None] = lambda *a: None
     on_pause: Callable[[int, Stage, Analysis | None], None] = lambda *a: None
     say: Callable[[str], None] = log.info  # progress lines (the flow passes its run logger)
+    scorer: Scorer | None = None  # mirrored answers by log-probability (evaluation/quality)
     looks: int = field(default=0)
 
     def control(self) -> dict[str, str] | None:
@@ -82,16 +115,27 @@ def judge_step(
     model, cand = plan.model, plan.candidate.version
     stable = {b["version"] for b in plan.stable_backends}
     share = (100.0 - stage.weight) / len(stable)
+    mirror = {"to": cand, "rate_rps": stage.mirror_rps} if stage.mirror_rps else None
     admin.set_weights(
-        model, {cand: float(stage.weight)} | dict.fromkeys(stable, share), stage.audience
+        model, {cand: float(stage.weight)} | dict.fromkeys(stable, share), stage.audience, mirror
     )
     start = last_said = time.monotonic()
     paused = False
     analysis: Analysis | None = None
 
+    snapshot: dict[str, Any] = {"backends": []}
+
     def result(action: Action, reason: str, by: str = "analysis") -> StepResult:
         seconds = time.monotonic() - start
-        return StepResult(index, stage, action, reason, seconds, steer.looks, paused, analysis, by)
+        pairs = ()
+        if stage.mirror_rps is not None:
+            mirrored = [p for b in snapshot["backends"] if b["version"] == cand for p in _pairs(b)]
+            if steer.scorer is not None:
+                steer.scorer.annotate(mirrored)
+            pairs = tuple(pair_table(mirrored, stage.analysis))
+        return StepResult(
+            index, stage, action, reason, seconds, steer.looks, paused, analysis, by, pairs
+        )
 
     while True:
         time.sleep(policy.look_interval_s)
@@ -115,10 +159,9 @@ def judge_step(
                 f"failures ({canary[0]['errors']} errors in {canary[0]['requests']} requests)",
                 "health check",
             )
-        stables = [b for b in snapshot["backends"] if b["version"] in stable]
-        stable_arms = [a for b in stables for a in arms(b)]
-        if any(a.requests for a in stable_arms):  # else nothing to compare the canary with yet
-            analysis = analyse(stable_arms, [a for b in canary for a in arms(b)], stage.analysis)
+        fresh = look(snapshot, cand, stable, stage, steer.scorer)
+        if fresh is not None:
+            analysis = fresh
             steer.on_look(index, stage, analysis, snapshot)
             if analysis.decision == "worse":
                 return result("rollback", "; ".join(analysis.reasons))
@@ -128,7 +171,7 @@ def judge_step(
         if now - last_said >= PROGRESS_EVERY_S:
             last_said = now
             said = "; ".join(analysis.reasons[:2]) if analysis else "no stable requests yet"
-            steer.say(f"step {index + 1} ({stage.weight}%): {said}")
+            steer.say(f"step {index + 1} ({stage.label}): {said}")
         if not paused and now - start >= stage.max_seconds:
             why = f"inconclusive after {stage.max_seconds:.0f} s"
             if analysis is not None:

@@ -73,6 +73,13 @@ def test_alpha_out_of_range_is_refused(tmp_path: Path, alpha: float) -> None:
         ({"slos": {"error_rate": 2}}, "slos.error_rate"),
         ({"analysis": {"min_samples": 10}}, "set min_samples and slos at the top level"),
         ({"stpes": [5, 100]}, "stpes"),
+        ({"shadow": {"rate_rps": 0}}, "shadow.rate_rps"),
+        ({"shadow": {"min_pairs": 0}}, "shadow.min_pairs"),
+        ({"analysis": {"quality": {"min_agreement": 1.5}}}, "analysis.quality.min_agreement"),
+        (
+            {"analysis": {"quality": {"accepted": 0.6, "margin": 0.5}}},
+            "accepted \\+ margin = 1.1 would accept every answer",
+        ),
     ],
 )
 def test_bad_fields_are_named(tmp_path: Path, policy: dict, field: str) -> None:
@@ -116,3 +123,35 @@ def test_the_cli_refuses_a_bad_policy_before_a_flow_starts(tmp_path: Path, monke
     result = CliRunner().invoke(cli, ["rollout", "run", "m", "2", "--policy", str(bad)])
     assert result.exit_code == 1, result.output
     assert "analysis.burn_in" in result.output and "greater than or equal to 2" in result.output
+
+
+def test_a_shadow_phase_comes_first_shares_alpha_and_mirrors_every_step() -> None:
+    policy = RolloutPolicy(
+        steps=[25, 50, 100],
+        min_samples=30,
+        max_seconds=[100, 200],
+        shadow={"rate_rps": 1.5, "min_pairs": 60, "max_seconds": 300},
+    )
+    stages = policy.stages()
+    assert [(s.weight, s.shadow, s.mirror_rps) for s in stages] == [
+        (0, True, 1.5),
+        (25, False, 1.5),
+        (50, False, 1.5),
+    ]
+    assert [s.max_seconds for s in stages] == [300, 100, 200]
+    assert [s.analysis.min_samples for s in stages] == [60, 30, 30]
+    assert sum(s.analysis.alpha for s in stages) == pytest.approx(policy.analysis.alpha)
+    assert [s.label for s in stages][:2] == ["shadow (mirrored copies only)", "25%"]
+    live_only = policy.model_copy(
+        update={"shadow": policy.shadow.model_copy(update={"every_step": False})}
+    )
+    assert [s.mirror_rps for s in live_only.stages()] == [1.5, None, None]
+
+
+def test_the_demo_policy_keeps_its_gates_and_adds_the_shadow_phase() -> None:
+    demo = load_rollout_policy(Path(__file__).parents[2] / "configs/rollout/demo.yaml")
+    assert demo.shadow is not None and demo.shadow.every_step
+    assert demo.steps == [25, 50, 100] and demo.on_inconclusive == "rollback"
+    margins = demo.analysis.margins
+    assert (margins.ttft, margins.tpot, margins.e2e) == (0.25, 0.25, 0.35)
+    assert (demo.analysis.alpha, demo.analysis.beta, demo.analysis.burn_in) == (0.01, 0.05, 20)

@@ -255,3 +255,39 @@ def test_bench_writes_json_and_table(tmp_path) -> None:
     assert ("slipway", "errors 5% vs 0.1%") in rows and ("flagger", "A/A") in rows
     assert "| slipway | A/A |" in (out / "canary.md").read_text()
     assert report["policy"] == load_rollout_policy().model_dump(mode="json")
+    mirrored = report["mirrored"]
+    found = {(r["method"], r["scenario"]) for r in mirrored["results"]}
+    assert ("slipway, mirrored", "A/A, recorded vLLM pairs (own cores)") in found
+    assert ("slipway, mirrored, no cache strata", "A/A, cold-cache canary") in found
+    assert ("flagger (1m, +5%, 10 fails)", "answers 60% degraded, normal speed") in found
+    assert mirrored["recorded"]["recorded"] == {
+        "file": "recorded_pairs.jsonl",
+        "pairs": 100,  # the odd half: held out from tuning
+        "held_out": True,
+    }
+    assert "## With mirroring, on real latency shapes" in (out / "canary.md").read_text()
+
+
+def test_mirrored_simulation_catches_bad_answers_in_the_shadow_phase_and_promotes_aa() -> None:
+    from evaluation.benchmarks import canary_mirrored as sim
+
+    policy = sim.mirrored_policy(sim.without_latency_slos(load_rollout_policy()), rate=10.0)
+    recorded = sim.load_recorded(sim.RECORDED["recorded"], held_out=False)
+    by_name = {s.name: s for s in sim.SCENARIOS}
+
+    def outcomes(name: str, runs: int = 20, **options) -> list:
+        scenario = by_name[name]
+        draw = sim.drawer(scenario, recorded)
+        rng = np.random.default_rng(3)
+        return [
+            sim.simulate_rollout(rng, policy, 10.0, scenario, draw, **options) for _ in range(runs)
+        ]
+
+    bad = outcomes("answers 60% degraded, normal speed")
+    assert all(r.outcome == "rollback" and r.canary_requests == 0 for r in bad)  # nobody saw it
+    aa = outcomes("A/A, recorded vLLM pairs (own cores)")
+    assert all(r.outcome == "promote" for r in aa)
+    cold = outcomes("A/A, cold-cache canary", runs=10)
+    assert all(r.outcome == "promote" for r in cold)
+    naive = outcomes("A/A, cold-cache canary", runs=10, strata=False)
+    assert all(r.outcome == "rollback" for r in naive)  # the cold start alone rolls it back

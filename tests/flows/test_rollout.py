@@ -5,6 +5,7 @@ a paused step waits for a person. The real-vLLM rollout is in test_rollout_vllm.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -314,3 +315,71 @@ def test_a_paused_step_waits_for_approval_and_a_person_can_roll_back(stage, poli
     flow.join(60)
     assert result == ["rolled_back"]
     assert_rolled_back(stage, "looks odd")
+
+
+@pytest.fixture
+def shadow_policy(tmp_path) -> Path:
+    """The fast policy with a shadow phase first and mirroring at every step."""
+    path = tmp_path / "shadow.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "steps": [20, 50, 100],
+                "min_samples": 60,
+                "max_seconds": 40,
+                "look_interval_s": 0.1,
+                "on_inconclusive": "rollback",
+                "slos": {"ttft_p99_s": None, "error_rate": None},
+                "shadow": {"rate_rps": 50, "min_pairs": 40, "max_seconds": 40},
+            }
+        )
+    )
+    return path
+
+
+def story_and_evidence(stage: Stage) -> tuple[str, dict]:
+    [run_] = rollout_runs(stage)
+    files = [
+        Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_.info.run_id, artifact_path=name, tracking_uri=stage.registry.uri
+            )
+        )
+        for name in ("story.md", "evidence.json")
+    ]
+    return files[0].read_text(), json.loads(files[1].read_text())
+
+
+def test_a_canary_answering_wrongly_at_normal_speed_is_rolled_back_in_the_shadow_phase(
+    stage, shadow_policy
+):
+    stage.upstream.faults[f"{MODEL}-v{stage.candidate}"] = Fault(delay_s=BASE_DELAY_S, word="z")
+    with traffic(stage) as statuses:
+        assert run(stage, shadow_policy) == "rolled_back"
+    assert_rolled_back(stage, "step 1 (shadow (mirrored copies only))")
+    assert "quality: 100.0% of" in stage.registry.tags(MODEL, stage.candidate)["rollout_reason"]
+    [run_] = rollout_runs(stage)
+    weights = stage.registry.client.get_metric_history(run_.info.run_id, "canary_weight")
+    assert {m.value for m in weights} == {0.0}  # no user reached the canary
+    assert set(statuses) == {200}
+    story, evidence = story_and_evidence(stage)
+    assert "0% identical answers" in story
+    [shadow] = evidence["steps"]
+    assert shadow["mirrored_pairs"][0]["canary"].startswith("z0")
+    assert all(p["degraded"] for p in shadow["mirrored_pairs"])
+
+
+def test_an_identical_canary_passes_the_shadow_phase_and_is_promoted_on_pairs(stage, shadow_policy):
+    with traffic(stage) as statuses:
+        outcome = run(stage, shadow_policy)
+    assert outcome == "promoted", stage.registry.tags(MODEL, stage.candidate)["rollout_reason"]
+    [run_] = rollout_runs(stage)
+    weights = stage.registry.client.get_metric_history(run_.info.run_id, "canary_weight")
+    assert {m.value for m in weights} == {0.0, 20.0, 50.0}
+    paired = stage.registry.client.get_metric_history(run_.info.run_id, "ttft_paired.p_not_worse")
+    assert min(m.value for m in paired) < 0.05  # latency was decided on pairs
+    assert set(statuses) == {200}
+    story, evidence = story_and_evidence(stage)
+    assert "100% identical answers" in story
+    assert [len(s["mirrored_pairs"]) >= 1 for s in evidence["steps"]] == [True] * 3
+    assert stage.route()["mirror"] is None  # promotion stopped the copies

@@ -1,15 +1,25 @@
 """The rollout end to end on the real parts: the flow starts the candidate's vLLM itself (the
-launcher), adds it to a real gateway in front of the stable vLLM, drives labelled synthetic load
-through the gateway, judges it and promotes it; the candidate's server is left to the stack."""
+launcher), adds it to a real gateway in front of the stable vLLM, mirrors stable's requests to it
+in a shadow phase, drives labelled synthetic load through the gateway, judges it and promotes it
+or rolls it back; the candidate's server is left to the stack.
+
+All under configs/rollout/demo.yaml as `make demo` runs it: two vLLM engines on this 2-core
+machine, the demo's margins. Each test is several minutes; `make stress` runs them.
+"""
 
 from __future__ import annotations
 
+import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
+import mlflow
 import pytest
-import yaml
 
 from configs.gateway import GatewayConfig
+from configs.home import REPO
 from configs.models import Serving
 from evaluation.benchmarks.mock_upstream import serve
 from flows.rollout import rollout
@@ -22,35 +32,12 @@ from tasks.registry import Registry
 from tests.releases import release
 from tests.serving.conftest import Secrets
 
+DEMO_POLICY = str(REPO / "configs" / "rollout" / "demo.yaml")
 
-# Two vLLM engines on a 2-core machine: ~3 min quiet, over 10 under load; `make stress` runs it.
-@pytest.mark.stress
-def test_a_vllm_candidate_is_launched_judged_on_synthetic_load_and_promoted(
-    home, tiny_model_source, tmp_path, monkeypatch, prefect_server
-):
-    registry = Registry(home)
-    stable = release(home, "tiny", tiny_model_source, "bf16")
-    registry.promote("tiny", stable)
-    twin = shutil.copytree(tiny_model_source, tmp_path / "twin")
-    (twin / "README.md").write_text("The same weights: an A/A rollout.\n")  # another digest
-    candidate = release(home, "tiny", twin, "fp8-dynamic")
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(
-        yaml.safe_dump(
-            {
-                "steps": [50, 100],
-                "min_samples": 20,
-                "max_seconds": 240,
-                "on_inconclusive": "rollback",
-                "look_interval_s": 0.5,
-                "synthetic_load": True,
-                "synthetic_rate": 4.0,
-                "slos": {"ttft_p99_s": None, "error_rate": None},
-                # Both engines share one core here: only a gross difference counts as worse.
-                "analysis": {"burn_in": 10, "margins": {"ttft": 1.0, "tpot": 1.0, "e2e": 1.0}},
-            }
-        )
-    )
+
+@contextmanager
+def stable_behind_gateway(home, registry: Registry, stable: str, monkeypatch) -> Iterator[str]:
+    """The stable tiny model on vLLM behind a real gateway with a synthetic-load tenant."""
     keys = Secrets()
     monkeypatch.setenv("SLIPWAY_ADMIN_TOKEN", keys.admin)
     monkeypatch.setenv("SLIPWAY_SYNTHETIC_KEY", keys.key("load"))
@@ -73,15 +60,71 @@ def test_a_vllm_candidate_is_launched_judged_on_synthetic_load_and_promoted(
             }
         )
         with serve(build_app(config, home)) as gateway_url:
-            try:
-                outcome = rollout("tiny", "fp8-dynamic", str(policy), gateway_url)
-            finally:
-                launched = [p for p in read_state(home) if p.what == f"vllm tiny-v{candidate}"]
-                stop_version(home, f"vllm tiny-v{candidate}")
-    reason = registry.tags("tiny", candidate)["rollout_reason"]
-    assert outcome == "promoted", reason
-    assert registry.alias("tiny", "champion") == candidate
-    assert len(launched) == 1  # started by the flow, recorded for `make down`, still serving
-    run = registry.client.get_run(registry.tags("tiny", candidate)["rollout_run_id"])
-    counts = registry.client.get_metric_history(run.info.run_id, "synthetic.canary_requests")
-    assert max(m.value for m in counts) > 0  # the synthetic samples were judged apart
+            yield gateway_url
+
+
+def roll_out(home, gateway_url: str, label: str) -> tuple[str, str]:
+    """Roll the newest version labelled `label` out under the demo policy; (outcome, version)."""
+    registry = Registry(home)
+    version = registry.versions("tiny", variant=label)[-1]
+    try:
+        return rollout("tiny", label, DEMO_POLICY, gateway_url), version
+    finally:
+        stale = [p.what for p in read_state(home) if p.what.startswith("vllm tiny-")]
+        champion = registry.alias("tiny", "champion")
+        for what in stale:  # the champion's engine serves the next rollout; the rest go
+            if what != f"vllm tiny-v{champion}":
+                stop_version(home, what)
+
+
+def evidence(registry: Registry, version: str) -> dict:
+    run_id = registry.tags("tiny", version)["rollout_run_id"]
+    path = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="evidence.json", tracking_uri=registry.uri
+    )
+    return json.loads(Path(path).read_text())
+
+
+@pytest.mark.stress
+def test_identical_weights_are_promoted_in_each_of_three_rollouts_under_the_demo_policy(
+    home, tiny_model_source, tmp_path, monkeypatch, prefect_server
+):
+    registry = Registry(home)
+    stable = release(home, "tiny", tiny_model_source, "bf16")
+    registry.promote("tiny", stable)
+    with stable_behind_gateway(home, registry, stable, monkeypatch) as gateway_url:
+        for round_ in range(3):
+            twin = shutil.copytree(tiny_model_source, tmp_path / f"twin-{round_}")
+            (twin / "README.md").write_text(f"The same weights, release {round_}: an A/A.\n")
+            release(home, "tiny", twin, "fp8-dynamic")  # the same weights under another digest
+            outcome, version = roll_out(home, gateway_url, "fp8-dynamic")
+            reason = registry.tags("tiny", version)["rollout_reason"]
+            assert outcome == "promoted", f"round {round_ + 1}: {reason}"
+            assert registry.alias("tiny", "champion") == version
+            steps = evidence(registry, version)["steps"]
+            assert [s["weight"] for s in steps] == [0, 25, 50]
+            assert all(s["mirrored_pairs"] for s in steps)  # every step judged on pairs
+
+
+@pytest.mark.stress
+def test_a_canary_with_a_broken_chat_template_is_rolled_back_in_the_shadow_phase(
+    home, tiny_model_source, tmp_path, monkeypatch, prefect_server
+):
+    registry = Registry(home)
+    stable = release(home, "tiny", tiny_model_source, "bf16")
+    registry.promote("tiny", stable)
+    broken = shutil.copytree(tiny_model_source, tmp_path / "broken")
+    config = json.loads((broken / "tokenizer_config.json").read_text())
+    # The roles are gone: the model sees bare text it was never taught to answer in a chat.
+    config["chat_template"] = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    (broken / "tokenizer_config.json").write_text(json.dumps(config))
+    release(home, "tiny", broken, "fp8-dynamic")
+    with stable_behind_gateway(home, registry, stable, monkeypatch) as gateway_url:
+        outcome, version = roll_out(home, gateway_url, "fp8-dynamic")
+    reason = registry.tags("tiny", version)["rollout_reason"]
+    assert outcome == "rolled_back"
+    assert reason.startswith("step 1 (shadow (mirrored copies only))"), reason
+    assert "quality:" in reason and "degraded" in reason
+    [shadow] = evidence(registry, version)["steps"]
+    assert shadow["weight"] == 0  # no user ever reached it
+    assert sum(p["degraded"] for p in shadow["mirrored_pairs"]) > len(shadow["mirrored_pairs"]) / 2

@@ -10,12 +10,22 @@ import os
 import signal
 import time
 import urllib.request
+from collections import Counter
 
 import pytest
 
 from configs.home import Home
 from configs.models import Calibration, Serving, Smoke, Variant
-from serving.vllm import VLLMServer, VLLMStartError, can_serve, detect_hardware
+from serving.vllm import (
+    VLLMServer,
+    VLLMStartError,
+    bound_cores,
+    can_serve,
+    cores_text,
+    detect_hardware,
+    engine_cores,
+    parse_cores,
+)
 from tasks.quantize import VariantBuild, build_variant
 from tasks.smoke import SmokeError, smoke
 from tests.conftest import make_home
@@ -69,6 +79,7 @@ def test_command_and_environment(home, tmp_path):
         "m-alias",
     ]
     assert "--enforce-eager" in cmd and cmd[-2:] == ["--max-model-len", "128"]
+    assert "--enable-prompt-tokens-details" in cmd  # cached tokens, for the canary's strata
     env = cpu.env()
     assert env["VLLM_TARGET_DEVICE"] == "cpu" and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
     assert env["VLLM_CACHE_ROOT"] == str(home.cache / "vllm")
@@ -81,6 +92,30 @@ def test_command_and_environment(home, tmp_path):
             tmp_path, "m", home, Serving(enforce_eager=False), hardware="cpu"
         ).command()
     )
+
+
+def test_each_cpu_server_gets_cores_no_other_vllm_server_uses(tmp_path, monkeypatch):
+    # A fake /proc: one vLLM server bound to core 0, one unrelated process, one gone.
+    proc = tmp_path / "proc"
+    for pid, cmdline, environ in (
+        ("101", b"python\0-m\0vllm.entrypoints.cli.main\0serve", b"VLLM_CPU_OMP_THREADS_BIND=0"),
+        ("102", b"python\0-m\0http.server", b"VLLM_CPU_OMP_THREADS_BIND=1"),
+        ("103", b"python\0-m\0vllm.entrypoints.cli.main", b"HOME=/root"),
+    ):
+        (proc / pid).mkdir(parents=True)
+        (proc / pid / "cmdline").write_bytes(cmdline)
+        (proc / pid / "environ").write_bytes(environ + b"\0PATH=/bin")
+    assert bound_cores(proc) == Counter({0: 1})
+    assert engine_cores([0, 1], bound_cores(proc)) == [1]  # the canary beside the stable
+    assert engine_cores([0, 1], Counter()) == [0]
+    assert engine_cores([0, 1], Counter({0: 1, 1: 1})) == [0]  # a third shares, lowest first
+    assert engine_cores(range(8), Counter({0: 1, 3: 1})) == [4, 5, 6, 7]
+    assert engine_cores([0], Counter({0: 2})) == [0]
+    assert parse_cores("0-3,6") == [0, 1, 2, 3, 6] and parse_cores("auto") == []
+    assert cores_text([4, 5, 6, 7]) == "4-7" and cores_text([1, 3]) == "1,3"
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "all")  # a person's own choice stands
+    server = VLLMServer(tmp_path, "m", make_home(tmp_path / "h"), hardware="cpu", port=8998)
+    assert server.env()["VLLM_CPU_OMP_THREADS_BIND"] == "all"
 
 
 def test_engine_args_the_launcher_owns_are_rejected():

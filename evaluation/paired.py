@@ -1,0 +1,172 @@
+"""Mirrored pairs (the gateway's copies of stable's requests, beside stable's answers) into what
+the canary analysis reads: the canary's copies as arms of its own (errors, latency for its SLOs)
+and the counts of the paired latency and quality tests (evaluation/canary.py).
+
+A pair is one request answered by both at the same moment. Pairs that carry a session key are
+thinned to each session's first, so the pairs tested are independent of one another; latency is
+compared only on pairs whose two sides were in the same prefix-cache state, where the engines
+report cached prompt tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from configs.rollout import AnalysisPolicy
+from evaluation.canary import (
+    LATENCY_METRICS,
+    ArmSamples,
+    LogMoments,
+    Metric,
+    PairCounts,
+    Source,
+)
+from evaluation.quality.agreement import Agreement, score
+
+# The gateway's name of each measure (inter-token latency stands for TPOT).
+_FIELD: dict[Metric, str] = {"ttft": "ttft_s", "tpot": "itl_s", "e2e": "e2e_s"}
+
+
+def independent(pairs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each session's first pair, and every pair without a session."""
+    seen: set[str] = set()
+    out = []
+    for pair in pairs:
+        session = pair.get("session")
+        if session is not None:
+            if session in seen:
+                continue
+            seen.add(session)
+        out.append(pair)
+    return out
+
+
+def mirrored_arms(pairs: Sequence[dict[str, Any]]) -> list[ArmSamples]:
+    """The canary's copies, by the source of the request copied, as arms of the canary (a pair
+    copied to stable holds a live canary answer, counted in the canary's live arms already)."""
+    arms = []
+    copies = [p for p in pairs if p.get("copied_to", "canary") == "canary"]
+    for source in ("organic", "synthetic"):
+        sides = [p["canary"] for p in copies if p["source"] == source]
+        if not sides:
+            continue
+        ok = [s for s in sides if s["ok"]]
+
+        def measured(field: str, ok: list[dict[str, Any]] = ok) -> list[float]:
+            return [s[field] for s in ok if s[field] is not None and s[field] > 0]
+
+        arms.append(
+            ArmSamples(
+                requests=len(sides),
+                errors=len(sides) - len(ok),
+                ttft_s=np.asarray(measured("ttft_s")),
+                tpot_s=np.asarray(measured("itl_s")),
+                e2e_s=np.asarray(measured("e2e_s")),
+                source=_source(source),
+            )
+        )
+    return arms
+
+
+def _source(name: str) -> Source:
+    return "synthetic" if name == "synthetic" else "organic"
+
+
+def pair_counts(pairs: Sequence[dict[str, Any]], policy: AnalysisPolicy) -> PairCounts:
+    """The paired tests' counts over the independent pairs; a pair whose canary failed counts
+    among the errors, not here."""
+    kept = independent(pairs)
+    both = [p for p in kept if p["canary"]["ok"] and p["stable"]["ok"]]
+    ratios: dict[Metric, LogMoments] = {}
+    # Latency is compared within a prefix-cache stratum: a pair where one engine served the
+    # prompt from its cache and the other did not compares caches, not models.
+    alike = [p for p in both if _same_cache_state(p)]
+    for metric in LATENCY_METRICS:
+        logs = [r for p in alike if (r := _log_ratio(p, metric)) is not None]
+        ratios[metric] = LogMoments.of_logs(np.asarray(logs, dtype=np.float64))
+    scores = [_score(p, policy) for p in judged(both, policy)]
+    return PairCounts(
+        n=len(both),
+        ratios=ratios,
+        canary_failed=sum(not p["canary"]["ok"] for p in kept),
+        scored=len(scores),
+        degraded=sum(s.degraded for s in scores),
+    )
+
+
+def judged(pairs: Sequence[dict[str, Any]], policy: AnalysisPolicy) -> list[dict[str, Any]]:
+    """The pairs whose answers can be judged now: with log-probabilities asked for, those the
+    scorer has seen (its drop, or None where the engines give none and the text decides)."""
+    if not policy.quality.logprob:
+        return list(pairs)
+    return [p for p in pairs if "logprob_drop" in p]
+
+
+def _score(pair: dict[str, Any], policy: AnalysisPolicy) -> Agreement:
+    drop = pair.get("logprob_drop") if policy.quality.logprob else None
+    return score(pair["request"], pair["stable"], pair["canary"], policy.quality, drop)
+
+
+def _same_cache_state(pair: dict[str, Any]) -> bool:
+    """Both sides hit the prefix cache or both missed it; unknown (not reported) counts as alike."""
+    stable, canary = pair["stable"].get("cached_tokens"), pair["canary"].get("cached_tokens")
+    if stable is None or canary is None:
+        return True
+    return (stable > 0) == (canary > 0)
+
+
+def _log_ratio(pair: dict[str, Any], metric: Metric) -> float | None:
+    field = _FIELD[metric]
+    stable, canary = pair["stable"][field], pair["canary"][field]
+    if not stable or not canary or stable <= 0 or canary <= 0:
+        return None
+    return math.log(canary / stable)
+
+
+def pair_table(pairs: Sequence[dict[str, Any]], policy: AnalysisPolicy) -> list[dict[str, Any]]:
+    """Each independent pair both halves answered, with its scores: the quality evidence a
+    person reads in the rollout's story."""
+    rows = []
+    for p in judged(independent(pairs), policy):
+        stable, canary = p["stable"], p["canary"]
+        if not (stable["ok"] and canary["ok"]):
+            continue
+        agreement = _score(p, policy)
+        ratios = {m: _log_ratio(p, m) for m in LATENCY_METRICS}
+        rows.append(
+            {
+                "source": p["source"],
+                "stable": stable["text"],
+                "canary": canary["text"],
+                "exact": agreement.exact,
+                "token_agreement": round(agreement.tokens, 3),
+                "length_ratio": round(agreement.length_ratio, 3),
+                "refusal": agreement.refusal,
+                "format_ok": agreement.format_ok,
+                "degraded": agreement.degraded,
+                "logprob_drop": p.get("logprob_drop"),
+                **{
+                    f"{m}_ratio": None if r is None else round(math.exp(r), 3)
+                    for m, r in ratios.items()
+                },
+            }
+        )
+    return rows
+
+
+def quality_summary(rows: Sequence[dict[str, Any]]) -> str:
+    """One line on a step's mirrored answers."""
+    if not rows:
+        return "no mirrored pair answered on both sides"
+    n = len(rows)
+    exact = sum(r["exact"] for r in rows)
+    degraded = sum(r["degraded"] for r in rows)
+    agreement = float(np.median([r["token_agreement"] for r in rows]))
+    return (
+        f"{n} mirrored pairs: {exact / n:.0%} identical answers, median token agreement "
+        f"{agreement:.2f}, {degraded} degraded ({degraded / n:.0%})"
+    )

@@ -1,0 +1,132 @@
+"""How much less likely the canary finds stable's answer than stable itself does: the mean
+log-probability per token of stable's answer to a mirrored request, under each engine, and the
+drop from stable's to the canary's (nats per token).
+
+A quantized model rarely repeats its base's greedy answer word for word (SmolLM2-135M W8A8
+against bf16: 22% identical at 16 tokens), yet finds the base's answer nearly as likely (a
+median drop of 0.07 nats per token); a model with a broken template or wrong weights does not.
+vLLM returns each prompt token's log-probability (`prompt_logprobs`); the answer is sent as the
+assistant's turn to continue (chat) or appended to the prompt (completions), with max_tokens 1,
+and its last `tokens` prompt tokens are read. An engine that returns none scores None, and the
+pair is then judged by its text (evaluation/quality/agreement.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Engine:
+    url: str  # base URL, no /v1
+    served_model: str
+
+
+def answer_logprob(
+    client: httpx.Client, engine: Engine, request: dict[str, Any], answer: str, tokens: int
+) -> float | None:
+    """Mean log-probability per token of `answer` after the request's prompt, or None if the
+    engine gives no prompt log-probabilities."""
+    if tokens < 1 or not answer:
+        return None
+    body: dict[str, Any] = {
+        "model": engine.served_model,
+        "max_tokens": 1,
+        "temperature": 0,
+        "prompt_logprobs": 0,
+    }
+    if "messages" in request:
+        messages = [*request["messages"], {"role": "assistant", "content": answer}]
+        body |= {"messages": messages, "add_generation_prompt": False}
+        body["continue_final_message"] = True
+        url = f"{engine.url}/v1/chat/completions"
+    elif isinstance(request.get("prompt"), str):
+        body["prompt"] = request["prompt"] + answer
+        url = f"{engine.url}/v1/completions"
+    else:
+        return None
+    response = client.post(url, json=body)
+    if response.status_code != 200:
+        return None
+    data = response.json()
+    scored = data.get("prompt_logprobs")
+    if scored is None:
+        scored = (data.get("choices") or [{}])[0].get("prompt_logprobs")
+    if not scored:
+        return None
+    values = [_logprob(entry) for entry in scored[-tokens:] if entry]
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _logprob(entry: dict[str, Any]) -> float | None:
+    """The prompt token's own log-probability: with prompt_logprobs 0 vLLM lists it alone."""
+    first = next(iter(entry.values()), None)
+    value = first.get("logprob") if isinstance(first, dict) else None
+    return value if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+class Scorer:
+    """Scores mirrored pairs by the canary's drop in log-probability of stable's answer, each pair
+    once, at most `per_look` new pairs per call (two prefill-only requests each, straight to the
+    engines: bounded extra load, never billed)."""
+
+    def __init__(
+        self,
+        stable: dict[str, Engine],
+        canary: Engine,
+        per_look: int = 4,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self.stable = stable  # by version
+        self.canary = canary
+        self.per_look = per_look
+        self.drops: dict[str, float | None] = {}
+        self._client = httpx.Client(timeout=timeout_s)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def score(self, pairs: Sequence[dict[str, Any]]) -> None:
+        """Give each pair its `logprob_drop` (None: the engines gave no log-probabilities, or a
+        call failed); pairs left for a later call have none yet."""
+        fresh = 0
+        for pair in pairs:
+            key = pair.get("id")
+            if key is None or not (pair["stable"]["ok"] and pair["canary"]["ok"]):
+                continue
+            if key not in self.drops:
+                if fresh >= self.per_look:
+                    continue
+                fresh += 1
+                self.drops[key] = self._drop(pair)
+            pair["logprob_drop"] = self.drops[key]
+
+    def annotate(self, pairs: Sequence[dict[str, Any]]) -> None:
+        """Give the pairs scored already their drop, scoring none."""
+        for pair in pairs:
+            if pair.get("id") in self.drops:
+                pair["logprob_drop"] = self.drops[pair["id"]]
+
+    def _drop(self, pair: dict[str, Any]) -> float | None:
+        stable = self.stable.get(pair.get("stable_version", ""))
+        if stable is None:
+            return None
+        answer, tokens = pair["stable"]["text"], pair["stable"]["completion_tokens"]
+        try:
+            own = answer_logprob(self._client, stable, pair["request"], answer, tokens)
+            theirs = answer_logprob(self._client, self.canary, pair["request"], answer, tokens)
+        except (httpx.HTTPError, ValueError) as e:
+            log.warning("scoring a mirrored pair failed (judged by its text): %s", e)
+            return None
+        if own is None or theirs is None:
+            return None
+        return own - theirs

@@ -1,0 +1,235 @@
+"""Mirrored pairs: the paired latency sign test keeps its power on the bimodal, heavy-tailed
+latency two engines sharing two cores produce, the quality test judges answers against what was
+accepted, sessions are thinned to independent pairs, and the answers' measures say what differs."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from configs.home import REPO
+from configs.rollout import AnalysisPolicy, QualityPolicy, load_rollout_policy
+from evaluation.canary import ArmSamples, analyse
+from evaluation.paired import independent, mirrored_arms, pair_counts, pair_table, quality_summary
+from evaluation.quality.agreement import length_ratio, refuses, score, token_f1
+
+# The demo policy's analysis (configs/rollout/demo.yaml), first step.
+POLICY = load_rollout_policy(REPO / "configs" / "rollout" / "demo.yaml").stages()[0].analysis
+
+
+def contended(rng: np.random.Generator, n: int) -> np.ndarray:
+    """A shared factor per moment: most requests quick, one in five stuck behind the other
+    engine's work for 10-40x as long (the shape measured with two vLLM engines on two cores)."""
+    stuck = rng.random(n) < 0.2
+    return np.where(stuck, rng.uniform(10, 40, n), 1.0)
+
+
+def side(ttft: float, itl: float, e2e: float, text: str = "w0 w1 w2", ok: bool = True) -> dict:
+    return {
+        "ok": ok,
+        "status": 200 if ok else 500,
+        "text": text if ok else "",
+        "finish_reason": "length",
+        "prompt_tokens": 9,
+        "completion_tokens": len(text.split()) if ok else 0,
+        "ttft_s": ttft if ok else None,
+        "itl_s": itl if ok else None,
+        "e2e_s": e2e if ok else None,
+    }
+
+
+def pairs(
+    seed: int,
+    n: int,
+    slower: float = 1.0,
+    canary_text: str = "w0 w1 w2",
+    sessions: int | None = None,
+) -> list[dict]:
+    """n mirrored pairs: each request's own length, a moment's shared contention, and a small
+    independent noise per engine; the canary `slower` on every request."""
+    rng = np.random.default_rng(seed)
+    length = rng.lognormal(0, 0.6, n)
+    shared = contended(rng, n)
+    out = []
+    for i in range(n):
+        base = 0.09 * length[i] * shared[i]
+        noise = rng.lognormal(0, 0.15, (2, 3))
+        s = side(base * noise[0, 0], 0.03 * noise[0, 1], 0.6 * base * noise[0, 2])
+        c = side(
+            slower * base * noise[1, 0],
+            slower * 0.03 * noise[1, 1],
+            slower * 0.6 * base * noise[1, 2],
+            canary_text,
+        )
+        out.append(
+            {
+                "id": f"r{i}",
+                "source": "synthetic",
+                "session": None if sessions is None else f"s{i % sessions}",
+                "logprob_drop": None,  # the engines gave no log-probabilities: judged by text
+                "request": {"messages": [{"role": "user", "content": f"q{i}"}]},
+                "stable": s,
+                "canary": c,
+            }
+        )
+    return out
+
+
+def judge(mirrored: list[dict], policy: AnalysisPolicy = POLICY):
+    stable = ArmSamples(requests=len(mirrored), errors=0, source="synthetic")
+    return analyse([stable], mirrored_arms(mirrored), policy, pair_counts(mirrored, policy))
+
+
+def first_decision(mirrored: list[dict], policy: AnalysisPolicy = POLICY) -> tuple[str, int]:
+    for n in range(10, len(mirrored) + 1, 5):
+        decision = judge(mirrored[:n], policy).decision
+        if decision != "inconclusive":
+            return decision, n
+    return "inconclusive", len(mirrored)
+
+
+def test_identical_engines_under_contention_are_not_worse_within_a_few_hundred_pairs():
+    outcomes = [first_decision(pairs(seed, 400)) for seed in range(20)]
+    assert all(d == "not_worse" for d, _ in outcomes), outcomes
+    assert np.median([n for _, n in outcomes]) <= 200
+
+
+def test_paired_test_decides_where_independent_requests_on_the_same_latencies_cannot():
+    mirrored = pairs(1, 200)
+    assert judge(mirrored).decision == "not_worse"
+    # the same latencies as two unpaired arms: the plug-in variance of a bimodal tail
+    as_arms = [
+        ArmSamples(
+            requests=200,
+            errors=0,
+            ttft_s=[p[arm]["ttft_s"] for p in mirrored],
+            tpot_s=[p[arm]["itl_s"] for p in mirrored],
+            e2e_s=[p[arm]["e2e_s"] for p in mirrored],
+            source="synthetic",
+        )
+        for arm in ("stable", "canary")
+    ]
+    unpaired = analyse([as_arms[0]], [as_arms[1]], POLICY)
+    assert unpaired.decision == "inconclusive"
+    assert any(t.metric == "ttft" and t.decision == "inconclusive" for t in unpaired.tests)
+
+
+def test_a_canary_half_again_as_slow_is_worse_in_pairs():
+    decision, n = first_decision(pairs(2, 400, slower=1.5))
+    assert decision == "worse" and n <= 100
+    reasons = " ".join(judge(pairs(2, 100, 1.5)).reasons)
+    assert re.search(
+        r"ttft_paired: canary/stable ratio 1\.[45]\d \(geometric mean\) over 100 mirrored pairs "
+        r"\(worse beyond 1\.25\): worse",
+        reasons,
+    ), reasons
+
+
+def test_aa_pairs_are_rarely_worse_when_watched_after_every_pair():
+    # never 'not worse': watch every look to the end
+    policy = POLICY.model_copy(update={"min_samples": 10**6})
+    worse = sum(first_decision(pairs(seed, 150), policy)[0] == "worse" for seed in range(60))
+    assert worse <= 2  # alpha 0.01 over the whole watch
+
+
+def test_garbled_answers_at_normal_speed_are_worse_and_identical_ones_are_not():
+    garbled = judge(pairs(3, 60, canary_text="z9 z8 z7"))
+    assert garbled.decision == "worse"
+    quality = next(t for t in garbled.tests if t.metric == "quality")
+    assert quality.decision == "worse" and quality.canary == 1.0
+    same = judge(pairs(3, 200))
+    assert next(t for t in same.tests if t.metric == "quality").decision == "not_worse"
+
+
+@pytest.mark.parametrize(("degraded", "expected"), [(0.05, "not_worse"), (0.6, "worse")])
+def test_quality_is_judged_against_the_accepted_share(degraded, expected):
+    mirrored = pairs(4, 300)
+    rng = np.random.default_rng(5)
+    for p in mirrored:
+        if rng.random() < degraded:
+            p["canary"] = {**p["canary"], "text": "entirely other words"}
+    quality = next(t for t in judge(mirrored).tests if t.metric == "quality")
+    assert quality.decision == expected
+
+
+def test_a_failed_copy_counts_as_a_canary_error():
+    mirrored = pairs(6, 100)
+    for p in mirrored[::2]:
+        p["canary"] = side(0, 0, 0, ok=False)
+    assert pair_counts(mirrored, POLICY).canary_failed == 50
+    analysis = judge(mirrored)
+    assert analysis.decision == "worse"
+    assert next(t for t in analysis.tests if t.metric == "error_rate").decision == "worse"
+
+
+def test_sessions_are_thinned_to_their_first_pair():
+    mirrored = pairs(7, 100, sessions=10)
+    kept = independent(mirrored)
+    assert [p["session"] for p in kept] == [f"s{i}" for i in range(10)]
+    assert pair_counts(mirrored, POLICY).n == 10
+    assert len(independent(pairs(7, 100))) == 100  # no session key: every pair stands alone
+
+
+def test_pair_table_and_summary_show_the_evidence():
+    mirrored = pairs(8, 10)
+    mirrored[0]["canary"] = {**mirrored[0]["canary"], "text": "other"}
+    rows = pair_table(mirrored, POLICY)
+    assert len(rows) == 10 and rows[0]["degraded"] and not rows[1]["degraded"]
+    assert rows[1]["exact"] and rows[1]["ttft_ratio"] > 0
+    assert quality_summary(rows) == (
+        "10 mirrored pairs: 90% identical answers, median token agreement 1.00, 1 degraded (10%)"
+    )
+
+
+def test_answer_measures():
+    policy = QualityPolicy()
+    assert token_f1("the cat sat", "the cat sat") == 1.0
+    assert token_f1("the cat sat", "a dog ran") == 0.0
+    assert token_f1("a b c d", "a b x y") == pytest.approx(0.5)
+    assert refuses("I'm sorry, but I can't help with that.") and not refuses("Sorry to hear.")
+    assert length_ratio(4, 16) == 4.0 and length_ratio(0, 0) == 1.0
+    # one early divergence of a greedy answer still mostly agrees
+    close = score(
+        {},
+        side(1, 1, 1, "Paris is the capital of France"),
+        side(1, 1, 1, "The capital of France is Paris"),
+        policy,
+    )
+    assert not close.exact and not close.degraded
+    json_asked = {"response_format": {"type": "json_object"}}
+    broken = score(json_asked, side(1, 1, 1, '{"a": 1}'), side(1, 1, 1, '{"a": 1'), policy)
+    assert not broken.format_ok and broken.degraded
+    refused = score({}, side(1, 1, 1, "Paris."), side(1, 1, 1, "I cannot answer that."), policy)
+    assert refused.refusal and refused.degraded
+    longer = score({}, side(1, 1, 1, "a b"), side(1, 1, 1, "a b " + "c " * 10), policy)
+    assert longer.length_ratio == 6.0 and longer.degraded
+
+
+def test_latency_is_compared_within_a_prefix_cache_stratum():
+    mirrored = pairs(9, 40)
+    for p in mirrored[:10]:  # stable served these prompts from its cache, the cold canary did not
+        p["stable"] = {**p["stable"], "cached_tokens": 64}
+        p["canary"] = {**p["canary"], "cached_tokens": 0}
+    for p in mirrored[10:20]:  # both from the cache
+        p["stable"] = {**p["stable"], "cached_tokens": 64}
+        p["canary"] = {**p["canary"], "cached_tokens": 32}
+    counts = pair_counts(mirrored, POLICY)
+    assert counts.n == 40 and counts.scored == 40  # the answers are judged all the same
+    assert np.asarray(counts.ratios["ttft"].n) == 30
+
+
+def test_a_small_drop_in_log_probability_is_not_degraded_whatever_the_words():
+    policy = QualityPolicy()
+    stable, canary = (
+        side(1, 1, 1, "The water cycle is a machine"),
+        side(1, 1, 1, "Rain falls and rivers run far"),
+    )
+    assert score({}, stable, canary, policy).degraded  # by words alone
+    assert not score({}, stable, canary, policy, logprob_drop=0.07).degraded
+    assert score({}, stable, canary, policy, logprob_drop=0.9).degraded
+    mirrored = pairs(10, 30)
+    for p in mirrored[:10]:
+        del p["logprob_drop"]  # not scored yet: not judged yet
+    assert pair_counts(mirrored, POLICY).scored == 20
