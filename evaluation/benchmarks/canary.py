@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -192,9 +193,14 @@ def simulate_step(
 def simulate_rollout(
     rng: np.random.Generator, policy: RolloutPolicy, traffic: Traffic, scenario: Scenario
 ) -> Run:
+    return rollout_of(policy, lambda stage: simulate_step(rng, stage, traffic, scenario))
+
+
+def rollout_of(policy: RolloutPolicy, judge: Callable[[Stage], Step]) -> Run:
+    """The policy's stages judged in turn by `judge`, until one is worse or undecided."""
     seconds, requests = 0.0, 0
     for stage in policy.stages():
-        step = simulate_step(rng, stage, traffic, scenario)
+        step = judge(stage)
         seconds, requests = seconds + step.seconds, requests + step.canary_requests
         if step.decision == "worse":
             return Run("rollback", seconds, requests)
@@ -211,30 +217,44 @@ def simulate_rollout(
 def simulate_flagger(
     rng: np.random.Generator, flagger: Flagger, traffic: Traffic, scenario: Scenario
 ) -> Run:
+    """Flagger on lognormal end-to-end latency; its ceiling is 1.2 x stable's true p99."""
+    p99 = traffic.median_s[2] * np.exp(2.326 * traffic.sigma[2])
+
+    def e2e(rng: np.random.Generator, n: int) -> np.ndarray:
+        return traffic.median_s[2] * np.exp(traffic.sigma[2] * rng.standard_normal(n))
+
+    return flagger_run(rng, flagger, traffic.rate, scenario, e2e, p99)
+
+
+def flagger_run(
+    rng: np.random.Generator,
+    flagger: Flagger,
+    rate: float,
+    scenario: Scenario,
+    e2e: Callable[[np.random.Generator, int], np.ndarray],
+    stable_p99: float,
+) -> Run:
     """Flagger's loop: at each tick, roll back if the failed checks reached the threshold, else
-    check the last interval: a failure counts, a pass advances the weight or, at max, promotes."""
-    ceiling = traffic.median_s[2] * np.exp(2.326 * traffic.sigma[2]) * flagger.duration_headroom
+    check the last interval: a failure counts, a pass advances the weight or, at max, promotes.
+    `e2e` draws a canary's end-to-end latencies before the scenario's factor."""
+    ceiling = stable_p99 * flagger.duration_headroom
     weight, failed_checks, requests = flagger.step_weight, 0, 0
     for tick in range(1, flagger.max_checks + 1):
         now = tick * flagger.interval_s
         if failed_checks >= flagger.threshold:
             return Run("rollback", now, requests)
-        n = rng.poisson(traffic.rate * weight / 100 * flagger.interval_s)
+        n = rng.poisson(rate * weight / 100 * flagger.interval_s)
         requests += n
         errors = rng.binomial(n, scenario.canary_error_rate)
         ok = n - errors
-        recent = rng.random(ok) < flagger.duration_window_s / flagger.interval_s
-        e2e = (
-            traffic.median_s[2]
-            * scenario.latency_factor
-            * np.exp(traffic.sigma[2] * rng.standard_normal(recent.sum()))
-        )
+        recent = int(rng.binomial(ok, flagger.duration_window_s / flagger.interval_s))
+        latencies = e2e(rng, recent) * scenario.latency_factor
         # No traffic in a window gives Prometheus no value, which Flagger counts as a failed check.
         passed = (
             n > 0
             and 100 * ok / n >= flagger.min_success_pct
-            and e2e.size > 0
-            and np.quantile(e2e, 0.99) <= ceiling
+            and latencies.size > 0
+            and np.quantile(latencies, 0.99) <= ceiling
         )
         if not passed:
             failed_checks += 1

@@ -38,6 +38,8 @@ from evaluation.benchmarks.canary import (
     Step,
     Summary,
     _last,
+    flagger_run,
+    rollout_of,
     running_stats,
     summarise,
 )
@@ -271,51 +273,29 @@ def simulate_rollout(
     strata: bool = True,
 ) -> Run:
     """One rollout; its canary requests are those users got (live), copies excluded."""
-    seconds, served, total, factors = 0.0, 0, 0, {}
-    for stage in policy.stages():
+    total, factors = 0, {}
+
+    def judge(stage: Stage) -> Step:
+        nonlocal total
         step, total = simulate_step(
             rng, stage, rate, scenario, draw, total, thin_sessions, factors, strata
         )
-        seconds, served = seconds + step.seconds, served + step.canary_requests
-        if step.decision == "worse":
-            return Run("rollback", seconds, served)
-        if step.decision == "inconclusive":
-            return Run(
-                "rollback" if policy.on_inconclusive == "rollback" else "pause", seconds, served
-            )
-    return Run("promote", seconds, served)
+        return step
+
+    return rollout_of(policy, judge)
 
 
 def simulate_flagger(
     rng: np.random.Generator, flagger: Flagger, rate: float, scenario: Scenario, draw: Draw
 ) -> Run:
-    """Flagger's loop (as evaluation/benchmarks/canary.py) on the scenario's canary latencies:
-    its e2e ceiling is 1.2 x stable's true p99, estimated from 20,000 draws."""
-    reference = np.exp(draw(np.random.default_rng(7), 20_000)[0, 2])
-    ceiling = float(np.quantile(reference, 0.99)) * flagger.duration_headroom
-    weight, failed_checks, requests = flagger.step_weight, 0, 0
-    for tick in range(1, flagger.max_checks + 1):
-        now = tick * flagger.interval_s
-        if failed_checks >= flagger.threshold:
-            return Run("rollback", now, requests)
-        n = rng.poisson(rate * weight / 100 * flagger.interval_s)
-        requests += n
-        errors = rng.binomial(n, scenario.canary_error_rate)
-        recent = int(rng.binomial(n - errors, flagger.duration_window_s / flagger.interval_s))
-        e2e = np.exp(draw(rng, recent)[1, 2]) * scenario.latency_factor if recent else []
-        passed = (
-            n > 0
-            and 100 * (n - errors) / n >= flagger.min_success_pct
-            and len(e2e) > 0
-            and np.quantile(e2e, 0.99) <= ceiling
-        )
-        if not passed:
-            failed_checks += 1
-        elif weight < flagger.max_weight:
-            weight += flagger.step_weight
-        else:
-            return Run("promote", now, requests)
-    return Run("pause", flagger.max_checks * flagger.interval_s, requests)
+    """Flagger on the scenario's canary latencies; its e2e ceiling is 1.2 x stable's true p99,
+    estimated from 20,000 draws."""
+    stable_p99 = float(np.quantile(np.exp(draw(np.random.default_rng(7), 20_000)[0, 2]), 0.99))
+
+    def e2e(rng: np.random.Generator, n: int) -> np.ndarray:
+        return np.exp(draw(rng, n)[1, 2]) if n else np.empty(0)
+
+    return flagger_run(rng, flagger, rate, scenario, e2e, stable_p99)
 
 
 # Flagger at the settings its docs show: the canary tutorial's (1 min, +10% to 50%, 5 failed

@@ -318,22 +318,12 @@ def test_a_paused_step_waits_for_approval_and_a_person_can_roll_back(stage, poli
 
 
 @pytest.fixture
-def shadow_policy(tmp_path) -> Path:
+def shadow_policy(policy) -> Path:
     """The fast policy with a shadow phase first and mirroring at every step."""
-    path = tmp_path / "shadow.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "steps": [20, 50, 100],
-                "min_samples": 60,
-                "max_seconds": 40,
-                "look_interval_s": 0.1,
-                "on_inconclusive": "rollback",
-                "slos": {"ttft_p99_s": None, "error_rate": None},
-                "shadow": {"rate_rps": 50, "min_pairs": 40, "max_seconds": 40},
-            }
-        )
-    )
+    path = policy.with_name("shadow.yaml")
+    rules = yaml.safe_load(policy.read_text())
+    rules["shadow"] = {"rate_rps": 50, "min_pairs": 40, "max_seconds": 40}
+    path.write_text(yaml.safe_dump(rules))
     return path
 
 

@@ -85,13 +85,19 @@ def evidence(registry: Registry, version: str) -> dict:
     return json.loads(Path(path).read_text())
 
 
+@pytest.fixture
+def champion(home, tiny_model_source) -> str:
+    """The tiny model released and made champion: the stable of every rollout here."""
+    stable = release(home, "tiny", tiny_model_source, "bf16")
+    Registry(home).promote("tiny", stable)
+    return stable
+
+
 @pytest.mark.stress
 def test_identical_weights_are_promoted_in_each_of_three_rollouts_under_the_demo_policy(
-    home, tiny_model_source, tmp_path, monkeypatch, prefect_server
+    home, tiny_model_source, champion, tmp_path, monkeypatch, prefect_server
 ):
-    registry = Registry(home)
-    stable = release(home, "tiny", tiny_model_source, "bf16")
-    registry.promote("tiny", stable)
+    registry, stable = Registry(home), champion
     with stable_behind_gateway(home, registry, stable, monkeypatch) as gateway_url:
         for round_ in range(3):
             twin = shutil.copytree(tiny_model_source, tmp_path / f"twin-{round_}")
@@ -108,11 +114,9 @@ def test_identical_weights_are_promoted_in_each_of_three_rollouts_under_the_demo
 
 @pytest.mark.stress
 def test_a_canary_with_a_broken_chat_template_is_rolled_back_in_the_shadow_phase(
-    home, tiny_model_source, tmp_path, monkeypatch, prefect_server
+    home, tiny_model_source, champion, tmp_path, monkeypatch, prefect_server
 ):
-    registry = Registry(home)
-    stable = release(home, "tiny", tiny_model_source, "bf16")
-    registry.promote("tiny", stable)
+    registry, stable = Registry(home), champion
     broken = shutil.copytree(tiny_model_source, tmp_path / "broken")
     config = json.loads((broken / "tokenizer_config.json").read_text())
     # The roles are gone: the model sees bare text it was never taught to answer in a chat.
