@@ -705,8 +705,9 @@ def bench_canary(
 ) -> None:
     """Simulated rollouts: Slipway's sequential analysis vs Flagger, with and without mirroring."""
     from evaluation.benchmarks import canary as benchmark
+    from evaluation.benchmarks import canary_mirrored
 
-    benchmark.run(runs, rate, seed, policy_path, out, aa_runs, tuning)
+    benchmark.run(runs, rate, seed, policy_path, out, aa_runs, tuning, canary_mirrored.run)
 
 
 @bench.command("arms")

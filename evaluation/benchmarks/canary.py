@@ -337,12 +337,11 @@ def run(
     out: Path | None,
     aa_runs: int | None = None,
     tuning: bool = False,
+    mirrored_run: Callable[..., tuple[list[tuple[str, str, Summary]], dict]] | None = None,
 ) -> None:
     """Simulate canary rollouts: Slipway's sequential analysis vs a Flagger-like static one, on
     independent lognormal requests, then with mirroring on real latency shapes
-    (canary_mirrored.py; `aa_runs` rollouts per good canary, default `runs`)."""
-    from evaluation.benchmarks import canary_mirrored
-
+    (`mirrored_run`, canary_mirrored.run; `aa_runs` rollouts per good canary, default `runs`)."""
     try:
         policy = load_rollout_policy(policy_path)
     except ConfigError as e:
@@ -357,7 +356,8 @@ def run(
         rng = np.random.default_rng([seed, i, 1])
         sims = [simulate_flagger(rng, flagger, traffic, scenario) for _ in range(runs)]
         results.append(("flagger", scenario.name, summarise(sims)))
-    mirrored, mirrored_info = canary_mirrored.run(
+    assert mirrored_run is not None, "pass canary_mirrored.run"
+    mirrored, mirrored_info = mirrored_run(
         runs, aa_runs or runs, rate, seed, policy, held_out=not tuning
     )
     elapsed = round(time.perf_counter() - started, 1)

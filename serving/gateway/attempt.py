@@ -9,11 +9,13 @@ reached the client is raised as AttemptFailed, so the caller may retry elsewhere
 from __future__ import annotations
 
 from time import monotonic, perf_counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+# routing.Backend, not imported: routing imports this module's neighbours (no import cycle)
+Backend = Any
 
 if TYPE_CHECKING:
     from serving.gateway.exchange import Exchange
-    from serving.gateway.routing import Backend
     from serving.gateway.stats import BackendStats
     from serving.gateway.tokens import Asked
 

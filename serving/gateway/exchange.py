@@ -7,12 +7,10 @@ rate limiting, metrics and the usage log read it afterwards. One small slotted o
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from configs.gateway import TenantSpec
-    from serving.gateway.attempt import Attempt
-    from serving.gateway.routing import Backend
 
 
 class Exchange:
@@ -46,7 +44,8 @@ class Exchange:
         self.endpoint = endpoint
         self.tenant: TenantSpec | None = None
         self.model: str | None = None
-        self.backend: Backend | None = None
+        # a routing.Backend (not imported: routing imports mirror, which imports this module)
+        self.backend: Any = None
         self.stream = False
         self.status = 0
         self.error_kind: str | None = None
@@ -58,7 +57,8 @@ class Exchange:
         self.latency_s = 0.0
         self.prompt: str | None = None
         self.session: str | None = None
-        self.attempt: Attempt | None = None  # the latest try
+        # the latest try, an attempt.Attempt (not imported: attempt.py imports this module)
+        self.attempt: Any = None
         self.transcript: list[bytes] | None = None  # the answer as relayed, for a mirrored request
 
     @property

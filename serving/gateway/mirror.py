@@ -33,9 +33,11 @@ from serving.gateway.errors import GatewayError
 from serving.gateway.exchange import Exchange
 from serving.gateway.sse import EventFramer
 
+# routing.Backend, not imported: routing imports this module's neighbours (no import cycle)
+Backend = Any
+
 if TYPE_CHECKING:
     from serving.gateway.proxy import Upstream
-    from serving.gateway.routing import Backend
     from serving.gateway.stats import BackendStats
     from serving.gateway.tokens import Asked
 
