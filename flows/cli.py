@@ -707,7 +707,7 @@ def bench_canary(
     from evaluation.benchmarks import canary as benchmark
     from evaluation.benchmarks import canary_mirrored
 
-    benchmark.run(runs, rate, seed, policy_path, out, aa_runs, tuning, canary_mirrored.run)
+    benchmark.run(runs, rate, seed, policy_path, out, canary_mirrored.run, aa_runs, tuning)
 
 
 @bench.command("arms")

@@ -335,9 +335,9 @@ def run(
     seed: int,
     policy_path: Path,
     out: Path | None,
+    mirrored_run: Callable[..., tuple[list[tuple[str, str, Summary]], dict]],
     aa_runs: int | None = None,
     tuning: bool = False,
-    mirrored_run: Callable[..., tuple[list[tuple[str, str, Summary]], dict]] | None = None,
 ) -> None:
     """Simulate canary rollouts: Slipway's sequential analysis vs a Flagger-like static one, on
     independent lognormal requests, then with mirroring on real latency shapes
@@ -356,7 +356,6 @@ def run(
         rng = np.random.default_rng([seed, i, 1])
         sims = [simulate_flagger(rng, flagger, traffic, scenario) for _ in range(runs)]
         results.append(("flagger", scenario.name, summarise(sims)))
-    assert mirrored_run is not None, "pass canary_mirrored.run"
     mirrored, mirrored_info = mirrored_run(
         runs, aa_runs or runs, rate, seed, policy, held_out=not tuning
     )
