@@ -123,8 +123,9 @@ class RouteSpec(Strict):
         return self
 
 
-class TenantSpec(Strict):
-    """A tenant: its key's hash, its limits and its choices. Limits left out are unlimited.
+class Tenant(Strict):
+    """A tenant: its tier, its limits and its choices. Limits left out are unlimited. Its keys are
+    kept apart (serving/gateway/keyring.py): a tenant may hold several while one is rotated.
 
     The prompt is bounded in bytes, not tokens: the gateway holds no tokenizer, so it cannot count
     a prompt's tokens before the backend does. Refusing on an estimate would refuse some prompts
@@ -134,7 +135,11 @@ class TenantSpec(Strict):
     """
 
     name: str = Field(min_length=1, pattern=r"^[\w.-]+$")
-    key_sha256: str
+    tier: str = Field(
+        "standard",
+        pattern=r"^[\w.-]+$",
+        description="the service tier this tenant is scheduled by (e.g. premium, standard, batch)",
+    )
     rpm: int | None = Field(None, ge=1, description="requests per sliding minute")
     tpm: int | None = Field(None, ge=1, description="prompt+completion tokens per sliding minute")
     monthly_token_budget: int | None = Field(
@@ -167,10 +172,33 @@ class TenantSpec(Strict):
         "kept apart from organic traffic in the per-backend statistics",
     )
 
+
+class TenantSpec(Tenant):
+    """A tenant with one key, as configs/gateway.yaml seeds an empty state store with them."""
+
+    key_sha256: str
+
     @field_validator("key_sha256")
     @classmethod
     def _hash(cls, value: str) -> str:
         return _check_sha256_hex(value, "key_sha256")
+
+
+AdminRole = Literal["operator", "rollout", "auditor"]
+
+
+class AdminSpec(Strict):
+    """An admin identity: the audit log names it by `id`. operator: every admin route; rollout:
+    routes, weights and statistics (what the rollout flow drives); auditor: reads only."""
+
+    id: str = Field(min_length=1, pattern=r"^[\w.-]+$")
+    token_sha256: str
+    role: AdminRole
+
+    @field_validator("token_sha256")
+    @classmethod
+    def _hash(cls, value: str) -> str:
+        return _check_sha256_hex(value, "token_sha256")
 
 
 class TimeoutsSpec(Strict):
@@ -291,7 +319,13 @@ class GatewayConfig(Strict):
     routes: tuple[RouteSpec, ...] = Field(
         (), description="seeds an empty state store; once it holds routes, the store's win"
     )
-    tenants: tuple[TenantSpec, ...] = ()
+    tenants: tuple[TenantSpec, ...] = Field(
+        (), description="seed an empty state store; afterwards the admin API manages tenants"
+    )
+    admins: tuple[AdminSpec, ...] = Field(
+        (),
+        description="admin identities besides admin_token_sha256 (which is the operator 'admin')",
+    )
 
     @field_validator("admin_token_sha256")
     @classmethod
@@ -304,11 +338,17 @@ class GatewayConfig(Strict):
             ("route models", [r.model for r in self.routes]),
             ("tenant names", [t.name for t in self.tenants]),
             ("tenant key hashes", [t.key_sha256 for t in self.tenants]),
+            ("admin ids", ["admin", *(a.id for a in self.admins)]),
+            (
+                "admin token hashes",
+                [self.admin_token_sha256, *(a.token_sha256 for a in self.admins)],
+            ),
         ):
             if dupes := sorted({v for v in values if values.count(v) > 1}):
                 raise ValueError(f"{what} must be unique, repeated: {dupes}")
-        if self.admin_token_sha256 in {t.key_sha256 for t in self.tenants}:
-            raise ValueError("the admin token must differ from every tenant key")
+        admin_hashes = {self.admin_token_sha256, *(a.token_sha256 for a in self.admins)}
+        if admin_hashes & {t.key_sha256 for t in self.tenants}:
+            raise ValueError("admin tokens must differ from every tenant key")
         return self
 
 

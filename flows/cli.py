@@ -492,6 +492,125 @@ def keys_rotate() -> None:
 # ---- load generator ------------------------------------------------------------------------------
 
 
+@cli.group()
+def tenants() -> None:
+    """Tenants and their API keys on the running gateway, by its admin API: every instance on the
+    same state store applies a change within a second, and each change is in the audit log."""
+
+
+gateway_url_option = click.option(
+    "--gateway-url", default=None, help="default: the gateway `make up` started"
+)
+
+
+def _admin(gateway_url: str | None, method: str, path: str, body: Any = None, **params: str):
+    from tasks.gateway_admin import GatewayAdmin, GatewayAdminError
+
+    try:
+        return GatewayAdmin.of(Home.from_env(), gateway_url).call(method, path, body, params)
+    except GatewayAdminError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _echo_json(data: Any) -> None:
+    import json
+
+    click.echo(json.dumps(data, indent=2))
+
+
+@tenants.command("create")
+@click.argument("name")
+@click.option("--tier", default="standard", show_default=True)
+@click.option("--rpm", type=int, default=None, help="requests per minute")
+@click.option("--tpm", type=int, default=None, help="tokens per minute")
+@click.option("--monthly-token-budget", type=int, default=None)
+@click.option("--model", "models", multiple=True, help="a model it may use (repeat); default all")
+@gateway_url_option
+def tenants_create(name: str, models: tuple[str, ...], gateway_url: str | None, **limits: Any):
+    """Create or replace tenant NAME with a tier and limits (the rest of its settings: PUT
+    /admin/tenants/NAME)."""
+    body = {k: v for k, v in limits.items() if v is not None} | (
+        {"models": models} if models else {}
+    )
+    _echo_json(_admin(gateway_url, "PUT", f"/admin/tenants/{name}", body))
+
+
+@tenants.command("list")
+@gateway_url_option
+def tenants_list(gateway_url: str | None) -> None:
+    """Every tenant and its settings."""
+    _echo_json(_admin(gateway_url, "GET", "/admin/tenants"))
+
+
+@tenants.command("issue-key")
+@click.argument("name")
+@click.option("--expires-in", type=float, default=None, help="seconds; default never")
+@gateway_url_option
+def tenants_issue_key(name: str, expires_in: float | None, gateway_url: str | None) -> None:
+    """A new API key for tenant NAME, shown once."""
+    import time
+
+    expires_at = time.time() + expires_in if expires_in else None
+    issued = _admin(gateway_url, "POST", f"/admin/tenants/{name}/keys", {"expires_at": expires_at})
+    click.echo(f"key {issued['id']} (shown once, give it to {name}): {issued['key']}")
+
+
+@tenants.command("keys")
+@click.argument("name", required=False)
+@gateway_url_option
+def tenants_keys(name: str | None, gateway_url: str | None) -> None:
+    """The keys (of tenant NAME): ids and times, never a secret."""
+    params = {"tenant": name} if name else {}
+    _echo_json(_admin(gateway_url, "GET", "/admin/keys", **params))
+
+
+@tenants.command("revoke")
+@click.argument("key_id")
+@gateway_url_option
+def tenants_revoke(key_id: str, gateway_url: str | None) -> None:
+    """Refuse key KEY_ID from now on."""
+    _echo_json(_admin(gateway_url, "POST", f"/admin/keys/{key_id}/revoke"))
+
+
+@tenants.command("rotate")
+@click.argument("key_id")
+@click.option("--overlap", type=float, default=3600, show_default=True, help="seconds")
+@gateway_url_option
+def tenants_rotate(key_id: str, overlap: float, gateway_url: str | None) -> None:
+    """A new key replacing KEY_ID, which stays valid for --overlap seconds."""
+    rotated = _admin(gateway_url, "POST", f"/admin/keys/{key_id}/rotate", {"overlap_s": overlap})
+    new = rotated["new"]
+    click.echo(f"key {new['id']} (shown once) replaces {key_id}: {new['key']}")
+
+
+@tenants.command("expire")
+@click.argument("key_id")
+@click.option("--in", "in_s", type=float, required=True, help="seconds from now")
+@gateway_url_option
+def tenants_expire(key_id: str, in_s: float, gateway_url: str | None) -> None:
+    """Let key KEY_ID expire in --in seconds."""
+    import time
+
+    body = {"expires_at": time.time() + in_s}
+    _echo_json(_admin(gateway_url, "POST", f"/admin/keys/{key_id}/expire", body))
+
+
+@cli.command()
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--action", default=None, help="an action or its prefix, e.g. key. or route.weights")
+@click.option("--actor", default=None, help="an admin id")
+@gateway_url_option
+def audit(limit: int, action: str | None, actor: str | None, gateway_url: str | None) -> None:
+    """The gateway's audit log: who changed routes, weights, tenants and keys, before and after."""
+    import time
+
+    params = {"limit": str(limit)} | ({"action": action} if action else {})
+    params |= {"actor": actor} if actor else {}
+    for r in _admin(gateway_url, "GET", "/admin/audit", **params)["records"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["time"]))
+        click.echo(f"{when}Z {r['actor']:<10} {r['action']:<14} {r['target']}  ({r['request_id']})")
+
+
 def levels(_ctx: click.Context, _param: click.Parameter, value: str) -> list[int]:
     """A comma-separated list of concurrency levels."""
     try:

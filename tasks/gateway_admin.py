@@ -80,6 +80,12 @@ class GatewayAdmin:
     def stats(self, model: str, samples: bool = True) -> dict[str, Any]:
         return self._call("GET", f"/admin/stats/{model}", params={"samples": str(samples).lower()})
 
+    def call(
+        self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """Any admin route (tenants, keys, the audit log: serving/gateway/tenants_api.py)."""
+        return self._call(method, path, body, params)
+
     def _call(
         self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None
     ) -> dict[str, Any]:

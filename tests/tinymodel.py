@@ -95,6 +95,29 @@ def build(out: Path, steps: int = 150, seed: int = 0) -> Path:
     return out
 
 
+def perturb(source: Path, out: Path, scale: float, seed: int = 0) -> Path:
+    """A copy of the model at `source` whose weight matrices carry Gaussian noise of `scale` times
+    each matrix's own spread: a model that answers at the same speed but worse, by a degree the
+    scale sets (on the tiny model, 1.2 changes about half of the greedy answers)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, out)
+    weights = out / "model.safetensors"
+    tensors = load_file(weights)
+    noise = torch.Generator().manual_seed(seed)
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if tensor.dim() == 2:
+            spread = tensor.float().std()
+            shaken = tensor.float() + torch.randn(tensor.shape, generator=noise) * spread * scale
+            tensors[name] = shaken.to(tensor.dtype)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return out
+
+
 if __name__ == "__main__":
     import sys
 

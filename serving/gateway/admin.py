@@ -32,6 +32,7 @@ from starlette.responses import Response
 
 from configs.gateway import Audience, BackendSpec, MirrorSpec, RouteSpec
 from configs.loader import Strict, describe
+from serving.gateway.audit import AuditLog
 from serving.gateway.codec import JSONDecodeError, dumps, loads
 from serving.gateway.errors import BadRequest, NotFound
 from serving.gateway.routing import Route
@@ -72,13 +73,16 @@ class WeightsUpdate(Strict):
     )
 
 
-def _json(data: Any, status: int = 200) -> Response:
+def json_response(data: Any, status: int = 200) -> Response:
     return Response(dumps(data), status, media_type="application/json")
 
 
-async def _payload(request: Request, schema: type[BaseModel]) -> BaseModel:
+async def payload(request: Request, schema: type[BaseModel], empty_ok: bool = False) -> Any:
+    """The request's body as `schema`; a 400 naming the field where it is not. `empty_ok`: an
+    empty body is the schema's defaults."""
+    body = await request.body()
     try:
-        raw = loads(await request.body())
+        raw = {} if empty_ok and not body.strip() else loads(body)
     except JSONDecodeError as e:
         raise BadRequest(f"request body is not valid JSON: {e}") from None
     try:
@@ -101,9 +105,10 @@ def _not_found(model: str) -> NotFound:
 class AdminAPI:
     """The admin endpoints, over the routing table they read and, through `sync`, change."""
 
-    def __init__(self, sync: TableSync) -> None:
+    def __init__(self, sync: TableSync, audit: AuditLog) -> None:
         self.sync = sync
         self.current = sync.current
+        self.audit = audit
 
     def _route(self, request: Request) -> Route:
         model = request.path_params["model"]
@@ -113,14 +118,14 @@ class AdminAPI:
         return route
 
     async def list_routes(self, request: Request) -> Response:
-        return _json({"routes": [r.describe() for r in self.current.table.routes.values()]})
+        return json_response({"routes": [r.describe() for r in self.current.table.routes.values()]})
 
     async def get_route(self, request: Request) -> Response:
-        return _json(self._route(request).describe())
+        return json_response(self._route(request).describe())
 
     async def put_route(self, request: Request) -> Response:
         model = request.path_params["model"]
-        update = await _payload(request, RouteUpdate)
+        update = await payload(request, RouteUpdate)
         specs = tuple(
             BackendSpec.model_validate(b.model_dump(exclude={"expected_digest"}))
             for b in update.backends
@@ -131,28 +136,31 @@ class AdminAPI:
             raise BadRequest(
                 f"invalid route for '{model}':\n{describe(e)}", param="backends"
             ) from None
+        before = self.current.table.get(model)
         route = await self.sync.change(model, lambda _: spec)
         log.info("route '%s' set: %s", model, _weights_text(route))
-        return _json(route.describe())
+        await self.audit.record_for(request, "route.put", model, _spec(before), _spec(route))
+        return json_response(route.describe())
 
     async def set_weights(self, request: Request) -> Response:
-        self._route(request)  # an unknown model is a 404 before the body is read
-        update = await _payload(request, WeightsUpdate)
+        before = self._route(request)  # an unknown model is a 404 before the body is read
+        update = await payload(request, WeightsUpdate)
         model = request.path_params["model"]
         route = await self.sync.change(model, lambda route: _reweighted(model, route, update))
         log.info("weights of '%s' set: %s", model, _weights_text(route))
-        return _json(route.describe())
+        await self.audit.record_for(request, "route.weights", model, _spec(before), _spec(route))
+        return json_response(route.describe())
 
     async def get_stats(self, request: Request) -> Response:
         route = self._route(request)
         samples = request.query_params.get("samples", "").lower() in ("1", "true", "yes")
-        return _json(_stats(route, samples))
+        return json_response(_stats(route, samples))
 
     async def reset_stats(self, request: Request) -> Response:
         route = self._route(request)
         for backend in route.backends:
             backend.reset_stats()
-        return _json(_stats(route, False))
+        return json_response(_stats(route, False))
 
 
 def _reweighted(model: str, route: Route | None, update: WeightsUpdate) -> RouteSpec:
@@ -207,6 +215,10 @@ def _stats(route: Route, samples: bool) -> dict[str, Any]:
             for b, w in zip(route.backends, route.weights, strict=True)
         ],
     }
+
+
+def _spec(route: Route | None) -> dict[str, Any] | None:
+    return route.spec().model_dump(mode="json") if route else None
 
 
 def _weights_text(route: Route) -> str:

@@ -4,8 +4,9 @@ Request path, outermost first:
   UsageMiddleware      opens the request's Exchange; hands it to the usage log when done
   MetricsMiddleware    counts the response by tenant and status
   ErrorMiddleware      renders GatewayError in the OpenAI error shape
-  AuthMiddleware       tenant key on /v1, admin token on /admin
+  AuthMiddleware       tenant key on /v1 (the keyring), admin token and role on /admin
   router               completions (raw ASGI) / models / health / ready / metrics / admin
+                       (routes and statistics; tenants, keys and the audit log)
 
 The completions endpoints admit a request against its tenant's limits themselves, once the body is
 parsed: the tokens held for it at admission are bounded by its prompt and max_tokens (limits.py).
@@ -31,8 +32,10 @@ from starlette.routing import Route
 from configs.gateway import GatewayConfig
 from configs.home import Home
 from serving.gateway.admin import AdminAPI
-from serving.gateway.auth import AuthMiddleware
+from serving.gateway.audit import AuditLog
+from serving.gateway.auth import AuthMiddleware, admins_of
 from serving.gateway.errors import ErrorMiddleware, http_exception_handler
+from serving.gateway.keyring import Keyring
 from serving.gateway.limits import Limiter, LocalLimiter, RedisLimiter
 from serving.gateway.metrics import (
     GatewayCollector,
@@ -46,14 +49,16 @@ from serving.gateway.routes import Completions, Models, health
 from serving.gateway.routing import CurrentTable, RoutingTable
 from serving.gateway.state import store_for
 from serving.gateway.table_sync import TableSync
+from serving.gateway.tenants_api import TenantsAPI
 from serving.gateway.usage import UsageLog, UsageMiddleware, default_url, sink_for
 
 
 def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
     """The gateway for `config`; its state store and usage log default to SQLite under `home`."""
     current = CurrentTable(RoutingTable.empty())
+    store = store_for(config.state, home)  # opened and closed by the table sync
     sync = TableSync(
-        store_for(config.state, home),
+        store,
         current,
         config.routes,
         config.breaker,
@@ -69,13 +74,16 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
     usage = UsageLog(sink_for(config.usage.url or default_url(home)), config.usage)
     responses: Responses = Counter()
     registry = registry_for(GatewayCollector(current, responses, usage))
-    tenants = {t.key_sha256: t for t in config.tenants}
+    keyring = Keyring(store, config.tenants, config.state.poll_interval_s)
+    audit = AuditLog(store)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with AsyncExitStack() as opened:  # what opened is closed, in reverse, whatever fails
             await sync.open()  # first: a gateway that cannot load its routes does not start
             opened.push_async_callback(sync.close)
+            await keyring.open()
+            opened.push_async_callback(keyring.close)
             await upstream.open()
             opened.push_async_callback(upstream.close)
             await limiter.open()
@@ -96,7 +104,8 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
         )
 
     models = Models(current)
-    admin = AdminAPI(sync)
+    admin = AdminAPI(sync, audit)
+    tenants = TenantsAPI(keyring, audit)
     return Starlette(
         routes=[
             Route("/v1/chat/completions", completions("chat"), methods=["POST"]),
@@ -112,12 +121,24 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
             Route("/admin/routes/{model:path}", admin.put_route, methods=["PUT"]),
             Route("/admin/stats/{model:path}/reset", admin.reset_stats, methods=["POST"]),
             Route("/admin/stats/{model:path}", admin.get_stats, methods=["GET"]),
+            Route("/admin/tenants", tenants.list_tenants, methods=["GET"]),
+            Route("/admin/tenants/{name}", tenants.put_tenant, methods=["PUT"]),
+            Route("/admin/tenants/{name}/keys", tenants.issue_key, methods=["POST"]),
+            Route("/admin/keys", tenants.list_keys, methods=["GET"]),
+            Route("/admin/keys/{key}/revoke", tenants.revoke_key, methods=["POST"]),
+            Route("/admin/keys/{key}/rotate", tenants.rotate_key, methods=["POST"]),
+            Route("/admin/keys/{key}/expire", tenants.expire_key, methods=["POST"]),
+            Route("/admin/audit", tenants.read_audit, methods=["GET"]),
         ],
         middleware=[
             Middleware(UsageMiddleware, usage=usage),
             Middleware(MetricsMiddleware, responses=responses),
             Middleware(ErrorMiddleware),
-            Middleware(AuthMiddleware, tenants=tenants, admin_hash=config.admin_token_sha256),
+            Middleware(
+                AuthMiddleware,
+                tenants=keyring,
+                admins=admins_of(config.admin_token_sha256, config.admins),
+            ),
         ],
         exception_handlers={HTTPException: http_exception_handler},
         lifespan=lifespan,

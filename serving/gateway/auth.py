@@ -1,8 +1,12 @@
-"""Authentication: tenant API keys on /v1, the admin token on /admin.
+"""Authentication: tenant API keys on /v1, admin tokens on /admin, each admin held to its role.
 
-Only sha256 hashes of secrets are held. A tenant key is found by looking up its hash (the hash of
-a high-entropy key reveals nothing through lookup timing); the admin token's hash is compared in
-constant time. Neither the presented secret nor its hash is ever logged or echoed.
+Only sha256 hashes of secrets are held. A tenant key is found by looking up its hash in the
+keyring (the hash of a high-entropy key reveals nothing through lookup timing); an admin token's
+hash is compared with each admin's in constant time. Neither the presented secret nor its hash is
+ever logged or echoed.
+
+Roles: operator, every admin route; rollout, the routes, weights and statistics the rollout flow
+drives; auditor, reads only (GET).
 """
 
 from __future__ import annotations
@@ -10,11 +14,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Protocol
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from configs.gateway import TenantSpec
+from configs.gateway import AdminSpec, Tenant
 from serving.gateway.errors import Forbidden, Unauthorized
 
 
@@ -44,13 +49,51 @@ _MISSING = (
 )
 
 
-class AuthMiddleware:
-    """Names the tenant of a /v1 request by its key; lets only the admin token into /admin."""
+class Tenants(Protocol):
+    """Where tenant keys are looked up (serving/gateway/keyring.py)."""
 
-    def __init__(self, app: ASGIApp, tenants: Mapping[str, TenantSpec], admin_hash: str) -> None:
+    def tenant_for(self, digest: str) -> Tenant:
+        """The tenant of a valid key, else Unauthorized saying why."""
+
+    def holds(self, digest: str) -> bool: ...
+
+
+_ROLLOUT_PATHS = ("/admin/routes", "/admin/stats")
+ROLES = {
+    "operator": "every admin route",
+    "rollout": "only /admin/routes and /admin/stats",
+    "auditor": "only reads (GET)",
+}
+
+
+def permitted(role: str, method: str, path: str) -> bool:
+    if role == "operator":
+        return True
+    if role == "auditor":
+        return method in ("GET", "HEAD")
+    return role == "rollout" and path.startswith(_ROLLOUT_PATHS)
+
+
+def admins_of(admin_hash: str, more: Sequence[AdminSpec]) -> tuple[AdminSpec, ...]:
+    """Every admin identity: the config's admin token is the operator 'admin'."""
+    return (AdminSpec(id="admin", token_sha256=admin_hash, role="operator"), *more)
+
+
+class AuthMiddleware:
+    """Names the tenant of a /v1 request by its key; lets admins into /admin as their role
+    allows, naming the admin (scope "slipway.admin") for the audit log."""
+
+    def __init__(self, app: ASGIApp, tenants: Tenants, admins: Sequence[AdminSpec]) -> None:
         self.app = app
-        self.tenants = tenants  # by the sha256 of their key
-        self.admin_hash = admin_hash
+        self.tenants = tenants
+        self.admins = tuple(admins)
+
+    def _admin(self, digest: str) -> AdminSpec | None:
+        found = None
+        for admin in self.admins:  # every comparison made, so timing does not say which
+            if hmac.compare_digest(digest, admin.token_sha256):
+                found = admin
+        return found
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(("/v1/", "/admin/")):
@@ -61,18 +104,21 @@ class AuthMiddleware:
             raise Unauthorized(_MISSING, code="missing_api_key")
         digest = hashlib.sha256(token).hexdigest()
         if scope["path"].startswith("/admin/"):
-            if not hmac.compare_digest(digest, self.admin_hash):
-                if digest in self.tenants:
+            admin = self._admin(digest)
+            if admin is None:
+                if self.tenants.holds(digest):
                     raise Forbidden(
-                        "admin routes need the admin token; tenant API keys are not accepted here"
+                        "admin routes need an admin token; tenant API keys are not accepted here"
                     )
                 raise Unauthorized("invalid admin token", code="invalid_admin_token")
-        else:
-            tenant = self.tenants.get(digest)
-            if tenant is None:
-                raise Unauthorized(
-                    "invalid API key; check the key or ask your operator for a new one"
+            if not permitted(admin.role, scope["method"], scope["path"]):
+                raise Forbidden(
+                    f"admin '{admin.id}' has the role {admin.role}, which may use "
+                    f"{ROLES[admin.role]}, not {scope['method']} {scope['path']}"
                 )
+            scope["slipway.admin"] = admin
+        else:
+            tenant = self.tenants.tenant_for(digest)
             scope["slipway.tenant"] = tenant  # what the endpoints may show this tenant
             exchange = scope.get("slipway.exchange")
             if exchange is not None:

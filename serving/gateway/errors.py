@@ -99,6 +99,23 @@ class Unavailable(GatewayError):
     code = "overloaded"
 
 
+def store_unavailable(error: Exception, unchanged: str) -> Unavailable:
+    """An admin change the state store could not take: nothing of it was made."""
+    return Unavailable(
+        f"{error}; {unchanged} was not changed", code="state_store_unavailable", retry_after=1
+    )
+
+
+def store_busy(what: str, tries: int) -> Unavailable:
+    """An admin change that lost `tries` compare-and-set races in a row."""
+    return Unavailable(
+        f"the {what} in the state store changed {tries} times while this change was tried; "
+        "retry it",
+        code="state_store_busy",
+        retry_after=1,
+    )
+
+
 class UpstreamError(GatewayError):
     status = 502
     type = "server_error"

@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from configs.gateway import TenantSpec
+    from configs.gateway import Tenant
 
 
 class Exchange:
@@ -42,7 +42,7 @@ class Exchange:
         self.started = time.perf_counter()
         self.request_id = request_id
         self.endpoint = endpoint
-        self.tenant: TenantSpec | None = None
+        self.tenant: Tenant | None = None
         self.model: str | None = None
         # a routing.Backend (not imported: routing imports mirror, which imports this module)
         self.backend: Any = None

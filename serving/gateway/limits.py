@@ -40,7 +40,7 @@ from typing import Any, NamedTuple, Protocol
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from configs.gateway import LimitsSpec, TenantSpec
+from configs.gateway import LimitsSpec, Tenant
 from serving.gateway.errors import BadRequest, RateLimited
 from serving.gateway.validation import MAX_TOKENS_FIELDS, prompt_bytes, prompt_count
 
@@ -59,11 +59,11 @@ def _seconds_to_next_month(now: float) -> int:
     return max(1, int(nxt.timestamp() - now))
 
 
-def token_limited(tenant: TenantSpec) -> bool:
+def token_limited(tenant: Tenant) -> bool:
     return tenant.tpm is not None or tenant.monthly_token_budget is not None
 
 
-def reservation(tenant: TenantSpec, data: dict[str, Any], endpoint: str, limits: LimitsSpec) -> int:
+def reservation(tenant: Tenant, data: dict[str, Any], endpoint: str, limits: LimitsSpec) -> int:
     """The most tokens the request can use, held at admission; 0 for a tenant without token
     limits (nothing is counted for it). The request has a max_tokens by now (shape.py gives one
     to a token-limited tenant's request that names none). Raises BadRequest when the reservation
@@ -91,7 +91,7 @@ def reservation(tenant: TenantSpec, data: dict[str, Any], endpoint: str, limits:
     return reserved
 
 
-def _never_admitted(tenant: TenantSpec, reserved: int, limit: str, value: int) -> BadRequest:
+def _never_admitted(tenant: Tenant, reserved: int, limit: str, value: int) -> BadRequest:
     return BadRequest(
         f"this request may use up to {reserved} tokens (prompt bytes, plus the chat template's "
         f"allowance, plus max_tokens x n), over tenant '{tenant.name}'s whole {limit} of {value}, "
@@ -101,7 +101,7 @@ def _never_admitted(tenant: TenantSpec, reserved: int, limit: str, value: int) -
     )
 
 
-def denied(reason: str, tenant: TenantSpec, retry_after: int) -> RateLimited:
+def denied(reason: str, tenant: Tenant, retry_after: int) -> RateLimited:
     if reason == "budget":
         return RateLimited(
             f"tenant '{tenant.name}' has too little of its monthly token budget "
@@ -176,8 +176,8 @@ class Limiter(Protocol):
     request once, when it is done (the completions endpoint calls both)."""
 
     async def open(self) -> None: ...
-    async def admit(self, tenant: TenantSpec, reserved: int) -> Hold | None: ...
-    async def settle(self, tenant: TenantSpec, hold: Hold | None, tokens: int) -> None: ...
+    async def admit(self, tenant: Tenant, reserved: int) -> Hold | None: ...
+    async def settle(self, tenant: Tenant, hold: Hold | None, tokens: int) -> None: ...
     async def close(self) -> None: ...
 
 
@@ -186,7 +186,7 @@ class LocalLimiter:
         self._accounts: dict[str, _Account] = {}
         self._clock = clock  # unix seconds; the tests step it by hand
 
-    def _account(self, tenant: TenantSpec) -> _Account:
+    def _account(self, tenant: Tenant) -> _Account:
         account = self._accounts.get(tenant.name)
         if account is None:
             account = self._accounts[tenant.name] = _Account()
@@ -195,7 +195,7 @@ class LocalLimiter:
     async def open(self) -> None:
         return None
 
-    async def admit(self, tenant: TenantSpec, reserved: int) -> Hold | None:
+    async def admit(self, tenant: Tenant, reserved: int) -> Hold | None:
         """Take one request and hold `reserved` tokens, or raise RateLimited; None: nothing held
         (a tenant without token limits)."""
         # No await in here: the check and the take are one step on the event loop.
@@ -219,7 +219,7 @@ class LocalLimiter:
         account.held = committed
         return Hold(reserved, now_s)
 
-    async def settle(self, tenant: TenantSpec, hold: Hold | None, tokens: int) -> None:
+    async def settle(self, tenant: Tenant, hold: Hold | None, tokens: int) -> None:
         """Release the request's hold and charge the tokens it used, in one step."""
         if not token_limited(tenant):
             return
@@ -332,12 +332,12 @@ class RedisLimiter:
         self._admit = self._redis.register_script(_ADMIT)
         self._settle = self._redis.register_script(_SETTLE)
 
-    def _keys(self, tenant: TenantSpec, now: float) -> list[str]:
+    def _keys(self, tenant: Tenant, now: float) -> list[str]:
         """Requests, tokens and held buckets, and this month's budget counter."""
         base = f"{self._prefix}{tenant.name}:"
         return [base + "rpm", base + "tpm", base + "held", f"{base}budget:{_month(now)}"]
 
-    async def admit(self, tenant: TenantSpec, reserved: int) -> Hold | None:
+    async def admit(self, tenant: Tenant, reserved: int) -> Hold | None:
         """Take one request and hold `reserved` tokens, or raise RateLimited; None: nothing held
         (no token limits, or Redis unreachable)."""
         if tenant.rpm is None and not token_limited(tenant):
@@ -361,7 +361,7 @@ class RedisLimiter:
             raise denied(kind, tenant, wait)
         return Hold(reserved, int(value)) if token_limited(tenant) else None
 
-    async def settle(self, tenant: TenantSpec, hold: Hold | None, tokens: int) -> None:
+    async def settle(self, tenant: Tenant, hold: Hold | None, tokens: int) -> None:
         """Release the request's hold and charge the tokens it used, in one script."""
         if not token_limited(tenant) or (hold is None and tokens <= 0):
             return

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from configs.gateway import TenantSpec
+from configs.gateway import Tenant
 from serving.gateway.errors import BadRequest, model_not_found
 from serving.gateway.limits import token_limited
 from serving.gateway.validation import MAX_TOKENS_FIELDS, prompt_bytes
@@ -27,7 +27,7 @@ def _over(field: str, value: int, limit: str, bound: int, unit: str = "") -> Bad
 
 
 def apply_tenant_bounds(
-    tenant: TenantSpec, data: dict[str, Any], endpoint: str, default_max_tokens: int
+    tenant: Tenant, data: dict[str, Any], endpoint: str, default_max_tokens: int
 ) -> None:
     """Refuse a request outside the tenant's bounds; give one that names no max_tokens the cap,
     or `default_max_tokens` when the tenant has token limits but no cap."""

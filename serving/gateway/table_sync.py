@@ -31,7 +31,7 @@ from pydantic import ValidationError
 
 from configs.gateway import BreakerSpec, RouteSpec
 from configs.loader import describe
-from serving.gateway.errors import Unavailable
+from serving.gateway.errors import store_busy, store_unavailable
 from serving.gateway.routing import CurrentTable, Route
 from serving.gateway.state.store import (
     Conflict,
@@ -193,12 +193,5 @@ class TableSync:
                     self._seen = version
                     return route
             except StateError as e:
-                raise Unavailable(
-                    f"{e}; the route was not changed", code="state_store_unavailable", retry_after=1
-                ) from None
-        raise Unavailable(
-            f"the routes in the state store changed {_TRIES} times while this change was tried; "
-            "retry it",
-            code="state_store_busy",
-            retry_after=1,
-        )
+                raise store_unavailable(e, "the route") from None
+        raise store_busy("routes", _TRIES)

@@ -272,6 +272,9 @@ class UsageMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint = _ENDPOINTS.get(scope["path"]) if scope["type"] == "http" else None
         if endpoint is None:
+            if scope["type"] == "http" and scope["path"].startswith("/admin/"):
+                # Admin requests are not billed, but the audit log names them by this id.
+                scope["slipway.request_id"] = f"{self._prefix}{next(self._ids)}"
             await self.app(scope, receive, send)
             return
         exchange = Exchange(endpoint, f"{self._prefix}{next(self._ids)}")

