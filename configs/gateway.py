@@ -264,6 +264,21 @@ class StateSpec(Strict):
         return value
 
 
+OnDown = Literal["open", "closed"]
+
+
+class OutagePolicy(Strict):
+    """What each limit does while Redis, which shares it between instances, cannot be reached:
+    `open` admits (holding and charging nothing), `closed` refuses with a 503. A request is
+    refused when any limit its tenant has fails closed."""
+
+    rpm: OnDown = Field("open", description="a request-rate outage must not become a serving one")
+    tpm: OnDown = "open"
+    monthly_token_budget: OnDown = Field(
+        "closed", description="money must not be spent that no one can count"
+    )
+
+
 class LimitsSpec(Strict):
     """How a request's tokens are bounded at admission, for tenants with `tpm` or a
     `monthly_token_budget`: the bound is held against those limits while the request runs, then
@@ -292,6 +307,34 @@ class LimitsSpec(Strict):
         description="Redis only: a reservation not settled within this long (its gateway died "
         "mid-request) stops counting against the tenant's limits",
     )
+    on_store_down: OutagePolicy = Field(
+        OutagePolicy(), description="Redis only: each limit fails open or closed while it is down"
+    )
+
+
+class OIDCSpec(Strict):
+    """Tenants may authenticate with a JWT from this identity provider instead of an API key. The
+    token's signature is verified offline against the provider's key set, read once at start."""
+
+    issuer: str = Field(min_length=1, description="the `iss` every token must carry")
+    audience: str = Field(min_length=1, description="the `aud` every token must carry")
+    jwks_file: Path | None = Field(None, description="the provider's key set (JWKS JSON)")
+    jwks_url: str | None = Field(None, description="or where to fetch it, once, at start")
+    tenant_claim: str = Field(
+        "tenant", min_length=1, description="the claim that names the tenant (which must exist)"
+    )
+    algorithms: tuple[Literal["RS256", "RS384", "RS512", "ES256", "ES384", "EdDSA"], ...] = Field(
+        ("RS256", "ES256"),
+        min_length=1,
+        description="asymmetric only: a shared secret is no key set",
+    )
+    leeway_s: float = Field(30.0, ge=0, le=300, description="clock skew allowed on exp and nbf")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> OIDCSpec:
+        if (self.jwks_file is None) == (self.jwks_url is None):
+            raise ValueError("oidc needs exactly one of jwks_file and jwks_url")
+        return self
 
 
 class StatsSpec(Strict):
@@ -322,6 +365,7 @@ class GatewayConfig(Strict):
     tenants: tuple[TenantSpec, ...] = Field(
         (), description="seed an empty state store; afterwards the admin API manages tenants"
     )
+    oidc: OIDCSpec | None = Field(None, description="tenants may also sign in with a JWT")
     admins: tuple[AdminSpec, ...] = Field(
         (),
         description="admin identities besides admin_token_sha256 (which is the operator 'admin')",

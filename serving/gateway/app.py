@@ -5,7 +5,7 @@ Request path, outermost first:
   MetricsMiddleware    counts the response by tenant and status
   ErrorMiddleware      renders GatewayError in the OpenAI error shape
   AuthMiddleware       tenant key on /v1 (the keyring), admin token and role on /admin
-  router               completions (raw ASGI) / models / health / ready / metrics / admin
+  router               completions (raw ASGI) / models / usage / health / ready / metrics / admin
                        (routes and statistics; tenants, keys and the audit log)
 
 The completions endpoints admit a request against its tenant's limits themselves, once the body is
@@ -31,12 +31,13 @@ from starlette.routing import Route
 
 from configs.gateway import GatewayConfig
 from configs.home import Home
+from serving.gateway.account import OwnUsage
 from serving.gateway.admin import AdminAPI
 from serving.gateway.audit import AuditLog
 from serving.gateway.auth import AuthMiddleware, admins_of
 from serving.gateway.errors import ErrorMiddleware, http_exception_handler
 from serving.gateway.keyring import Keyring
-from serving.gateway.limits import Limiter, LocalLimiter, RedisLimiter
+from serving.gateway.limits import Limiter, LocalLimiter
 from serving.gateway.metrics import (
     GatewayCollector,
     MetricsMiddleware,
@@ -44,7 +45,9 @@ from serving.gateway.metrics import (
     metrics,
     registry_for,
 )
+from serving.gateway.oidc import OIDCVerifier
 from serving.gateway.proxy import Upstream
+from serving.gateway.redis_limits import RedisLimiter
 from serving.gateway.routes import Completions, Models, health
 from serving.gateway.routing import CurrentTable, RoutingTable
 from serving.gateway.state import store_for
@@ -67,14 +70,20 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
     )
     upstream = Upstream(config.timeouts)
     limiter: Limiter = (
-        RedisLimiter(config.redis_url, config.redis_prefix, config.limits.hold_ttl_s)
+        RedisLimiter(
+            config.redis_url,
+            config.redis_prefix,
+            config.limits.hold_ttl_s,
+            config.limits.on_store_down,
+        )
         if config.redis_url
         else LocalLimiter()
     )
     usage = UsageLog(sink_for(config.usage.url or default_url(home)), config.usage)
     responses: Responses = Counter()
-    registry = registry_for(GatewayCollector(current, responses, usage))
+    registry = registry_for(GatewayCollector(current, responses, usage, limiter.outages))
     keyring = Keyring(store, config.tenants, config.state.poll_interval_s)
+    oidc = OIDCVerifier(config.oidc) if config.oidc else None
     audit = AuditLog(store)
 
     @asynccontextmanager
@@ -84,6 +93,8 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
             opened.push_async_callback(sync.close)
             await keyring.open()
             opened.push_async_callback(keyring.close)
+            if oidc is not None:
+                await oidc.open()  # a key set that cannot be read stops the start
             await upstream.open()
             opened.push_async_callback(upstream.close)
             await limiter.open()
@@ -111,6 +122,7 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
             Route("/v1/chat/completions", completions("chat"), methods=["POST"]),
             Route("/v1/completions", completions("completions"), methods=["POST"]),
             Route("/v1/models", models.list, methods=["GET"]),
+            Route("/v1/usage", OwnUsage(limiter).get, methods=["GET"]),
             Route("/v1/models/{model:path}", models.get, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             Route("/ready", models.ready, methods=["GET"]),
@@ -138,6 +150,7 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
                 AuthMiddleware,
                 tenants=keyring,
                 admins=admins_of(config.admin_token_sha256, config.admins),
+                oidc=oidc,
             ),
         ],
         exception_handlers={HTTPException: http_exception_handler},

@@ -1,4 +1,5 @@
-"""Authentication: tenant API keys on /v1, admin tokens on /admin, each admin held to its role.
+"""Authentication: tenant API keys (or an identity provider's JWT, oidc.py) on /v1, admin tokens
+on /admin, each admin held to its role.
 
 Only sha256 hashes of secrets are held. A tenant key is found by looking up its hash in the
 keyring (the hash of a high-entropy key reveals nothing through lookup timing); an admin token's
@@ -21,6 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from configs.gateway import AdminSpec, Tenant
 from serving.gateway.errors import Forbidden, Unauthorized
+from serving.gateway.oidc import OIDCVerifier, looks_like_jwt
 
 
 def key_hash(secret: str | bytes) -> str:
@@ -57,6 +59,9 @@ class Tenants(Protocol):
 
     def holds(self, digest: str) -> bool: ...
 
+    def tenant_named(self, name: str) -> Tenant:
+        """The tenant an identity token names, else Unauthorized."""
+
 
 _ROLLOUT_PATHS = ("/admin/routes", "/admin/stats")
 ROLES = {
@@ -83,10 +88,17 @@ class AuthMiddleware:
     """Names the tenant of a /v1 request by its key; lets admins into /admin as their role
     allows, naming the admin (scope "slipway.admin") for the audit log."""
 
-    def __init__(self, app: ASGIApp, tenants: Tenants, admins: Sequence[AdminSpec]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        tenants: Tenants,
+        admins: Sequence[AdminSpec],
+        oidc: OIDCVerifier | None = None,
+    ) -> None:
         self.app = app
         self.tenants = tenants
         self.admins = tuple(admins)
+        self.oidc = oidc  # tenants may also present a JWT from this identity provider
 
     def _admin(self, digest: str) -> AdminSpec | None:
         found = None
@@ -118,7 +130,10 @@ class AuthMiddleware:
                 )
             scope["slipway.admin"] = admin
         else:
-            tenant = self.tenants.tenant_for(digest)
+            if self.oidc is not None and looks_like_jwt(token):
+                tenant = self.tenants.tenant_named(self.oidc.tenant_name(token))
+            else:
+                tenant = self.tenants.tenant_for(digest)
             scope["slipway.tenant"] = tenant  # what the endpoints may show this tenant
             exchange = scope.get("slipway.exchange")
             if exchange is not None:

@@ -120,6 +120,16 @@ class Keyring:
             raise Unauthorized(f"API key {key.id} names tenant '{key.tenant}', which is gone")
         return tenant
 
+    def tenant_named(self, name: str) -> Tenant:
+        tenant = self.tenants.get(name)
+        if tenant is None:
+            raise Unauthorized(
+                f"the identity token names tenant '{name}', which does not exist; ask your "
+                "operator to create it",
+                code="invalid_token",
+            )
+        return tenant
+
     def holds(self, digest: str) -> bool:
         """Whether `digest` is a tenant key's (valid or not): such a token is not an admin's."""
         return digest in self._by_hash

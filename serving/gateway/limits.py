@@ -18,11 +18,11 @@ clients would retry in vain.
 Both limiters count in one-second buckets over the last 60 seconds, so "exact" means exact:
 1000 racing requests on rpm=100 admit 100.
 - LocalLimiter: in this process; check and take with no await between them (one event loop).
-- RedisLimiter: several gateway instances share limits; one Lua script checks and takes, one
-  settles, atomically and on Redis' clock. Holds are kept per admission second and stop counting
-  after `limits.hold_ttl_s`, so a gateway that dies mid-request does not hold its tokens forever.
-  When Redis cannot be reached requests are admitted (fail open) holding nothing, and an error is
-  logged: a limits outage must not become a serving outage.
+- RedisLimiter (redis_limits.py): several gateway instances share limits; one Lua script checks
+  and takes, one settles, atomically and on Redis' clock. Holds are kept per admission second and
+  stop counting after `limits.hold_ttl_s`, so a gateway that dies mid-request does not hold its
+  tokens forever. When Redis cannot be reached, each limit fails open or closed as
+  `limits.on_store_down` says (redis_limits.py).
 
 Budgets count per calendar month (UTC). The local limiter's budget restarts with the process;
 use Redis for a budget that survives restarts.
@@ -32,16 +32,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
 from configs.gateway import LimitsSpec, Tenant
 from serving.gateway.errors import BadRequest, RateLimited
+from serving.gateway.quota import Quota, Window
 from serving.gateway.validation import MAX_TOKENS_FIELDS, prompt_bytes, prompt_count
 
 log = logging.getLogger("serving.gateway")
@@ -49,11 +47,11 @@ log = logging.getLogger("serving.gateway")
 WINDOW_S = 60
 
 
-def _month(now: float) -> str:
+def month_of(now: float) -> str:
     return datetime.fromtimestamp(now, UTC).strftime("%Y-%m")
 
 
-def _seconds_to_next_month(now: float) -> int:
+def seconds_to_next_month(now: float) -> int:
     d = datetime.fromtimestamp(now, UTC)
     nxt = datetime(d.year + d.month // 12, d.month % 12 + 1, 1, tzinfo=UTC)
     return max(1, int(nxt.timestamp() - now))
@@ -146,6 +144,10 @@ class _Minute:
     def retry_after(self, now_s: int) -> int:
         return max(1, self.buckets[0][0] + WINDOW_S - now_s) if self.buckets else 1
 
+    def reset(self, now_s: int) -> int:
+        """Seconds until the oldest counted second leaves the window (0: nothing counted)."""
+        return self.buckets[0][0] + WINDOW_S - now_s if self.buckets else 0
+
 
 class _Account:
     __slots__ = ("held", "month", "requests", "spent", "tokens")
@@ -163,26 +165,41 @@ class _Account:
         return self.spent
 
 
+class Usage(NamedTuple):
+    """What a tenant has used of its limits now (tokens held by requests in flight apart)."""
+
+    requests_this_minute: int
+    tokens_this_minute: int
+    tokens_held: int
+    month: str  # YYYY-MM, UTC
+    tokens_this_month: int
+
+
 class Hold(NamedTuple):
-    """The tokens held for one admitted request until it settles, and the (Redis) second they
-    were held in."""
+    """The tokens held for one admitted request until it settles, the (Redis) second they were
+    held in, and what the tenant has left of its per-minute limits."""
 
     tokens: int
     second: int
+    quota: Quota | None = None
 
 
 class Limiter(Protocol):
     """Admits requests against tenant limits, holding their reservations; settles each admitted
     request once, when it is done (the completions endpoint calls both)."""
 
+    outages: Counter[str]  # requests decided while a shared store was down, by decision
+
     async def open(self) -> None: ...
     async def admit(self, tenant: Tenant, reserved: int) -> Hold | None: ...
     async def settle(self, tenant: Tenant, hold: Hold | None, tokens: int) -> None: ...
+    async def usage(self, tenant: Tenant) -> Usage: ...
     async def close(self) -> None: ...
 
 
 class LocalLimiter:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.outages: Counter[str] = Counter()  # none: nothing shared to lose
         self._accounts: dict[str, _Account] = {}
         self._clock = clock  # unix seconds; the tests step it by hand
 
@@ -206,18 +223,24 @@ class LocalLimiter:
         now_s = int(now)
         committed = account.held + reserved
         budget = tenant.monthly_token_budget
-        if budget is not None and account.spent_in(_month(now)) + committed > budget:
-            raise denied("budget", tenant, _seconds_to_next_month(now))
+        if budget is not None and account.spent_in(month_of(now)) + committed > budget:
+            raise denied("budget", tenant, seconds_to_next_month(now))
         if tenant.tpm is not None and account.tokens.used(now_s) + committed > tenant.tpm:
             raise denied("tpm", tenant, account.tokens.retry_after(now_s))
+        requests = None
         if tenant.rpm is not None:
-            if account.requests.used(now_s) >= tenant.rpm:
+            used = account.requests.used(now_s)
+            if used >= tenant.rpm:
                 raise denied("rpm", tenant, account.requests.retry_after(now_s))
             account.requests.add(now_s, 1)
-        if not token_limited(tenant):
-            return None
-        account.held = committed
-        return Hold(reserved, now_s)
+            requests = Window(tenant.rpm, tenant.rpm - used - 1, account.requests.reset(now_s))
+        tokens = None
+        if tenant.tpm is not None:
+            left = tenant.tpm - account.tokens.used(now_s) - committed
+            tokens = Window(tenant.tpm, left, account.tokens.reset(now_s))
+        if token_limited(tenant):
+            account.held = committed
+        return Hold(reserved if token_limited(tenant) else 0, now_s, Quota(requests, tokens))
 
     async def settle(self, tenant: Tenant, hold: Hold | None, tokens: int) -> None:
         """Release the request's hold and charge the tokens it used, in one step."""
@@ -229,166 +252,18 @@ class LocalLimiter:
         if tokens > 0:
             now = self._clock()
             account.tokens.add(int(now), tokens)
-            account.spent = account.spent_in(_month(now)) + tokens
+            account.spent = account.spent_in(month_of(now)) + tokens
+
+    async def usage(self, tenant: Tenant) -> Usage:
+        account, now = self._account(tenant), self._clock()
+        month = month_of(now)
+        return Usage(
+            account.requests.used(int(now)),
+            account.tokens.used(int(now)),
+            account.held,
+            month,
+            account.spent_in(month),
+        )
 
     async def close(self) -> None:
         return None
-
-
-# Buckets are hashes of second -> count: `used` drops those at or before a horizon, sums the rest.
-_USED = """
-local now = tonumber(redis.call('TIME')[1])
-local function used(key, horizon)
-  local total, oldest = 0, now
-  local flat = redis.call('HGETALL', key)
-  for i = 1, #flat, 2 do
-    local s = tonumber(flat[i])
-    if s <= horizon then
-      redis.call('HDEL', key, flat[i])
-    else
-      total = total + tonumber(flat[i + 1])
-      if s < oldest then oldest = s end
-    end
-  end
-  return total, oldest
-end
-"""
-
-# KEYS: requests, tokens and held buckets, budget counter.
-# ARGV: rpm, tpm, budget (0 = none), reserved, hold ttl. Returns the reason and a retry-after, or
-# 'ok' and the second the reservation is held in.
-_ADMIT = (
-    _USED
-    + """
-local rpm, tpm, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local reserved, ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
-local committed = reserved
-if tpm > 0 or budget > 0 then committed = committed + used(KEYS[3], now - ttl) end
-if budget > 0 and tonumber(redis.call('GET', KEYS[4]) or '0') + committed > budget then
-  return {'budget', 0}
-end
-if tpm > 0 then
-  local total, oldest = used(KEYS[2], now - 60)
-  if total + committed > tpm then
-    if total == 0 then return {'tpm', 1} end
-    return {'tpm', oldest + 60 - now}
-  end
-end
-if rpm > 0 then
-  local total, oldest = used(KEYS[1], now - 60)
-  if total >= rpm then return {'rpm', oldest + 60 - now} end
-  redis.call('HINCRBY', KEYS[1], now, 1)
-  redis.call('EXPIRE', KEYS[1], 120)
-end
-if tpm > 0 or budget > 0 then
-  redis.call('HINCRBY', KEYS[3], now, reserved)
-  redis.call('EXPIRE', KEYS[3], ttl)
-end
-return {'ok', now}
-"""
-)
-
-# KEYS: tokens and held buckets, budget counter.
-# ARGV: reserved, the second it is held in, tokens used, charge tpm (0/1), charge budget (0/1).
-# A hold already gone (past its ttl) or never taken (Redis was down at admission) releases nothing.
-_SETTLE = """
-local now = tonumber(redis.call('TIME')[1])
-local reserved, n = tonumber(ARGV[1]), tonumber(ARGV[3])
-if reserved > 0 then
-  local left = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0') - reserved
-  if left > 0 then
-    redis.call('HSET', KEYS[2], ARGV[2], left)
-  else
-    redis.call('HDEL', KEYS[2], ARGV[2])
-  end
-end
-if n > 0 and ARGV[4] == '1' then
-  redis.call('HINCRBY', KEYS[1], now, n)
-  redis.call('EXPIRE', KEYS[1], 120)
-end
-if n > 0 and ARGV[5] == '1' then
-  redis.call('INCRBY', KEYS[3], n)
-  redis.call('EXPIRE', KEYS[3], 3024000)
-end
-return 1
-"""
-
-
-class RedisLimiter:
-    def __init__(self, url: str, prefix: str, hold_ttl_s: int) -> None:
-        self._url = url
-        self._prefix = prefix
-        self._hold_ttl_s = hold_ttl_s
-        self._pool: aioredis.BlockingConnectionPool | None = None
-        self._redis: aioredis.Redis | None = None
-
-    async def open(self) -> None:
-        # Connections belong to the event loop that serves requests, so they are made in it.
-        # A bounded pool makes callers wait for a free connection instead of failing.
-        self._pool = aioredis.BlockingConnectionPool.from_url(
-            self._url, max_connections=64, timeout=5
-        )
-        self._redis = aioredis.Redis(connection_pool=self._pool)
-        self._admit = self._redis.register_script(_ADMIT)
-        self._settle = self._redis.register_script(_SETTLE)
-
-    def _keys(self, tenant: Tenant, now: float) -> list[str]:
-        """Requests, tokens and held buckets, and this month's budget counter."""
-        base = f"{self._prefix}{tenant.name}:"
-        return [base + "rpm", base + "tpm", base + "held", f"{base}budget:{_month(now)}"]
-
-    async def admit(self, tenant: Tenant, reserved: int) -> Hold | None:
-        """Take one request and hold `reserved` tokens, or raise RateLimited; None: nothing held
-        (no token limits, or Redis unreachable)."""
-        if tenant.rpm is None and not token_limited(tenant):
-            return None
-        now = time.time()
-        args = [
-            tenant.rpm or 0,
-            tenant.tpm or 0,
-            tenant.monthly_token_budget or 0,
-            reserved,
-            self._hold_ttl_s,
-        ]
-        try:
-            reason, value = await self._admit(keys=self._keys(tenant, now), args=args)
-        except RedisError as e:
-            log.error("rate-limit store unreachable, admitting tenant '%s': %s", tenant.name, e)
-            return None
-        if reason != b"ok":
-            kind = reason.decode()
-            wait = _seconds_to_next_month(now) if kind == "budget" else max(1, int(value))
-            raise denied(kind, tenant, wait)
-        return Hold(reserved, int(value)) if token_limited(tenant) else None
-
-    async def settle(self, tenant: Tenant, hold: Hold | None, tokens: int) -> None:
-        """Release the request's hold and charge the tokens it used, in one script."""
-        if not token_limited(tenant) or (hold is None and tokens <= 0):
-            return
-        _, tpm_key, held_key, budget_key = self._keys(tenant, time.time())
-        reserved, second = hold if hold is not None else (0, 0)
-        args = [
-            reserved,
-            second,
-            max(0, tokens),
-            int(tenant.tpm is not None),
-            int(tenant.monthly_token_budget is not None),
-        ]
-        try:
-            await self._settle(keys=[tpm_key, held_key, budget_key], args=args)
-        except RedisError as e:
-            log.error(
-                "rate-limit store unreachable, %d tokens of '%s' not charged (its hold of %d "
-                "lapses after %d s): %s",
-                tokens,
-                tenant.name,
-                reserved,
-                self._hold_ttl_s,
-                e,
-            )
-
-    async def close(self) -> None:
-        if self._redis is not None:
-            await self._redis.aclose()
-            await self._pool.disconnect()
-            self._redis = self._pool = None

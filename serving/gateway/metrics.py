@@ -48,10 +48,17 @@ class MetricsMiddleware:
 class GatewayCollector(Collector):
     """Reads the gateway's counts at scrape time: responses, every backend, the usage log."""
 
-    def __init__(self, current: CurrentTable, responses: Responses, usage: UsageLog) -> None:
+    def __init__(
+        self,
+        current: CurrentTable,
+        responses: Responses,
+        usage: UsageLog,
+        outages: Counter[str],
+    ) -> None:
         self.current = current
         self.responses = responses
         self.usage = usage
+        self.outages = outages  # the limiter's
 
     def collect(self) -> Iterator:
         responses = CounterMetricFamily(
@@ -125,6 +132,15 @@ class GatewayCollector(Collector):
             "Version of the state store's routes this instance serves (replicas agree once synced)",
             value=self.current.table.version,
         )
+
+        down = CounterMetricFamily(
+            "slipway_gateway_limits_store_down",
+            "Requests decided while the shared limits store (Redis) could not be reached",
+            labels=["decision"],
+        )
+        for decision in ("admitted", "refused"):
+            down.add_metric([decision], self.outages[decision])
+        yield down
 
         usage = self.usage
         yield CounterMetricFamily(

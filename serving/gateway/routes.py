@@ -29,6 +29,7 @@ from serving.gateway.exchange import Exchange
 from serving.gateway.limits import Limiter, reservation
 from serving.gateway.mirror import start_copy
 from serving.gateway.proxy import Upstream
+from serving.gateway.quota import with_headers
 from serving.gateway.routing import Backend, CurrentTable, Route
 from serving.gateway.shape import apply_tenant_bounds
 from serving.gateway.tokens import Asked, ask_for_usage
@@ -104,6 +105,8 @@ class Completions:
         # it is done however it ends, with the tokens the relay counted (0 if none were made).
         reserved = reservation(tenant, data, self.endpoint, self.limits)
         hold = await self.limiter.admit(tenant, reserved)
+        if hold is not None and hold.quota is not None:
+            send = with_headers(send, hold.quota.headers())
         try:
             await self._serve(scope, receive, send, exchange, route, data)
         finally:

@@ -16,16 +16,19 @@ import asyncio
 import contextlib
 import json
 import time
+from collections import Counter
 from datetime import UTC, datetime
 
 import httpx
 import pytest
 import redis
 
-from configs.gateway import TenantSpec
+from configs.gateway import OutagePolicy, TenantSpec
 from evaluation.benchmarks.mock_upstream import Fault, MockUpstream, serve
 from serving.gateway.app import build_app
-from serving.gateway.limits import Hold, RedisLimiter
+from serving.gateway.errors import Unavailable
+from serving.gateway.limits import Hold
+from serving.gateway.redis_limits import RedisLimiter
 from serving.gateway.routes import Completions
 from tests.serving.conftest import REDIS_URL, backend, chat, post_many
 
@@ -293,16 +296,25 @@ def test_redis_settle_without_a_hold_charges_once_and_never_goes_negative(redis_
     assert redis_int("hlen", f"{redis_prefix}alice:held") == 0
 
 
-def test_redis_unreachable_admits_holding_nothing_and_settles_quietly(alice, caplog):
-    async def run() -> Hold | None:
-        limiter = RedisLimiter("redis://127.0.0.1:1/0", "slipway-test-down:", hold_ttl_s=900)
+def test_redis_unreachable_fails_each_limit_open_or_closed_by_policy(alice, caplog):
+    tpm_only = TenantSpec(name="bob", key_sha256="1" * 64, tpm=1000)
+
+    async def run(policy: OutagePolicy) -> tuple[Hold | None, Counter]:
+        limiter = RedisLimiter("redis://127.0.0.1:1/0", "slipway-test-down:", 900, policy)
         await limiter.open()
         try:
-            hold = await limiter.admit(alice, 10)
-            await limiter.settle(alice, hold, 7)
-            return hold
+            hold = await limiter.admit(tpm_only, 10)  # tpm fails open by default
+            await limiter.settle(tpm_only, hold, 7)
+            with pytest.raises(Unavailable, match="alice's monthly_token_budget fails closed"):
+                await limiter.admit(alice, 10)
+            return hold, limiter.outages
         finally:
             await limiter.close()
 
-    assert asyncio.run(run()) is None
-    assert "admitting tenant 'alice'" in caplog.text and "7 tokens of 'alice'" in caplog.text
+    hold, outages = asyncio.run(run(OutagePolicy()))
+    assert hold is None and outages == {"admitted": 1, "refused": 1}
+    assert "rate-limit store unreachable" in caplog.text and "7 tokens of 'bob'" in caplog.text
+    assert caplog.text.count("limits fail as limits.on_store_down says") == 1  # not per request
+
+    with pytest.raises(Unavailable, match="bob's tpm fails closed"):
+        asyncio.run(run(OutagePolicy(tpm="closed")))

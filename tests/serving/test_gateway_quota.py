@@ -1,0 +1,176 @@
+"""What a tenant is told about its limits: x-ratelimit-* headers on every admitted response and
+GET /v1/usage, in process and through Redis; and what each limit does when Redis goes away
+mid-load (its own redis-server, stopped and started again)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.serving.conftest import REDIS_URL, backend, chat, post_many
+
+
+def bearer(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def ask(base: str, key: str) -> httpx.Response:
+    return httpx.post(f"{base}/v1/chat/completions", json=chat(), headers=bearer(key))
+
+
+@pytest.fixture(params=["local", "redis"])
+def shared(request) -> dict:
+    if request.param == "local":
+        return {}
+    return {"redis_url": REDIS_URL, "redis_prefix": request.getfixturevalue("redis_prefix")}
+
+
+def test_each_response_says_what_is_left_of_the_minute_until_the_limit_refuses(
+    mock, keys, run_gateway, shared
+):
+    _, url = mock
+    tenant = keys.tenant("alice", rpm=4, tpm=100_000)
+    with run_gateway(keys.config([backend(url, "1")], [tenant], **shared)) as base:
+        seen = []
+        for _ in range(4):
+            r = httpx.post(
+                f"{base}/v1/chat/completions", json=chat(), headers=bearer(keys.key("alice"))
+            )
+            assert r.status_code == 200, r.text
+            seen.append(r)
+        refused = ask(base, keys.key("alice"))
+    assert refused.status_code == 429
+    assert [r.headers["x-ratelimit-remaining-requests"] for r in seen] == ["3", "2", "1", "0"]
+    assert {r.headers["x-ratelimit-limit-requests"] for r in seen} == {"4"}
+    assert {r.headers["x-ratelimit-limit-tokens"] for r in seen} == {"100000"}
+    assert all(1 <= int(r.headers["x-ratelimit-reset-requests"].rstrip("s")) <= 60 for r in seen)
+    left = [int(r.headers["x-ratelimit-remaining-tokens"]) for r in seen]
+    assert left == sorted(left, reverse=True) and len(set(left)) == 4  # each request's tokens
+    assert 0 < 100_000 - left[0] < 200  # only the first request's reservation: "hello", 2 tokens
+
+
+def test_a_tenant_without_limits_gets_no_ratelimit_headers(mock, keys, run_gateway):
+    _, url = mock
+    with run_gateway(keys.config([backend(url, "1")])) as base:
+        r = httpx.post(
+            f"{base}/v1/chat/completions", json=chat(), headers=bearer(keys.key("alice"))
+        )
+    assert r.status_code == 200
+    assert not [h for h in r.headers if h.startswith("x-ratelimit")]
+
+
+def test_a_tenant_reads_its_own_usage_and_what_is_left(mock, keys, run_gateway, shared):
+    _, url = mock
+    tenants = [
+        keys.tenant("alice", tier="premium", rpm=50, monthly_token_budget=10_000),
+        keys.tenant("bob"),
+    ]
+    with run_gateway(keys.config([backend(url, "1")], tenants, **shared)) as base:
+        replies = asyncio.run(post_many(base, keys.key("alice"), [chat()] * 6, concurrency=3))
+        mine = httpx.get(f"{base}/v1/usage", headers=bearer(keys.key("alice"))).json()
+        theirs = httpx.get(f"{base}/v1/usage", headers=bearer(keys.key("bob"))).json()
+    charged = sum(
+        httpx.Response(200, content=body).json()["usage"]["total_tokens"] for _, _, body in replies
+    )
+    assert mine["tenant"] == "alice" and mine["tier"] == "premium"
+    assert mine["used"]["requests_this_minute"] == 6
+    assert mine["used"]["tokens_this_month"] == charged > 0
+    assert mine["used"]["tokens_held"] == 0  # all settled
+    assert mine["remaining"] == {
+        "requests_this_minute": 44,
+        "tokens_this_minute": None,  # no tpm
+        "monthly_token_budget": 10_000 - charged,
+    }
+    assert theirs["tenant"] == "bob" and theirs["used"]["requests_this_minute"] == 0
+
+
+# ---- Redis outage --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class OwnRedis:
+    """A redis-server of this test's own, to stop and start again."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        server = shutil.which("redis-server")
+        assert server, "redis-server is not installed (.ci/run installs it)"
+        self.proc = subprocess.Popen(
+            [server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("redis-server did not start")
+
+    def stop(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[OwnRedis]:
+    redis = OwnRedis()
+    redis.start()
+    yield redis
+    if redis.proc is not None and redis.proc.poll() is None:
+        redis.stop()
+
+
+def test_when_redis_stops_mid_load_the_budget_fails_closed_and_the_request_rate_open(
+    mock, keys, run_gateway, own_redis, caplog
+):
+    _, url = mock
+    tenants = [
+        keys.tenant("metered", monthly_token_budget=1_000_000),
+        keys.tenant("chatty", rpm=10_000),
+    ]
+    config = keys.config([backend(url, "1")], tenants, redis_url=own_redis.url)
+
+    def status(base: str, tenant: str) -> int:
+        reply = httpx.post(
+            f"{base}/v1/chat/completions", json=chat(), headers=bearer(keys.key(tenant))
+        )
+        return reply.status_code
+
+    with run_gateway(config) as base:
+        before = asyncio.run(post_many(base, keys.key("metered"), [chat()] * 20, concurrency=4))
+        assert {s for s, _, _ in before} == {200}
+        own_redis.stop()
+        down = {t: [status(base, t) for _ in range(10)] for t in ("metered", "chatty")}
+        refused = ask(base, keys.key("metered"))
+        metrics = httpx.get(f"{base}/metrics").text
+        own_redis.start()  # the same port: the pool reconnects
+        after = [status(base, "metered") for _ in range(3)]
+
+    assert down == {"metered": [503] * 10, "chatty": [200] * 10}
+    error = refused.json()["error"]
+    assert error["code"] == "limits_unavailable"
+    assert "'metered's monthly_token_budget fails closed" in error["message"]
+    assert refused.headers["retry-after"] == "1"
+    assert 'slipway_gateway_limits_store_down_total{decision="admitted"} 10.0' in metrics
+    assert 'slipway_gateway_limits_store_down_total{decision="refused"} 11.0' in metrics
+    assert caplog.text.count("rate-limit store unreachable") == 1  # one line, not 21
+    assert after == [200, 200, 200]
