@@ -50,6 +50,7 @@ from serving.gateway.proxy import Upstream
 from serving.gateway.redis_limits import RedisLimiter
 from serving.gateway.routes import Completions, Models, health
 from serving.gateway.routing import CurrentTable, RoutingTable
+from serving.gateway.spend import SpendBook
 from serving.gateway.state import store_for
 from serving.gateway.table_sync import TableSync
 from serving.gateway.tenants_api import TenantsAPI
@@ -77,7 +78,7 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
             config.limits.on_store_down,
         )
         if config.redis_url
-        else LocalLimiter()
+        else LocalLimiter(book=SpendBook(store))
     )
     usage = UsageLog(sink_for(config.usage.url or default_url(home)), config.usage)
     responses: Responses = Counter()

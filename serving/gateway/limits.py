@@ -24,8 +24,8 @@ Both limiters count in one-second buckets over the last 60 seconds, so "exact" m
   tokens forever. When Redis cannot be reached, each limit fails open or closed as
   `limits.on_store_down` says (redis_limits.py).
 
-Budgets count per calendar month (UTC). The local limiter's budget restarts with the process;
-use Redis for a budget that survives restarts.
+Budgets count per calendar month (UTC). The local limiter keeps its monthly spend in the state
+store (spend.py), so a restart keeps the budget; Redis keeps it too.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from typing import Any, NamedTuple, Protocol
 from configs.gateway import LimitsSpec, Tenant
 from serving.gateway.errors import BadRequest, RateLimited
 from serving.gateway.quota import Quota, Window
+from serving.gateway.spend import SpendBook
 from serving.gateway.validation import MAX_TOKENS_FIELDS, prompt_bytes, prompt_count
 
 log = logging.getLogger("serving.gateway")
@@ -198,19 +199,26 @@ class Limiter(Protocol):
 
 
 class LocalLimiter:
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.time, book: SpendBook | None = None
+    ) -> None:
         self.outages: Counter[str] = Counter()  # none: nothing shared to lose
         self._accounts: dict[str, _Account] = {}
         self._clock = clock  # unix seconds; the tests step it by hand
+        self._book = book  # where monthly spend outlives the process; None: memory only
 
     def _account(self, tenant: Tenant) -> _Account:
         account = self._accounts.get(tenant.name)
         if account is None:
             account = self._accounts[tenant.name] = _Account()
+            if self._book is not None:
+                account.month = month_of(self._clock())
+                account.spent = self._book.spent(tenant.name, account.month)
         return account
 
     async def open(self) -> None:
-        return None
+        if self._book is not None:
+            await self._book.open()
 
     async def admit(self, tenant: Tenant, reserved: int) -> Hold | None:
         """Take one request and hold `reserved` tokens, or raise RateLimited; None: nothing held
@@ -251,8 +259,11 @@ class LocalLimiter:
             account.held -= hold.tokens
         if tokens > 0:
             now = self._clock()
+            month = month_of(now)
             account.tokens.add(int(now), tokens)
-            account.spent = account.spent_in(month_of(now)) + tokens
+            account.spent = account.spent_in(month) + tokens
+            if self._book is not None:
+                self._book.add(tenant.name, month, tokens)
 
     async def usage(self, tenant: Tenant) -> Usage:
         account, now = self._account(tenant), self._clock()
@@ -266,4 +277,5 @@ class LocalLimiter:
         )
 
     async def close(self) -> None:
-        return None
+        if self._book is not None:
+            await self._book.close()

@@ -133,6 +133,7 @@ def smollm2_champion(home, smollm2_source) -> Champion:
 
 
 @pytest.mark.stress
+@pytest.mark.timeout(3600)  # three rollouts of three steps each, up to 420 s a step
 def test_identical_weights_are_promoted_in_each_of_three_rollouts_under_the_demo_policy(
     home, smollm2_champion, tmp_path, monkeypatch, prefect_server
 ):
@@ -152,6 +153,7 @@ def test_identical_weights_are_promoted_in_each_of_three_rollouts_under_the_demo
 
 
 @pytest.mark.stress
+@pytest.mark.timeout(2400)  # the quantization, then a rollout of three steps
 def test_the_real_gptq_w8a8_passes_the_shadow_phase_and_is_promoted(
     home, smollm2_champion, tmp_path, monkeypatch, prefect_server
 ):
@@ -185,6 +187,7 @@ def rolled_back_in_shadow(home, gateway_url: str, label: str) -> list[dict]:
 
 
 @pytest.mark.stress
+@pytest.mark.timeout(1200)
 def test_a_canary_with_a_broken_chat_template_is_rolled_back_in_the_shadow_phase(
     home, tiny_model_source, tiny_champion, tmp_path, monkeypatch, prefect_server
 ):
@@ -201,6 +204,7 @@ def test_a_canary_with_a_broken_chat_template_is_rolled_back_in_the_shadow_phase
 
 
 @pytest.mark.stress
+@pytest.mark.timeout(1200)
 def test_a_mildly_degraded_canary_is_rolled_back_in_the_shadow_phase(
     home, tiny_model_source, tiny_champion, tmp_path, monkeypatch, prefect_server
 ):

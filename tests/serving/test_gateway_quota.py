@@ -14,6 +14,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from configs.gateway import StateSpec
+from serving.gateway.spend import SPEND, SpendBook
+from serving.gateway.state import store_for
 from tests.serving.conftest import REDIS_URL, backend, chat, post_many
 
 
@@ -174,3 +177,48 @@ def test_when_redis_stops_mid_load_the_budget_fails_closed_and_the_request_rate_
     assert 'slipway_gateway_limits_store_down_total{decision="refused"} 11.0' in metrics
     assert caplog.text.count("rate-limit store unreachable") == 1  # one line, not 21
     assert after == [200, 200, 200]
+
+
+# ---- monthly budget across restarts --------------------------------------------------------------
+
+
+def test_a_monthly_budget_outlives_a_restart_without_redis(mock, keys, run_gateway):
+    _, url = mock
+    tenant = keys.tenant("alice", monthly_token_budget=200)
+    config = keys.config([backend(url, "1")], [tenant])
+    key = keys.key("alice")
+    with run_gateway(config) as base:
+        assert all(ask(base, key).status_code == 200 for _ in range(5))
+        spent = httpx.get(f"{base}/v1/usage", headers=bearer(key)).json()["used"]
+    assert spent["tokens_this_month"] > 0
+
+    with run_gateway(config) as base:  # the same store under the same SLIPWAY_HOME
+        again = httpx.get(f"{base}/v1/usage", headers=bearer(key)).json()["used"]
+        assert again["tokens_this_month"] == spent["tokens_this_month"]
+        while (reply := ask(base, key)).status_code == 200:
+            pass
+        after = httpx.get(f"{base}/v1/usage", headers=bearer(key)).json()["used"]
+    assert reply.status_code == 429 and reply.json()["error"]["code"] == "insufficient_quota"
+    assert after["tokens_this_month"] <= 200  # never over, across the restart
+
+
+def test_two_instances_adding_charges_to_one_store_lose_none(home):
+    async def run() -> int:
+        stores = [store_for(StateSpec(), home) for _ in range(2)]
+        for store in stores:
+            await store.open()
+        books = [SpendBook(store, interval_s=0.01) for store in stores]
+        for book in books:
+            await book.open()
+        for i in range(200):
+            books[i % 2].add("alice", "2026-12", 3)
+            if i % 7 == 0:
+                await asyncio.sleep(0.005)  # flushes run in between, racing each other
+        for book in books:
+            await book.close()
+        total = (await stores[0].read(SPEND)).records["alice|2026-12"].value["tokens"]
+        for store in stores:
+            await store.close()
+        return total
+
+    assert asyncio.run(run()) == 600

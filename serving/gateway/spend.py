@@ -1,0 +1,85 @@
+"""Each tenant's tokens spent per calendar month, kept in the state store (namespace "spend"), so
+that a gateway limiting in process (no Redis) keeps its monthly budgets across a restart.
+
+Charges are counted in memory at once (admission reads them there) and added to the store every
+`interval_s` and at shutdown, by compare-and-set, so a kill -9 forgets at most the last interval's
+charges and a SIGTERM none. Records: key "<tenant>|<YYYY-MM>", value {"tokens": n}. Several
+instances adding to one store lose nothing of each other's, but each admits against what it has
+counted itself: instances that must share one budget exactly share Redis (redis_limits.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+
+from serving.gateway.state.store import Conflict, StateError, StateStore
+
+log = logging.getLogger("serving.gateway")
+
+SPEND = "spend"
+_TRIES = 10
+
+
+def _key(tenant: str, month: str) -> str:
+    return f"{tenant}|{month}"
+
+
+class SpendBook:
+    def __init__(self, store: StateStore, interval_s: float = 1.0) -> None:
+        self.store = store  # opened by the table sync, which shares it
+        self._interval = interval_s
+        self._stored: dict[str, int] = {}  # as read at start
+        self._pending: Counter[str] = Counter()  # charged here, not yet in the store
+        self._task: asyncio.Task | None = None
+
+    async def open(self) -> None:
+        snapshot = await self.store.read(SPEND)
+        self._stored = {k: int(r.value["tokens"]) for k, r in snapshot.records.items()}
+        self._task = asyncio.create_task(self._flushing(), name="spend-book")
+
+    def spent(self, tenant: str, month: str) -> int:
+        """What the store held for the tenant's month when this gateway started."""
+        return self._stored.get(_key(tenant, month), 0)
+
+    def add(self, tenant: str, month: str, tokens: int) -> None:
+        self._pending[_key(tenant, month)] += tokens
+
+    async def _flushing(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Add what was charged since the last flush to the store; kept for the next on failure."""
+        batch = +self._pending  # a copy: charges made while writing wait for the next flush
+        if not batch:
+            return
+        try:
+            for _ in range(_TRIES):
+                snapshot = await self.store.read(SPEND)
+                put = {}
+                for key, tokens in batch.items():
+                    record = snapshot.records.get(key)
+                    put[key] = {"tokens": (int(record.value["tokens"]) if record else 0) + tokens}
+                try:
+                    await self.store.write(SPEND, snapshot.version, put)
+                except Conflict:
+                    continue
+                self._pending -= batch
+                return
+            log.error("spend: the store changed %d times while adding charges; retrying", _TRIES)
+        except StateError as e:
+            log.error(
+                "spend: %d tokens of charges not yet stored (kept, retried): %s",
+                sum(batch.values()),
+                e,
+            )
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await self.flush()
