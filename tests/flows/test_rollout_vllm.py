@@ -74,8 +74,13 @@ def stable_behind_gateway(home, champion: Champion, monkeypatch) -> Iterator[str
                 "tenants": [keys.tenant("load", synthetic=True)],
             }
         )
-        with serve(build_app(config, home)) as gateway_url:
-            yield gateway_url
+        try:
+            with serve(build_app(config, home)) as gateway_url:
+                yield gateway_url
+        finally:  # the engines the rollouts started (a promoted candidate's) go with the test
+            for process in read_state(home):
+                if process.what.startswith(f"vllm {name}-"):
+                    stop_version(home, process.what)
 
 
 def roll_out(home, gateway_url: str, name: str, label: str) -> tuple[str, str]:
