@@ -140,6 +140,8 @@ def pair_table(pairs: Sequence[dict[str, Any]], policy: AnalysisPolicy) -> list[
         rows.append(
             {
                 "source": p["source"],
+                # which side was the copy: the other answered a client
+                "copied_to": p.get("copied_to", "canary"),
                 "stable": stable["text"],
                 "canary": canary["text"],
                 "exact": agreement.exact,

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from serving.gateway.errors import Unavailable
 from serving.gateway.state.store import Conflict, StateError, StateStore
 
 log = logging.getLogger("serving.gateway")
@@ -65,7 +66,7 @@ class AuditLog:
         request_id: str | None,
     ) -> dict[str, Any]:
         """Append one record; a store that fails is logged loudly (the change it records is
-        already made) and raised to the admin who made it."""
+        already made) and answered to the admin who made it as a 503 saying so."""
         now = self._clock()
         entry = scrub(
             {
@@ -87,9 +88,14 @@ class AuditLog:
                 except Conflict:
                     continue
             raise StateError(f"the audit log changed {_TRIES} times while appending")
-        except StateError:
-            log.error("audit: %s on %s by %s was made but not recorded", action, target, actor)
-            raise
+        except StateError as e:
+            log.error("audit: %s on %s by %s made, not recorded: %s", action, target, actor, e)
+            raise Unavailable(
+                f"the change was made, but the audit log could not record it ({e}); "
+                "the gateway's log names it",
+                code="audit_unavailable",
+                retry_after=1,
+            ) from None
 
     async def read(
         self, limit: int = 100, action: str | None = None, actor: str | None = None

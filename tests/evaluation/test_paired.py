@@ -178,6 +178,7 @@ def test_pair_table_and_summary_show_the_evidence():
     rows = pair_table(mirrored, POLICY)
     assert len(rows) == 10 and rows[0]["degraded"] and not rows[1]["degraded"]
     assert rows[1]["exact"] and rows[1]["ttft_ratio"] > 0
+    assert {r["copied_to"] for r in rows} == {"canary"}  # which side answered no client
     assert quality_summary(rows) == (
         "10 mirrored pairs: 90% identical answers, median token agreement 1.00, 1 degraded (10%)"
     )

@@ -5,6 +5,7 @@ change is in the audit log with its admin, and no secret or hash ever is."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
@@ -17,9 +18,12 @@ from click.testing import CliRunner
 from evaluation.benchmarks.mock_upstream import serve
 from flows.cli import cli
 from serving.gateway.app import build_app
+from serving.gateway.audit import AuditLog
 from serving.gateway.auth import key_hash
+from serving.gateway.errors import Unavailable
 from serving.gateway.state import default_path
 from serving.gateway.state.migrations import RECORDS
+from serving.gateway.state.store import StoreUnavailable
 from tests.serving.conftest import MODEL, backend, chat
 
 FAST = {"poll_interval_s": 0.05}
@@ -215,3 +219,19 @@ def test_the_cli_creates_a_tenant_issues_its_key_and_reads_the_audit_log(
         ]
         unknown = runner.invoke(cli, ["tenants", "revoke", "key_nope", "--gateway-url", base])
         assert unknown.exit_code == 1 and "no API key 'key_nope'" in unknown.output
+
+
+def test_a_change_the_audit_log_cannot_record_is_answered_as_made_but_unrecorded(caplog):
+    class Down:
+        where = "sqlite:///gone"
+
+        async def version(self, namespace):
+            raise StoreUnavailable("the gateway state store sqlite:///gone did not answer")
+
+        write = version
+
+    with pytest.raises(Unavailable) as raised:
+        asyncio.run(AuditLog(Down()).record("ops", "key.revoke", "key_1", {}, {}, "req-1"))
+    assert raised.value.code == "audit_unavailable"
+    assert "the change was made, but the audit log could not record it" in str(raised.value)
+    assert "key.revoke on key_1 by ops made, not recorded" in caplog.text
