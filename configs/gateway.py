@@ -174,7 +174,7 @@ class Tenant(Strict):
 
 
 class TenantSpec(Tenant):
-    """A tenant with one key, as configs/gateway.yaml seeds an empty state store with them."""
+    """A tenant with one key, as configs/gateway.yaml names them for the state store."""
 
     key_sha256: str
 
@@ -363,7 +363,9 @@ class GatewayConfig(Strict):
         (), description="seeds an empty state store; once it holds routes, the store's win"
     )
     tenants: tuple[TenantSpec, ...] = Field(
-        (), description="seed an empty state store; afterwards the admin API manages tenants"
+        (),
+        description="added to the state store where it does not hold them (a tenant by name, a "
+        "key by hash); the admin API manages them from there",
     )
     oidc: OIDCSpec | None = Field(None, description="tenants may also sign in with a JWT")
     admins: tuple[AdminSpec, ...] = Field(

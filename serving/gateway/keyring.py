@@ -4,9 +4,10 @@ within one poll and a restart keeps it.
 Records: namespace "tenants", key the tenant's name, value its settings (configs.gateway.Tenant
 without the name); namespace "keys", key the key's id, value {tenant, sha256, created_at,
 expires_at, revoked_at} (times in Unix seconds, None where unset). A key's secret is shown once,
-when it is issued; only its sha256 is stored. The config's tenants seed a store that never held
-keys: afterwards the store is the truth, so a key revoked by the admin API stays revoked after a
-restart with the same config.
+when it is issued; only its sha256 is stored. The config's tenants and keys are added at start
+where the store does not hold them (a tenant by name, a key by hash: `make up`'s fresh demo key
+after a restore, say); what the store holds is the truth, so a key revoked by the admin API stays
+revoked after a restart with the same config.
 
 Requests never wait on the store: they look their key up in memory, and expiry is judged at the
 moment of the request. A change is computed from the namespace as read, written with
@@ -138,7 +139,7 @@ class Keyring:
 
     async def open(self) -> None:
         """Seed an empty store from the config, load, and start polling."""
-        if self._seed and await self.store.version(KEYS) == 0:
+        if self._seed:
             await self._seed_store()
         await self._refresh()
         log.info(
@@ -150,16 +151,32 @@ class Keyring:
         self._task = asyncio.create_task(self._poll(), name="keyring-sync")
 
     async def _seed_store(self) -> None:
+        """Add the config's tenants and keys the store does not hold (by name, by hash); what it
+        holds stays as the admin API left it, so a key revoked there stays revoked."""
         now = self._clock()
-        tenants = {t.name: _tenant_record(t) for t in self._seed}
-        keys = {
-            f"key_seed_{t.name}": asdict(Key(f"key_seed_{t.name}", t.name, t.key_sha256, now))
-            for t in self._seed
+        tenants, keys = await self.store.read(TENANTS), await self.store.read(KEYS)
+        known = {r.value.get("sha256") for r in keys.records.values()}
+        new_tenants = {
+            t.name: _tenant_record(t) for t in self._seed if t.name not in tenants.records
         }
-        with contextlib.suppress(Conflict):  # another instance seeded it first
-            await self.store.write(TENANTS, await self.store.version(TENANTS), tenants)
-            await self.store.write(KEYS, 0, keys)
-            log.info("state store %s seeded with the config's tenants", self.store.where)
+        new_keys = {
+            k.id: asdict(k)
+            for t in self._seed
+            if t.key_sha256 not in known
+            for k in [Key(f"key_seed_{t.key_sha256[:12]}", t.name, t.key_sha256, now)]
+        }
+        with contextlib.suppress(Conflict):  # another instance seeded them first
+            if new_tenants:
+                await self.store.write(TENANTS, tenants.version, new_tenants)
+            if new_keys:
+                await self.store.write(KEYS, keys.version, new_keys)
+        if new_tenants or new_keys:
+            log.info(
+                "state store %s: added the config's tenants %s and %d keys it did not hold",
+                self.store.where,
+                sorted(new_tenants) or "(none)",
+                len(new_keys),
+            )
 
     async def close(self) -> None:
         task, self._task = self._task, None

@@ -119,7 +119,7 @@ def test_an_expired_key_is_refused_saying_when(two_gateways, keys):
     assert past.status_code == 400 and "expires_at must be in the future" in past.text
 
 
-def test_a_key_revoked_by_the_api_stays_revoked_after_a_restart_on_the_same_config(
+def test_a_revoked_key_stays_revoked_after_a_restart_and_a_new_config_key_is_added(
     mock, keys, home
 ):
     _, url = mock
@@ -130,6 +130,13 @@ def test_a_key_revoked_by_the_api_stays_revoked_after_a_restart_on_the_same_conf
         httpx.post(f"{base}/admin/keys/{seeded['id']}/revoke", headers=admin).raise_for_status()
     with serve(build_app(config, home)) as base:  # the config still names alice's key
         assert completion(base, keys.key("alice")) == 401
+    # A key the store never held is added at start (`make up`'s fresh key after a restore).
+    keys.keys["alice"] = "sk-test-new-alice-key-000000000000"
+    renewed = keys.config([backend(url, "1")])
+    with serve(build_app(renewed, home)) as base:
+        assert completion(base, keys.key("alice")) == 200
+        listed = httpx.get(f"{base}/admin/keys", headers=admin).json()["keys"]
+    assert [k["revoked_at"] is not None for k in listed] == [True, False]
 
 
 def test_admins_are_held_to_their_roles_and_named_in_the_audit_log(mock, keys, home):
