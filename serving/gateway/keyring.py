@@ -243,16 +243,17 @@ class Keyring:
 
     async def put_tenant(self, tenant: Tenant) -> Tenant | None:
         """Create or replace a tenant's settings; the settings it had (None: new)."""
-        await self._refresh()
-        before = self.tenants.get(tenant.name)
-        await self._change(TENANTS, lambda _: {tenant.name: _tenant_record(tenant)})
-        return before
+        had: list[Tenant | None] = []
 
-    def key(self, key_id: str) -> Key:
-        key = self.keys.get(key_id)
-        if key is None:
-            raise NotFound(f"no API key '{key_id}'; GET /admin/keys lists them", param="key")
-        return key
+        def edit(snapshot: Snapshot) -> dict[str, dict]:
+            record = snapshot.records.get(tenant.name)
+            had[:] = [
+                Tenant.model_validate({**record.value, "name": tenant.name}) if record else None
+            ]
+            return {tenant.name: _tenant_record(tenant)}
+
+        await self._change(TENANTS, edit)
+        return had[0]
 
     async def issue(self, tenant: str, expires_at: float | None = None) -> Issued:
         await self._refresh()
@@ -273,23 +274,47 @@ class Keyring:
         return Issued(Key(new_key_id(), tenant, key_hash(secret), now, expires_at), secret)
 
     async def update_key(self, key_id: str, **fields: float | None) -> tuple[Key, Key]:
-        """Set a key's revoked_at or expires_at; (before, after)."""
-        await self._refresh()
-        before = self.key(key_id)
-        after = replace(before, **fields)
-        await self._change(KEYS, lambda _: {key_id: asdict(after)})
+        """Set a key's revoked_at or expires_at; (before, after). Computed from the key as the
+        store holds it at the write, so a concurrent change by another instance is not lost."""
+        before, after, _ = await self._edit_key(key_id, lambda key: (replace(key, **fields), None))
         return before, after
 
     async def rotate(self, key_id: str, overlap_s: float) -> tuple[Key, Key, Issued]:
         """A new key for the same tenant; the old one stays valid for `overlap_s` more seconds
         (or until it expired already). Both written in one step: (old before, old after, new)."""
-        await self._refresh()
-        before = self.key(key_id)
-        if (refusal := before.refusal(self._clock())) is not None:
-            raise BadRequest(f"cannot rotate: {refusal}", param="key")
-        issued = self._new(before.tenant, before.expires_at)
-        ends = self._clock() + overlap_s
-        after = replace(before, expires_at=min(ends, before.expires_at or ends))
-        put = {key_id: asdict(after), issued.key.id: asdict(issued.key)}
-        await self._change(KEYS, lambda _: put)
+
+        def rotated(before: Key) -> tuple[Key, Issued]:
+            if (refusal := before.refusal(self._clock())) is not None:
+                raise BadRequest(f"cannot rotate: {refusal}", param="key")
+            ends = self._clock() + overlap_s
+            after = replace(before, expires_at=min(ends, before.expires_at or ends))
+            return after, self._new(before.tenant, before.expires_at)
+
+        before, after, issued = await self._edit_key(key_id, rotated)
+        assert issued is not None
         return before, after, issued
+
+    async def _edit_key(
+        self, key_id: str, change: Callable[[Key], tuple[Key, Issued | None]]
+    ) -> tuple[Key, Key, Issued | None]:
+        """Write `change` of the key as the store holds it (and the key it issues, if any)."""
+        done: list = []
+
+        def edit(snapshot: Snapshot) -> dict[str, dict]:
+            record = snapshot.records.get(key_id)
+            if record is None:
+                raise _no_key(key_id)
+            before = Key(**record.value)
+            after, issued = change(before)
+            done[:] = [before, after, issued]
+            put = {key_id: asdict(after)}
+            if issued is not None:
+                put[issued.key.id] = asdict(issued.key)
+            return put
+
+        await self._change(KEYS, edit)
+        return done[0], done[1], done[2]
+
+
+def _no_key(key_id: str) -> NotFound:
+    return NotFound(f"no API key '{key_id}'; GET /admin/keys lists them", param="key")

@@ -99,6 +99,25 @@ def test_a_rotated_key_overlaps_for_the_stated_time_then_only_the_new_one_works(
     assert completion(a, new) == 200
 
 
+def test_two_instances_changing_one_key_at_once_lose_neither_change(two_gateways, keys):
+    a, b, _ = two_gateways
+    admin = bearer(keys.admin)
+    [seeded] = httpx.get(f"{a}/admin/keys", headers=admin).json()["keys"]
+    later = time.time() + 3600
+
+    async def both() -> list[int]:
+        async with httpx.AsyncClient(headers=admin) as client:
+            replies = await asyncio.gather(
+                client.post(f"{a}/admin/keys/{seeded['id']}/revoke"),
+                client.post(f"{b}/admin/keys/{seeded['id']}/expire", json={"expires_at": later}),
+            )
+        return [r.status_code for r in replies]
+
+    assert asyncio.run(both()) == [200, 200]
+    [key] = httpx.get(f"{a}/admin/keys", headers=admin).json()["keys"]
+    assert key["revoked_at"] is not None and key["expires_at"] == later
+
+
 def test_an_expired_key_is_refused_saying_when(two_gateways, keys):
     a, b, _ = two_gateways
     admin = bearer(keys.admin)
