@@ -30,6 +30,17 @@ may therefore look after every request, for as long as it likes, and keep its er
   which a sign test would throw away: two vLLM engines on a 2-core machine gave TTFT ratios from
   0.16 to 6 around a median of 0.88 (43% of them over 1.25), where a sign test needs some 600
   pairs and the mean of the log ratios about 60.
+  At a live step requests are copied both ways, and the copy is not the original's equal: it
+  starts a moment later, on the other engine's queue (measured on two vLLM engines: a canary copy
+  1.06-1.09 x its stable original, a stable copy 0.88-0.99 x its canary original). So the pairs
+  are a crossover design with a period effect k: r = theta + k where the canary half was the copy,
+  theta - k where stable's was. theta is estimated balanced, (mean_to_canary + mean_to_stable)/2,
+  with variance (s_1^2/n_1 + s_2^2/n_2)/4, which cancels k whatever the step's weight; pooling
+  them carries (n_1 - n_2)/(n_1 + n_2) x k, half of k at a 25% step. The balanced estimate needs
+  more pairs the fewer go one way, so a step pools them where one direction carries under a fifth
+  (evaluation/paired.py), and in the shadow phase only the canary is copied: there what is left
+  of k counts against the canary (a conservative bias). The gateway times each half from its own
+  send, which removed most of k.
 - Paired quality: each mirrored pair's answers are compared (evaluation/quality/agreement.py) and
   marked degraded or not; the canary is worse if its degraded share is above what the release
   accepted plus the policy's margin, not worse once it is shown below it (Beta mixture).
@@ -167,10 +178,13 @@ class PairCounts:
     look, arrays for every look."""
 
     n: ArrayLike  # pairs (independent ones: the first of each session)
-    ratios: dict[Metric, LogMoments]  # of the paired log ratios (LogMoments.of takes ratios)
+    ratios: dict[Metric, LogMoments]  # of the log ratios of pairs whose canary half was the copy
     canary_failed: ArrayLike
     scored: ArrayLike
     degraded: ArrayLike
+    # A live step's pairs whose stable half was the copy, when latency is estimated balanced over
+    # both directions (`ratios` then holds only those whose canary half was); None: pooled.
+    reverse: dict[Metric, LogMoments] | None = None
 
 
 @dataclass(frozen=True)
@@ -352,14 +366,12 @@ def paired_latency_evidence(
     pairs: PairCounts, metric: Metric, margin: float, burn_in: int, alpha: float, beta: float
 ) -> Evidence:
     """One latency on mirrored pairs: the geometric-mean canary/stable ratio against 1 + margin,
-    with the variance of the paired log ratios."""
-    moments = pairs.ratios[metric]
-    n = _f(moments.n)
-    mean, var = moments.mean_var()
-    ready = n >= burn_in
+    with the variance of the paired log ratios; balanced over the two directions of copying
+    where the counts hold them apart (each direction then needs half the burn-in)."""
+    mean, v, n, ready = _paired_estimate(pairs, metric, burn_in)
     with np.errstate(invalid="ignore", divide="ignore"):
         diff = np.where(ready, mean - np.log1p(margin), 0.0)
-        v = np.where(ready, var / n, 1.0)
+        v = np.where(ready, v, 1.0)
     log_e = np.where(ready, normal_mixture_log_e(diff, v), 0.0)
     above, below = diff > 0, diff < 0
     return Evidence(
@@ -375,6 +387,26 @@ def paired_latency_evidence(
         worse=ready & above & (log_e >= np.log(1 / alpha)),
         not_worse=ready & below & (log_e >= np.log(1 / beta)),
     )
+
+
+def _paired_estimate(
+    pairs: PairCounts, metric: Metric, burn_in: int
+) -> tuple[Array, Array, Array, NDArray[np.bool_]]:
+    """The mean log ratio, its variance, the pairs it rests on, and whether there are enough."""
+    forward = pairs.ratios[metric]
+    n_1 = _f(forward.n)
+    mean_1, var_1 = forward.mean_var()
+    if pairs.reverse is None:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return mean_1, var_1 / n_1, n_1, n_1 >= burn_in
+    reverse = pairs.reverse[metric]
+    n_2 = _f(reverse.n)
+    mean_2, var_2 = reverse.mean_var()
+    half = max(2, -(-burn_in // 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = (mean_1 + mean_2) / 2
+        v = (var_1 / n_1 + var_2 / n_2) / 4
+    return mean, v, n_1 + n_2, (n_1 >= half) & (n_2 >= half)
 
 
 def quality_evidence(pairs: PairCounts, limit: float, alpha: float, beta: float) -> Evidence:

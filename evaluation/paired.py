@@ -49,7 +49,7 @@ def mirrored_arms(pairs: Sequence[dict[str, Any]]) -> list[ArmSamples]:
     """The canary's copies, by the source of the request copied, as arms of the canary (a pair
     copied to stable holds a live canary answer, counted in the canary's live arms already)."""
     arms = []
-    copies = [p for p in pairs if p.get("copied_to", "canary") == "canary"]
+    copies = [p for p in pairs if _copied_to(p) == "canary"]
     for source in ("organic", "synthetic"):
         sides = [p["canary"] for p in copies if p["source"] == source]
         if not sides:
@@ -76,26 +76,54 @@ def _source(name: str) -> Source:
     return "synthetic" if name == "synthetic" else "organic"
 
 
-def pair_counts(pairs: Sequence[dict[str, Any]], policy: AnalysisPolicy) -> PairCounts:
+# The least share of a step's pairs each direction of copying must carry for latency to be
+# estimated balanced over the two (evaluation/canary.py): the balanced estimate needs
+# (1/4)(1/s + 1/(1-s)) as many pairs as the pooled one, 1.33x at a 25% step, 5.3x at 5%.
+BALANCED_SHARE = 0.2
+
+
+def balanced_at(weight: float) -> bool:
+    """Whether a step at `weight` percent on the canary (mirroring both ways) estimates latency
+    balanced over the two directions: where each carries at least BALANCED_SHARE of the pairs.
+    Below, the pairs are pooled: the copy's lag then counts at most (1 - 2 s) of itself."""
+    return BALANCED_SHARE * 100 <= weight <= (1 - BALANCED_SHARE) * 100
+
+
+def pair_counts(
+    pairs: Sequence[dict[str, Any]], policy: AnalysisPolicy, balanced: bool = False
+) -> PairCounts:
     """The paired tests' counts over the independent pairs; a pair whose canary failed counts
-    among the errors, not here."""
+    among the errors, not here. `balanced`: latency is estimated over the two directions of
+    copying apart (`balanced_at` the step's weight), else over all pairs pooled."""
     kept = independent(pairs)
     both = [p for p in kept if p["canary"]["ok"] and p["stable"]["ok"]]
-    ratios: dict[Metric, LogMoments] = {}
     # Latency is compared within a prefix-cache stratum: a pair where one engine served the
     # prompt from its cache and the other did not compares caches, not models.
     alike = [p for p in both if _same_cache_state(p)]
-    for metric in LATENCY_METRICS:
-        logs = [r for p in alike if (r := _log_ratio(p, metric)) is not None]
-        ratios[metric] = LogMoments.of_logs(np.asarray(logs, dtype=np.float64))
     scores = [_score(p, policy) for p in judged(both, policy)]
     return PairCounts(
         n=len(both),
-        ratios=ratios,
+        ratios=_ratios(p for p in alike if not balanced or _copied_to(p) == "canary"),
         canary_failed=sum(not p["canary"]["ok"] for p in kept),
         scored=len(scores),
         degraded=sum(s.degraded for s in scores),
+        reverse=_ratios(p for p in alike if _copied_to(p) == "stable") if balanced else None,
     )
+
+
+def _copied_to(pair: dict[str, Any]) -> str:
+    return pair.get("copied_to", "canary")
+
+
+def _ratios(pairs: Iterable[dict[str, Any]]) -> dict[Metric, LogMoments]:
+    """The moments of each latency's log ratio over `pairs`."""
+    pairs = list(pairs)
+    return {
+        metric: LogMoments.of_logs(
+            np.asarray([r for p in pairs if (r := _log_ratio(p, metric)) is not None], np.float64)
+        )
+        for metric in LATENCY_METRICS
+    }
 
 
 def judged(pairs: Sequence[dict[str, Any]], policy: AnalysisPolicy) -> list[dict[str, Any]]:
@@ -141,7 +169,7 @@ def pair_table(pairs: Sequence[dict[str, Any]], policy: AnalysisPolicy) -> list[
             {
                 "source": p["source"],
                 # which side was the copy: the other answered a client
-                "copied_to": p.get("copied_to", "canary"),
+                "copied_to": _copied_to(p),
                 "stable": stable["text"],
                 "canary": canary["text"],
                 "exact": agreement.exact,

@@ -18,7 +18,11 @@ moment, so a copy's pair shares the request and the moment and a live request sh
 
 Scenario changes on the canary side: a latency factor, an error rate, a share of degraded answers
 (at normal speed), sessions (a factor per session on each side, so a session's requests are
-alike), and a cold start (the canary's first requests 3x slower, a cold prefix cache).
+alike), a cold start (the canary's first requests 3x slower, a cold prefix cache), and a copy
+that is slower than its original (it starts a moment later, on the other engine's queue).
+
+Copies go both ways, as the gateway sends them: stable's requests to the canary, and at a live
+step the canary's to stable, all under one rate cap.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from evaluation.canary import (
     evidence,
     slo_targets,
 )
+from evaluation.paired import balanced_at
 
 DATASETS = REPO / "evaluation" / "datasets"
 # Provenance of both in evaluation/datasets/RECORDED.md.
@@ -76,6 +81,7 @@ class Scenario:
     degraded: float = 0.0  # share of the canary's answers degraded
     session_size: int | None = None  # requests per session, sessions interleaved
     cold: int = 0  # the canary's first requests (live or copies) 3x slower
+    copy_lag: float = 1.0  # a copy's latency over its original's, on either engine
     good: bool = True  # a good canary: rolling it back is a false rollback
 
 
@@ -87,6 +93,7 @@ SCENARIOS = (
     Scenario("W8A8 vs bf16, recorded (own cores)", "recorded-candidate"),
     Scenario("A/A, sessions of 5", "bimodal", session_size=5),
     Scenario("A/A, cold-cache canary", "bimodal", cold=30),
+    Scenario("A/A, a copy 10% slower than its original", "bimodal", copy_lag=1.1),
     Scenario("errors 5% vs 0.1%", "bimodal", canary_error_rate=0.05, good=False),
     Scenario("latency +30%", "bimodal", latency_factor=1.3, good=False),
     Scenario("answers 60% degraded, normal speed", "bimodal", degraded=0.6, good=False),
@@ -137,24 +144,27 @@ def simulate_step(
     thin_sessions: bool = True,
     factors: dict[tuple[int, int], float] | None = None,
     strata: bool = True,
+    balanced: bool = True,
 ) -> tuple[Step, int]:
     """One step, judged after every request, and the canary's requests so far, copies too.
 
-    Mirroring at `stage.mirror_rps` thins stable's arrivals, as the gateway's token bucket does at
-    a steady rate. The step's canary requests are the live ones, those users got: copies reach no
+    Mirroring at `stage.mirror_rps` thins the arrivals, as the gateway's token bucket does at a
+    steady rate. The step's canary requests are the live ones, those users got: copies reach no
     one. `strata`: a pair whose canary was still cache-cold is left out of the latency tests, as
-    the engines' cached-token counts allow."""
+    the engines' cached-token counts allow. `balanced`: a live step's latency is estimated over
+    the two directions of copying apart where the gateway's analysis does (`balanced_at`), else
+    pooled everywhere (the naive estimate)."""
     policy = stage.analysis
     targets = slo_targets(policy)
     stable = canary = ArmStats.empty(targets)
-    # pairs, degraded, timed, then the timed log ratios' sums and sums of squares per metric
-    pairs_before = np.zeros(9)
+    # pairs, degraded, then per direction (copied to the canary, to stable): timed, the timed log
+    # ratios' sums and sums of squares per metric
+    pairs_before = np.zeros(16)
     failed_before = live_before = 0
     factors = {} if factors is None else factors
     weight = stage.weight / 100
-    copy_share = 0.0
-    if stage.mirror_rps:
-        copy_share = min(1.0, stage.mirror_rps / max(rate * (1 - weight), 1e-9))
+    copy_share = min(1.0, stage.mirror_rps / rate) if stage.mirror_rps else 0.0
+    lag = np.log(scenario.copy_lag)
     start, span = 0.0, 30.0
     seen_sessions: set[int] = set()
     arrivals_before = 0
@@ -166,7 +176,8 @@ def simulate_step(
         if n == 0:
             continue
         live = rng.random(n) < weight
-        copied = ~live & (rng.random(n) < copy_share)
+        mirrored = rng.random(n) < copy_share
+        copied, copied_back = ~live & mirrored, live & mirrored
         logs = draw(rng, n)  # (2, 3, n)
         stable_logs, canary_logs = logs[0], logs[1] + np.log(scenario.latency_factor)
         canary_served = np.cumsum(live | copied) + total_before
@@ -189,7 +200,7 @@ def simulate_step(
             canary_failed,
         )
         live_served = np.cumsum(live) + live_before
-        pair_ok = copied & ~stable_failed & ~canary_failed
+        pair_ok = (copied | copied_back) & ~stable_failed & ~canary_failed
         if scenario.session_size and thin_sessions:
             first = np.zeros(n, dtype=bool)
             for i in np.flatnonzero(pair_ok):
@@ -198,27 +209,35 @@ def simulate_step(
                     first[i] = True
             pair_ok = first
         timed = pair_ok & ~cold if strata else pair_ok
-        logs = canary_logs - stable_logs  # (3, n) paired log ratios
+        # (3, n) paired log ratios; the copy is the later half
+        logs = canary_logs - stable_logs + np.where(copied, lag, -lag)
         degraded = pair_ok & (rng.random(n) < scenario.degraded)
+        split = balanced and balanced_at(stage.weight)
+        directions = (timed & copied, timed & copied_back) if split else (timed, timed & False)
         cum = np.stack(
             [
                 np.cumsum(pair_ok),
                 np.cumsum(degraded),
-                np.cumsum(timed),
-                *(np.cumsum(np.where(timed, r, 0.0)) for r in logs),
-                *(np.cumsum(np.where(timed, r * r, 0.0)) for r in logs),
+                *(
+                    row
+                    for way in directions
+                    for row in (
+                        np.cumsum(way),
+                        *(np.cumsum(np.where(way, r, 0.0)) for r in logs),
+                        *(np.cumsum(np.where(way, r * r, 0.0)) for r in logs),
+                    )
+                ),
             ]
         )
         cum = cum + pairs_before[:, None]
         failed_copies = np.cumsum(copied & canary_failed) + failed_before
         counts = PairCounts(
             n=cum[0],
-            ratios={
-                m: LogMoments(cum[2], cum[3 + k], cum[6 + k]) for k, m in enumerate(LATENCY_METRICS)
-            },
+            ratios=_moments(cum, 2),
             canary_failed=failed_copies,
             scored=cum[0],
             degraded=cum[1],
+            reverse=_moments(cum, 9) if split else None,
         )
         paired = counts if stage.mirror_rps else None
         # as the rollout counts them: live requests and copies (the copies' arms)
@@ -232,6 +251,15 @@ def simulate_step(
         pairs_before, failed_before = cum[:, -1], int(failed_copies[-1])
         live_before, total_before = int(live_served[-1]), int(canary_served[-1])
     return Step("inconclusive", stage.max_seconds, live_before), total_before
+
+
+def _moments(cum: np.ndarray, at: int) -> dict[str, LogMoments]:
+    """One direction's running moments of each latency's log ratio, from row `at` of `cum`: the
+    count, then the three sums, then the three sums of squares."""
+    return {
+        m: LogMoments(cum[at], cum[at + 1 + k], cum[at + 4 + k])
+        for k, m in enumerate(LATENCY_METRICS)
+    }
 
 
 def _with_copies(c: ArmStats, copied: np.ndarray, failed: np.ndarray) -> ArmStats:
@@ -271,6 +299,7 @@ def simulate_rollout(
     draw: Draw,
     thin_sessions: bool = True,
     strata: bool = True,
+    balanced: bool = True,
 ) -> Run:
     """One rollout; its canary requests are those users got (live), copies excluded."""
     total, factors = 0, {}
@@ -278,7 +307,7 @@ def simulate_rollout(
     def judge(stage: Stage) -> Step:
         nonlocal total
         step, total = simulate_step(
-            rng, stage, rate, scenario, draw, total, thin_sessions, factors, strata
+            rng, stage, rate, scenario, draw, total, thin_sessions, factors, strata, balanced
         )
         return step
 
@@ -352,6 +381,10 @@ def run(
         if scenario.cold:
             methods["slipway, mirrored, no cache strata"] = lambda g, s=scenario, d=draw: (
                 simulate_rollout(g, mirrored, rate, s, d, True, False)
+            )
+        if scenario.copy_lag != 1.0:
+            methods["slipway, mirrored, directions pooled"] = lambda g, s=scenario, d=draw: (
+                simulate_rollout(g, mirrored, rate, s, d, balanced=False)
             )
         for name, flagger in FLAGGERS.items():
             methods[name] = lambda g, f=flagger, s=scenario, d=draw: simulate_flagger(

@@ -42,7 +42,7 @@ class AttemptFailed(Exception):
 
 
 class Attempt:
-    """One try; `start` (perf_counter) is when it was made, for its latencies."""
+    """One try; `start` (perf_counter) is when it was sent, for its latencies."""
 
     __slots__ = ("asked", "backend", "exchange", "payload", "start", "timings", "url")
 

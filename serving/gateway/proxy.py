@@ -6,6 +6,8 @@ closed in `close`. The answer is relayed by relay.py: whole for JSON, event by e
 
 from __future__ import annotations
 
+from time import perf_counter
+
 import aiohttp
 from starlette.types import Receive, Send
 
@@ -51,6 +53,9 @@ class Upstream:
                 retry_after=1,
             )
         backend.inflight += 1
+        # Timed from the send: a mirrored copy is made before its original but sent after it,
+        # once the event loop runs its task, and that wait is the gateway's, not the engine's.
+        attempt.start = perf_counter()
         try:
             try:
                 response = await self._session.post(

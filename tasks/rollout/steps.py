@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from configs.rollout import RolloutPolicy, Stage
 from evaluation.canary import Analysis, ArmSamples, analyse
-from evaluation.paired import mirrored_arms, pair_counts, pair_table
+from evaluation.paired import balanced_at, mirrored_arms, pair_counts, pair_table
 from evaluation.quality.logprob import Scorer
 from serving.processes import answers
 from tasks.gateway_admin import GatewayAdmin
@@ -63,7 +63,7 @@ def look(
     pairs = [p for b in canary for p in _pairs(b)]
     if scorer is not None and stage.analysis.quality.logprob:
         scorer.score(pairs)
-    counts = pair_counts(pairs, stage.analysis)
+    counts = pair_counts(pairs, stage.analysis, balanced_at(stage.weight))
     return analyse(stable_arms, canary_arms + mirrored_arms(pairs), stage.analysis, counts)
 
 

@@ -291,3 +291,5 @@ def test_mirrored_simulation_catches_bad_answers_in_the_shadow_phase_and_promote
     assert all(r.outcome == "promote" for r in cold)
     naive = outcomes("A/A, cold-cache canary", runs=10, strata=False)
     assert all(r.outcome == "rollback" for r in naive)  # the cold start alone rolls it back
+    lagging = outcomes("A/A, a copy 10% slower than its original", runs=10)
+    assert all(r.outcome == "promote" for r in lagging)

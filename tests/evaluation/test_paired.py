@@ -12,7 +12,14 @@ import pytest
 from configs.home import REPO
 from configs.rollout import AnalysisPolicy, QualityPolicy, load_rollout_policy
 from evaluation.canary import ArmSamples, analyse
-from evaluation.paired import independent, mirrored_arms, pair_counts, pair_table, quality_summary
+from evaluation.paired import (
+    balanced_at,
+    independent,
+    mirrored_arms,
+    pair_counts,
+    pair_table,
+    quality_summary,
+)
 from evaluation.quality.agreement import length_ratio, refuses, score, token_f1
 
 # The demo policy's analysis (configs/rollout/demo.yaml), first step.
@@ -77,9 +84,10 @@ def pairs(
     return out
 
 
-def judge(mirrored: list[dict], policy: AnalysisPolicy = POLICY):
+def judge(mirrored: list[dict], policy: AnalysisPolicy = POLICY, balanced: bool = False):
     stable = ArmSamples(requests=len(mirrored), errors=0, source="synthetic")
-    return analyse([stable], mirrored_arms(mirrored), policy, pair_counts(mirrored, policy))
+    counts = pair_counts(mirrored, policy, balanced)
+    return analyse([stable], mirrored_arms(mirrored), policy, counts)
 
 
 def first_decision(mirrored: list[dict], policy: AnalysisPolicy = POLICY) -> tuple[str, int]:
@@ -132,6 +140,55 @@ def test_aa_pairs_are_rarely_worse_when_watched_after_every_pair():
     policy = POLICY.model_copy(update={"min_samples": 10**6})
     worse = sum(first_decision(pairs(seed, 150), policy)[0] == "worse" for seed in range(60))
     assert worse <= 2  # alpha 0.01 over the whole watch
+
+
+def lagging_copies(mirrored: list[dict], lag: float, to_stable_every: int) -> list[dict]:
+    """Every `to_stable_every`-th pair copied to stable (a live canary request), the rest to the
+    canary, and each copy `lag` x slower than its original."""
+    for i, pair in enumerate(mirrored):
+        to_canary = i % to_stable_every != 0
+        pair["copied_to"] = "canary" if to_canary else "stable"
+        copy = pair["canary" if to_canary else "stable"]
+        for field in ("ttft_s", "itl_s", "e2e_s"):
+            copy[field] *= lag
+    return mirrored
+
+
+def ratio(analysis, metric: str = "ttft_paired") -> float:
+    return next(t.canary for t in analysis.tests if t.metric == metric)
+
+
+def test_a_live_steps_pairs_are_balanced_over_the_two_directions_of_copying():
+    # A 25% step: three in four pairs are stable's requests copied to the canary. Each copy is
+    # 20% slower than its original: pooled, an identical canary looks 10% slower.
+    mirrored = lagging_copies(pairs(4, 400), lag=1.2, to_stable_every=4)
+    pooled, balanced = judge(mirrored), judge(mirrored, balanced=True)
+    assert 1.07 < ratio(pooled) < 1.13
+    assert 0.96 < ratio(balanced) < 1.04
+    assert balanced.decision == "not_worse"
+    reasons = " ".join(balanced.reasons)
+    assert "over 400 mirrored pairs" in reasons, reasons
+
+
+def test_a_canary_half_again_as_slow_is_worse_in_balanced_pairs():
+    mirrored = lagging_copies(pairs(2, 200, slower=1.5), lag=1.2, to_stable_every=4)
+    analysis = judge(mirrored, balanced=True)
+    assert analysis.decision == "worse" and 1.4 < ratio(analysis) < 1.6
+
+
+def test_balanced_pairs_wait_for_half_the_burn_in_in_each_direction():
+    mirrored = lagging_copies(pairs(5, 200), lag=1.0, to_stable_every=10**6)  # all to the canary
+    analysis = judge(mirrored, balanced=True)
+    assert {t.decision for t in analysis.tests if t.metric.endswith("_paired")} == {"inconclusive"}
+    assert analysis.decision == "inconclusive"
+    assert judge(mirrored).decision == "not_worse"  # pooled, the shadow phase's way
+
+
+@pytest.mark.parametrize(
+    "weight, balanced", [(0, False), (5, False), (19, False), (20, True), (50, True), (80, True)]
+)
+def test_steps_balance_where_each_direction_carries_a_fifth_of_the_pairs(weight, balanced):
+    assert balanced_at(weight) is balanced
 
 
 def test_garbled_answers_at_normal_speed_are_worse_and_identical_ones_are_not():

@@ -39,3 +39,17 @@ def stored_events(name: str, within_s: float = 30, where=lambda event: True) -> 
             if events or time.monotonic() > deadline:
                 return events
             time.sleep(0.5)
+
+
+def latest_artifact(key: str):
+    """The newest Prefect artifact stored under `key` (filtered by key: the server is shared by
+    the session, so the newest few artifacts may all be other tests')."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
+
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_latest_artifacts(
+            artifact_filter=ArtifactCollectionFilter(key=ArtifactCollectionFilterKey(any_=[key])),
+            limit=1,
+        )
+    return artifact

@@ -13,7 +13,7 @@ from evaluation.benchmarks.traffic import write_rows
 from flows.cost import EVENT
 from tasks.registry import Registry
 from tests.evaluation.test_cost import DAY, ROWS
-from tests.flows.conftest import stored_events
+from tests.flows.conftest import latest_artifact, stored_events
 
 PRICING = """\
 hardware: {gpu: {hourly_usd: 2.0}}
@@ -28,8 +28,6 @@ budgets: {a: {monthly_usd: 100, alert_at: 0.9}, b: {monthly_usd: 1000}}
 
 
 def test_cost_flow_logs_csv_and_chart_and_alerts_on_budget(prefect_server, home, tmp_path):
-    from prefect.client.orchestration import get_client
-
     from flows.cost import cost
 
     write_rows(f"sqlite:///{home.logs / 'gateway-usage.sqlite'}", ROWS)
@@ -60,9 +58,7 @@ def test_cost_flow_logs_csv_and_chart_and_alerts_on_budget(prefect_server, home,
         }
     png = registry.client.download_artifacts(run.info.run_id, "cost.png", str(tmp_path))
     assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_latest_artifacts(limit=20)
-    table = next(a for a in artifacts if a.key == "cost-report")
+    table = latest_artifact("cost-report")
     shown = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert {(r["tenant"], r["model"]) for r in shown} == {("a", "m"), ("b", "m"), ("b", "hosted")}
     assert "Budget alerts" in table.description and "a: $" in table.description

@@ -9,7 +9,7 @@ from pathlib import Path
 from evaluation.benchmarks.traffic import Traffic, synthetic_rows, write_rows
 from flows.drift import EVENT, REPORT
 from tasks.registry import Registry
-from tests.flows.conftest import stored_events
+from tests.flows.conftest import latest_artifact, stored_events
 
 
 def promoted_model(registry: Registry, name: str) -> datetime:
@@ -20,8 +20,6 @@ def promoted_model(registry: Registry, name: str) -> datetime:
 
 
 def test_drift_flow_reports_to_mlflow_and_prefect_and_alarms(prefect_server, home):
-    from prefect.client.orchestration import get_client
-
     from flows.drift import drift
 
     registry = Registry(home)
@@ -47,9 +45,7 @@ def test_drift_flow_reports_to_mlflow_and_prefect_and_alarms(prefect_server, hom
     assert run.data.metrics["current/rows"] == 1500
     assert [a.path for a in registry.client.list_artifacts(found.run_id)] == [REPORT]
     assert found.link.endswith(REPORT) and "<html" in Path(found.link).read_text()[:2000].lower()
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_latest_artifacts(limit=20)
-    report = next(a for a in artifacts if a.key == "drift-report")
+    report = latest_artifact("drift-report")
     assert (
         "**DRIFT**" in report.data and found.link in report.data and "| latency_ms |" in report.data
     )

@@ -16,7 +16,7 @@ from serving.vllm import VLLMServer, hardware_class
 from tasks.registry import Registry
 from tasks.regression import EVENT, EXPERIMENT, RegressionFound
 from tasks.servable import champions
-from tests.flows.conftest import stored_events
+from tests.flows.conftest import latest_artifact, stored_events
 from tests.releases import release, stand_in_model
 
 CONFIG = """\
@@ -45,8 +45,6 @@ def regression_runs(registry: Registry) -> list:
 def test_regression_flow_logs_the_ledger_and_fails_on_a_regression(
     prefect_server, home, tiny_model, tmp_path
 ):
-    from prefect.client.orchestration import get_client
-
     from flows.regression import regression
 
     registry = Registry(home)
@@ -121,9 +119,7 @@ def test_regression_flow_logs_the_ledger_and_fails_on_a_regression(
     assert event.resource.id == "slipway.model.tiny"
     assert event.payload["mlflow_run_id"] == run.info.run_id
     assert any(r.startswith("ttft_ms_p50 (synchronous) rose ") for r in event.payload["reasons"])
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_latest_artifacts(limit=5)
-    summary = next(a for a in artifacts if a.key == "regression-summary")
+    summary = latest_artifact("regression-summary")
     assert "## tiny v1 (bf16): regressed" in summary.data
     assert "| ttft_ms_p50 (synchronous) | lower |" in summary.data
 

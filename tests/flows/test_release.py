@@ -11,6 +11,7 @@ from tasks.manifest import Manifest
 from tasks.registry import EVALUATIONS, Registry
 from tasks.signing import Trust, keygen, verify
 from tasks.store import Store
+from tests.flows.conftest import latest_artifact
 
 CONFIG = """\
 name: tiny
@@ -41,8 +42,6 @@ def config(home, tiny_model, tmp_path):
 
 @pytest.mark.slow
 def test_release_builds_judges_signs_and_registers_once(prefect_server, home, config, monkeypatch):
-    from prefect.client.orchestration import get_client
-
     from flows.release import release
 
     monkeypatch.setenv("SLIPWAY_HARDWARE", "cpu")
@@ -83,9 +82,7 @@ def test_release_builds_judges_signs_and_registers_once(prefect_server, home, co
     assert registry.alias("tiny", "champion") == outcomes["bf16"].version.version
     assert registry.client.get_experiment_by_name(EVALUATIONS)
 
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_latest_artifacts(limit=5)
-    summary = next(a for a in artifacts if a.key == "release-summary")
+    summary = latest_artifact("release-summary")
     assert "Release of tiny" in summary.data and "skipped" in summary.data
 
     # A re-run registers nothing new and serves nothing again: the digests are already there.
