@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from configs.loader import Strict, load_yaml
+from configs.pricing import Chargeback, embedded_chargeback
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _STATE_SCHEMES = ("sqlite:///", "postgresql://", "postgres://", "redis://", "rediss://")
@@ -144,6 +145,12 @@ class Tenant(Strict):
     tpm: int | None = Field(None, ge=1, description="prompt+completion tokens per sliding minute")
     monthly_token_budget: int | None = Field(
         None, ge=1, description="prompt+completion tokens per calendar month (UTC)"
+    )
+    monthly_budget_usd: float | None = Field(
+        None,
+        gt=0,
+        description="dollars per calendar month (UTC), its tokens charged at its chargeback rate "
+        "(limits.chargeback: its own, else its tier's)",
     )
     models: tuple[str, ...] | None = Field(
         None,
@@ -277,6 +284,7 @@ class OutagePolicy(Strict):
     monthly_token_budget: OnDown = Field(
         "closed", description="money must not be spent that no one can count"
     )
+    monthly_budget_usd: OnDown = "closed"
 
 
 class LimitsSpec(Strict):
@@ -309,6 +317,11 @@ class LimitsSpec(Strict):
     )
     on_store_down: OutagePolicy = Field(
         OutagePolicy(), description="Redis only: each limit fails open or closed while it is down"
+    )
+    chargeback: Chargeback = Field(
+        default_factory=embedded_chargeback,
+        description="per-token rates money budgets are charged at; by default those of "
+        "configs/pricing.yaml",
     )
 
 
@@ -395,7 +408,21 @@ class GatewayConfig(Strict):
         admin_hashes = {self.admin_token_sha256, *(a.token_sha256 for a in self.admins)}
         if admin_hashes & {t.key_sha256 for t in self.tenants}:
             raise ValueError("admin tokens must differ from every tenant key")
+        for tenant in self.tenants:
+            if why := unpriced(tenant, self.limits.chargeback):
+                raise ValueError(why)
         return self
+
+
+def unpriced(tenant: Tenant, chargeback: Chargeback) -> str | None:
+    """Why a tenant's money budget cannot be charged (no rate for it or its tier), or None."""
+    if tenant.monthly_budget_usd is None or chargeback.rate(tenant.name, tenant.tier):
+        return None
+    return (
+        f"tenant '{tenant.name}' has a monthly_budget_usd but no chargeback rate: add one for "
+        f"it or for its tier '{tenant.tier}' under limits.chargeback (by default configs/"
+        "pricing.yaml's chargeback: tiers or tenants)"
+    )
 
 
 def load_gateway_config(path: str | Path) -> GatewayConfig:

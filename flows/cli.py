@@ -524,6 +524,12 @@ def _echo_json(data: Any) -> None:
 @click.option("--rpm", type=int, default=None, help="requests per minute")
 @click.option("--tpm", type=int, default=None, help="tokens per minute")
 @click.option("--monthly-token-budget", type=int, default=None)
+@click.option(
+    "--monthly-budget-usd",
+    type=float,
+    default=None,
+    help="dollars per month, charged at the tenant's or its tier's chargeback rate",
+)
 @click.option("--model", "models", multiple=True, help="a model it may use (repeat); default all")
 @gateway_url_option
 def tenants_create(name: str, models: tuple[str, ...], gateway_url: str | None, **limits: Any):

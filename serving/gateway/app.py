@@ -117,13 +117,13 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
 
     models = Models(current)
     admin = AdminAPI(sync, audit)
-    tenants = TenantsAPI(keyring, audit)
+    tenants = TenantsAPI(keyring, audit, config.limits.chargeback)
     return Starlette(
         routes=[
             Route("/v1/chat/completions", completions("chat"), methods=["POST"]),
             Route("/v1/completions", completions("completions"), methods=["POST"]),
             Route("/v1/models", models.list, methods=["GET"]),
-            Route("/v1/usage", OwnUsage(limiter).get, methods=["GET"]),
+            Route("/v1/usage", OwnUsage(limiter, config.limits.chargeback).get, methods=["GET"]),
             Route("/v1/models/{model:path}", models.get, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             Route("/ready", models.ready, methods=["GET"]),

@@ -1,11 +1,16 @@
-"""Per-tenant limits: requests and tokens per sliding minute, and a monthly token budget.
+"""Per-tenant limits: requests and tokens per sliding minute, a monthly token budget and a
+monthly money budget.
 
 Admission checks every limit and takes in the same step: one request, and a reservation of the
 most tokens the request can use (`reservation`): its prompt's UTF-8 bytes, plus a chat template's
-allowance per message, plus max_tokens x n. A request is admitted only when
+allowance per message, plus max_tokens x n; and of the most it can cost, those prompt and
+completion bounds at the tenant's chargeback rate (its own or its tier's, per million prompt and
+completion tokens), counted in whole nano-dollars so that every sum is exact. A request is
+admitted only when
 
     tokens used in the window + tokens held + its reservation <= tpm
     tokens spent this month  + tokens held + its reservation <= monthly_token_budget
+    money spent this month   + money held  + its reservation <= monthly_budget_usd
 
 and its reservation is then held until it settles: once, when it is done (completed, failed,
 cancelled or its client gone), the hold is released and the tokens it used are charged, in one
@@ -38,6 +43,7 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol
 
 from configs.gateway import LimitsSpec, Tenant
+from configs.pricing import NANOS_PER_USD
 from serving.gateway.errors import BadRequest, RateLimited
 from serving.gateway.quota import Quota, Window
 from serving.gateway.spend import SpendBook
@@ -58,17 +64,49 @@ def seconds_to_next_month(now: float) -> int:
     return max(1, int(nxt.timestamp() - now))
 
 
-def token_limited(tenant: Tenant) -> bool:
-    return tenant.tpm is not None or tenant.monthly_token_budget is not None
+def metered(tenant: Tenant) -> bool:
+    """Whether the tenant's tokens are counted: it has a token or money limit."""
+    return (
+        tenant.tpm is not None
+        or tenant.monthly_token_budget is not None
+        or tenant.monthly_budget_usd is not None
+    )
 
 
-def reservation(tenant: Tenant, data: dict[str, Any], endpoint: str, limits: LimitsSpec) -> int:
-    """The most tokens the request can use, held at admission; 0 for a tenant without token
-    limits (nothing is counted for it). The request has a max_tokens by now (shape.py gives one
-    to a token-limited tenant's request that names none). Raises BadRequest when the reservation
-    alone is over the tenant's whole tpm or budget: no wait would ever admit it."""
-    if not token_limited(tenant):
+def budget_nanos(tenant: Tenant) -> int | None:
+    usd = tenant.monthly_budget_usd
+    return None if usd is None else round(usd * NANOS_PER_USD)
+
+
+def usd(nanos: int) -> str:
+    return f"${nanos / NANOS_PER_USD:.6g}"
+
+
+class Amount(NamedTuple):
+    """Tokens, and nano-dollars at the tenant's chargeback rate (0 without a money budget)."""
+
+    tokens: int
+    nanos: int = 0
+
+
+def charge(tenant: Tenant, limits: LimitsSpec, prompt_tokens: int, completion_tokens: int) -> int:
+    """What the tokens cost the tenant, in nano-dollars; 0 for a tenant without a money budget."""
+    if tenant.monthly_budget_usd is None:
         return 0
+    rate = limits.chargeback.rate(tenant.name, tenant.tier)
+    if rate is None:  # refused where tenants are made (configs/gateway.py `unpriced`)
+        raise RuntimeError(f"tenant '{tenant.name}' has a money budget and no chargeback rate")
+    return rate.nanos(prompt_tokens, completion_tokens)
+
+
+def reservation(tenant: Tenant, data: dict[str, Any], endpoint: str, limits: LimitsSpec) -> Amount:
+    """The most tokens the request can use and what they can cost, held at admission; nothing
+    for a tenant without token or money limits (nothing is counted for it). The request has a
+    max_tokens by now (shape.py gives one to a metered tenant's request that names none). Raises
+    BadRequest when the reservation alone is over the tenant's whole tpm or a budget: no wait
+    would ever admit it."""
+    if not metered(tenant):
+        return Amount(0)
     per_message = limits.template_tokens_per_message
     if endpoint == "chat":
         prompts, template = 1, per_message * (len(data["messages"]) + 1)
@@ -80,27 +118,42 @@ def reservation(tenant: Tenant, data: dict[str, Any], endpoint: str, limits: Lim
     # what the tenant holds.
     max_tokens = max([0, *named])
     choices = max(1, data.get("n") or 1) * prompts
-    reserved = prompt_bytes(data, endpoint) + template + max_tokens * choices
-    for limit, value in (
-        ("tpm", tenant.tpm),
-        ("monthly_token_budget", tenant.monthly_token_budget),
+    prompt, completion = prompt_bytes(data, endpoint) + template, max_tokens * choices
+    reserved = Amount(prompt + completion, charge(tenant, limits, prompt, completion))
+    for limit, value, amount in (
+        ("tpm", tenant.tpm, reserved.tokens),
+        ("monthly_token_budget", tenant.monthly_token_budget, reserved.tokens),
+        ("monthly_budget_usd", budget_nanos(tenant), reserved.nanos),
     ):
-        if value is not None and reserved > value:
-            raise _never_admitted(tenant, reserved, limit, value)
+        if value is not None and amount > value:
+            raise _never_admitted(tenant, limit, amount, value)
     return reserved
 
 
-def _never_admitted(tenant: Tenant, reserved: int, limit: str, value: int) -> BadRequest:
+def _never_admitted(tenant: Tenant, limit: str, amount: int, value: int) -> BadRequest:
+    if limit == "monthly_budget_usd":
+        may, whole = f"cost up to {usd(amount)}", usd(value)
+    else:
+        may, whole = f"use up to {amount} tokens", str(value)
     return BadRequest(
-        f"this request may use up to {reserved} tokens (prompt bytes, plus the chat template's "
-        f"allowance, plus max_tokens x n), over tenant '{tenant.name}'s whole {limit} of {value}, "
-        "so it can never be admitted; lower max_tokens or n, or shorten the prompt",
+        f"this request may {may} (prompt bytes, plus the chat template's allowance, plus "
+        f"max_tokens x n), over tenant '{tenant.name}'s whole {limit} of {whole}, so it can "
+        "never be admitted; lower max_tokens or n, or shorten the prompt",
         param="max_tokens",
         code="reservation_over_limit",
     )
 
 
 def denied(reason: str, tenant: Tenant, retry_after: int) -> RateLimited:
+    if reason == "money":
+        return RateLimited(
+            f"tenant '{tenant.name}' has too little of its monthly budget "
+            f"({usd(budget_nanos(tenant) or 0)}) left for what this request may cost (its prompt "
+            "and max_tokens x n at its chargeback rate); a smaller max_tokens may fit, and the "
+            "budget renews at the start of next month (UTC)",
+            code="insufficient_quota",
+            retry_after=retry_after,
+        )
     if reason == "budget":
         return RateLimited(
             f"tenant '{tenant.name}' has too little of its monthly token budget "
@@ -151,38 +204,42 @@ class _Minute:
 
 
 class _Account:
-    __slots__ = ("held", "month", "requests", "spent", "tokens")
+    __slots__ = ("held", "held_nanos", "month", "requests", "spent", "spent_nanos", "tokens")
 
     def __init__(self) -> None:
         self.requests = _Minute()
         self.tokens = _Minute()
         self.month = ""
-        self.spent = 0
-        self.held = 0  # the reservations of the requests admitted and not yet settled
+        self.spent = self.spent_nanos = 0
+        # the reservations of the requests admitted and not yet settled
+        self.held = self.held_nanos = 0
 
-    def spent_in(self, month: str) -> int:
+    def spent_in(self, month: str) -> Amount:
         if self.month != month:
-            self.month, self.spent = month, 0
-        return self.spent
+            self.month, self.spent, self.spent_nanos = month, 0, 0
+        return Amount(self.spent, self.spent_nanos)
 
 
 class Usage(NamedTuple):
-    """What a tenant has used of its limits now (tokens held by requests in flight apart)."""
+    """What a tenant has used of its limits now (what requests in flight hold apart)."""
 
     requests_this_minute: int
     tokens_this_minute: int
     tokens_held: int
     month: str  # YYYY-MM, UTC
     tokens_this_month: int
+    usd_held: float = 0.0
+    usd_this_month: float = 0.0
 
 
 class Hold(NamedTuple):
-    """The tokens held for one admitted request until it settles, the (Redis) second they were
-    held in, and what the tenant has left of its per-minute limits."""
+    """The tokens (and nano-dollars) held for one admitted request until it settles, the (Redis)
+    second they were held in, and what the tenant has left of its per-minute limits."""
 
     tokens: int
     second: int
     quota: Quota | None = None
+    nanos: int = 0
 
 
 class Limiter(Protocol):
@@ -192,8 +249,10 @@ class Limiter(Protocol):
     outages: Counter[str]  # requests decided while a shared store was down, by decision
 
     async def open(self) -> None: ...
-    async def admit(self, tenant: Tenant, reserved: int) -> Hold | None: ...
-    async def settle(self, tenant: Tenant, hold: Hold | None, tokens: int) -> None: ...
+    async def admit(self, tenant: Tenant, reserved: int, nanos: int = 0) -> Hold | None: ...
+    async def settle(
+        self, tenant: Tenant, hold: Hold | None, tokens: int, nanos: int = 0
+    ) -> None: ...
     async def usage(self, tenant: Tenant) -> Usage: ...
     async def close(self) -> None: ...
 
@@ -213,25 +272,29 @@ class LocalLimiter:
             account = self._accounts[tenant.name] = _Account()
             if self._book is not None:
                 account.month = month_of(self._clock())
-                account.spent = self._book.spent(tenant.name, account.month)
+                account.spent, account.spent_nanos = self._book.spent(tenant.name, account.month)
         return account
 
     async def open(self) -> None:
         if self._book is not None:
             await self._book.open()
 
-    async def admit(self, tenant: Tenant, reserved: int) -> Hold | None:
-        """Take one request and hold `reserved` tokens, or raise RateLimited; None: nothing held
-        (a tenant without token limits)."""
+    async def admit(self, tenant: Tenant, reserved: int, nanos: int = 0) -> Hold | None:
+        """Take one request and hold `reserved` tokens and `nanos` nano-dollars, or raise
+        RateLimited; None: nothing held (a tenant without limits)."""
         # No await in here: the check and the take are one step on the event loop.
-        if tenant.rpm is None and not token_limited(tenant):
+        if tenant.rpm is None and not metered(tenant):
             return None
         account = self._account(tenant)
         now = self._clock()
         now_s = int(now)
         committed = account.held + reserved
+        spent = account.spent_in(month_of(now))
+        money = budget_nanos(tenant)
+        if money is not None and spent.nanos + account.held_nanos + nanos > money:
+            raise denied("money", tenant, seconds_to_next_month(now))
         budget = tenant.monthly_token_budget
-        if budget is not None and account.spent_in(month_of(now)) + committed > budget:
+        if budget is not None and spent.tokens + committed > budget:
             raise denied("budget", tenant, seconds_to_next_month(now))
         if tenant.tpm is not None and account.tokens.used(now_s) + committed > tenant.tpm:
             raise denied("tpm", tenant, account.tokens.retry_after(now_s))
@@ -246,34 +309,42 @@ class LocalLimiter:
         if tenant.tpm is not None:
             left = tenant.tpm - account.tokens.used(now_s) - committed
             tokens = Window(tenant.tpm, left, account.tokens.reset(now_s))
-        if token_limited(tenant):
-            account.held = committed
-        return Hold(reserved if token_limited(tenant) else 0, now_s, Quota(requests, tokens))
+        if not metered(tenant):
+            return Hold(0, now_s, Quota(requests, tokens))
+        account.held = committed
+        account.held_nanos += nanos
+        return Hold(reserved, now_s, Quota(requests, tokens), nanos)
 
-    async def settle(self, tenant: Tenant, hold: Hold | None, tokens: int) -> None:
-        """Release the request's hold and charge the tokens it used, in one step."""
-        if not token_limited(tenant):
+    async def settle(self, tenant: Tenant, hold: Hold | None, tokens: int, nanos: int = 0) -> None:
+        """Release the request's hold and charge the tokens it used and what they cost, in one
+        step."""
+        if not metered(tenant):
             return
         account = self._account(tenant)
         if hold is not None:
             account.held -= hold.tokens
+            account.held_nanos -= hold.nanos
         if tokens > 0:
             now = self._clock()
             month = month_of(now)
             account.tokens.add(int(now), tokens)
-            account.spent = account.spent_in(month) + tokens
+            spent = account.spent_in(month)
+            account.spent, account.spent_nanos = spent.tokens + tokens, spent.nanos + nanos
             if self._book is not None:
-                self._book.add(tenant.name, month, tokens)
+                self._book.add(tenant.name, month, tokens, nanos)
 
     async def usage(self, tenant: Tenant) -> Usage:
         account, now = self._account(tenant), self._clock()
         month = month_of(now)
+        spent = account.spent_in(month)
         return Usage(
             account.requests.used(int(now)),
             account.tokens.used(int(now)),
             account.held,
             month,
-            account.spent_in(month),
+            spent.tokens,
+            account.held_nanos / NANOS_PER_USD,
+            spent.nanos / NANOS_PER_USD,
         )
 
     async def close(self) -> None:

@@ -18,14 +18,16 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from configs.gateway import OutagePolicy, Tenant
+from configs.pricing import NANOS_PER_USD
 from serving.gateway.errors import Unavailable
 from serving.gateway.limits import (
     Hold,
     Usage,
+    budget_nanos,
     denied,
+    metered,
     month_of,
     seconds_to_next_month,
-    token_limited,
 )
 from serving.gateway.quota import Quota, Window
 
@@ -50,15 +52,20 @@ local function used(key, horizon)
 end
 """
 
-# KEYS: requests, tokens and held buckets, budget counter.
-# ARGV: rpm, tpm, budget (0 = none), reserved, hold ttl. Returns the reason and a retry-after, or
-# 'ok', the second the reservation is held in, and the requests and tokens left in the minute
-# with their resets (-1: no such limit).
+# KEYS: requests, tokens and held buckets, budget counter, money counter, money held buckets.
+# ARGV: rpm, tpm, budget (0 = none), reserved, hold ttl, money budget in nano-dollars (0 = none),
+# reserved nano-dollars. Returns the reason and a retry-after, or 'ok', the second the reservation
+# is held in, and the requests and tokens left in the minute with their resets (-1: no such limit).
 _ADMIT = (
     _USED
     + """
 local rpm, tpm, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local reserved, ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
+local money, reserved_nanos = tonumber(ARGV[6]), tonumber(ARGV[7])
+if money > 0 then
+  local spent = tonumber(redis.call('GET', KEYS[5]) or '0')
+  if spent + used(KEYS[6], now - ttl) + reserved_nanos > money then return {'money', 0} end
+end
 local committed = reserved
 if tpm > 0 or budget > 0 then committed = committed + used(KEYS[3], now - ttl) end
 if budget > 0 and tonumber(redis.call('GET', KEYS[4]) or '0') + committed > budget then
@@ -86,24 +93,32 @@ if tpm > 0 or budget > 0 then
   redis.call('HINCRBY', KEYS[3], now, reserved)
   redis.call('EXPIRE', KEYS[3], ttl)
 end
+if money > 0 then
+  redis.call('HINCRBY', KEYS[6], now, reserved_nanos)
+  redis.call('EXPIRE', KEYS[6], ttl)
+end
 return {'ok', now, requests_left, requests_reset, tokens_left, tokens_reset}
 """
 )
 
-# KEYS: tokens and held buckets, budget counter.
-# ARGV: reserved, the second it is held in, tokens used, charge tpm (0/1), charge budget (0/1).
-# A hold already gone (past its ttl) or never taken (Redis was down at admission) releases nothing.
+# KEYS: tokens and held buckets, budget counter, money counter, money held buckets.
+# ARGV: reserved, the second it is held in, tokens used, charge tpm (0/1), charge budget (0/1),
+# reserved nano-dollars, nano-dollars charged. A hold already gone (past its ttl) or never taken
+# (Redis was down at admission) releases nothing.
 _SETTLE = """
 local now = tonumber(redis.call('TIME')[1])
-local reserved, n = tonumber(ARGV[1]), tonumber(ARGV[3])
-if reserved > 0 then
-  local left = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0') - reserved
+local function release(key, amount)
+  if amount <= 0 then return end
+  local left = tonumber(redis.call('HGET', key, ARGV[2]) or '0') - amount
   if left > 0 then
-    redis.call('HSET', KEYS[2], ARGV[2], left)
+    redis.call('HSET', key, ARGV[2], left)
   else
-    redis.call('HDEL', KEYS[2], ARGV[2])
+    redis.call('HDEL', key, ARGV[2])
   end
 end
+local n, nanos = tonumber(ARGV[3]), tonumber(ARGV[7])
+release(KEYS[2], tonumber(ARGV[1]))
+release(KEYS[5], tonumber(ARGV[6]))
 if n > 0 and ARGV[4] == '1' then
   redis.call('HINCRBY', KEYS[1], now, n)
   redis.call('EXPIRE', KEYS[1], 120)
@@ -112,6 +127,10 @@ if n > 0 and ARGV[5] == '1' then
   redis.call('INCRBY', KEYS[3], n)
   redis.call('EXPIRE', KEYS[3], 3024000)
 end
+if nanos > 0 then
+  redis.call('INCRBY', KEYS[4], nanos)
+  redis.call('EXPIRE', KEYS[4], 3024000)
+end
 return 1
 """
 
@@ -119,12 +138,14 @@ return 1
 _LOG_EVERY_S = 10.0  # while Redis is down, one log line per this long, not one per request
 
 
-# KEYS: requests, tokens and held buckets, budget counter. ARGV: hold ttl. What is used now.
+# KEYS: as _ADMIT's. ARGV: hold ttl. What is used now.
 _USAGE = (
     _USED
     + """
-return {used(KEYS[1], now - 60), used(KEYS[2], now - 60), used(KEYS[3], now - tonumber(ARGV[1])),
-        tonumber(redis.call('GET', KEYS[4]) or '0')}
+local horizon = now - tonumber(ARGV[1])
+return {used(KEYS[1], now - 60), used(KEYS[2], now - 60), used(KEYS[3], horizon),
+        tonumber(redis.call('GET', KEYS[4]) or '0'), used(KEYS[6], horizon),
+        tonumber(redis.call('GET', KEYS[5]) or '0')}
 """
 )
 
@@ -154,22 +175,33 @@ class RedisLimiter:
         self._usage = self._redis.register_script(_USAGE)
 
     def _keys(self, tenant: Tenant, now: float) -> list[str]:
-        """Requests, tokens and held buckets, and this month's budget counter."""
-        base = f"{self._prefix}{tenant.name}:"
-        return [base + "rpm", base + "tpm", base + "held", f"{base}budget:{month_of(now)}"]
+        """Requests, tokens and held buckets, this month's budget and money counters, and the
+        money held buckets."""
+        base, month = f"{self._prefix}{tenant.name}:", month_of(now)
+        return [
+            base + "rpm",
+            base + "tpm",
+            base + "held",
+            f"{base}budget:{month}",
+            f"{base}money:{month}",
+            base + "money-held",
+        ]
 
-    async def admit(self, tenant: Tenant, reserved: int) -> Hold | None:
-        """Take one request and hold `reserved` tokens, or raise RateLimited; None: nothing held
-        (no token limits, or Redis unreachable)."""
-        if tenant.rpm is None and not token_limited(tenant):
+    async def admit(self, tenant: Tenant, reserved: int, nanos: int = 0) -> Hold | None:
+        """Take one request and hold `reserved` tokens and `nanos` nano-dollars, or raise
+        RateLimited; None: nothing held (no limits, or Redis unreachable)."""
+        if tenant.rpm is None and not metered(tenant):
             return None
         now = time.time()
+        money = budget_nanos(tenant)
         args = [
             tenant.rpm or 0,
             tenant.tpm or 0,
             tenant.monthly_token_budget or 0,
             reserved,
             self._hold_ttl_s,
+            money or 0,
+            nanos if money else 0,
         ]
         try:
             reason, value, *left = await self._admit(keys=self._keys(tenant, now), args=args)
@@ -177,21 +209,23 @@ class RedisLimiter:
             return self._store_down(tenant, e)
         if reason != b"ok":
             kind = reason.decode()
-            wait = seconds_to_next_month(now) if kind == "budget" else max(1, int(value))
+            monthly = kind in ("budget", "money")
+            wait = seconds_to_next_month(now) if monthly else max(1, int(value))
             raise denied(kind, tenant, wait)
         requests_left, requests_reset, tokens_left, tokens_reset = (int(v) for v in left)
         quota = Quota(
             Window(tenant.rpm, requests_left, requests_reset) if tenant.rpm else None,
             Window(tenant.tpm, tokens_left, tokens_reset) if tenant.tpm else None,
         )
-        return Hold(reserved if token_limited(tenant) else 0, int(value), quota)
+        holds_tokens = tenant.tpm is not None or tenant.monthly_token_budget is not None
+        return Hold(reserved if holds_tokens else 0, int(value), quota, nanos if money else 0)
 
     def _store_down(self, tenant: Tenant, error: RedisError) -> None:
         """Admit holding nothing, unless a limit of the tenant fails closed (503)."""
         on_down = self._on_down
         closed = [
             limit
-            for limit in ("rpm", "tpm", "monthly_token_budget")
+            for limit in ("rpm", "tpm", "monthly_token_budget", "monthly_budget_usd")
             if getattr(tenant, limit) is not None and getattr(on_down, limit) == "closed"
         ]
         decision = "refused" if closed else "admitted"
@@ -216,21 +250,26 @@ class RedisLimiter:
                 retry_after=1,
             )
 
-    async def settle(self, tenant: Tenant, hold: Hold | None, tokens: int) -> None:
-        """Release the request's hold and charge the tokens it used, in one script."""
-        if not token_limited(tenant) or (hold is None and tokens <= 0):
+    async def settle(self, tenant: Tenant, hold: Hold | None, tokens: int, nanos: int = 0) -> None:
+        """Release the request's hold and charge the tokens it used and what they cost, in one
+        script."""
+        if not metered(tenant) or (hold is None and tokens <= 0):
             return
-        _, tpm_key, held_key, budget_key = self._keys(tenant, time.time())
-        reserved, second = (hold.tokens, hold.second) if hold is not None else (0, 0)
+        _, *keys = self._keys(tenant, time.time())  # all but the requests' buckets
+        reserved, second, held_nanos = (
+            (hold.tokens, hold.second, hold.nanos) if hold is not None else (0, 0, 0)
+        )
         args = [
             reserved,
             second,
             max(0, tokens),
             int(tenant.tpm is not None),
             int(tenant.monthly_token_budget is not None),
+            held_nanos,
+            max(0, nanos) if tenant.monthly_budget_usd is not None else 0,
         ]
         try:
-            await self._settle(keys=[tpm_key, held_key, budget_key], args=args)
+            await self._settle(keys=keys, args=args)
         except RedisError as e:
             log.error(
                 "rate-limit store unreachable, %d tokens of '%s' not charged (its hold of %d "
@@ -253,8 +292,16 @@ class RedisLimiter:
                 code="limits_unavailable",
                 retry_after=1,
             ) from None
-        requests, tokens, held, spent = (int(c) for c in counts)
-        return Usage(requests, tokens, held, month_of(now), spent)
+        requests, tokens, held, spent, nanos_held, nanos_spent = (int(c) for c in counts)
+        return Usage(
+            requests,
+            tokens,
+            held,
+            month_of(now),
+            spent,
+            nanos_held / NANOS_PER_USD,
+            nanos_spent / NANOS_PER_USD,
+        )
 
     async def close(self) -> None:
         if self._redis is not None:

@@ -26,7 +26,7 @@ from serving.gateway.errors import (
     model_not_found,
 )
 from serving.gateway.exchange import Exchange
-from serving.gateway.limits import Limiter, reservation
+from serving.gateway.limits import Limiter, charge, reservation
 from serving.gateway.mirror import start_copy
 from serving.gateway.proxy import Upstream
 from serving.gateway.quota import with_headers
@@ -104,13 +104,14 @@ class Completions:
         # Admitted only now that the request's reservation is known; settled exactly once, when
         # it is done however it ends, with the tokens the relay counted (0 if none were made).
         reserved = reservation(tenant, data, self.endpoint, self.limits)
-        hold = await self.limiter.admit(tenant, reserved)
+        hold = await self.limiter.admit(tenant, reserved.tokens, reserved.nanos)
         if hold is not None and hold.quota is not None:
             send = with_headers(send, hold.quota.headers())
         try:
             await self._serve(scope, receive, send, exchange, route, data)
         finally:
-            await self.limiter.settle(tenant, hold, exchange.tokens)
+            cost = charge(tenant, self.limits, exchange.prompt_tokens, exchange.completion_tokens)
+            await self.limiter.settle(tenant, hold, exchange.tokens, cost)
 
     async def _serve(
         self,

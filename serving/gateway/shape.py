@@ -14,7 +14,7 @@ from typing import Any
 
 from configs.gateway import Tenant
 from serving.gateway.errors import BadRequest, model_not_found
-from serving.gateway.limits import token_limited
+from serving.gateway.limits import metered
 from serving.gateway.validation import MAX_TOKENS_FIELDS, prompt_bytes
 
 
@@ -30,12 +30,12 @@ def apply_tenant_bounds(
     tenant: Tenant, data: dict[str, Any], endpoint: str, default_max_tokens: int
 ) -> None:
     """Refuse a request outside the tenant's bounds; give one that names no max_tokens the cap,
-    or `default_max_tokens` when the tenant has token limits but no cap."""
+    or `default_max_tokens` when the tenant has token or money limits but no cap."""
     model = data["model"]
     if tenant.models is not None and model not in tenant.models:
         raise model_not_found(model, param="model")
     cap = tenant.max_tokens_cap
-    if cap is not None or token_limited(tenant):
+    if cap is not None or metered(tenant):
         named = [(field, data[field]) for field in MAX_TOKENS_FIELDS if data.get(field) is not None]
         for field, value in named:
             if cap is not None and value > cap:

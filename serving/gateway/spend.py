@@ -1,11 +1,12 @@
-"""Each tenant's tokens spent per calendar month, kept in the state store (namespace "spend"), so
-that a gateway limiting in process (no Redis) keeps its monthly budgets across a restart.
+"""Each tenant's tokens spent per calendar month, and what they cost (nano-dollars at its chargeback
+rate), kept in the state store (namespace "spend"), so that a gateway limiting in process (no
+Redis) keeps its monthly budgets across a restart.
 
 Charges are counted in memory at once (admission reads them there) and added to the store every
 `interval_s` and at shutdown, by compare-and-set, so a kill -9 forgets at most the last interval's
-charges and a SIGTERM none. Records: key "<tenant>|<YYYY-MM>", value {"tokens": n}. Several
-instances adding to one store lose nothing of each other's, but each admits against what it has
-counted itself: instances that must share one budget exactly share Redis (redis_limits.py).
+charges and a SIGTERM none. Records: key "<tenant>|<YYYY-MM>", value {"tokens": n, "nanos": m}.
+Several instances adding to one store lose nothing of each other's, but each admits against what
+it has counted itself: instances that must share one budget exactly share Redis (redis_limits.py).
 """
 
 from __future__ import annotations
@@ -26,25 +27,34 @@ def _key(tenant: str, month: str) -> str:
     return f"{tenant}|{month}"
 
 
+def _amounts(value: dict) -> tuple[int, int]:
+    return int(value["tokens"]), int(value.get("nanos", 0))
+
+
 class SpendBook:
     def __init__(self, store: StateStore, interval_s: float = 1.0) -> None:
         self.store = store  # opened by the table sync, which shares it
         self._interval = interval_s
-        self._stored: dict[str, int] = {}  # as read at start
-        self._pending: Counter[str] = Counter()  # charged here, not yet in the store
+        self._stored: dict[str, tuple[int, int]] = {}  # as read at start: tokens, nanos
+        # charged here, not yet in the store
+        self._pending: Counter[str] = Counter()
+        self._pending_nanos: Counter[str] = Counter()
         self._task: asyncio.Task | None = None
 
     async def open(self) -> None:
         snapshot = await self.store.read(SPEND)
-        self._stored = {k: int(r.value["tokens"]) for k, r in snapshot.records.items()}
+        self._stored = {k: _amounts(r.value) for k, r in snapshot.records.items()}
         self._task = asyncio.create_task(self._flushing(), name="spend-book")
 
-    def spent(self, tenant: str, month: str) -> int:
-        """What the store held for the tenant's month when this gateway started."""
-        return self._stored.get(_key(tenant, month), 0)
+    def spent(self, tenant: str, month: str) -> tuple[int, int]:
+        """The tokens and nano-dollars the store held for the tenant's month when this gateway
+        started."""
+        return self._stored.get(_key(tenant, month), (0, 0))
 
-    def add(self, tenant: str, month: str, tokens: int) -> None:
-        self._pending[_key(tenant, month)] += tokens
+    def add(self, tenant: str, month: str, tokens: int, nanos: int = 0) -> None:
+        key = _key(tenant, month)
+        self._pending[key] += tokens
+        self._pending_nanos[key] += nanos
 
     async def _flushing(self) -> None:
         while True:
@@ -53,7 +63,8 @@ class SpendBook:
 
     async def flush(self) -> None:
         """Add what was charged since the last flush to the store; kept for the next on failure."""
-        batch = +self._pending  # a copy: charges made while writing wait for the next flush
+        # copies: charges made while writing wait for the next flush
+        batch, nanos = +self._pending, +self._pending_nanos
         if not batch:
             return
         try:
@@ -62,12 +73,14 @@ class SpendBook:
                 put = {}
                 for key, tokens in batch.items():
                     record = snapshot.records.get(key)
-                    put[key] = {"tokens": (int(record.value["tokens"]) if record else 0) + tokens}
+                    had_tokens, had_nanos = _amounts(record.value) if record else (0, 0)
+                    put[key] = {"tokens": had_tokens + tokens, "nanos": had_nanos + nanos[key]}
                 try:
                     await self.store.write(SPEND, snapshot.version, put)
                 except Conflict:
                     continue
                 self._pending -= batch
+                self._pending_nanos -= nanos
                 return
             log.error("spend: the store changed %d times while adding charges; retrying", _TRIES)
         except StateError as e:

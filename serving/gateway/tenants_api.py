@@ -24,8 +24,9 @@ from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import Response
 
-from configs.gateway import Tenant
+from configs.gateway import Tenant, unpriced
 from configs.loader import Strict
+from configs.pricing import Chargeback
 from serving.gateway.admin import json_response, payload
 from serving.gateway.audit import AuditLog
 from serving.gateway.errors import BadRequest
@@ -55,9 +56,10 @@ def _issued(issued: Issued) -> dict[str, Any]:
 
 
 class TenantsAPI:
-    def __init__(self, keyring: Keyring, audit: AuditLog) -> None:
+    def __init__(self, keyring: Keyring, audit: AuditLog, chargeback: Chargeback) -> None:
         self.keyring = keyring
         self.audit = audit
+        self.chargeback = chargeback  # a money budget needs a rate to be charged at
 
     async def list_tenants(self, request: Request) -> Response:
         tenants = [t.model_dump(mode="json") for t in self.keyring.tenants.values()]
@@ -74,6 +76,8 @@ class TenantsAPI:
             tenant = Tenant.model_validate({**update.model_dump(exclude={"name"}), "name": name})
         except ValueError as e:
             raise BadRequest(f"invalid tenant name '{name}': {e}", param="name") from None
+        if why := unpriced(tenant, self.chargeback):
+            raise BadRequest(why, param="monthly_budget_usd")
         before = await self.keyring.put_tenant(tenant)
         after = tenant.model_dump(mode="json")
         await self.audit.record_for(

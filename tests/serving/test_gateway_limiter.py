@@ -11,7 +11,7 @@ import pytest
 
 from configs.gateway import LimitsSpec, TenantSpec
 from serving.gateway.errors import BadRequest, RateLimited
-from serving.gateway.limits import Hold, LocalLimiter, reservation
+from serving.gateway.limits import Hold, LocalLimiter, charge, reservation
 
 T0 = 1_750_000_000.0  # a whole second, mid-month
 
@@ -181,23 +181,23 @@ def test_a_chat_reservation_bounds_prompt_template_and_every_choice():
     ]
     data = {"model": "m", "messages": messages, "max_tokens": 10, "n": 3}
     # 9 bytes, 16 per message and once more, 10 tokens for each of 3 choices
-    assert reservation(tenant(tpm=1000), data, "chat", LIMITS) == 9 + 16 * 3 + 30
+    assert reservation(tenant(tpm=1000), data, "chat", LIMITS).tokens == 9 + 16 * 3 + 30
     data["max_completion_tokens"] = 20  # both named: the larger bounds the completion
-    assert reservation(tenant(tpm=1000), data, "chat", LIMITS) == 9 + 48 + 60
+    assert reservation(tenant(tpm=1000), data, "chat", LIMITS).tokens == 9 + 48 + 60
 
 
 def test_a_completions_reservation_counts_each_prompt():
     texts = {"model": "m", "prompt": ["ab", "cde"], "max_tokens": 4, "n": 2}
-    assert reservation(tenant(tpm=1000), texts, "completions", LIMITS) == 5 + 32 + 4 * 2 * 2
+    assert reservation(tenant(tpm=1000), texts, "completions", LIMITS).tokens == 5 + 32 + 4 * 2 * 2
     ids = {"model": "m", "prompt": [1, 2, 3], "max_tokens": 4}
-    assert reservation(tenant(tpm=1000), ids, "completions", LIMITS) == 3 + 16 + 4
+    assert reservation(tenant(tpm=1000), ids, "completions", LIMITS).tokens == 3 + 16 + 4
 
 
 def test_no_reservation_for_a_tenant_without_token_limits_and_none_below_zero():
     data = {"model": "m", "messages": [{"role": "user", "content": "x" * 100}], "max_tokens": 5}
-    assert reservation(tenant(rpm=5), data, "chat", LIMITS) == 0
+    assert reservation(tenant(rpm=5), data, "chat", LIMITS).tokens == 0
     data.update(max_tokens=-1000, n=-3)  # must not lower what the tenant's other requests hold
-    assert reservation(tenant(tpm=1000), data, "chat", LIMITS) == 100 + 32
+    assert reservation(tenant(tpm=1000), data, "chat", LIMITS).tokens == 100 + 32
 
 
 @pytest.mark.parametrize(
@@ -205,7 +205,7 @@ def test_no_reservation_for_a_tenant_without_token_limits_and_none_below_zero():
 )
 def test_a_reservation_over_the_whole_limit_is_refused_as_one_never_admitted(limit, value):
     data = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
-    assert reservation(tenant(**{limit: value}), data, "chat", LIMITS) == 2 + 32 + 16  # fits
+    assert reservation(tenant(**{limit: value}), data, "chat", LIMITS).tokens == 2 + 32 + 16  # fits
     data["max_tokens"] = 17
     with pytest.raises(BadRequest) as refused:
         reservation(tenant(**{limit: value}), data, "chat", LIMITS)
@@ -213,3 +213,89 @@ def test_a_reservation_over_the_whole_limit_is_refused_as_one_never_admitted(lim
     assert error.status == 400 and error.param == "max_tokens"
     assert error.code == "reservation_over_limit"
     assert "up to 51 tokens" in error.message and f"whole {limit} of 50" in error.message
+
+
+# A money budget: 1,000 nano-dollars per prompt token and 3,000 per completion token.
+PRICED = LimitsSpec(
+    template_tokens_per_message=0,
+    chargeback={
+        "tiers": {"standard": {"input_per_million": 1.0, "output_per_million": 3.0}},
+        "tenants": {"vip": {"input_per_million": 0.5, "output_per_million": 0.5}},
+    },
+)
+
+
+def money(usd: float, name: str = "alice", **limits) -> TenantSpec:
+    return TenantSpec(name=name, key_sha256="0" * 64, monthly_budget_usd=usd, **limits)
+
+
+def test_a_money_reservation_prices_the_prompt_and_completion_bounds_at_the_tenants_rate():
+    data = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 10}
+    # 5 prompt bytes at the tier's 1,000 n$, 10 completion tokens at 3,000 n$
+    assert reservation(money(1.0), data, "chat", PRICED) == (15, 5 * 1000 + 10 * 3000)
+    # the tenant's own rate before its tier's
+    assert reservation(money(1.0, "vip"), data, "chat", PRICED).nanos == 15 * 500
+    assert charge(money(1.0), PRICED, 7, 2) == 7 * 1000 + 2 * 3000
+    assert charge(tenant(tpm=10), PRICED, 7, 2) == 0  # no money budget, nothing priced
+
+
+def test_the_money_budget_holds_reservations_and_charges_what_was_used():
+    clock, alice = Clock(epoch(2025, 3, 31, 23, 59)), money(0.0001)  # 100,000 n$
+    limiter = LocalLimiter(clock)
+    first = at_once(limiter.admit(alice, 15, 60_000))
+    assert first.nanos == 60_000
+    refused = admit_priced(limiter, alice, 40_001)  # 60,000 held + 40,001 > 100,000
+    assert refused.code == "insufficient_quota" and refused.retry_after == 60
+    assert "too little of its monthly budget ($0.0001) left" in refused.message
+    at_once(limiter.settle(alice, first, 10, 25_000))  # it cost less than it held
+    assert admit_priced(limiter, alice, 75_000) is None  # 25,000 spent + 75,000 = the budget
+    usage = at_once(limiter.usage(alice))
+    assert usage.usd_this_month == pytest.approx(25e-6) and usage.usd_held == pytest.approx(75e-6)
+    clock.now = epoch(2025, 4, 1, 0, 0, 1)  # a new month, a new budget: only what is held counts
+    assert admit_priced(limiter, alice, 25_000) is None
+    assert admit_priced(limiter, alice, 1) is not None
+
+
+def admit_priced(limiter: LocalLimiter, who: TenantSpec, nanos: int) -> RateLimited | None:
+    try:
+        at_once(limiter.admit(who, 1, nanos))
+    except RateLimited as refusal:
+        return refusal
+    return None
+
+
+def test_a_reservation_over_the_whole_money_budget_is_never_admitted():
+    data = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}
+    with pytest.raises(BadRequest) as refused:
+        reservation(money(0.001), data, "chat", PRICED)  # 2,000 + 3,000,000 n$ over 1,000,000
+    error = refused.value
+    assert error.code == "reservation_over_limit" and error.param == "max_tokens"
+    assert "cost up to $0.003002" in error.message
+    assert "whole monthly_budget_usd of $0.001," in error.message
+
+
+def test_a_money_budget_without_a_rate_is_refused_where_the_tenant_is_made():
+    from configs.gateway import GatewayConfig
+
+    with pytest.raises(ValueError, match="tenant 'alice' has a monthly_budget_usd but no "):
+        GatewayConfig.model_validate(
+            {
+                "admin_token_sha256": "1" * 64,
+                "tenants": [money(5.0, tier="gold").model_dump()],
+                "limits": {
+                    "chargeback": {
+                        "tiers": {"standard": PRICED.chargeback.tiers["standard"].model_dump()}
+                    }
+                },
+            }
+        )
+
+
+def test_prices_finer_than_a_nano_dollar_per_token_are_refused_with_the_field():
+    from configs.pricing import TokenPrices
+
+    assert TokenPrices(input_per_million=0.075, output_per_million=0.3).nanos(2, 1) == 150 + 300
+    with pytest.raises(
+        ValueError, match=r"input_per_million: 0\.0375 has more than three decimals"
+    ):
+        TokenPrices(input_per_million=0.0375, output_per_million=0.3)

@@ -90,6 +90,7 @@ def test_a_tenant_reads_its_own_usage_and_what_is_left(mock, keys, run_gateway, 
         "requests_this_minute": 44,
         "tokens_this_minute": None,  # no tpm
         "monthly_token_budget": 10_000 - charged,
+        "monthly_budget_usd": None,  # no money budget
     }
     assert theirs["tenant"] == "bob" and theirs["used"]["requests_this_minute"] == 0
 
@@ -182,24 +183,37 @@ def test_when_redis_stops_mid_load_the_budget_fails_closed_and_the_request_rate_
 # ---- monthly budget across restarts --------------------------------------------------------------
 
 
-def test_a_monthly_budget_outlives_a_restart_without_redis(mock, keys, run_gateway):
+# 200 tokens, or what 200 completion tokens cost at 1 dollar per million
+@pytest.mark.parametrize(
+    ("limit", "value", "spent"),
+    [
+        ("monthly_token_budget", 200, "tokens_this_month"),
+        ("monthly_budget_usd", 2e-4, "usd_this_month"),
+    ],
+)
+def test_a_monthly_budget_outlives_a_restart_without_redis(
+    mock, keys, run_gateway, limit, value, spent
+):
     _, url = mock
-    tenant = keys.tenant("alice", monthly_token_budget=200)
-    config = keys.config([backend(url, "1")], [tenant])
+    tenant = keys.tenant("alice", **{limit: value})
+    rate = {"input_per_million": 1.0, "output_per_million": 1.0}
+    config = keys.config(
+        [backend(url, "1")], [tenant], limits={"chargeback": {"tenants": {"alice": rate}}}
+    )
     key = keys.key("alice")
     with run_gateway(config) as base:
         assert all(ask(base, key).status_code == 200 for _ in range(5))
-        spent = httpx.get(f"{base}/v1/usage", headers=bearer(key)).json()["used"]
-    assert spent["tokens_this_month"] > 0
+        before = httpx.get(f"{base}/v1/usage", headers=bearer(key)).json()["used"]
+    assert before[spent] > 0
 
     with run_gateway(config) as base:  # the same store under the same SLIPWAY_HOME
         again = httpx.get(f"{base}/v1/usage", headers=bearer(key)).json()["used"]
-        assert again["tokens_this_month"] == spent["tokens_this_month"]
+        assert again[spent] == before[spent]
         while (reply := ask(base, key)).status_code == 200:
             pass
         after = httpx.get(f"{base}/v1/usage", headers=bearer(key)).json()["used"]
     assert reply.status_code == 429 and reply.json()["error"]["code"] == "insufficient_quota"
-    assert after["tokens_this_month"] <= 200  # never over, across the restart
+    assert before[spent] < after[spent] <= value  # never over, across the restart
 
 
 def test_two_instances_adding_charges_to_one_store_lose_none(home):

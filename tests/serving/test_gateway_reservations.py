@@ -35,6 +35,21 @@ from tests.serving.conftest import REDIS_URL, backend, chat, post_many
 SIZES = (1, 4, 10, 20)  # max_tokens: reservations (and usage) of 2, 5, 11 and 21 tokens
 LIMIT = 2000  # against 500 requests that would use 4875 tokens
 EXACT = {"template_tokens_per_message": 0}
+# A money budget: a prompt token 1,000 nano-dollars, a completion token 2,000; 500 requests
+# would cost 9.25 million, the budget is 4 million.
+PRICED = EXACT | {
+    "chargeback": {"tenants": {"alice": {"input_per_million": 1.0, "output_per_million": 2.0}}}
+}
+BUDGET_USD = 0.004
+
+
+def cost(limit: str, max_tokens: int) -> int:
+    """What a request of `max_tokens` holds and is charged: tokens, or nano-dollars."""
+    return 1000 + 2000 * max_tokens if limit == "monthly_budget_usd" else 1 + max_tokens
+
+
+def limit_of(limit: str) -> int:
+    return round(BUDGET_USD * 1e9) if limit == "monthly_budget_usd" else LIMIT
 
 
 def bodies(count: int) -> list[dict]:
@@ -56,43 +71,46 @@ def charged_in_redis(prefix: str, limit: str) -> int:
     while redis_int("hlen", f"{prefix}alice:held") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert redis_int("hlen", f"{prefix}alice:held") == 0, "holds left unsettled"
+    assert redis_int("hlen", f"{prefix}alice:money-held") == 0, "money holds left unsettled"
     if limit == "tpm":
         return sum(int(v) for v in redis_int("hvals", f"{prefix}alice:tpm"))
     month = datetime.now(UTC).strftime("%Y-%m")
-    return int(redis_int("get", f"{prefix}alice:budget:{month}") or 0)
+    counter = "money" if limit == "monthly_budget_usd" else "budget"
+    return int(redis_int("get", f"{prefix}alice:{counter}:{month}") or 0)
 
 
 def check_race(results: list[tuple[int, dict, bytes]], limit: str, charged: int | None) -> None:
-    used, refused = 0, []
+    used, refused, whole = 0, [], limit_of(limit)
     for (status, _, body), sent in zip(results, bodies(len(results)), strict=True):
         answer = json.loads(body)
         if status == 200:
-            used += answer["usage"]["total_tokens"]
             assert answer["usage"]["total_tokens"] == 1 + sent["max_tokens"]  # exact reservation
+            used += cost(limit, sent["max_tokens"])
         else:
             assert status == 429, body
             kind = answer["error"]["code"] if limit != "tpm" else answer["error"]["type"]
             assert kind == ("tokens" if limit == "tpm" else "insufficient_quota")
-            refused.append(1 + sent["max_tokens"])
+            refused.append(cost(limit, sent["max_tokens"]))
     if charged is not None:
         assert charged == used  # every admitted request charged once, with what it used
-    assert used <= LIMIT
+    assert used <= whole
     assert refused, "the race never reached the limit"
-    assert min(refused) > LIMIT - used  # no request refused while what was left could hold it
-    assert used >= LIMIT - (1 + max(SIZES))
+    assert min(refused) > whole - used  # no request refused while what was left could hold it
+    assert used >= whole - cost(limit, max(SIZES))
 
 
-@pytest.mark.parametrize("limit", ["monthly_token_budget", "tpm"])
+@pytest.mark.parametrize("limit", ["monthly_token_budget", "tpm", "monthly_budget_usd"])
 def test_500_racing_requests_through_two_instances_spend_the_limit_exactly(
     mock, keys, run_gateway, redis_prefix, limit
 ):
     _, url = mock
+    value = BUDGET_USD if limit == "monthly_budget_usd" else LIMIT
     config = keys.config(
         [backend(url, "1", max_concurrency=2000)],
-        [keys.tenant("alice", **{limit: LIMIT})],
+        [keys.tenant("alice", **{limit: value})],
         redis_url=REDIS_URL,
         redis_prefix=redis_prefix,
-        limits=EXACT,
+        limits=PRICED,
     )
     sent = bodies(500)
     with run_gateway(config) as one, run_gateway(config) as two:
@@ -111,16 +129,33 @@ def test_500_racing_requests_through_two_instances_spend_the_limit_exactly(
     check_race(results, limit, charged)
 
 
-def test_500_racing_requests_in_one_process_spend_the_budget_exactly(mock, keys, run_gateway):
+@pytest.mark.parametrize("limit", ["monthly_token_budget", "monthly_budget_usd"])
+def test_500_racing_requests_in_one_process_spend_the_budget_exactly(
+    mock, keys, run_gateway, limit
+):
     _, url = mock
+    value = BUDGET_USD if limit == "monthly_budget_usd" else LIMIT
     config = keys.config(
         [backend(url, "1", max_concurrency=2000)],
-        [keys.tenant("alice", monthly_token_budget=LIMIT)],
-        limits=EXACT,
+        [keys.tenant("alice", **{limit: value})],
+        limits=PRICED,
     )
     with run_gateway(config) as base:
         results = asyncio.run(post_many(base, keys.key("alice"), bodies(500), concurrency=500))
-    check_race(results, "monthly_token_budget", None)
+        usage = httpx.get(
+            f"{base}/v1/usage", headers={"Authorization": f"Bearer {keys.key('alice')}"}
+        )
+    check_race(results, limit, None)
+    if limit == "monthly_budget_usd":  # the tenant reads what it spent, to the nano-dollar
+        spent = sum(
+            cost(limit, sent["max_tokens"])
+            for (status, _, _), sent in zip(results, bodies(500), strict=True)
+            if status == 200
+        )
+        shown = usage.json()
+        assert round(shown["used"]["usd_this_month"] * 1e9) == spent
+        assert shown["chargeback"] == {"input_per_million": 1.0, "output_per_million": 2.0}
+        assert shown["remaining"]["monthly_budget_usd"] == pytest.approx(BUDGET_USD - spent / 1e9)
 
 
 def test_a_request_naming_no_max_tokens_gets_a_bound_only_when_its_tenant_has_token_limits(
@@ -152,14 +187,16 @@ class Spy:
         self.holds: list[Hold] = []
         self.settled: list[tuple[Hold, int]] = []
 
-    async def admit(self, tenant: TenantSpec, reserved: int) -> Hold | None:
-        hold = await self.inner.admit(tenant, reserved)
+    async def admit(self, tenant: TenantSpec, reserved: int, nanos: int = 0) -> Hold | None:
+        hold = await self.inner.admit(tenant, reserved, nanos)
         self.holds.append(hold)
         return hold
 
-    async def settle(self, tenant: TenantSpec, hold: Hold | None, tokens: int) -> None:
+    async def settle(
+        self, tenant: TenantSpec, hold: Hold | None, tokens: int, nanos: int = 0
+    ) -> None:
         self.settled.append((hold, tokens))
-        await self.inner.settle(tenant, hold, tokens)
+        await self.inner.settle(tenant, hold, tokens, nanos)
 
     def wait_settled(self, count: int) -> list[int]:
         """The tokens each request was settled with, once `count` have been."""
@@ -318,3 +355,18 @@ def test_redis_unreachable_fails_each_limit_open_or_closed_by_policy(alice, capl
 
     with pytest.raises(Unavailable, match="bob's tpm fails closed"):
         asyncio.run(run(OutagePolicy(tpm="closed")))
+
+
+def test_a_money_budget_fails_closed_while_redis_is_unreachable():
+    carol = TenantSpec(name="carol", key_sha256="2" * 64, monthly_budget_usd=5.0)
+
+    async def run() -> None:
+        limiter = RedisLimiter("redis://127.0.0.1:1/0", "slipway-test-down:", 900)
+        await limiter.open()
+        try:
+            with pytest.raises(Unavailable, match="carol's monthly_budget_usd fails closed"):
+                await limiter.admit(carol, 10, 5_000)
+        finally:
+            await limiter.close()
+
+    asyncio.run(run())

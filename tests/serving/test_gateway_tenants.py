@@ -114,8 +114,15 @@ def test_two_instances_changing_one_key_at_once_lose_neither_change(two_gateways
         return [r.status_code for r in replies]
 
     assert asyncio.run(both()) == [200, 200]
-    [key] = httpx.get(f"{a}/admin/keys", headers=admin).json()["keys"]
-    assert key["revoked_at"] is not None and key["expires_at"] == later
+    # each instance holds both changes once it has polled the store (within a second)
+    deadline = time.monotonic() + 2
+    while True:
+        keys_seen = [httpx.get(f"{u}/admin/keys", headers=admin).json()["keys"] for u in (a, b)]
+        done = all(k["revoked_at"] is not None and k["expires_at"] == later for [k] in keys_seen)
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert done, keys_seen
 
 
 def test_an_expired_key_is_refused_saying_when(two_gateways, keys):
@@ -136,6 +143,24 @@ def test_an_expired_key_is_refused_saying_when(two_gateways, keys):
         f"{a}/admin/tenants/dave/keys", json={"expires_at": time.time() - 1}, headers=admin
     )
     assert past.status_code == 400 and "expires_at must be in the future" in past.text
+
+
+def test_a_money_budget_needs_a_chargeback_rate_for_the_tenant_or_its_tier(two_gateways, keys):
+    a, _, _ = two_gateways
+    admin = bearer(keys.admin)
+    unpriced = httpx.put(
+        f"{a}/admin/tenants/fay", json={"tier": "gold", "monthly_budget_usd": 5}, headers=admin
+    )
+    assert unpriced.status_code == 400
+    assert unpriced.json()["error"]["param"] == "monthly_budget_usd"
+    assert "no chargeback rate" in unpriced.text and "tier 'gold'" in unpriced.text
+    assert "fay" not in {
+        t["name"] for t in httpx.get(f"{a}/admin/tenants", headers=admin).json()["tenants"]
+    }
+    priced = httpx.put(  # the embedded pricing.yaml prices the standard tier
+        f"{a}/admin/tenants/fay", json={"monthly_budget_usd": 5}, headers=admin
+    )
+    assert priced.status_code == 200 and priced.json()["monthly_budget_usd"] == 5
 
 
 def test_a_revoked_key_stays_revoked_after_a_restart_and_a_new_config_key_is_added(
