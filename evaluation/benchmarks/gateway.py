@@ -306,8 +306,17 @@ def run(duration: int, skip_litellm: bool) -> None:
                     ],
                 }
             ],
+            # Every limit on, so each request takes the whole admission path: a request and a
+            # token reservation, and a money one at the tier's chargeback rate.
             "tenants": [
-                {"name": "bench", "key_sha256": key_hash(key), "rpm": 10_000_000, "tpm": 10**12}
+                {
+                    "name": "bench",
+                    "key_sha256": key_hash(key),
+                    "rpm": 10_000_000,
+                    "tpm": 10**12,
+                    "monthly_token_budget": 10**15,
+                    "monthly_budget_usd": 10**6,
+                }
             ],
             "usage": {"url": f"sqlite:///{work / 'usage.sqlite'}"},
             # Its own state store: the home's holds the routes `make up` wrote, not this one.
