@@ -40,6 +40,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any, NamedTuple, Protocol
 
 from configs.gateway import LimitsSpec, Tenant
@@ -55,7 +56,14 @@ WINDOW_S = 60
 
 
 def month_of(now: float) -> str:
-    return datetime.fromtimestamp(now, UTC).strftime("%Y-%m")
+    """The UTC calendar month of a Unix time, YYYY-MM (asked twice per request: cached by day,
+    since months begin at a UTC midnight)."""
+    return _month_of_day(int(now // 86400))
+
+
+@lru_cache(maxsize=64)
+def _month_of_day(day: int) -> str:
+    return datetime.fromtimestamp(day * 86400, UTC).strftime("%Y-%m")
 
 
 def seconds_to_next_month(now: float) -> int:
