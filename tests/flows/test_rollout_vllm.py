@@ -49,8 +49,11 @@ class Champion:
 
 
 @contextmanager
-def stable_behind_gateway(home, champion: Champion, monkeypatch) -> Iterator[str]:
-    """The champion on vLLM behind a real gateway with a synthetic-load tenant."""
+def stable_behind_gateway(
+    home, champion: Champion, monkeypatch
+) -> Iterator[tuple[str, VLLMServer]]:
+    """The champion on vLLM behind a real gateway with a synthetic-load tenant: the gateway's
+    URL and the champion's server (the test's own, not in the home's process records)."""
     keys = Secrets()
     monkeypatch.setenv("SLIPWAY_ADMIN_TOKEN", keys.admin)
     monkeypatch.setenv("SLIPWAY_SYNTHETIC_KEY", keys.key("load"))
@@ -76,7 +79,7 @@ def stable_behind_gateway(home, champion: Champion, monkeypatch) -> Iterator[str
         )
         try:
             with serve(build_app(config, home)) as gateway_url:
-                yield gateway_url
+                yield gateway_url, server
         finally:  # the engines the rollouts started (a promoted candidate's) go with the test
             for process in read_state(home):
                 if process.what.startswith(f"vllm {name}-"):
@@ -143,7 +146,7 @@ def test_identical_weights_are_promoted_in_each_of_three_rollouts_under_the_demo
     home, smollm2_champion, tmp_path, monkeypatch, prefect_server
 ):
     champion, registry = smollm2_champion, Registry(home)
-    with stable_behind_gateway(home, champion, monkeypatch) as gateway_url:
+    with stable_behind_gateway(home, champion, monkeypatch) as (gateway_url, first):
         for round_ in range(3):
             twin = shutil.copytree(champion.source, tmp_path / f"twin-{round_}")
             (twin / "README.md").write_text(f"The same weights, release {round_}: an A/A.\n")
@@ -152,6 +155,10 @@ def test_identical_weights_are_promoted_in_each_of_three_rollouts_under_the_demo
             reason = registry.tags(champion.name, version)["rollout_reason"]
             assert outcome == "promoted", f"round {round_ + 1}: {reason}"
             assert registry.alias(champion.name, "champion") == version
+            # The first champion's engine is this test's, so the rollout does not stop it when it
+            # is replaced; left running, it held a core and the next canary was given that core
+            # beside it (engine_cores counts the servers bound to each core).
+            first.stop()
             steps = evidence(registry, champion.name, version)["steps"]
             assert [s["weight"] for s in steps] == [0, 25, 50]
             assert all(s["mirrored_pairs"] for s in steps)  # every step judged on pairs
@@ -167,7 +174,7 @@ def test_the_real_gptq_w8a8_passes_the_shadow_phase_and_is_promoted(
         champion.source, Variant(recipe="gptq-w8a8"), tmp_path / "w8a8", home
     )  # the demo's recipe and calibration
     release(home, champion.name, w8a8.out_dir, "gptq-w8a8")
-    with stable_behind_gateway(home, champion, monkeypatch) as gateway_url:
+    with stable_behind_gateway(home, champion, monkeypatch) as (gateway_url, _):
         outcome, version = roll_out(home, gateway_url, champion.name, "gptq-w8a8")
     assert outcome == "promoted", registry.tags(champion.name, version)["rollout_reason"]
     shadow, *live = evidence(registry, champion.name, version)["steps"]
@@ -203,7 +210,7 @@ def test_a_canary_with_a_broken_chat_template_is_rolled_back_in_the_shadow_phase
     assert template.is_file()
     template.write_text("{% for m in messages %}{{ m['content'] }} {% endfor %}")
     release(home, "tiny", broken, "fp8-dynamic")
-    with stable_behind_gateway(home, tiny_champion, monkeypatch) as gateway_url:
+    with stable_behind_gateway(home, tiny_champion, monkeypatch) as (gateway_url, _):
         pairs = rolled_back_in_shadow(home, gateway_url, "fp8-dynamic")
     assert sum(p["degraded"] for p in pairs) > len(pairs) / 2
 
@@ -218,7 +225,7 @@ def test_a_mildly_degraded_canary_is_rolled_back_in_the_shadow_phase(
     # answer is 0.32 nats per token, at the policy's bound of 0.3; the degraded share (~0.5)
     # is above the policy's 0.3 (accepted 0.2 + margin 0.1), not far beyond it.
     release(home, "tiny", perturb(tiny_model_source, tmp_path / "shaken", 0.8), "fp8-dynamic")
-    with stable_behind_gateway(home, tiny_champion, monkeypatch) as gateway_url:
+    with stable_behind_gateway(home, tiny_champion, monkeypatch) as (gateway_url, _):
         pairs = rolled_back_in_shadow(home, gateway_url, "fp8-dynamic")
     degraded = sum(p["degraded"] for p in pairs) / len(pairs)
     assert 0.3 < degraded < 0.8, degraded  # caught near the margin, not a wreck
