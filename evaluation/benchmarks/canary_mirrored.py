@@ -213,7 +213,9 @@ def simulate_step(
         logs = canary_logs - stable_logs + np.where(copied, lag, -lag)
         degraded = pair_ok & (rng.random(n) < scenario.degraded)
         split = balanced and balanced_at(stage.weight)
-        directions = (timed & copied, timed & copied_back) if split else (timed, timed & False)
+        directions = (
+            (timed & copied, timed & copied_back) if split else (timed, np.zeros_like(timed))
+        )
         cum = np.stack(
             [
                 np.cumsum(pair_ok),

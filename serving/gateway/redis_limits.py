@@ -266,7 +266,7 @@ class RedisLimiter:
             int(tenant.tpm is not None),
             int(tenant.monthly_token_budget is not None),
             held_nanos,
-            max(0, nanos) if tenant.monthly_budget_usd is not None else 0,
+            max(0, nanos),  # 0 without a money budget (limits.charge)
         ]
         try:
             await self._settle(keys=keys, args=args)

@@ -186,6 +186,7 @@ class Spy:
         self.inner = inner
         self.holds: list[Hold] = []
         self.settled: list[tuple[Hold, int]] = []
+        self.nanos: list[int] = []  # what each settlement charged in money
 
     async def admit(self, tenant: TenantSpec, reserved: int, nanos: int = 0) -> Hold | None:
         hold = await self.inner.admit(tenant, reserved, nanos)
@@ -195,6 +196,7 @@ class Spy:
     async def settle(
         self, tenant: TenantSpec, hold: Hold | None, tokens: int, nanos: int = 0
     ) -> None:
+        self.nanos.append(nanos)
         self.settled.append((hold, tokens))
         await self.inner.settle(tenant, hold, tokens, nanos)
 
@@ -223,13 +225,22 @@ def slow_mock():
         yield upstream, url
 
 
+# alice's money: 1,000 nano-dollars a prompt token, 2,000 a completion token
+ALICE_RATE = {"input_per_million": 1.0, "output_per_million": 2.0}
+
+
 def metered(keys, url: str, **extra):
     return keys.config(
         [backend(url, "1")],
-        [keys.tenant("alice", tpm=1_000_000)],
+        [keys.tenant("alice", tpm=1_000_000, monthly_budget_usd=1000.0)],
         timeouts={"connect_s": 1, "read_s": 0.3},
+        limits={"chargeback": {"tenants": {"alice": ALICE_RATE}}},
         **extra,
     )
+
+
+def money_for(prompt_tokens: int, total_tokens: int) -> int:
+    return 1000 * prompt_tokens + 2000 * (total_tokens - prompt_tokens)
 
 
 def test_every_admitted_request_is_settled_once_however_it_ends(slow_mock, keys, home):
@@ -251,6 +262,9 @@ def test_every_admitted_request_is_settled_once_however_it_ends(slow_mock, keys,
         upstream.faults["served-1"] = Fault(break_after=2, times=1)
         assert post(chat("one", max_tokens=4, stream=True)) == 200  # broken off after 2 chunks
         assert spy.wait_settled(5) == [6, 6, 0, 0, 3]
+        # money is charged for the same tokens: 2 prompt tokens ("one two"), 1 ("one")
+        assert spy.nanos == [money_for(2, 6), money_for(2, 6), 0, 0, money_for(1, 3)]
+        assert all(hold.nanos > 0 for hold in spy.holds)  # each held its worst case first
         body = chat("one two three", max_tokens=200, stream=True)
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, headers=headers) as r:
             read = 0
@@ -260,6 +274,7 @@ def test_every_admitted_request_is_settled_once_however_it_ends(slow_mock, keys,
                     break  # leaving the block hangs up
         gone = spy.wait_settled(6)[-1]
     assert 3 + 3 <= gone < 3 + 200  # charged what was generated until the client left
+    assert spy.nanos[-1] == money_for(3, gone)  # in money too
 
 
 def test_a_cancelled_request_is_settled_once_with_the_tokens_it_made(slow_mock, keys, home):
@@ -306,6 +321,7 @@ def test_a_cancelled_request_is_settled_once_with_the_tokens_it_made(slow_mock, 
     asyncio.run(run())
     [tokens] = spy.wait_settled(1)
     assert 2 + 3 <= tokens < 2 + 200
+    assert spy.nanos == [money_for(2, tokens)]
 
 
 @pytest.fixture
