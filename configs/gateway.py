@@ -228,6 +228,12 @@ class UsageSpec(Strict):
     )
     batch_size: int = Field(1000, ge=1)
     queue_size: int = Field(100_000, ge=1, description="records held before new ones are dropped")
+    meter_interval_s: float = Field(
+        30.0,
+        gt=0,
+        description="how often each backend's own token counters are read into the usage log "
+        "(engine_meter), the points at which the usage can be reconciled with them",
+    )
 
     @field_validator("url")
     @classmethod

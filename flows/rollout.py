@@ -23,6 +23,7 @@ from evaluation.canary import Analysis
 from evaluation.loadgen.background import BackgroundLoad
 from evaluation.loadgen.report import load_prompts
 from evaluation.quality.logprob import Engine, Scorer
+from tasks.direct_traffic import record_scoring
 from tasks.engines import RunningVersion, serve_version
 from tasks.gateway_admin import GatewayAdmin, secret
 from tasks.registry import Registry
@@ -102,8 +103,12 @@ def canary_steps(
 
     registry, model = history.registry, plan.model
     scorer = Scorer(
-        {b["version"]: Engine(b["url"], b["served_model"]) for b in plan.stable_backends},
-        Engine(running.url, plan.candidate.served_name),
+        {
+            b["version"]: Engine(b["url"], b["served_model"], b["version"])
+            for b in plan.stable_backends
+        },
+        Engine(running.url, plan.candidate.served_name, plan.candidate.version),
+        record=record_scoring(home),
     )
     steer = Steering(
         registry,

@@ -10,6 +10,7 @@ else on a vLLM started for the run and stopped after it.
 
 from __future__ import annotations
 
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,6 +29,7 @@ from evaluation.monitoring.regression import REGRESSED, LedgerRun, RegressionVer
 from evaluation.quality.gates import QualityResult
 from serving.processes import members, read_state
 from serving.vllm import VLLMServer, hardware_class
+from tasks.direct_traffic import record_unmetered
 from tasks.evaluate import (
     EvaluationError,
     quality_metrics,
@@ -114,10 +116,15 @@ def measure(champion: ModelVersion, config: ModelConfig | None, home: Home) -> M
             serving = config.serving if config else Serving()
             url = stack.enter_context(VLLMServer(weights, name, home, serving)).url
         key = Key(champion.tags["digest"], vllm_version(url), hardware_class())
-        speed = run_speed(url, name, evaluation.loadgen, out_dir / "speed")
-        quality = None
-        if evaluation.suites:
-            quality = run_quality(url, name, weights, evaluation, out_dir / "quality")
+        began = time.time()
+        try:
+            speed = run_speed(url, name, evaluation.loadgen, out_dir / "speed")
+            quality = None
+            if evaluation.suites:
+                quality = run_quality(url, name, weights, evaluation, out_dir / "quality")
+        finally:
+            if on_stack:  # the served engine's counters include this load: say whose it was
+                record_unmetered(home, "regression", champion.version, began, time.time())
     return Measurement(key, url, on_stack, speed, quality, out_dir)
 
 

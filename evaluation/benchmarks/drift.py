@@ -29,8 +29,8 @@ import click
 
 from configs.drift import DriftConfig
 from configs.home import Home
-from evaluation.benchmarks.traffic import Traffic, synthetic_rows, write_rows
-from serving.gateway.usage import count_usage, iter_usage
+from evaluation.benchmarks.traffic import Traffic, synthetic_rows
+from serving.gateway.usage import count_usage, iter_usage, write_rows
 
 
 def _check(url: str, end: datetime, out: multiprocessing.Queue) -> None:

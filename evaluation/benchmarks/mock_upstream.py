@@ -4,7 +4,8 @@ It answers /v1/chat/completions and /v1/completions (streaming or not, usage, ec
 lm-eval's local-completions reads them) with the requested model name echoed back, so a test sees
 which backend answered. Streams honour stream_options as vLLM does: include_usage adds a final
 usage-only event, continuous_usage_stats (with it) puts the cumulative usage in every chunk; a
-client that goes away stops the generation, and `generated` records the tokens each stream made.
+client that goes away stops the generation, and `generated` records the tokens each stream made;
+GET /metrics shows the prompt and generated tokens served in all as vLLM's counters.
 Faults are injected per served model name: an error status, latency, a stream that breaks off, a
 server that never answers, one that ignores stream_options (sends no usage), other answers.
 
@@ -49,6 +50,8 @@ class MockUpstream:
         self.requests: deque[dict] = deque(maxlen=10_000)
         self.generated: deque[int] = deque(maxlen=10_000)  # completion tokens, per stream, in order
         self.record = True
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
 
     def _fault(self, model: str) -> Fault | None:
         fault = self.faults.get(model)
@@ -66,6 +69,8 @@ class MockUpstream:
                 if message["type"] == "lifespan.shutdown":
                     return
         path = scope["path"]
+        if scope["method"] == "GET" and path == "/metrics":
+            return await _text(send, self.metrics())
         if scope["method"] == "GET":
             body = (
                 {"object": "list", "data": [{"id": "mock", "object": "model"}]}
@@ -110,6 +115,7 @@ class MockUpstream:
             "completion_tokens": n * len(prompts),
         }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        self.prompt_tokens_total += usage["prompt_tokens"]
         if request.get("stream"):
             return await self._stream(send, receive, request, model, chat, n, usage, fault)
         word = fault.word if fault else "w"
@@ -132,7 +138,15 @@ class MockUpstream:
             "choices": choices,
             "usage": usage,
         }
+        self.generation_tokens_total += usage["completion_tokens"]
         await _json(send, 200, body)
+
+    def metrics(self) -> str:
+        return (
+            f'vllm:prompt_tokens_total{{model_name="mock"}} {self.prompt_tokens_total}.0\n'
+            f'vllm:generation_tokens_total{{model_name="mock"}} '
+            f"{self.generation_tokens_total}.0\n"
+        )
 
     async def _stream(self, send, receive, request, model, chat, n, usage, fault) -> None:
         await send(
@@ -181,12 +195,24 @@ class MockUpstream:
                     await asyncio.sleep(self.chunk_delay_s)
         finally:
             gone.cancel()
+            self.generation_tokens_total += sent
             if self.record:
                 self.generated.append(sent)
         if include:
             tail = f'{head}],"usage":{json.dumps(usage, separators=(",", ":"))}}}\n\n'
             await send({"type": "http.response.body", "body": tail.encode(), "more_body": True})
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+
+async def _text(send, body: str) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/plain; version=0.0.4")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body.encode()})
 
 
 def next_seen(fault: Fault) -> int:

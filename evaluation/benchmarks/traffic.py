@@ -1,16 +1,14 @@
-"""Synthetic usage-log traffic, written through the gateway's own usage-log writer: the rows the
-drift benchmark times and the drift and cost tests (and their flows' tests) check figures on.
+"""Synthetic usage-log traffic (written with serving.gateway.usage.write_rows, the gateway's own
+writer): the rows the drift benchmark times and the drift and cost tests (and their flows' tests)
+check figures on.
 """
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
-
-from serving.gateway.usage import sink_for
 
 _WORDS = (
     "the",
@@ -91,20 +89,7 @@ def synthetic_rows(
         latency.tolist(),
         np.where(logged, prompts[which], None).tolist(),
         [None] * n,
+        [1] * n,
+        [None] * n,
     )
     return list(zip(*columns, strict=True))
-
-
-def write_rows(url: str, rows: list[tuple]) -> None:
-    """Append rows to the usage log at url (sqlite:/// or postgresql://) with the gateway's sink."""
-
-    async def write() -> None:
-        sink = sink_for(url)
-        await sink.open()
-        try:
-            for i in range(0, len(rows), 100_000):
-                await sink.write(rows[i : i + 100_000])
-        finally:
-            await sink.close()
-
-    asyncio.run(write())

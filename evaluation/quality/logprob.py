@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -28,15 +29,34 @@ log = logging.getLogger(__name__)
 class Engine:
     url: str  # base URL, no /v1
     served_model: str
+    version: str  # the model version it serves, as the gateway's routes name it
+
+
+@dataclass(frozen=True)
+class Call:
+    """One scoring request as the engine served it: traffic no tenant pays for, which the usage
+    log's reconciliation must still count."""
+
+    version: str
+    start: float  # unix seconds
+    latency_s: float
+    prompt_tokens: int
+    completion_tokens: int
+    status: int
+
+
+class Scored(NamedTuple):
+    value: float | None  # mean log-probability per token
+    call: Call | None  # None when nothing was sent
 
 
 def answer_logprob(
     client: httpx.Client, engine: Engine, request: dict[str, Any], answer: str, tokens: int
-) -> float | None:
-    """Mean log-probability per token of `answer` after the request's prompt, or None if the
-    engine gives no prompt log-probabilities."""
+) -> Scored:
+    """Mean log-probability per token of `answer` after the request's prompt (None if the
+    engine gives no prompt log-probabilities), and the call that asked it."""
     if tokens < 1 or not answer:
-        return None
+        return Scored(None, None)
     body: dict[str, Any] = {
         "model": engine.served_model,
         "max_tokens": 1,
@@ -52,19 +72,25 @@ def answer_logprob(
         body["prompt"] = request["prompt"] + answer
         url = f"{engine.url}/v1/completions"
     else:
-        return None
+        return Scored(None, None)
+    start, began = time.time(), time.perf_counter()
     response = client.post(url, json=body)
-    if response.status_code != 200:
-        return None
-    data = response.json()
+    data = response.json() if response.status_code == 200 else {}
+    usage = data.get("usage") or {}
+    call = Call(
+        engine.version,
+        start,
+        time.perf_counter() - began,
+        usage.get("prompt_tokens") or 0,
+        usage.get("completion_tokens") or 0,
+        response.status_code,
+    )
     scored = data.get("prompt_logprobs")
     if scored is None:
         scored = (data.get("choices") or [{}])[0].get("prompt_logprobs")
-    if not scored:
-        return None
-    values = [_logprob(entry) for entry in scored[-tokens:] if entry]
+    values = [_logprob(entry) for entry in (scored or [])[-tokens:] if entry]
     values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
+    return Scored(sum(values) / len(values) if values else None, call)
 
 
 def _logprob(entry: dict[str, Any]) -> float | None:
@@ -77,7 +103,8 @@ def _logprob(entry: dict[str, Any]) -> float | None:
 class Scorer:
     """Scores mirrored pairs by the canary's drop in log-probability of stable's answer, each pair
     once, at most `per_look` new pairs per call (two prefill-only requests each, straight to the
-    engines: bounded extra load, never billed)."""
+    engines: bounded extra load, never billed; each call is handed to `record`, so that what the
+    engines served can be reconciled with what was logged)."""
 
     def __init__(
         self,
@@ -85,12 +112,15 @@ class Scorer:
         canary: Engine,
         per_look: int = 4,
         timeout_s: float = 30.0,
+        record: Callable[[list[Call]], None] = lambda calls: None,
     ) -> None:
         self.stable = stable  # by version
         self.canary = canary
         self.per_look = per_look
+        self.record = record
         self.drops: dict[str, float | None] = {}
         self._client = httpx.Client(timeout=timeout_s)
+        self._calls: list[Call] = []
 
     def close(self) -> None:
         self._client.close()
@@ -109,6 +139,9 @@ class Scorer:
                 fresh += 1
                 self.drops[key] = self._drop(pair)
             pair["logprob_drop"] = self.drops[key]
+        if self._calls:
+            calls, self._calls = self._calls, []
+            self.record(calls)
 
     def annotate(self, pairs: Sequence[dict[str, Any]]) -> None:
         """Give the pairs scored already their drop, scoring none."""
@@ -122,11 +155,19 @@ class Scorer:
             return None
         answer, tokens = pair["stable"]["text"], pair["stable"]["completion_tokens"]
         try:
-            own = answer_logprob(self._client, stable, pair["request"], answer, tokens)
-            theirs = answer_logprob(self._client, self.canary, pair["request"], answer, tokens)
+            own = self._ask(stable, pair["request"], answer, tokens)
+            theirs = self._ask(self.canary, pair["request"], answer, tokens)
         except (httpx.HTTPError, ValueError) as e:
             log.warning("scoring a mirrored pair failed (judged by its text): %s", e)
             return None
         if own is None or theirs is None:
             return None
         return own - theirs
+
+    def _ask(
+        self, engine: Engine, request: dict[str, Any], answer: str, tokens: int
+    ) -> float | None:
+        value, call = answer_logprob(self._client, engine, request, answer, tokens)
+        if call is not None:
+            self._calls.append(call)
+        return value

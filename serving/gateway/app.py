@@ -11,6 +11,9 @@ Request path, outermost first:
 The completions endpoints admit a request against its tenant's limits themselves, once the body is
 parsed: the tokens held for it at admission are bounded by its prompt and max_tokens (limits.py).
 
+Beside the requests, the meter reads every backend's own token counters into the usage log, for
+the reconciliation of what was logged with what the engines did (meter.py).
+
 build_app makes every part without I/O and gives each middleware and endpoint the parts it uses,
 as Starlette's own middleware takes its options. Lifespan only opens them (connections and tasks
 belong to the event loop that serves the requests) and closes them again. The routing table starts
@@ -38,6 +41,7 @@ from serving.gateway.auth import AuthMiddleware, admins_of
 from serving.gateway.errors import ErrorMiddleware, http_exception_handler
 from serving.gateway.keyring import Keyring
 from serving.gateway.limits import Limiter, LocalLimiter
+from serving.gateway.meter import Meter
 from serving.gateway.metrics import (
     GatewayCollector,
     MetricsMiddleware,
@@ -81,6 +85,7 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
         else LocalLimiter(book=SpendBook(store))
     )
     usage = UsageLog(sink_for(config.usage.url or default_url(home)), config.usage)
+    meter = Meter(current, usage.sink, config.usage.meter_interval_s)
     responses: Responses = Counter()
     registry = registry_for(GatewayCollector(current, responses, usage, limiter.outages))
     keyring = Keyring(store, config.tenants, config.state.poll_interval_s)
@@ -102,6 +107,8 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
             opened.push_async_callback(limiter.close)
             await usage.start()
             opened.push_async_callback(usage.close)
+            await meter.open()  # after the usage log, whose sink it writes through
+            opened.push_async_callback(meter.close)
             yield
 
     def completions(endpoint: str) -> Completions:
@@ -113,6 +120,7 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
             config.limits,
             config.canary_default,
             config.max_body_bytes,
+            usage.put_unbilled,
         )
 
     models = Models(current)

@@ -18,11 +18,13 @@ class Exchange:
         "attempt",
         "backend",
         "cached_tokens",
+        "completion_bound",
         "completion_tokens",
         "endpoint",
         "error_kind",
         "latency_s",
         "model",
+        "n",
         "prompt",
         "prompt_tokens",
         "request_id",
@@ -51,6 +53,10 @@ class Exchange:
         self.error_kind: str | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.n = 1  # choices per prompt: vLLM counts each prompt once per choice
+        # max_tokens x choices: the most an aborted request may have made vLLM generate (None:
+        # the request set no max_tokens)
+        self.completion_bound: int | None = None
         self.cached_tokens: int | None = None  # prompt tokens from the prefix cache, if reported
         self.tokens_from: str | None = None  # None: the backend's counts; "content": see tokens.py
         self.ttft_s: float | None = None

@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from configs.gateway import Tenant, TenantSpec
 from configs.loader import describe
 from serving.gateway.auth import key_hash, new_secret
+from serving.gateway.background import stop
 from serving.gateway.errors import (
     BadRequest,
     NotFound,
@@ -180,9 +181,7 @@ class Keyring:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)  # its cancellation, not raised
+        await stop(task)
 
     async def _refresh(self) -> None:
         tenants, keys = await self.store.read(TENANTS), await self.store.read(KEYS)

@@ -48,7 +48,7 @@ from configs.pricing import NANOS_PER_USD
 from serving.gateway.errors import BadRequest, RateLimited
 from serving.gateway.quota import Quota, Window
 from serving.gateway.spend import SpendBook
-from serving.gateway.validation import MAX_TOKENS_FIELDS, prompt_bytes, prompt_count
+from serving.gateway.validation import asked_completion, prompt_bytes, prompt_count
 
 log = logging.getLogger("serving.gateway")
 
@@ -117,16 +117,11 @@ def reservation(tenant: Tenant, data: dict[str, Any], endpoint: str, limits: Lim
         return Amount(0)
     per_message = limits.template_tokens_per_message
     if endpoint == "chat":
-        prompts, template = 1, per_message * (len(data["messages"]) + 1)
+        template = per_message * (len(data["messages"]) + 1)
     else:
-        prompts = prompt_count(data, endpoint)
-        template = per_message * prompts
-    named = [data[f] for f in MAX_TOKENS_FIELDS if data.get(f) is not None]
-    # Clamped: a negative max_tokens or n, refused by vLLM only after admission, must not lower
-    # what the tenant holds.
-    max_tokens = max([0, *named])
-    choices = max(1, data.get("n") or 1) * prompts
-    prompt, completion = prompt_bytes(data, endpoint) + template, max_tokens * choices
+        template = per_message * prompt_count(data, endpoint)
+    completion = asked_completion(data, endpoint)[1] or 0
+    prompt = prompt_bytes(data, endpoint) + template
     reserved = Amount(prompt + completion, charge(tenant, limits, prompt, completion))
     for limit, value, amount in (
         ("tpm", tenant.tpm, reserved.tokens),

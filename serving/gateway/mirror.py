@@ -11,9 +11,9 @@ cannot. Copying both ways keeps the two engines' loads equal at every weight.
 
 A copy is never billed and never counted against the tenant's limits, the live statistics or a
 circuit breaker; its tokens count as shadow traffic (`shadow` in the admin statistics, role
-"shadow" in Prometheus). Copies are capped at `rate_rps` by a token bucket and skipped while the
-other side is at its concurrency limit, so mirroring never queues the client's answer behind a
-copy.
+"shadow" in Prometheus, source "shadow" in the usage log's unbilled_usage). Copies are capped at
+`rate_rps` by a token bucket and skipped while the other side is at its concurrency limit, so
+mirroring never queues the client's answer behind a copy.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ from serving.gateway.codec import dumps, loads
 from serving.gateway.errors import GatewayError
 from serving.gateway.exchange import Exchange
 from serving.gateway.sse import EventFramer
+from serving.gateway.usage import Row, unbilled_row
 
 # routing.Backend, not imported: routing imports this module's neighbours (no import cycle)
 Backend = Any
@@ -249,6 +251,7 @@ class Copy:
         self.exchange.tenant = original.tenant
         self.exchange.stream = original.stream
         self.exchange.model = original.model
+        self.exchange.n, self.exchange.completion_bound = original.n, original.completion_bound
         self.transcript: list[bytes] = []
         self.attempt = ShadowAttempt(self.exchange, target, url, payload, asked)
         self.task = asyncio.ensure_future(self._run(upstream))
@@ -267,9 +270,18 @@ class Copy:
             self.exchange.status = e.status
             self.exchange.error_kind = "skipped"
 
-    def finish(self, original: Exchange, transcript: list[bytes]) -> None:
-        """Pair the copy with the client's answer when the copy is done (the client's is)."""
-        self.task.add_done_callback(lambda _: self._pair(original, transcript))
+    def finish(
+        self, original: Exchange, transcript: list[bytes], unbilled: Callable[[Row], None]
+    ) -> None:
+        """When the copy is done (the client's answer is): pair the two, and hand the copy's
+        usage to `unbilled` as shadow traffic, which no tenant pays for."""
+
+        def done(_: asyncio.Future) -> None:
+            if self.exchange.error_kind != "skipped":  # never sent
+                unbilled(unbilled_row(self.exchange, "shadow", self.target.version))
+            self._pair(original, transcript)
+
+        self.task.add_done_callback(done)
 
     def _pair(self, original: Exchange, transcript: list[bytes]) -> None:
         pairs = self.canary.pairs

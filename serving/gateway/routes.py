@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -33,7 +34,8 @@ from serving.gateway.quota import with_headers
 from serving.gateway.routing import Backend, CurrentTable, Route
 from serving.gateway.shape import apply_tenant_bounds
 from serving.gateway.tokens import Asked, ask_for_usage
-from serving.gateway.validation import parse_request, prompt_count, prompt_text
+from serving.gateway.usage import Row, unbilled_row
+from serving.gateway.validation import asked_completion, parse_request, prompt_count, prompt_text
 
 NOT_STREAMED = Asked(final=False, continuous=False)  # a JSON answer's usage is passed on as it is
 
@@ -82,6 +84,7 @@ class Completions:
         limits: LimitsSpec,
         canary_default: str,
         max_body_bytes: int,
+        unbilled: Callable[[Row], None],
     ) -> None:
         self.endpoint = endpoint
         self.chat = endpoint == "chat"
@@ -91,6 +94,7 @@ class Completions:
         self.limits = limits
         self.canary_default = canary_default
         self.max_body_bytes = max_body_bytes
+        self.unbilled = unbilled  # the usage log's: traffic no tenant pays for
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = scope["slipway.exchange"]
@@ -101,6 +105,7 @@ class Completions:
             raise model_not_found(model, param="model")
         tenant = exchange.tenant
         apply_tenant_bounds(tenant, data, self.endpoint, self.limits.default_max_tokens)
+        exchange.n, exchange.completion_bound = asked_completion(data, self.endpoint)
         # Admitted only now that the request's reservation is known; settled exactly once, when
         # it is done however it ends, with the tokens the relay counted (0 if none were made).
         reserved = reservation(tenant, data, self.endpoint, self.limits)
@@ -147,7 +152,7 @@ class Completions:
         try:
             await self._relay(receive, send, exchange, route, data, backend, point, asked)
         finally:
-            copy.finish(exchange, exchange.transcript or [])
+            copy.finish(exchange, exchange.transcript or [], self.unbilled)
 
     async def _relay(
         self,
@@ -170,6 +175,12 @@ class Completions:
                 await _answer_failure(exchange, failure, send)
                 return
             first_failure = failure
+            # The failed try reached the canary, which may have worked on it: the reconciliation
+            # counts it (tokens 0, at most its completion bound) apart from stable's answer.
+            exchange.error_kind = failure.kind
+            self.unbilled(unbilled_row(exchange, "retry", backend.version))
+            exchange.error_kind, exchange.tokens_from = None, None
+            exchange.prompt_tokens = exchange.completion_tokens = 0  # stable's answer is billed
         try:
             stable = fallback(route, backend, point, time.monotonic())
         except Unavailable:

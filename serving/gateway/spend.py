@@ -15,6 +15,7 @@ import asyncio
 import logging
 from collections import Counter
 
+from serving.gateway.background import stop
 from serving.gateway.state.store import Conflict, StateError, StateStore
 
 log = logging.getLogger("serving.gateway")
@@ -92,7 +93,5 @@ class SpendBook:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await stop(task)
         await self.flush()

@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from configs.gateway import BreakerSpec, RouteSpec
 from configs.loader import describe
+from serving.gateway.background import stop
 from serving.gateway.errors import store_busy, store_unavailable
 from serving.gateway.routing import CurrentTable, Route
 from serving.gateway.state.store import (
@@ -124,11 +125,8 @@ class TableSync:
             )
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await stop(task)
         await self.store.close()
 
     def _apply(self, snapshot: Snapshot) -> None:

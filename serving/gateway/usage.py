@@ -25,9 +25,15 @@ Table gateway_usage, one row per request:
   ttft_ms          time to the first streamed byte (streams only)
   latency_ms       request start to last byte
   prompt           prompt text, only for tenants with log_prompts: true
-`read_usage(start, end, url)` returns rows with start <= time < end as a pandas DataFrame;
-`iter_usage(start, end, columns, ...)` streams only the columns asked for, in frames of bounded
-size, for reports over millions of rows (drift, cost).
+  n                choices per prompt (vLLM counts each prompt once per choice)
+  completion_bound max_tokens x choices: the most an aborted request can have made the backend
+                   generate (NULL when the request named no max_tokens)
+Beside it, for the reconciliation with the backends' own counters: unbilled_usage (the same
+counts for traffic no tenant pays for: mirrored copies, a canary's failed tries, Slipway's own
+requests to an engine, by `source`) and engine_meter (the backends' token counters as read by
+meter.py). `read_usage(start, end, url)` returns rows with start <= time < end as a pandas
+DataFrame, `read_table` any table's; `iter_usage(start, end, columns, ...)` streams only the
+columns asked for, in frames of bounded size, for reports over millions of rows (drift, cost).
 """
 
 from __future__ import annotations
@@ -39,11 +45,13 @@ import logging
 import os
 import sqlite3
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from time import perf_counter
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -56,51 +64,122 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("serving.gateway")
 
-TABLE = "gateway_usage"
-COLUMNS = (
-    "time",
-    "request_id",
-    "tenant",
-    "model",
-    "endpoint",
-    "backend_version",
-    "role",
-    "stream",
-    "status",
-    "error_kind",
-    "prompt_tokens",
-    "completion_tokens",
-    "ttft_ms",
-    "latency_ms",
-    "prompt",
-    "tokens_from",
-)
 
-_SQLITE_DDL = f"""
-CREATE TABLE IF NOT EXISTS {TABLE} (
-  id INTEGER PRIMARY KEY, time REAL NOT NULL, request_id TEXT NOT NULL, tenant TEXT, model TEXT,
-  endpoint TEXT NOT NULL, backend_version TEXT, role TEXT, stream INTEGER NOT NULL,
-  status INTEGER NOT NULL, error_kind TEXT, prompt_tokens INTEGER NOT NULL,
-  completion_tokens INTEGER NOT NULL, ttft_ms REAL, latency_ms REAL NOT NULL, prompt TEXT,
-  tokens_from TEXT);
-CREATE INDEX IF NOT EXISTS {TABLE}_time ON {TABLE} (time);
-"""
-_PG_DDL = f"""
-CREATE TABLE IF NOT EXISTS {TABLE} (
-  id BIGSERIAL PRIMARY KEY, time TIMESTAMPTZ NOT NULL, request_id TEXT NOT NULL, tenant TEXT,
-  model TEXT, endpoint TEXT NOT NULL, backend_version TEXT, role TEXT, stream BOOLEAN NOT NULL,
-  status INTEGER NOT NULL, error_kind TEXT, prompt_tokens INTEGER NOT NULL,
-  completion_tokens INTEGER NOT NULL, ttft_ms DOUBLE PRECISION,
-  latency_ms DOUBLE PRECISION NOT NULL, prompt TEXT, tokens_from TEXT);
-CREATE INDEX IF NOT EXISTS {TABLE}_time ON {TABLE} (time);
-ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS tokens_from TEXT;
-"""
-# A log written before tokens_from existed gains it (SQLite has no ADD COLUMN IF NOT EXISTS).
-_SQLITE_ADDED = (("tokens_from", "TEXT"),)
+@dataclass(frozen=True)
+class Table:
+    """One table of the usage log: its name and typed columns, created (and given the columns a
+    later release added) by whichever sink opens it."""
 
-_SQLITE_INSERT = (
-    f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+    name: str
+    columns: tuple[tuple[str, str], ...]  # (name, kind): see _TYPES
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.columns)
+
+    def ddl(self, dialect: str) -> list[str]:
+        types = _TYPES[dialect]
+        key = "id INTEGER PRIMARY KEY" if dialect == "sqlite" else "id BIGSERIAL PRIMARY KEY"
+        columns = ", ".join(f"{name} {types[kind]}" for name, kind in self.columns)
+        return [
+            f"CREATE TABLE IF NOT EXISTS {self.name} ({key}, {columns})",
+            f"CREATE INDEX IF NOT EXISTS {self.name}_time ON {self.name} (time)",
+        ]
+
+    def added(self, have: set[str], dialect: str) -> list[str]:
+        """ALTERs for the nullable columns a log written by an earlier release lacks."""
+        types = _TYPES[dialect]
+        return [
+            f"ALTER TABLE {self.name} ADD COLUMN {name} {types[kind]}"
+            for name, kind in self.columns
+            if name not in have and not kind.endswith("!")
+        ]
+
+
+# kind -> column type; "!" is NOT NULL. Counters are 64-bit: an engine's lifetime total of tokens
+# passes 2^31.
+_TYPES = {
+    "sqlite": {
+        "time!": "REAL NOT NULL",
+        "text": "TEXT",
+        "text!": "TEXT NOT NULL",
+        "int": "INTEGER",
+        "int!": "INTEGER NOT NULL",
+        "big!": "INTEGER NOT NULL",
+        "real": "REAL",
+        "real!": "REAL NOT NULL",
+        "bool!": "INTEGER NOT NULL",
+    },
+    "postgresql": {
+        "time!": "TIMESTAMPTZ NOT NULL",
+        "text": "TEXT",
+        "text!": "TEXT NOT NULL",
+        "int": "INTEGER",
+        "int!": "INTEGER NOT NULL",
+        "big!": "BIGINT NOT NULL",
+        "real": "DOUBLE PRECISION",
+        "real!": "DOUBLE PRECISION NOT NULL",
+        "bool!": "BOOLEAN NOT NULL",
+    },
+}
+
+USAGE = Table(
+    "gateway_usage",
+    (
+        ("time", "time!"),
+        ("request_id", "text!"),
+        ("tenant", "text"),
+        ("model", "text"),
+        ("endpoint", "text!"),
+        ("backend_version", "text"),
+        ("role", "text"),
+        ("stream", "bool!"),
+        ("status", "int!"),
+        ("error_kind", "text"),
+        ("prompt_tokens", "int!"),
+        ("completion_tokens", "int!"),
+        ("ttft_ms", "real"),
+        ("latency_ms", "real!"),
+        ("prompt", "text"),
+        ("tokens_from", "text"),
+        ("n", "int"),
+        ("completion_bound", "int"),
+    ),
 )
+# Traffic an engine served that no tenant is billed for: mirrored copies (source "shadow"), a
+# canary's failed try before stable answered ("retry"), and what Slipway itself sends an engine
+# outside the gateway (tasks.direct_traffic). Kept apart so that billing, cost and drift read only
+# the tenants' requests, while the reconciliation counts everything an engine did.
+UNBILLED = Table(
+    "unbilled_usage",
+    (
+        ("time", "time!"),
+        ("request_id", "text!"),
+        ("source", "text!"),
+        ("backend_version", "text!"),
+        ("n", "int"),
+        ("prompt_tokens", "int!"),
+        ("completion_tokens", "int!"),
+        ("completion_bound", "int"),
+        ("latency_ms", "real!"),
+        ("error_kind", "text"),
+        ("tokens_from", "text"),
+    ),
+)
+# Each backend's own token counters, read from its /metrics every usage.meter_interval_s
+# (serving/gateway/meter.py); one reading per backend per tick, all of a tick at the same time.
+METER = Table(
+    "engine_meter",
+    (
+        ("time", "time!"),
+        ("backend_version", "text!"),
+        ("url", "text!"),
+        ("prompt_tokens_total", "big!"),
+        ("generation_tokens_total", "big!"),
+    ),
+)
+TABLES = (USAGE, UNBILLED, METER)
+COLUMNS = USAGE.names
 
 Row = tuple
 
@@ -128,12 +207,31 @@ def row(ex: Exchange) -> Row:
         ex.latency_s * 1000.0,
         ex.prompt,
         ex.tokens_from,
+        ex.n,
+        ex.completion_bound,
+    )
+
+
+def unbilled_row(ex: Exchange, source: str, version: str) -> Row:
+    """The UNBILLED row of an exchange no tenant pays for (a mirrored copy, a failed try)."""
+    return (
+        ex.time,
+        ex.request_id,
+        source,
+        version,
+        ex.n,
+        ex.prompt_tokens,
+        ex.completion_tokens,
+        ex.completion_bound,
+        (perf_counter() - ex.started) * 1000.0,
+        ex.error_kind,
+        ex.tokens_from,
     )
 
 
 class Sink(Protocol):
     async def open(self) -> None: ...
-    async def write(self, rows: list[Row]) -> None: ...
+    async def write(self, rows: list[Row], table: Table = USAGE) -> None: ...
     async def close(self) -> None: ...
 
 
@@ -147,19 +245,24 @@ class SQLiteSink:
         # One writer task uses the connection at a time, from worker threads.
         self._db = sqlite3.connect(self.path, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SQLITE_DDL)
-        have = {info[1] for info in self._db.execute(f"PRAGMA table_info({TABLE})")}
-        for column, kind in _SQLITE_ADDED:
-            if column not in have:
-                self._db.execute(f"ALTER TABLE {TABLE} ADD COLUMN {column} {kind}")
+        for table in TABLES:
+            for statement in table.ddl("sqlite"):
+                self._db.execute(statement)
+            have = {info[1] for info in self._db.execute(f"PRAGMA table_info({table.name})")}
+            for statement in table.added(have, "sqlite"):
+                self._db.execute(statement)
+        self._db.commit()
 
-    def _write(self, rows: list[Row]) -> None:
+    def _write(self, rows: list[Row], table: Table) -> None:
         assert self._db is not None
+        names = table.names
+        marks = ", ".join("?" * len(names))
+        insert = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({marks})"
         with self._db:
-            self._db.executemany(_SQLITE_INSERT, rows)
+            self._db.executemany(insert, rows)
 
-    async def write(self, rows: list[Row]) -> None:
-        await asyncio.to_thread(self._write, rows)
+    async def write(self, rows: list[Row], table: Table = USAGE) -> None:
+        await asyncio.to_thread(self._write, rows, table)
 
     async def close(self) -> None:
         if self._db is not None:
@@ -176,11 +279,22 @@ class PostgresSink:
         import asyncpg  # only a PostgreSQL usage log needs it
 
         self._conn = await asyncpg.connect(self.url)
-        await self._conn.execute(_PG_DDL)
+        for table in TABLES:
+            for statement in table.ddl("postgresql"):
+                await self._conn.execute(statement)
+            have = {
+                r["column_name"]
+                for r in await self._conn.fetch(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = $1",
+                    table.name,
+                )
+            }
+            for statement in table.added(have, "postgresql"):
+                await self._conn.execute(statement)
 
-    async def write(self, rows: list[Row]) -> None:
+    async def write(self, rows: list[Row], table: Table = USAGE) -> None:
         records = [(datetime.fromtimestamp(r[0], UTC), *r[1:]) for r in rows]
-        await self._conn.copy_records_to_table(TABLE, records=records, columns=COLUMNS)
+        await self._conn.copy_records_to_table(table.name, records=records, columns=table.names)
 
     async def close(self) -> None:
         if self._conn is not None:
@@ -195,7 +309,8 @@ def sink_for(url: str) -> Sink:
 
 
 class UsageLog:
-    """A bounded buffer of finished exchanges and the background task that writes them."""
+    """Bounded buffers of finished exchanges (and unbilled rows) and the background task that
+    writes them."""
 
     def __init__(self, sink: Sink, spec: UsageSpec) -> None:
         self._sink = sink
@@ -203,22 +318,34 @@ class UsageLog:
         self._batch = spec.batch_size
         self._capacity = spec.queue_size
         self._pending: deque[Exchange] = deque()
+        self._unbilled: deque[Row] = deque()
         self._closing: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self.dropped = 0
         self.written = 0
 
     @property
+    def sink(self) -> Sink:
+        return self._sink
+
+    @property
     def depth(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._unbilled)
 
     def put(self, exchange: Exchange) -> None:
-        if len(self._pending) >= self._capacity:
+        self._append(self._pending, exchange)
+
+    def put_unbilled(self, row: Row) -> None:
+        """An UNBILLED row (unbilled_row), written with the next batch."""
+        self._append(self._unbilled, row)
+
+    def _append(self, pending: deque, item: Exchange | Row) -> None:
+        if self.depth >= self._capacity:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 10_000 == 0:
                 log.error("usage log buffer full: %d records dropped so far", self.dropped)
             return
-        self._pending.append(exchange)
+        pending.append(item)
 
     async def start(self) -> None:
         """Open the sink and start the writer, in the event loop that serves the requests."""
@@ -234,16 +361,20 @@ class UsageLog:
 
     async def flush(self) -> None:
         """Write everything buffered; on a write error keep it for the next round."""
-        pending = self._pending
+        if await self._flush(self._pending, row, USAGE):
+            await self._flush(self._unbilled, lambda r: r, UNBILLED)
+
+    async def _flush(self, pending: deque, as_row: Callable[[Any], Row], table: Table) -> bool:
         while pending:
             batch = [pending.popleft() for _ in range(min(self._batch, len(pending)))]
             try:
-                await self._sink.write([row(ex) for ex in batch])
+                await self._sink.write([as_row(item) for item in batch], table)
             except Exception as e:
                 log.error("usage log write failed (%d records kept for retry): %s", len(batch), e)
                 pending.extendleft(reversed(batch))
-                return
+                return False
             self.written += len(batch)
+        return True
 
     async def close(self) -> None:
         if self._task is not None:
@@ -251,8 +382,8 @@ class UsageLog:
             await self._task
             self._task = None
         await self.flush()
-        if self._pending:
-            log.error("usage log: %d records could not be written at shutdown", len(self._pending))
+        if self.depth:
+            log.error("usage log: %d records could not be written at shutdown", self.depth)
         await self._sink.close()
 
 
@@ -288,6 +419,22 @@ class UsageMiddleware:
             self.usage.put(exchange)
 
 
+def write_rows(url: str, rows: list[Row], table: Table = USAGE) -> None:
+    """Append rows to a table of the usage log at url (sqlite:/// or postgresql://) with the
+    gateway's sink, from outside the gateway: Slipway's own traffic to an engine, test data."""
+
+    async def write() -> None:
+        sink = sink_for(url)
+        await sink.open()
+        try:
+            for i in range(0, len(rows), 100_000):
+                await sink.write(rows[i : i + 100_000], table)
+        finally:
+            await sink.close()
+
+    asyncio.run(write())
+
+
 def read_usage(
     start: datetime | float, end: datetime | float, url: str | None = None
 ) -> pd.DataFrame:
@@ -297,35 +444,26 @@ def read_usage(
     """
     import pandas as pd  # reports only: the gateway itself never loads pandas
 
-    url = url or default_url()
-    lo, hi = _epoch(start), _epoch(end)
-    columns = ", ".join(COLUMNS)
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///"))
-        _check_exists(path)
-        with sqlite3.connect(path) as db:
-            rows = db.execute(
-                f"SELECT {columns} FROM {TABLE} WHERE time >= ? AND time < ? ORDER BY time",
-                (lo, hi),
-            ).fetchall()
-    else:
-        import psycopg2  # reading a PostgreSQL log only
-
-        with psycopg2.connect(url) as db, db.cursor() as cur:
-            cur.execute(
-                f"SELECT {columns} FROM {TABLE}"
-                " WHERE time >= to_timestamp(%s) AND time < to_timestamp(%s) ORDER BY time",
-                (lo, hi),
-            )
-            rows = cur.fetchall()
-        db.close()
-    frame = pd.DataFrame.from_records(rows, columns=list(COLUMNS))
-    if url.startswith("sqlite:///"):
-        frame["time"] = pd.to_datetime(frame["time"], unit="s", utc=True)
-        frame["stream"] = frame["stream"].astype(bool)
-    else:
-        frame["time"] = pd.to_datetime(frame["time"], utc=True)
+    frame = read_table(USAGE, start, end, url)
+    frame["time"] = pd.to_datetime(frame["time"], unit="s", utc=True)
+    frame["stream"] = frame["stream"].astype(bool)
     return frame
+
+
+def read_table(
+    table: Table,
+    start: datetime | float,
+    end: datetime | float,
+    url: str | None = None,
+    columns: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """`table`'s rows with start <= time < end (all its columns, or `columns`), oldest first;
+    `time` as unix seconds (float)."""
+    import pandas as pd  # reports only: the gateway itself never loads pandas
+
+    columns = list(columns or table.names)
+    frames = list(iter_table(table, start, end, columns, url))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
 def _epoch(value: datetime | float) -> float:
@@ -339,12 +477,13 @@ def count_usage(
 ) -> int:
     """How many rows `iter_usage` would yield (one indexed COUNT, no rows fetched)."""
     with _reader(url) as (cur, ph):
-        query = f"SELECT COUNT(*) FROM {TABLE} WHERE {_where(ph, model)}"
+        query = f"SELECT COUNT(*) FROM {USAGE.name} WHERE {_where(ph, model)}"
         cur.execute(query, _args(start, end, model))
         return int(cur.fetchone()[0])
 
 
-def iter_usage(
+def iter_table(
+    table: Table,
     start: datetime | float,
     end: datetime | float,
     columns: Sequence[str],
@@ -352,23 +491,29 @@ def iter_usage(
     model: str | None = None,
     chunk_rows: int = 100_000,
 ) -> Iterator[pd.DataFrame]:
-    """The rows of `read_usage` (optionally one model's), only `columns`, oldest first, in frames
-    of at most `chunk_rows`: for reports over millions of rows in bounded memory. `time` comes back
-    as unix seconds (float) from either database; the other columns as the database returns them."""
+    """`table`'s rows (optionally one model's: gateway_usage only), only `columns`, oldest first,
+    in frames of at most `chunk_rows`: for reports over millions of rows in bounded memory. `time`
+    comes back as unix seconds (float) from either database; the other columns as the database
+    returns them."""
     import pandas as pd  # reports only: the gateway itself never loads pandas
 
-    unknown = set(columns) - set(COLUMNS)
+    unknown = set(columns) - set(table.names)
     if unknown:
-        raise ValueError(f"not usage log columns: {sorted(unknown)}; known: {', '.join(COLUMNS)}")
+        known = ", ".join(table.names)
+        raise ValueError(f"not {table.name} columns: {sorted(unknown)}; known: {known}")
     with _reader(url) as (cur, ph):
         epoch = "time" if ph == "?" else "extract(epoch from time)::float8"
         selected = ", ".join(epoch + " AS time" if c == "time" else c for c in columns)
         cur.execute(
-            f"SELECT {selected} FROM {TABLE} WHERE {_where(ph, model)} ORDER BY time, id",
+            f"SELECT {selected} FROM {table.name} WHERE {_where(ph, model)} ORDER BY time, id",
             _args(start, end, model),
         )
         while rows := cur.fetchmany(chunk_rows):
             yield pd.DataFrame.from_records(rows, columns=list(columns))
+
+
+# The billed requests' rows: what drift and cost read (evaluation.monitoring.usage.IterUsage).
+iter_usage = partial(iter_table, USAGE)
 
 
 @contextlib.contextmanager

@@ -120,6 +120,17 @@ def prompt_count(data: dict[str, Any], endpoint: str) -> int:
     return 1
 
 
+def asked_completion(data: dict[str, Any], endpoint: str) -> tuple[int, int | None]:
+    """Choices per prompt (n) and the most completion tokens the request allows in all:
+    max_tokens x n x prompts, None when it names no max_tokens. Clamped at 0 and 1: a negative
+    max_tokens or n is refused by vLLM only after admission."""
+    n = max(1, data.get("n") or 1)
+    named = [data[f] for f in MAX_TOKENS_FIELDS if data.get(f) is not None]
+    if not named:
+        return n, None
+    return n, max(0, *named) * n * prompt_count(data, endpoint)
+
+
 def prompt_bytes(data: dict[str, Any], endpoint: str) -> int:
     """The prompt's size: UTF-8 bytes of its text (message contents and text parts, or prompt
     strings, all prompts together); a prompt given as token ids counts one per id, the fewest bytes

@@ -14,9 +14,8 @@ import pytest
 
 from configs.loader import ConfigError, load_yaml
 from configs.pricing import Pricing
-from evaluation.benchmarks.traffic import write_rows
 from evaluation.monitoring.cost import report
-from serving.gateway.usage import iter_usage
+from serving.gateway.usage import iter_usage, write_rows
 
 DAY = date(2026, 3, 10)
 PRICING = Pricing.model_validate(
@@ -61,6 +60,8 @@ def req(at: str, tenant, model, version, prompt, completion, latency_ms, error=N
         None,
         latency_ms,
         None,
+        None,
+        1,
         None,
     )
 

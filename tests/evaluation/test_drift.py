@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from configs.drift import DriftConfig
-from evaluation.benchmarks.traffic import Traffic, synthetic_rows, write_rows
+from evaluation.benchmarks.traffic import Traffic, synthetic_rows
 from evaluation.monitoring.drift import NotEnoughData, Window, check, windows
-from serving.gateway.usage import count_usage, iter_usage
+from serving.gateway.usage import count_usage, iter_usage, write_rows
 
 END = datetime(2026, 3, 10, 12, tzinfo=UTC)
 CURRENT, REFERENCE = windows(END, 1, "previous_week")

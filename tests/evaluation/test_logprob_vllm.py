@@ -43,11 +43,11 @@ def pair(request: dict, stable_text: str, tokens: int, canary_text: str = "x") -
 def test_an_engines_own_answer_scores_no_drop_and_a_corrupted_one_a_large_drop(
     tiny_server, request_
 ):
-    engine = Engine(tiny_server.url, SERVED)
+    engine = Engine(tiny_server.url, SERVED, "1")
     answer, tokens = greedy(tiny_server.url, request_)
     with httpx.Client(timeout=60) as client:
-        own = answer_logprob(client, engine, request_, answer, tokens)
-        garbled = answer_logprob(client, engine, request_, answer[::-1], tokens)
+        own = answer_logprob(client, engine, request_, answer, tokens).value
+        garbled = answer_logprob(client, engine, request_, answer[::-1], tokens).value
     assert own is not None and garbled is not None
     assert own > -1.0  # the tiny model was taught these answers
     assert own - garbled > 1.0
@@ -61,8 +61,9 @@ def test_an_engines_own_answer_scores_no_drop_and_a_corrupted_one_a_large_drop(
 def test_a_server_without_prompt_logprobs_scores_none_and_each_pair_is_scored_once():
     upstream = MockUpstream()
     with serve(upstream) as url:
-        engine = Engine(url, "mock")
-        scorer = Scorer({"1": engine}, engine, per_look=1)
+        engine = Engine(url, "mock", "1")
+        recorded: list = []
+        scorer = Scorer({"1": engine}, engine, per_look=1, record=recorded.extend)
         pairs = [pair(CHAT, "Paris.", 2) | {"id": f"r{i}"} for i in range(3)]
         scorer.score(pairs)
         assert [p.get("logprob_drop", "unscored") for p in pairs] == [None, "unscored", "unscored"]
@@ -71,3 +72,7 @@ def test_a_server_without_prompt_logprobs_scores_none_and_each_pair_is_scored_on
         assert [p["logprob_drop"] for p in pairs] == [None, None, None]
         assert len(upstream.requests) == 6  # two calls per pair, each pair once
         scorer.close()
+    # Every call is handed on with the usage the engine reported, for the reconciliation.
+    assert len(recorded) == 6 and {(c.version, c.status) for c in recorded} == {("1", 200)}
+    assert sum(c.prompt_tokens for c in recorded) == upstream.prompt_tokens_total
+    assert sum(c.completion_tokens for c in recorded) == upstream.generation_tokens_total

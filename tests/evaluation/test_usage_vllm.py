@@ -2,7 +2,8 @@
 completion tokens equal the increase of vLLM's own counters (vllm:prompt_tokens_total,
 vllm:generation_tokens_total) exactly over a JSON answer, a stream, a stream of n=2 (whose prompt
 vLLM counts twice) and an error; over a client that hangs up mid-stream, up to the few tokens vLLM
-generated after the gateway stopped reading. Against the shared real vLLM on the tiny model."""
+generated after the gateway stopped reading. The reconciliation (evaluation/monitoring/reconcile.py)
+over the gateway's own meter readings agrees. Against the shared real vLLM on the tiny model."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import pytest
 
 from configs.gateway import GatewayConfig
 from evaluation.benchmarks.mock_upstream import serve
+from evaluation.monitoring.reconcile import ABORT_GRACE_S, MARGIN_S, reconcile
 from serving.gateway.app import build_app
 from serving.gateway.auth import key_hash
-from serving.gateway.usage import read_usage
+from serving.gateway.usage import METER, UNBILLED, USAGE, read_table, read_usage
 from tests.evaluation.conftest import SERVED
 
 KEY, ADMIN = "sk-test-usage-vllm", "adm-test-usage-vllm"
@@ -60,7 +62,7 @@ def gateway(tiny_server, home):
             "admin_token_sha256": key_hash(ADMIN),
             "routes": [{"model": "tiny-chat", "backends": [backend]}],
             "tenants": [{"name": "alice", "key_sha256": key_hash(KEY)}],
-            "usage": {"batch_interval_s": 0.1},
+            "usage": {"batch_interval_s": 0.1, "meter_interval_s": 0.3},
         }
     )
     with serve(build_app(config, home)) as url:
@@ -121,3 +123,17 @@ def test_the_usage_log_equals_vllms_own_token_counters(tiny_server, gateway):
     assert left.prompt_tokens == after[0] - after_complete[0]
     generated = after[1] - after_complete[1]
     assert left.completion_tokens <= generated < 200, (left.completion_tokens, generated)
+
+    # The same, as the cost flow checks it: the gateway's own readings of the counters, from a
+    # quiet one before the first request to one after the hang-up's engine had stopped.
+    done_at = (rows.time.max().timestamp() + rows.latency_ms.max() / 1000) + ABORT_GRACE_S
+    while read_table(METER, done_at + MARGIN_S, time.time() + 1).empty:
+        assert time.monotonic() < deadline + 20, "no meter reading after the requests"
+        time.sleep(0.1)
+    window = (start - 60, time.time() + 1)
+    (check,) = reconcile(*(read_table(t, *window) for t in (USAGE, UNBILLED, METER)))
+    assert check.ok and check.quiet, check.line()
+    assert check.requests == {"billed": 5}
+    assert check.prompt.metered == check.prompt.counted == after[0] - before[0]
+    assert check.generation.metered == after[1] - before[1]
+    assert check.generation.residual == generated - left.completion_tokens

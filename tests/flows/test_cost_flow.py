@@ -1,16 +1,18 @@
 """The cost flow under a real Prefect server with a sqlite MLflow, on a usage log written with the
-gateway's writer: CSVs and chart in MLflow, the table in Prefect, a budget alert as an event."""
+gateway's writer: CSVs and chart in MLflow, the table in Prefect, a budget alert as an event; a day
+whose usage disagrees with an engine's own counters fails the flow with the numbers."""
 
 from __future__ import annotations
 
 import csv
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from evaluation.benchmarks.traffic import write_rows
 from flows.cost import EVENT
+from serving.gateway.usage import METER, write_rows
 from tasks.registry import Registry
 from tests.evaluation.test_cost import DAY, ROWS
 from tests.flows.conftest import latest_artifact, stored_events
@@ -48,6 +50,7 @@ def test_cost_flow_logs_csv_and_chart_and_alerts_on_budget(prefect_server, home,
     assert sorted(a.path for a in registry.client.list_artifacts(run.info.run_id)) == [
         "cost.csv",
         "cost.png",
+        "reconciliation.csv",
         "utilisation.csv",
     ]
     local = registry.client.download_artifacts(run.info.run_id, "cost.csv", str(tmp_path))
@@ -67,3 +70,47 @@ def test_cost_flow_logs_csv_and_chart_and_alerts_on_budget(prefect_server, home,
         event.resource.id == "slipway.tenant.a"
         and event.payload["mlflow_run_id"] == run.info.run_id
     )
+
+
+def reading(at: str, version: str, prompt: int, generated: int) -> tuple:
+    """One engine_meter row: what the gateway read from the backend's counters at `at`."""
+    when = datetime.fromisoformat(f"{DAY}T{at}").replace(tzinfo=UTC).timestamp()
+    return (when, version, f"http://engine-{version}", prompt, generated)
+
+
+def test_a_day_whose_usage_disagrees_with_an_engine_fails_the_flow_with_the_numbers(
+    prefect_server, home, tmp_path
+):
+    from flows.cost import UsageDivergence, cost
+
+    url = f"sqlite:///{home.logs / 'gateway-usage.sqlite'}"
+    write_rows(url, ROWS)
+    # Version 1 served 01:00 and 02:00 between its readings (200k prompt, 100k generated tokens):
+    # they agree. Version 2 served 01:10 and 01:50 (2,000 and 2,000), but its engine counted 500
+    # more generated tokens than any row accounts for.
+    meter = [
+        reading("00:30:00", "1", 1_000, 2_000),
+        reading("03:00:00", "1", 201_000, 102_000),
+        reading("01:00:00", "2", 0, 0),
+        reading("02:00:00", "2", 2_000, 2_500),
+    ]
+    write_rows(url, meter, METER)
+    pricing = tmp_path / "pricing.yaml"
+    pricing.write_text(PRICING)
+
+    with pytest.raises(UsageDivergence) as failed:
+        cost(day=DAY, pricing_path=str(pricing))
+
+    message = str(failed.value)
+    assert "version 2 DIVERGES" in message and "version 1" not in message
+    assert "generated tokens engines 2500, usage 2000 (difference +500, allowed -0..+0)" in message
+    # The day's cost was recorded all the same, with the reconciliation beside it.
+    registry = Registry(home)
+    [run] = registry.client.search_runs(
+        [registry.client.get_experiment_by_name("slipway-monitoring").experiment_id]
+    )
+    assert run.data.metrics["reconciled_versions"] == 2
+    assert run.data.metrics["reconciliation_divergences"] == 1
+    shown = latest_artifact("usage-reconciliation")
+    rows = json.loads(shown.data) if isinstance(shown.data, str) else shown.data
+    assert {(r["version"], r["ok"]) for r in rows} == {("1", True), ("2", False)}

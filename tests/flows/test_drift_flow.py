@@ -6,8 +6,9 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from evaluation.benchmarks.traffic import Traffic, synthetic_rows, write_rows
+from evaluation.benchmarks.traffic import Traffic, synthetic_rows
 from flows.drift import EVENT, REPORT
+from serving.gateway.usage import write_rows
 from tasks.registry import Registry
 from tests.flows.conftest import latest_artifact, stored_events
 

@@ -5,12 +5,14 @@ records it): a first run with an empty ledger, then one against a seeded ledger 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
 from configs.models import Serving
 from evaluation.monitoring.regression import label
+from serving.gateway.usage import UNBILLED, read_table
 from serving.processes import Proc, start_time, write_state
 from serving.vllm import VLLMServer, hardware_class
 from tasks.registry import Registry
@@ -82,6 +84,14 @@ def test_regression_flow_logs_the_ledger_and_fails_on_a_regression(
         assert run.data.params["served_by"] == "stack" and run.data.params["url"] == server.url
         assert metrics[TTFT] > 0 and metrics[PPL] > 0 and "slipway_knowledge_quick/acc" in metrics
         assert "slipway_short_answer_quick/exact_match" in metrics
+        # The load it put on the served engine is in the usage log, for the reconciliation.
+        [load] = read_table(UNBILLED, 0, time.time() + 1).itertuples()
+        assert (load.source, load.backend_version, load.tokens_from) == (
+            "regression",
+            champion.version,
+            "unmetered",
+        )
+        assert load.latency_ms > 1000  # the whole run: a load profile and two quality suites
 
         # Three earlier nights with the same key: TTFT was 10x faster, perplexity twice as high.
         key = {k: tags[k] for k in ("model", "version", "digest", "vllm_version", "hardware")}

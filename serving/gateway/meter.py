@@ -1,0 +1,105 @@
+"""Engine meter readings: what each backend itself counted, beside what the gateway logged.
+
+Every `usage.meter_interval_s` the gateway reads the token counters of every backend in its
+routing table from the backend's /metrics (vLLM's vllm:prompt_tokens_total and
+vllm:generation_tokens_total, summed over their label sets) and appends one reading per backend to
+the usage log's engine_meter table, all of one tick at the same time. The reconciliation
+(evaluation/monitoring/reconcile.py) sets the usage rows between two readings beside the counters'
+increase. A backend that does not answer is skipped for that tick (its next reading spans more);
+one whose /metrics has no such counters (not a vLLM) is never read again by this instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+
+import aiohttp
+
+from serving.gateway.background import stop
+from serving.gateway.routing import CurrentTable
+from serving.gateway.usage import METER, Row, Sink
+
+log = logging.getLogger("serving.gateway")
+
+COUNTERS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
+_PATTERNS = tuple(
+    re.compile(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", re.M) for name in COUNTERS
+)
+
+
+def token_counters(metrics_text: str) -> tuple[int, int] | None:
+    """(prompt, generation) tokens from a Prometheus text exposition, each summed over its label
+    sets (one per engine of a data-parallel server); None when either counter is absent."""
+    found = [pattern.findall(metrics_text) for pattern in _PATTERNS]
+    if not all(found):
+        return None
+    prompt, generation = (int(sum(float(v) for v in values)) for values in found)
+    return prompt, generation
+
+
+class Meter:
+    """The background task that takes the readings and writes them through the usage log's sink
+    (opened and closed by the usage log)."""
+
+    def __init__(self, current: CurrentTable, sink: Sink, interval_s: float) -> None:
+        self.current = current
+        self.sink = sink
+        self.interval_s = interval_s
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task | None = None
+        self._not_vllm: set[str] = set()
+
+    async def open(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=min(self.interval_s, 10.0))
+        self._session = aiohttp.ClientSession(timeout=timeout)
+        self._task = asyncio.create_task(self._run(), name="engine-meter")
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        await stop(task)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.read_all()
+            except Exception as e:  # a database hiccup must not end the readings for good
+                log.error("engine meter: could not record a reading: %s", e)
+            await asyncio.sleep(self.interval_s)
+
+    async def read_all(self) -> list[Row]:
+        """One tick: read every backend once, write and return the readings."""
+        backends = {
+            (b.version, b.spec.url)
+            for route in self.current.table.routes.values()
+            for b in route.backends
+            if b.spec.url not in self._not_vllm
+        }
+        now = time.time()
+        read = await asyncio.gather(*(self._read(url) for _, url in backends))
+        rows = [
+            (now, version, url, *counters)
+            for (version, url), counters in zip(backends, read, strict=True)
+            if counters is not None
+        ]
+        if rows:
+            await self.sink.write(rows, METER)
+        return rows
+
+    async def _read(self, url: str) -> tuple[int, int] | None:
+        assert self._session is not None
+        try:
+            async with self._session.get(f"{url}/metrics") as reply:
+                text = await reply.text()
+        except (aiohttp.ClientError, TimeoutError):
+            return None  # down or slow: the next tick's reading covers this one's span
+        counters = token_counters(text) if reply.status == 200 else None
+        if counters is None and reply.status in (200, 404):
+            log.warning("engine meter: %s/metrics has no vLLM token counters; not read again", url)
+            self._not_vllm.add(url)
+        return counters
