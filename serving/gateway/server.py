@@ -28,6 +28,7 @@ def serve(config: GatewayConfig, host: str | None, port: int | None, log_level: 
         http="httptools",
         lifespan="on",
         access_log=False,  # the usage log records every API request, off the hot path
+        proxy_headers=False,
         log_level=log_level,
         timeout_graceful_shutdown=30,
     )

@@ -235,6 +235,12 @@ class Sink(Protocol):
     async def close(self) -> None: ...
 
 
+# Rows go in one multi-row INSERT per chunk, not executemany: sqlite3 gives up the GIL on every
+# statement step, and a row at a time the writer thread and the requests passed it back and forth
+# at five times the insert's own cost. 32766: SQLite's bound on parameters per statement.
+_SQLITE_VARIABLES = 32766
+
+
 class SQLiteSink:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -256,10 +262,14 @@ class SQLiteSink:
     def _write(self, rows: list[Row], table: Table) -> None:
         assert self._db is not None
         names = table.names
-        marks = ", ".join("?" * len(names))
-        insert = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({marks})"
+        one = f"({', '.join('?' * len(names))})"
+        per = _SQLITE_VARIABLES // len(names)
         with self._db:
-            self._db.executemany(insert, rows)
+            for i in range(0, len(rows), per):
+                chunk = rows[i : i + per]
+                values = ", ".join([one] * len(chunk))
+                insert = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES {values}"
+                self._db.execute(insert, [v for r in chunk for v in r])
 
     async def write(self, rows: list[Row], table: Table = USAGE) -> None:
         await asyncio.to_thread(self._write, rows, table)
