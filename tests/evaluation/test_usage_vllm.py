@@ -82,6 +82,11 @@ def test_the_usage_log_equals_vllms_own_token_counters(tiny_server, gateway):
     headers = {"Authorization": f"Bearer {KEY}"}
     post = f"{gateway}/v1/completions"
     before, start = settled(tiny_server.url), time.time()
+    # A reading of the settled counters (the shared engine may have been finishing an earlier
+    # test's requests when the gateway started), quiet before the first request.
+    while read_table(METER, start, time.time() + 1).empty:
+        time.sleep(0.05)
+    time.sleep(MARGIN_S)
     assert httpx.post(post, json=completion(max_tokens=7), headers=headers).status_code == 200
     assert httpx.post(post, json=completion(max_tokens=9, stream=True), headers=headers).is_success
     two = completion(max_tokens=5, n=2, stream=True)
@@ -90,13 +95,14 @@ def test_the_usage_log_equals_vllms_own_token_counters(tiny_server, gateway):
     assert httpx.post(post, json=too_long, headers=headers).status_code == 400
     complete_rows = 4
     after_complete = settled(tiny_server.url)
+    # Hung up at the first chunk of the longest stream the context allows: the client must be
+    # gone before the engine has finished (this process also runs the gateway, so the client can
+    # wait its turn for the GIL while the relay goes on).
     with httpx.stream(
-        "POST", post, json=completion(max_tokens=200, stream=True), headers=headers
+        "POST", post, json=completion(max_tokens=240, stream=True), headers=headers
     ) as r:
-        read = 0
         for line in r.iter_lines():
-            read += line.startswith("data: ")
-            if read == 3:
+            if line.startswith("data: "):
                 break  # leaving the block hangs up
     after = settled(tiny_server.url)
     deadline = time.monotonic() + 10
@@ -119,10 +125,10 @@ def test_the_usage_log_equals_vllms_own_token_counters(tiny_server, gateway):
     assert done.completion_tokens.sum() == after_complete[1] - before[1]
     # The hang-up: its prompt exactly; the tokens it was relayed are charged, and vLLM stopped
     # well short of 200, generating at most the few tokens in flight beyond them.
-    assert left.error_kind == "client_disconnected" and left.completion_tokens >= 3
+    assert left.error_kind == "client_disconnected" and left.completion_tokens >= 1
     assert left.prompt_tokens == after[0] - after_complete[0]
     generated = after[1] - after_complete[1]
-    assert left.completion_tokens <= generated < 200, (left.completion_tokens, generated)
+    assert left.completion_tokens <= generated < 240, (left.completion_tokens, generated)
 
     # The same, as the cost flow checks it: the gateway's own readings of the counters, from a
     # quiet one before the first request to one after the hang-up's engine had stopped.
@@ -130,8 +136,9 @@ def test_the_usage_log_equals_vllms_own_token_counters(tiny_server, gateway):
     while read_table(METER, done_at + MARGIN_S, time.time() + 1).empty:
         assert time.monotonic() < deadline + 20, "no meter reading after the requests"
         time.sleep(0.1)
-    window = (start - 60, time.time() + 1)
-    (check,) = reconcile(*(read_table(t, *window) for t in (USAGE, UNBILLED, METER)))
+    end = time.time() + 1
+    billed, unbilled = read_table(USAGE, start, end), read_table(UNBILLED, start, end)
+    (check,) = reconcile(billed, unbilled, read_table(METER, start, end))
     assert check.ok and check.quiet, check.line()
     assert check.requests == {"billed": 5}
     assert check.prompt.metered == check.prompt.counted == after[0] - before[0]
