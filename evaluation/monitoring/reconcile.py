@@ -15,8 +15,8 @@ How the numbers are compared:
 - A request that completed (an answer, or an error the engine answered) must match exactly:
   tolerance 0. One that was aborted (the client hung up, a timeout, a broken stream) may have
   made the engine generate more than was relayed, up to its completion bound (max_tokens x
-  choices), and its prompt may have been counted without the usage saying so: those are the
-  tokens in flight, tolerated upwards only.
+  choices): those are the tokens in flight, tolerated upwards. Its prompt may have been counted
+  for only the choices the engine had started (down to none), or without the usage saying so.
 - A row counted from content (the backend sent no usage) and a direct source whose tokens are not
   known (tokens_from "unmetered") make that side a lower bound: the engines' surplus is
   attributed to them.
@@ -196,10 +196,11 @@ def _check(version: str, run: pd.DataFrame, rows: pd.DataFrame) -> Reconciliatio
     gen_over = float(np.where(unmetered, math.inf, in_flight)[inside].sum() + most[before].sum())
     unknown = (unknown_prompt & (inside | before)).any()
     prompt_over = math.inf if unknown else float(prompt[before].sum())
-    # Downwards: requests counted whole that were still running at a busy end.
+    # Downwards: requests counted whole that were still running at a busy end; and an aborted
+    # request's prompt, which vLLM counts only for the choices it had started.
     after = inside & (end > t1)
     gen_under = int(np.maximum(completion, 0)[after].sum())
-    prompt_under = int(prompt[after].sum())
+    prompt_under = int(prompt[after | (inside & aborted)].sum())
 
     metered = run.iloc[b] - run.iloc[a]
     return Reconciliation(

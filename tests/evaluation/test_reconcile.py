@@ -94,6 +94,10 @@ def test_an_aborted_request_may_have_generated_up_to_its_bound_and_no_more():
     assert not beyond.ok and beyond.generation.over == 197
     # Fewer than were relayed: never.
     assert not reconcile(billed, NONE, readings((0, 0, 0), (30, 5, 2)))[0].ok
+    # Its prompt counted for only the choices vLLM had started: 2 of n=4, never more than 4.
+    four = frame(req(10, 5, 3, n=4, bound=800, error="client_disconnected"))
+    assert reconcile(four, NONE, readings((0, 0, 0), (30, 10, 9)))[0].ok
+    assert not reconcile(four, NONE, readings((0, 0, 0), (30, 25, 9)))[0].ok
 
 
 def test_an_engine_restart_splits_the_readings_into_runs_checked_apart():
