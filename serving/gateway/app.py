@@ -85,7 +85,7 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
         else LocalLimiter(book=SpendBook(store))
     )
     usage = UsageLog(sink_for(config.usage.url or default_url(home)), config.usage)
-    meter = Meter(current, usage.sink, config.usage.meter_interval_s)
+    meter = Meter(current, usage, config.usage.meter_interval_s)
     responses: Responses = Counter()
     registry = registry_for(GatewayCollector(current, responses, usage, limiter.outages))
     keyring = Keyring(store, config.tenants, config.state.poll_interval_s)
@@ -107,7 +107,7 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
             opened.push_async_callback(limiter.close)
             await usage.start()
             opened.push_async_callback(usage.close)
-            await meter.open()  # after the usage log, whose sink it writes through
+            await meter.open()  # after the usage log, which it writes through
             opened.push_async_callback(meter.close)
             yield
 

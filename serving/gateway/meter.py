@@ -20,7 +20,7 @@ import aiohttp
 
 from serving.gateway.background import stop
 from serving.gateway.routing import CurrentTable
-from serving.gateway.usage import METER, Row, Sink
+from serving.gateway.usage import METER, Row, UsageLog
 
 log = logging.getLogger("serving.gateway")
 
@@ -41,12 +41,11 @@ def token_counters(metrics_text: str) -> tuple[int, int] | None:
 
 
 class Meter:
-    """The background task that takes the readings and writes them through the usage log's sink
-    (opened and closed by the usage log)."""
+    """The background task that takes the readings and writes them through the usage log."""
 
-    def __init__(self, current: CurrentTable, sink: Sink, interval_s: float) -> None:
+    def __init__(self, current: CurrentTable, usage: UsageLog, interval_s: float) -> None:
         self.current = current
-        self.sink = sink
+        self.usage = usage
         self.interval_s = interval_s
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task | None = None
@@ -88,7 +87,7 @@ class Meter:
             if counters is not None
         ]
         if rows:
-            await self.sink.write(rows, METER)
+            await self.usage.write(rows, METER)
         return rows
 
     async def _read(self, url: str) -> tuple[int, int] | None:

@@ -248,7 +248,7 @@ class SQLiteSink:
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # One writer task uses the connection at a time, from worker threads.
+        # UsageLog.write serialises the writers; each write runs in a worker thread.
         self._db = sqlite3.connect(self.path, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         for table in TABLES:
@@ -319,8 +319,8 @@ def sink_for(url: str) -> Sink:
 
 
 class UsageLog:
-    """Bounded buffers of finished exchanges (and unbilled rows) and the background task that
-    writes them."""
+    """Bounded buffers of finished exchanges (and unbilled rows), the background task that
+    writes them, and the one way into the sink (its connection takes one write at a time)."""
 
     def __init__(self, sink: Sink, spec: UsageSpec) -> None:
         self._sink = sink
@@ -331,12 +331,9 @@ class UsageLog:
         self._unbilled: deque[Row] = deque()
         self._closing: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._writing = asyncio.Lock()
         self.dropped = 0
         self.written = 0
-
-    @property
-    def sink(self) -> Sink:
-        return self._sink
 
     @property
     def depth(self) -> int:
@@ -369,6 +366,11 @@ class UsageLog:
                 await asyncio.wait_for(closing.wait(), self._interval)
             await self.flush()
 
+    async def write(self, rows: list[Row], table: Table) -> None:
+        """Write rows now, after any write in progress (the meter's readings go this way)."""
+        async with self._writing:
+            await self._sink.write(rows, table)
+
     async def flush(self) -> None:
         """Write everything buffered; on a write error keep it for the next round."""
         if await self._flush(self._pending, row, USAGE):
@@ -378,7 +380,7 @@ class UsageLog:
         while pending:
             batch = [pending.popleft() for _ in range(min(self._batch, len(pending)))]
             try:
-                await self._sink.write([as_row(item) for item in batch], table)
+                await self.write([as_row(item) for item in batch], table)
             except Exception as e:
                 log.error("usage log write failed (%d records kept for retry): %s", len(batch), e)
                 pending.extendleft(reversed(batch))

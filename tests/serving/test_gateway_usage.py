@@ -9,8 +9,9 @@ import time
 import httpx
 import psycopg2
 
+from configs.gateway import UsageSpec
 from evaluation.benchmarks.mock_upstream import Fault
-from serving.gateway.usage import read_usage
+from serving.gateway.usage import METER, UNBILLED, UsageLog, read_table, read_usage, sink_for
 from tests.serving.conftest import backend, chat, post_many
 
 
@@ -129,3 +130,26 @@ def test_a_log_written_before_tokens_from_gains_the_column_and_keeps_its_rows(
         frame = read_usage(start - 1, time.time() + 1, url=usage.get("url"))
         assert len(frame) == 2 and frame.request_id.iloc[0] == "old"  # kept, then the new row
         assert frame.tokens_from.isna().all() and frame.completion_tokens.iloc[0] == 2
+
+
+def test_meter_readings_written_while_a_batch_is_flushed_are_all_kept(home, pg_url, caplog):
+    """The engine meter writes through the usage log while its writer flushes: one PostgreSQL
+    connection refuses a second operation in progress, so the writes take turns."""
+    for url in (f"sqlite:///{home.logs / 'usage.sqlite'}", pg_url):
+        start = time.time()
+
+        async def flush_and_read(url=url, start=start) -> None:
+            usage = UsageLog(sink_for(url), UsageSpec(batch_interval_s=3600, batch_size=50))
+            await usage.start()
+            for i in range(2000):
+                usage.put_unbilled((start, f"r{i}", "shadow", "1", 1, 3, 2, 2, 1.0, None, None))
+            readings = [[(start, "1", f"http://engine-{i}:8000", i, 2 * i)] for i in range(20)]
+            await asyncio.gather(usage.flush(), *(usage.write(r, METER) for r in readings))
+            await usage.close()
+
+        asyncio.run(flush_and_read())
+        assert not [r for r in caplog.records if r.levelname == "ERROR"], url
+        end = time.time() + 1
+        assert len(read_table(UNBILLED, start - 1, end, url)) == 2000, url
+        meter = read_table(METER, start - 1, end, url)
+        assert sorted(meter.generation_tokens_total) == [2 * i for i in range(20)], url
