@@ -789,12 +789,19 @@ def bench(ctx: click.Context, reuse: tuple[str, ...]) -> None:
 
 @bench.command("gateway")
 @click.option("--duration", default=5, show_default=True, help="seconds per wrk run")
+@click.option(
+    "--repeats",
+    default=3,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="rounds, each measuring every proxy beside going direct; figures are their medians",
+)
 @click.option("--skip-litellm", is_flag=True, help="gateway figures only")
-def bench_gateway(duration: int, skip_litellm: bool) -> None:
+def bench_gateway(duration: int, repeats: int, skip_litellm: bool) -> None:
     """Gateway vs LiteLLM proxy vs a bare proxy, on one mock upstream, pinned to cores."""
     from evaluation.benchmarks import gateway as benchmark
 
-    benchmark.run(duration, skip_litellm)
+    benchmark.run(duration, skip_litellm, repeats)
 
 
 @bench.command("canary")

@@ -1,13 +1,17 @@
 """Benchmark the gateway against LiteLLM's proxy, both in front of the same fast mock upstream.
 
-    slipway bench gateway [--duration 5] [--skip-litellm]
+    slipway bench gateway [--duration 5] [--repeats 3] [--skip-litellm]
 
-Layout: the proxy under test alone on CPU 0 (direct, the bare floor proxy,
-the gateway, LiteLLM, one after the other); the mock upstream and wrk on
-CPU 1. Reports, for each proxy: added latency over going direct (p50/p99, concurrency 1), requests
-per second and requests per CPU-second of the proxy process at saturation, CPU per streamed chunk,
-added time to the first streamed chunk, and LiteLLM/gateway ratios. Writes
-$SLIPWAY_HOME/bench/gateway.json. LiteLLM goes into a throwaway venv under $SLIPWAY_HOME/cache.
+Layout: the proxy under test alone on CPU 0 (the bare floor proxy, the gateway, LiteLLM, all
+started once, measured one after the other); the mock upstream and wrk on CPU 1. Reports, for each
+proxy: added latency over going direct (p50/p99, concurrency 1), requests per second and requests
+per CPU-second of the proxy process at saturation, CPU per streamed chunk, added time to the first
+streamed chunk, the gateway over the floor and LiteLLM over the gateway. Each round measures going
+direct and then every proxy, in an order rotated each round, and the side-by-side figures are
+taken within a round: this machine's speed drifts by tens of percent over minutes, and a proxy
+measured in another minute than its anchor carries that drift. Each figure is the median of the
+rounds, the side-by-side ones with their range. Writes $SLIPWAY_HOME/bench/gateway.json. LiteLLM
+goes into a throwaway venv under $SLIPWAY_HOME/cache.
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ import os
 import re
 import secrets
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -34,6 +41,17 @@ from serving.processes import free_port
 LITELLM = "litellm[proxy]==1.106.2"
 STREAM_CHUNKS = 64
 TARGETS = {"added_p99_ms_c1": 1.0, "rps_per_core": 3000, "cpu_us_per_chunk": 30}
+
+
+@dataclass(frozen=True)
+class Proxy:
+    name: str
+    pid: int
+    url: str
+    key: str | None
+
+
+CHAT = {"model": "bench", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4}
 
 
 class FloorProxy:
@@ -209,23 +227,9 @@ async def first_chunk_ms(url: str, body: dict, key: str | None, n: int = 200) ->
     return times[len(times) // 2] * 1000
 
 
-def measure(
-    name: str,
-    pid: int,
-    url: str,
-    direct: dict,
-    key: str | None,
-    model: str,
-    wrk: str,
-    duration: int,
-    workdir: Path,
-) -> dict:
-    chat = {
-        "model": model,
-        "messages": [{"role": "user", "content": "hello there"}],
-        "max_tokens": 4,
-    }
-    stream = {**chat, "max_tokens": STREAM_CHUNKS, "stream": True}
+def measure(proxy: Proxy, direct: dict, wrk: str, duration: int, workdir: Path) -> dict:
+    name, pid, url, key = proxy.name, proxy.pid, proxy.url, proxy.key
+    chat, stream = CHAT, {**CHAT, "max_tokens": STREAM_CHUNKS, "stream": True}
     click.echo(f"[{name}] concurrency 1")
     c1 = wrk_run(wrk, url, chat, key, 1, duration, workdir)
     click.echo(f"[{name}] saturation")
@@ -257,8 +261,9 @@ def measure(
     }
 
 
-def run(duration: int, skip_litellm: bool) -> None:
-    """Gateway vs LiteLLM proxy vs direct, on loopback, pinned to cores."""
+def run(duration: int, skip_litellm: bool, repeats: int) -> None:
+    """Gateway vs LiteLLM proxy vs direct, on loopback, pinned to cores: `repeats` rounds, each
+    measuring going direct and then every proxy in turn (the order rotated each round)."""
     home = Home.from_env()
     wrk = ensure_wrk()
     work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
@@ -279,198 +284,41 @@ def run(duration: int, skip_litellm: bool) -> None:
         return proc
 
     try:
-        mock_port, gw_port, ll_port, floor_port = free_port(), free_port(), free_port(), free_port()
+        mock_port = free_port()
         mock = start(
             [sys.executable, "-m", "flows.cli", "bench", "mock-upstream", "--port", str(mock_port)],
             "1",
             env=env,
         )
-        wait_ready(f"http://127.0.0.1:{mock_port}/health", mock)
-        key = "sk-bench-" + secrets.token_urlsafe(24)
-        config = {
-            "admin_token_sha256": key_hash(secrets.token_urlsafe(24)),
-            "routes": [
-                {
-                    "model": "bench",
-                    "backends": [
-                        {
-                            "version": "1",
-                            "url": f"http://127.0.0.1:{mock_port}",
-                            "served_model": "bench",
-                            "digest": "sha256:" + "0" * 64,
-                            "verified": True,
-                            "weight": 100,
-                            "role": "stable",
-                            "max_concurrency": 1024,
-                        }
-                    ],
-                }
-            ],
-            # Every limit on, so each request takes the whole admission path: a request and a
-            # token reservation, and a money one at the tier's chargeback rate.
-            "tenants": [
-                {
-                    "name": "bench",
-                    "key_sha256": key_hash(key),
-                    "rpm": 10_000_000,
-                    "tpm": 10**12,
-                    "monthly_token_budget": 10**15,
-                    "monthly_budget_usd": 10**6,
-                }
-            ],
-            "usage": {"url": f"sqlite:///{work / 'usage.sqlite'}"},
-            # Its own state store: the home's holds the routes `make up` wrote, not this one.
-            "state": {"url": f"sqlite:///{work / 'state.sqlite'}"},
-        }
-        (work / "gateway.json").write_text(json.dumps(config))  # YAML is a superset of JSON
-        gateway = start(
-            [
-                sys.executable,
-                "-m",
-                "flows.cli",
-                "gateway",
-                "--config",
-                str(work / "gateway.json"),
-                "--port",
-                str(gw_port),
-                "--log-level",
-                "warning",
-            ],
-            "0",
-            env=env,
-        )
-        wait_ready(f"http://127.0.0.1:{gw_port}/health", gateway)
-
-        direct_url = f"http://127.0.0.1:{mock_port}/v1/chat/completions"
-        click.echo("[direct] concurrency 1")
-        chat = {
-            "model": "bench",
-            "messages": [{"role": "user", "content": "hello there"}],
-            "max_tokens": 4,
-        }
-        direct = {
-            "c1": wrk_run(wrk, direct_url, chat, None, 1, duration, work),
-            "first_chunk_ms": round(
-                asyncio.run(
-                    first_chunk_ms(
-                        direct_url, {**chat, "max_tokens": STREAM_CHUNKS, "stream": True}, None
-                    )
-                ),
-                3,
-            ),
-        }
-        results: dict = {"direct": direct}
-        floor = start(
-            [
-                sys.executable,
-                "-c",
-                "import evaluation.benchmarks.gateway as b; "
-                f"b.serve_floor({floor_port}, 'http://127.0.0.1:{mock_port}')",
-            ],
-            "0",
-            env=env,
-        )
-        wait_ready(f"http://127.0.0.1:{floor_port}/health", floor)
-        results["floor"] = measure(
-            "floor",
-            floor.pid,
-            f"http://127.0.0.1:{floor_port}/v1/chat/completions",
-            direct,
-            None,
-            "bench",
-            wrk,
-            duration,
-            work,
-        )
-        floor.terminate()
-        results["gateway"] = measure(
-            "gateway",
-            gateway.pid,
-            f"http://127.0.0.1:{gw_port}/v1/chat/completions",
-            direct,
-            key,
-            "bench",
-            wrk,
-            duration,
-            work,
-        )
+        upstream = f"http://127.0.0.1:{mock_port}"
+        wait_ready(f"{upstream}/health", mock)
+        # Every proxy stays up (idle while another is measured), so the rounds can interleave.
+        proxies = [
+            start_floor(start, upstream, env),
+            start_gateway(start, upstream, env, work),
+        ]
+        skipped: dict[str, str] = {}
         if skip_litellm:
-            results["litellm"] = {"skipped": "--skip-litellm"}
+            skipped["litellm"] = "--skip-litellm"
         else:
             try:
-                python = litellm_python(home)
+                proxies.append(start_litellm(start, upstream, home, work))
             except subprocess.CalledProcessError as e:
-                results["litellm"] = {"error": f"could not install {LITELLM}: {e}"}
-            else:
-                # LiteLLM refuses to start without a master key; both proxies then check a key.
-                ll_key = "sk-" + secrets.token_hex(32)
-                (work / "litellm.yaml").write_text(
-                    json.dumps(
-                        {
-                            "model_list": [
-                                {
-                                    "model_name": "bench",
-                                    "litellm_params": {
-                                        "model": "openai/bench",
-                                        "api_base": f"http://127.0.0.1:{mock_port}/v1",
-                                        "api_key": "sk-mock",
-                                    },
-                                }
-                            ],
-                            "general_settings": {"master_key": ll_key},
-                        }
-                    )
-                )
-                ll_env = {
-                    **os.environ,
-                    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-                    "LITELLM_LOG": "ERROR",
-                }
-                litellm = start(
-                    [
-                        str(python.parent / "litellm"),
-                        "--config",
-                        str(work / "litellm.yaml"),
-                        "--port",
-                        str(ll_port),
-                        "--num_workers",
-                        "1",
-                    ],
-                    "0",
-                    env=ll_env,
-                )
-                wait_ready(f"http://127.0.0.1:{ll_port}/health/liveliness", litellm)
-                results["litellm"] = measure(
-                    "litellm",
-                    litellm.pid,
-                    f"http://127.0.0.1:{ll_port}/v1/chat/completions",
-                    direct,
-                    ll_key,
-                    "bench",
-                    wrk,
-                    duration,
-                    work,
-                )
-        gw, ll = results["gateway"], results.get("litellm", {})
-        if "c1" in ll:
-            results["litellm_over_gateway"] = {
-                "added_p50_ms_c1": _ratio(ll["added_p50_ms_c1"], gw["added_p50_ms_c1"]),
-                "added_p99_ms_c1": _ratio(ll["added_p99_ms_c1"], gw["added_p99_ms_c1"]),
-                "rps_per_core": _ratio(gw["rps_per_core"], ll["rps_per_core"]),
-                "cpu_us_per_chunk_c16": _ratio(
-                    ll["cpu_us_per_chunk_c16"], gw["cpu_us_per_chunk_c16"]
-                ),
-            }
-        fl = results["floor"]
-        results["gateway_over_floor"] = {
-            "added_p50_ms_c1": round(gw["added_p50_ms_c1"] - fl["added_p50_ms_c1"], 3),
-            "added_p99_ms_c1": round(gw["added_p99_ms_c1"] - fl["added_p99_ms_c1"], 3),
-            "cpu_us_per_request": round(gw["cpu_us_per_request"] - fl["cpu_us_per_request"], 1),
-            "cpu_us_per_chunk_c16": round(
-                gw["cpu_us_per_chunk_c16"] - fl["cpu_us_per_chunk_c16"], 2
-            ),
-            "rps_per_core_ratio": _ratio(gw["rps_per_core"], fl["rps_per_core"]),
-        }
+                skipped["litellm"] = f"could not install {LITELLM}: {e}"
+        rounds = []
+        for r in range(repeats):
+            click.echo(f"round {r + 1} of {repeats}")
+            direct = measure_direct(f"{upstream}/v1/chat/completions", wrk, duration, work)
+            one: dict = {"direct": direct}
+            turn = r % len(proxies)
+            for proxy in proxies[turn:] + proxies[:turn]:
+                one[proxy.name] = measure(proxy, direct, wrk, duration, work)
+            one |= compared(one)
+            rounds.append(one)
+        results = summary(rounds) | {"rounds": rounds}
+        for name, why in skipped.items():
+            results[name] = {"skipped" if why.startswith("--") else "error": why}
+        gw = results["gateway"]
         results["targets"] = TARGETS
         results["meets_targets"] = {
             "added_p99_ms_c1": gw["added_p99_ms_c1"] <= TARGETS["added_p99_ms_c1"],
@@ -479,6 +327,7 @@ def run(duration: int, skip_litellm: bool) -> None:
         }
         results["setup"] = {
             "duration_s": duration,
+            "repeats": repeats,
             "stream_chunks": STREAM_CHUNKS,
             "cpus": os.cpu_count(),
             "layout": "proxy on CPU 0; mock upstream + wrk on CPU 1",
@@ -486,7 +335,7 @@ def run(duration: int, skip_litellm: bool) -> None:
         out = home.root / "bench" / "gateway.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
-        click.echo(json.dumps(results, indent=2))
+        click.echo(json.dumps({k: v for k, v in results.items() if k != "rounds"}, indent=2))
         click.echo(f"written to {out}")
     finally:
         for proc in reversed(procs):
@@ -499,5 +348,140 @@ def run(duration: int, skip_litellm: bool) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 1) if a and b else None
+def start_floor(start: Callable[..., subprocess.Popen], upstream: str, env: dict) -> Proxy:
+    port = free_port()
+    code = f"import evaluation.benchmarks.gateway as b; b.serve_floor({port}, '{upstream}')"
+    floor = start([sys.executable, "-c", code], "0", env=env)
+    wait_ready(f"http://127.0.0.1:{port}/health", floor)
+    return Proxy("floor", floor.pid, f"http://127.0.0.1:{port}/v1/chat/completions", None)
+
+
+def start_gateway(
+    start: Callable[..., subprocess.Popen], upstream: str, env: dict, work: Path
+) -> Proxy:
+    port, key = free_port(), "sk-bench-" + secrets.token_urlsafe(24)
+    config = {
+        "admin_token_sha256": key_hash(secrets.token_urlsafe(24)),
+        "routes": [
+            {
+                "model": "bench",
+                "backends": [
+                    {
+                        "version": "1",
+                        "url": upstream,
+                        "served_model": "bench",
+                        "digest": "sha256:" + "0" * 64,
+                        "verified": True,
+                        "weight": 100,
+                        "role": "stable",
+                        "max_concurrency": 1024,
+                    }
+                ],
+            }
+        ],
+        # Every limit on, so each request takes the whole admission path: a request and a
+        # token reservation, and a money one at the tier's chargeback rate.
+        "tenants": [
+            {
+                "name": "bench",
+                "key_sha256": key_hash(key),
+                "rpm": 10_000_000,
+                "tpm": 10**12,
+                "monthly_token_budget": 10**15,
+                "monthly_budget_usd": 10**6,
+            }
+        ],
+        "usage": {"url": f"sqlite:///{work / 'usage.sqlite'}"},
+        # Its own state store: the home's holds the routes `make up` wrote, not this one.
+        "state": {"url": f"sqlite:///{work / 'state.sqlite'}"},
+    }
+    (work / "gateway.json").write_text(json.dumps(config))  # YAML is a superset of JSON
+    cli = [sys.executable, "-m", "flows.cli", "gateway", "--config", str(work / "gateway.json")]
+    gateway = start([*cli, "--port", str(port), "--log-level", "warning"], "0", env=env)
+    wait_ready(f"http://127.0.0.1:{port}/health", gateway)
+    return Proxy("gateway", gateway.pid, f"http://127.0.0.1:{port}/v1/chat/completions", key)
+
+
+def start_litellm(
+    start: Callable[..., subprocess.Popen], upstream: str, home: Home, work: Path
+) -> Proxy:
+    python = litellm_python(home)
+    # LiteLLM refuses to start without a master key; both proxies then check a key.
+    port, key = free_port(), "sk-" + secrets.token_hex(32)
+    model = {
+        "model_name": "bench",
+        "litellm_params": {
+            "model": "openai/bench",
+            "api_base": f"{upstream}/v1",
+            "api_key": "sk-mock",
+        },
+    }
+    config = {"model_list": [model], "general_settings": {"master_key": key}}
+    (work / "litellm.yaml").write_text(json.dumps(config))
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
+    cli = [str(python.parent / "litellm"), "--config", str(work / "litellm.yaml")]
+    litellm = start([*cli, "--port", str(port), "--num_workers", "1"], "0", env=env)
+    wait_ready(f"http://127.0.0.1:{port}/health/liveliness", litellm)
+    return Proxy("litellm", litellm.pid, f"http://127.0.0.1:{port}/v1/chat/completions", key)
+
+
+def measure_direct(url: str, wrk: str, duration: int, work: Path) -> dict:
+    click.echo("[direct] concurrency 1")
+    stream = {**CHAT, "max_tokens": STREAM_CHUNKS, "stream": True}
+    return {
+        "c1": wrk_run(wrk, url, CHAT, None, 1, duration, work),
+        "first_chunk_ms": round(asyncio.run(first_chunk_ms(url, stream, None)), 3),
+    }
+
+
+def compared(one: dict) -> dict:
+    """One round's side-by-side figures: the gateway over the floor, LiteLLM over the gateway."""
+    gw, fl, ll = one["gateway"], one["floor"], one.get("litellm")
+    out = {
+        "gateway_over_floor": {
+            "added_p50_ms_c1": round(gw["added_p50_ms_c1"] - fl["added_p50_ms_c1"], 3),
+            "added_p99_ms_c1": round(gw["added_p99_ms_c1"] - fl["added_p99_ms_c1"], 3),
+            "cpu_us_per_request": round(gw["cpu_us_per_request"] - fl["cpu_us_per_request"], 1),
+            "cpu_us_per_chunk_c16": round(
+                gw["cpu_us_per_chunk_c16"] - fl["cpu_us_per_chunk_c16"], 2
+            ),
+            "rps_per_core_ratio": _ratio(gw["rps_per_core"], fl["rps_per_core"], 2),
+        }
+    }
+    if ll is not None:
+        out["litellm_over_gateway"] = {
+            "added_p50_ms_c1": _ratio(ll["added_p50_ms_c1"], gw["added_p50_ms_c1"]),
+            "added_p99_ms_c1": _ratio(ll["added_p99_ms_c1"], gw["added_p99_ms_c1"]),
+            "rps_per_core": _ratio(gw["rps_per_core"], ll["rps_per_core"]),
+            "cpu_us_per_chunk_c16": _ratio(ll["cpu_us_per_chunk_c16"], gw["cpu_us_per_chunk_c16"]),
+        }
+    return out
+
+
+def summary(rounds: list[dict]) -> dict:
+    """Each figure's median over the rounds (the side-by-side ones also with their min and max,
+    under `spread`): a round's figures are measured minutes apart at most, the rounds are not."""
+    out: dict = {}
+    for name in rounds[0]:
+        out[name] = _median([r[name] for r in rounds])
+    out["spread"] = {
+        name: {
+            key: {"min": min(values), "max": max(values)}
+            for key in rounds[0][name]
+            if None not in (values := [r[name][key] for r in rounds])
+        }
+        for name in ("gateway_over_floor", "litellm_over_gateway")
+        if name in rounds[0]
+    }
+    return out
+
+
+def _median(values: list):
+    if isinstance(values[0], dict):
+        return {key: _median([v[key] for v in values]) for key in values[0]}
+    numbers = [v for v in values if v is not None]
+    return statistics.median(numbers) if numbers else None
+
+
+def _ratio(a: float | None, b: float | None, digits: int = 1) -> float | None:
+    return round(a / b, digits) if a and b else None
