@@ -168,18 +168,29 @@ class Evaluation(Strict):
 class Gates(Strict):
     """What a quantized variant must keep of the bf16 base, and optional speed floors.
 
-    Quality: score / base score >= min_recovery (per task; min_recovery_per_task overrides), or
-    a drop within the suite's statistical noise (see evaluation/gates.py). Perplexity tasks:
-    relative increase <= max_perplexity_increase.
+    Quality: the loss 1 - score / base score shown below 1 - min_recovery (per task;
+    min_recovery_per_task overrides) at error rate alpha, else `inconclusive` or failed (see
+    evaluation/quality/gates.py). Perplexity tasks: relative increase <= max_perplexity_increase.
     """
 
-    min_recovery: float = Field(default=0.95, gt=0, le=1, description="fraction of base score")
+    min_recovery: float = Field(
+        default=0.95,
+        gt=0,
+        lt=1,
+        description="fraction of base score the variant must be shown to keep (1 - the margin)",
+    )
     min_recovery_per_task: dict[str, float] = Field(default={}, description="task -> fraction")
     metric_per_task: dict[str, str] = Field(
         default={}, description="task -> metric gated (default: acc, exact_match, acc_norm, ...)"
     )
     max_perplexity_increase: float = Field(default=0.10, ge=0, description="relative, 0.10 = +10%")
-    noise_z: float = Field(default=1.96, ge=0, description="z of the noise band (0: no band)")
+    alpha: float = Field(
+        default=0.05,
+        gt=0,
+        lt=0.5,
+        description="one-sided error rate of each quality decision: passing a variant whose loss "
+        "is at the margin, or failing one whose loss is",
+    )
     speed_concurrency: int = Field(default=1, ge=1, description="sweep level the speed gates read")
     max_ttft_p50_ms: float | None = Field(default=None, gt=0)
     min_output_tokens_per_s: float | None = Field(default=None, gt=0)
@@ -187,8 +198,10 @@ class Gates(Strict):
     @field_validator("min_recovery_per_task")
     @classmethod
     def _fractions(cls, v: dict[str, float]) -> dict[str, float]:
-        if bad := {k: x for k, x in v.items() if not 0 < x <= 1}:
-            raise ValueError(f"recoveries must be in (0, 1], got {bad}")
+        if bad := {k: x for k, x in v.items() if not 0 < x < 1}:
+            raise ValueError(
+                f"recoveries must be in (0, 1), got {bad}: a margin of 0 can never be shown"
+            )
         return v
 
     def check_tasks(self, tasks: list[str]) -> None:

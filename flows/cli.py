@@ -268,6 +268,25 @@ def revert(model: str, reason: str, gateway_url: str | None, previous_url: str |
 
 
 @cli.command()
+@click.argument("model")
+@click.argument("version")
+@click.option("--by", required=True, help="who accepts it (recorded on the version)")
+@click.option("--reason", required=True, help="why (recorded on the version)")
+def accept(model: str, version: str, by: str, reason: str) -> None:
+    """Accept MODEL's VERSION, whose evaluation was inconclusive, for serving: a person's
+    decision, recorded on the version. No automatic rollout picks it; roll it out by hand."""
+    from tasks.registry import Registry
+    from tasks.servable import NotServable
+    from tasks.servable import accept as accept_version
+
+    try:
+        accept_version(Registry(Home.from_env()), model, version, by, reason)
+    except NotServable as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"accepted {model} v{version} for serving, by {by}: {reason}")
+
+
+@cli.command()
 @click.argument("model", required=False)
 @click.option(
     "--config-dir",
@@ -867,6 +886,17 @@ def bench_arms(
         benchmark.run(a, b, rate, paired, split, max_tokens, seed, out)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
+
+
+@bench.command("gates")
+@click.option("--seeds", default=2000, show_default=True, help="simulated suites per variant")
+@click.option("--margin", default=0.10, show_default=True, help="relative loss allowed")
+@click.option("--alpha", default=0.05, show_default=True, help="the gate's one-sided error rate")
+def bench_gates(seeds: int, margin: float, alpha: float) -> None:
+    """The release's quality gate simulated: its false-pass rate at the margin, per suite size."""
+    from evaluation.benchmarks import gates as benchmark
+
+    benchmark.run(seeds, margin, alpha)
 
 
 @bench.command("signing")

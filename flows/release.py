@@ -72,7 +72,7 @@ def release_variant(
         trial = trial_task(entry.weights, config, variant, home)
     except (QuantizeError, TrialError) as e:
         return Outcome(variant, "failed", str(e))
-    verdict = judge(baseline or trial.quality, trial.quality, config.gates, trial.speed)
+    verdict = judge(baseline, trial.quality, config.gates, trial.speed)
     signature = sign_task(entry.weights, config.signing, home)
     verify_task(entry.weights, signature.trust, home)
     tags = (
@@ -105,7 +105,7 @@ class Outcome:
         v = self.version
         if not v.created:
             return f"{self.variant.label}: v{v.version} {v.digest} (already registered)"
-        verdict = "passed" if self.verdict and self.verdict.passed else "FAILED"
+        verdict = self.verdict.status if self.verdict else "not judged"
         return f"{self.variant.label}: v{v.version} {v.digest} eval {verdict}"
 
 
@@ -141,16 +141,20 @@ def table(name: str, outcomes: list[Outcome], gates: Gates) -> str:
                 "MB": f"{o.build.size_bytes / 1e6:.0f}",
                 "x smaller": f"{o.build.compression_ratio:.2f}",
             }
+        losses = {g.name.split("/")[0]: g for g in o.verdict.gates if g.loss} if o.verdict else {}
         for task, score in o.quality.tasks.items() if o.quality else []:
             metric = gated_metric(task, score, gates)
             se = score.stderr.get(metric)
             cell[task] = f"{metric} {score.metrics[metric]:.3f}" + (f" ± {se:.3f}" if se else "")
+            if gate := losses.get(task):  # the margin, the loss's bounds, the flips, the decision
+                cell[task] += f"; {gate.loss.cell()}: {gate.status}"
         if o.verdict:
             recoveries = [
                 g.measured for g in o.verdict.gates if g.name.endswith("recovery") and g.measured
             ]
+            verdict = o.verdict.status
             cell |= {
-                "verdict": "passed" if o.verdict.passed else "FAILED",
+                "verdict": verdict if o.verdict.passed else verdict.upper(),
                 "note": "; ".join(o.verdict.reasons),
             }
             cell["min recovery"] = f"{min(recoveries):.3f}" if recoveries else ""
@@ -171,7 +175,10 @@ def table(name: str, outcomes: list[Outcome], gates: Gates) -> str:
         [
             f"# Release of {name}",
             "",
-            "Speed: the first load level; MLflow has them all.",
+            "Quality: each task's score; for a variant, its loss against bf16 with one-sided "
+            f"{1 - gates.alpha:.0%} bounds, the margin (1 - min recovery), the items it got "
+            "worse (-) and better (+) on, and the gate's decision. Speed: the first load level; "
+            "MLflow has them all.",
             "",
             "| " + " | ".join(head) + " |",
             "|" + "---|" * len(head),

@@ -287,7 +287,7 @@ def log_trial(
             "model": version.name,
             "version": version.version,
             "digest": version.digest,
-            "eval_status": "passed" if verdict.passed else "failed",
+            "eval_status": verdict.status,
         },
         artifacts=[
             trial.out_dir / "quality",

@@ -1,7 +1,8 @@
 """May this registered version be served? The one check that `make up`, the rollout and the
 regression make before any traffic reaches a version.
 
-A version is servable only if its evaluation passed, its store entry (the directory named by its
+A version is servable only if its evaluation passed (or was inconclusive and a person accepted it
+by name, `accept`: never automatically), its store entry (the directory named by its
 registered digest) holds its weights, manifest and signature, the signature verifies with exactly
 the trust the version records, and both the manifest's digest and the digest of the files
 themselves equal the digest the registry holds for it.
@@ -10,6 +11,7 @@ themselves equal the digest the registry holds for it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from configs.home import Home
@@ -61,6 +63,27 @@ class ModelVersion:
         return f"{self.model} v{self.version} ({self.tags.get('variant', 'no variant tag')})"
 
 
+def accept(registry: Registry, model: str, version: str, by: str, reason: str) -> dict[str, str]:
+    """A person's decision to serve a version whose evaluation was inconclusive (it could show
+    neither that the variant keeps its base's quality nor that it loses it), recorded on the
+    version: who, why and when. Passed versions need none; failed ones cannot be accepted."""
+    status = registry.tags(model, version).get("eval_status")
+    if status != "inconclusive":
+        raise NotServable(
+            f"{model} v{version} has eval_status={status}: only an inconclusive evaluation can be "
+            "accepted by hand"
+        )
+    if not by.strip() or not reason.strip():
+        raise NotServable("accepting needs the person's name (--by) and a reason (--reason)")
+    tags = {
+        "eval_accepted_by": by,
+        "eval_accepted_reason": reason,
+        "eval_accepted_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    registry.tag(model, version, tags)
+    return tags
+
+
 def version_of(registry: Registry, model: str, version: str) -> ModelVersion:
     return ModelVersion(model, version, registry.tags(model, version), registry.home)
 
@@ -83,13 +106,19 @@ def check_servable(version: ModelVersion, role: str = CHAMPION) -> None:
         return NotServable(f"refusing to serve the {role} {version}: {reason}")
 
     tags = version.tags
-    if (status := tags.get("eval_status")) != "passed":
+    status = tags.get("eval_status")
+    if status != "passed" and not (status == "inconclusive" and tags.get("eval_accepted_by")):
         reasons = tags.get("eval_reasons", "no reasons recorded")
         hint = (
             "point `champion` at a version whose evaluation passed (the rollout flow does)"
             if role == CHAMPION
             else "only a version whose evaluation passed may be served"
         )
+        if status == "inconclusive":
+            hint += (
+                f", or one a person accepted: `slipway accept {version.model} "
+                f"{version.version} --by NAME --reason TEXT`"
+            )
         raise refuse(f"its evaluation did not pass (eval_status={status}: {reasons}); {hint}")
     if not (digest := tags.get("digest")):
         raise refuse("the version has no `digest` tag to check its weights against")

@@ -174,6 +174,37 @@ def signing_figures(d: dict) -> list[Figure]:
     ]
 
 
+def gates_figures(d: dict) -> list[Figure]:
+    how = (
+        f"{d['seeds']} simulated suites per variant, {len(d['variants_at_margin'])} variants whose "
+        f"loss is exactly the {d['margin']:.0%} margin (pooled; Wilson 95% interval), judged by "
+        "the release gate's paired score test"
+    )
+    out = []
+    for size in d["sizes"]:
+        low, high = size["interval_95"]
+        out.append(
+            figure(
+                "gates",
+                f"false-pass rate at the margin, {size['items']} items",
+                size["false_pass_rate"],
+                f"share (95%: {low:g} to {high:g})",
+                how,
+                f"<= {d['alpha']}",
+            )
+        )
+        out.append(
+            figure(
+                "gates",
+                f"an identical variant passes, {size['items']} items",
+                size["identical_pass_rate"],
+                "share",
+                how.split(",")[0] + ", a base right on 60% of the items and no flips",
+            )
+        )
+    return out
+
+
 def drift_figures(d: dict) -> list[Figure]:
     how = d.get("timed", "") + (
         f"; peak memory: {d['peak_rss_method']}" if "peak_rss_method" in d else ""
@@ -257,6 +288,7 @@ def release_figures(d: dict) -> list[Figure]:
 FIGURES = {
     "gateway": gateway_figures,
     "canary": canary_figures,
+    "gates": gates_figures,
     "signing": signing_figures,
     "drift": drift_figures,
     "loadgen": loadgen_figures,

@@ -6,6 +6,7 @@ Runs, one after the other, each in its own process (`slipway bench NAME`, from
 evaluation.benchmarks.NAME), so that a failure is reported, not fatal:
   gateway   added latency, requests/s per core, CPU per chunk, vs LiteLLM
   canary    requests and seconds to roll back a bad canary; false rollbacks
+  gates     the release gate's false-pass rate at its margin, per suite size
   signing   sign/verify throughput as a share of sha256 x cores
   drift     drift check time and peak memory at 1M rows
   loadgen   the load generator vs `vllm bench serve` on one vLLM (~12 min)
@@ -37,6 +38,7 @@ CLI = [sys.executable, "-m", "flows.cli", "bench"]
 BENCHES = {
     "gateway": [*CLI, "gateway"],
     "canary": [*CLI, "canary", "--runs", "1000"],
+    "gates": [*CLI, "gates"],
     "signing": [*CLI, "signing"],
     "drift": [*CLI, "drift"],
     "loadgen": [*CLI, "loadgen"],

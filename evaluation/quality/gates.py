@@ -1,15 +1,17 @@
 """Release gates: does a quantized variant keep enough of the bf16 base? Pure functions.
 
-Quality gate per task, on one metric (acc, exact_match, ...): recovery = candidate / base must
-reach the task's min_recovery. A drop that misses it still PASSES as "within-noise" when it is
-inside the suite's statistical noise: |delta| <= z * se, where se comes from a PAIRED test on the
-per-item scores when both runs scored the same items (the usual case: same suite, same limit),
-se = sd(candidate_i - base_i) / sqrt(n), which is far tighter than comparing two independent
-means because most items score the same on both; otherwise from the two reported standard
-errors, se = sqrt(se_base^2 + se_candidate^2).
+Quality gate per task, on one metric (acc, exact_match, ...): the variant's loss against the base,
+1 - score / base score, must be shown to be below the task's margin, 1 - min_recovery
+(non-inferiority, evaluation/quality/noninferiority.py): on the paired per-item scores when both
+runs scored the same items (the usual case), otherwise from the two reported standard errors.
+The gate passes when the loss's upper confidence bound is below the margin, fails when its lower
+bound is above it, and is otherwise `inconclusive`: failing to show a loss is not evidence of no
+loss, and a suite too small for its margin says so. Each decision is wrong at most alpha of the
+time (one-sided, gates.alpha).
 Perplexity gate per task: relative increase of word perplexity <= max_perplexity_increase. The
-text and the scoring are fixed, so the number is exact for that text; no noise band applies.
-Speed gates (optional) read one level of the load generator's report.
+text and the scoring are fixed, so the number is exact for that text; no interval applies.
+Speed gates (optional) read one level of the load generator's report, measured once on the
+release's machine, against absolute floors: a measurement, not a comparison with the base.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from pydantic import Field
 from configs.evaluation import Gates
 from configs.loader import Strict
 from evaluation.loadgen.report import LoadReport
+from evaluation.quality.noninferiority import Comparison, compare, compare_unpaired
 
-Status = Literal["pass", "fail", "within-noise"]
+Status = Literal["pass", "fail", "inconclusive"]
+Outcome = Literal["passed", "failed", "inconclusive"]
 # The metric a task is gated on when gates.metric_per_task does not say: the first one it has.
 QUALITY_METRICS = ("acc", "exact_match", "acc_norm", "f1", "mcc")
 PERPLEXITY_METRIC = "word_perplexity"
@@ -48,28 +52,82 @@ class QualityResult(Strict):
     limit: int | None = None
 
 
+class Loss(Strict):
+    """A quality gate's evidence: the relative loss, its one-sided (1 - alpha) bounds, the
+    flips and what the suite can see."""
+
+    margin: float
+    estimate: float | None  # None where the base scores 0: no loss can be measured
+    lower: float | None  # None: unbounded
+    upper: float | None
+    alpha: float
+    n: int
+    harmful: int
+    beneficial: int
+    detectable: float | None
+    needed: int | None  # items an identical variant needs to pass, when the suite is too small
+    method: str
+
+    @classmethod
+    def of(cls, c: Comparison) -> Loss:
+        return cls(
+            margin=c.margin,
+            estimate=_finite(c.loss),
+            lower=_finite(c.lower),
+            upper=_finite(c.upper),
+            alpha=c.alpha,
+            n=c.n,
+            harmful=c.harmful,
+            beneficial=c.beneficial,
+            detectable=c.detectable,
+            needed=c.needed,
+            method=c.method,
+        )
+
+    def cell(self) -> str:
+        """One table cell: loss [bounds] vs margin, flips."""
+        loss, lower, upper = (_pct(x) for x in (self.estimate, self.lower, self.upper))
+        return (
+            f"loss {loss} [{lower}, {upper}] vs {self.margin:.0%}"
+            f", flips -{self.harmful}/+{self.beneficial} of {self.n}"
+        )
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _pct(x: float | None) -> str:
+    return "?" if x is None else f"{x:+.1%}"
+
+
 class GateResult(Strict):
     name: str
     measured: float | None
     threshold: float
     status: Status
     detail: str
+    loss: Loss | None = None  # quality gates
 
 
 class Verdict(Strict):
-    passed: bool
+    status: Outcome
     gates: list[GateResult]
     reasons: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
 
     def tags(self) -> dict[str, str]:
         """The verdict as model-version tags: rollout reads eval_status, people read the reasons."""
         return {
-            "eval_status": "passed" if self.passed else "failed",
+            "eval_status": self.status,
             "eval_reasons": "; ".join(self.reasons)[:4000] or "all gates passed",
         }
 
     def markdown(self) -> str:
-        head = f"**Verdict: {'PASSED' if self.passed else 'FAILED'}**\n\n"
+        head = f"**Verdict: {self.status.upper()}**\n\n"
         rows = ["| gate | measured | threshold | status | detail |", "|---|---|---|---|---|"]
         for g in self.gates:
             value = "n/a" if g.measured is None else f"{g.measured:.4g}"
@@ -86,18 +144,23 @@ def gated_metric(task: str, score: TaskScore, gates: Gates) -> str | None:
     return next((m for m in QUALITY_METRICS if m in score.metrics), None)
 
 
-def noise_se(base: TaskScore, cand: TaskScore, metric: str) -> tuple[float | None, str]:
-    """Standard error of candidate - base on `metric`, and how it was estimated."""
+def compared(base: TaskScore, cand: TaskScore, metric: str, margin: float, alpha: float):
+    """The variant's loss on `metric` against the base: paired when both scored the same items,
+    else from the reported standard errors; None when neither is there."""
     b, c = base.items.get(metric, {}), cand.items.get(metric, {})
     common = sorted(b.keys() & c.keys())
     if len(common) >= 2 and len(common) == len(b) == len(c):
-        diffs = [c[i] - b[i] for i in common]
-        mean = sum(diffs) / len(diffs)
-        var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
-        return math.sqrt(var / len(diffs)), f"paired, n={len(common)}"
+        return compare([b[i] for i in common], [c[i] for i in common], margin, alpha)
     if metric in base.stderr and metric in cand.stderr:
-        return math.hypot(base.stderr[metric], cand.stderr[metric]), "unpaired stderr"
-    return None, "no stderr"
+        return compare_unpaired(
+            base.metrics[metric],
+            base.stderr[metric],
+            cand.metrics[metric],
+            cand.stderr[metric],
+            margin,
+            alpha,
+        )
+    return None
 
 
 def quality_gate(task: str, base: TaskScore, cand: TaskScore, gates: Gates) -> GateResult:
@@ -124,25 +187,24 @@ def quality_gate(task: str, base: TaskScore, cand: TaskScore, gates: Gates) -> G
             detail=f"base {b:.4g} -> {c:.4g}",
         )
     floor = gates.min_recovery_per_task.get(task, gates.min_recovery)
-    recovery = c / b if b > 0 else (1.0 if c >= b else 0.0)
-    detail = f"base {b:.4g} -> {c:.4g}"
-    if recovery >= floor:
+    recovery = c / b if b > 0 else None
+    found = compared(base, cand, metric, 1 - floor, gates.alpha)
+    if found is None:
         return GateResult(
             name=f"{name} recovery",
             measured=recovery,
             threshold=floor,
-            status="pass",
-            detail=detail,
+            status="inconclusive",
+            detail=f"base {b:.4g} -> {c:.4g}; no per-item scores or standard errors to bound "
+            "the loss by",
         )
-    se, how = noise_se(base, cand, metric)
-    band = gates.noise_z * se if se is not None else 0.0
-    status = "within-noise" if se is not None and abs(c - b) <= band else "fail"
     return GateResult(
         name=f"{name} recovery",
         measured=recovery,
         threshold=floor,
-        status=status,
-        detail=f"{detail}; delta {c - b:+.4g}, noise band ±{band:.4g} ({how})",
+        status=found.decision,
+        detail=f"base {b:.4g} -> {c:.4g}; {found.describe()}",
+        loss=Loss.of(found),
     )
 
 
@@ -196,13 +258,28 @@ def speed_gates(report: LoadReport | None, gates: Gates) -> list[GateResult]:
 
 
 def judge(
-    base: QualityResult,
+    base: QualityResult | None,
     candidate: QualityResult,
     gates: Gates,
     speed: LoadReport | None = None,
 ) -> Verdict:
-    """Every gate for `candidate` against the bf16 `base`; passed only if none fails."""
-    results = []
+    """Every gate for `candidate` against the bf16 `base` (None: the candidate is the base, the
+    reference itself, with nothing to lose; its speed is still gated): failed if one fails, else
+    inconclusive if one is, else passed."""
+    if base is None:
+        results = [
+            GateResult(
+                name=f"{task}/{gated_metric(task, score, gates)}",
+                measured=None,
+                threshold=0,
+                status="pass",
+                detail="the base: the reference every variant is judged against",
+            )
+            for task, score in candidate.tasks.items()
+        ]
+        base = QualityResult(model=candidate.model, tasks={})
+    else:
+        results = []
     for task, base_score in base.tasks.items():
         if task not in candidate.tasks:
             results.append(
@@ -220,9 +297,8 @@ def judge(
     reasons = [
         f"{g.name}: {g.detail} (threshold {g.threshold:.4g})" for g in results if g.status == "fail"
     ]
-    reasons += [
-        f"{g.name}: below threshold but within noise ({g.detail})"
-        for g in results
-        if g.status == "within-noise"
-    ]
-    return Verdict(passed=all(g.status != "fail" for g in results), gates=results, reasons=reasons)
+    open_ = [g for g in results if g.status == "inconclusive"]
+    reasons += [f"{g.name}: inconclusive: {g.detail}" for g in open_]
+    failed = any(g.status == "fail" for g in results)
+    status: Outcome = "failed" if failed else "inconclusive" if open_ else "passed"
+    return Verdict(status=status, gates=results, reasons=reasons)

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from evaluation.benchmarks.gates import AT_MARGIN, pass_rate, run
 from evaluation.quality.noninferiority import Flips, compare, compare_unpaired, flips, score_z
 
 MARGIN, ALPHA = 0.10, 0.05
@@ -98,25 +99,31 @@ def test_mismatched_items_are_refused_with_the_counts():
 
 
 # Variants whose true loss is exactly the margin, with flips one way or both, at several base
-# accuracies, on the demo's suite sizes and larger: the share of simulated suites on which each
-# passes is the test's false-pass rate, which must not exceed alpha (one-sided).
-AT_MARGIN = [(0.63, 0.07, 0.0), (0.60, 0.10, 0.03), (0.36, 0.04, 0.0), (0.30, 0.10, 0.06)]
+# accuracies, on the demo's suite sizes and larger (the benchmark's own table and draws): the
+# share of simulated suites on which each passes is the gate's false-pass rate, at most alpha.
 SEEDS = 2000
-
-
-def false_pass_rate(cells: tuple[float, float, float], n: int, seed: int) -> float:
-    both, harmful, beneficial = cells
-    assert math.isclose((both + beneficial) / (both + harmful), 1 - MARGIN)
-    rng = np.random.default_rng(seed)
-    drawn = rng.multinomial(n, [both, harmful, beneficial, 1 - sum(cells)], size=SEEDS)
-    z = 1.6448536269514722
-    return float(np.mean([score_z(Flips(*map(int, c)), 1 - MARGIN) > z for c in drawn]))
 
 
 @pytest.mark.parametrize("n", [27, 58, 231, 1000])
 def test_a_variant_at_the_margin_passes_no_more_often_than_alpha(n):
-    rates = [false_pass_rate(cells, n, seed) for seed, cells in enumerate(AT_MARGIN)]
+    rates = [
+        pass_rate(shares, n, SEEDS, MARGIN, ALPHA, seed)
+        for seed, shares in enumerate(AT_MARGIN.values())
+    ]
     pooled = sum(rates) / len(rates)  # 8,000 simulated suites
     se = math.sqrt(ALPHA * (1 - ALPHA) / (SEEDS * len(rates)))
     assert pooled <= ALPHA + 2 * se, rates  # at most alpha, up to the simulation's own noise
     assert max(rates) <= ALPHA + 3 * math.sqrt(ALPHA * (1 - ALPHA) / SEEDS), rates
+
+
+def test_the_benchmark_reports_each_size_with_its_interval(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLIPWAY_HOME", str(tmp_path))
+    result = run(seeds=400, margin=MARGIN, alpha=ALPHA)
+    assert [s["items"] for s in result["sizes"]] == [27, 58, 105, 231, 1000]
+    for size in result["sizes"]:
+        low, high = size["interval_95"]
+        assert low <= size["false_pass_rate"] <= high and high - low < 0.04
+    # An identical variant: hopeless on 27 items, sure on 1000.
+    assert result["sizes"][0]["identical_pass_rate"] < 0.05
+    assert result["sizes"][-1]["identical_pass_rate"] == 1.0
+    assert (tmp_path / "bench" / "gates.json").is_file()

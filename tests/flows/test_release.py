@@ -71,19 +71,23 @@ def test_release_builds_judges_signs_and_registers_once(prefect_server, home, co
         assert tags["digest"] == manifest.digest
         assert Store(home, "tiny").label(label) == tags["digest"]
         assert tags["variant"] == label and tags["signature_verified"] == "true"
-        assert tags["eval_status"] in ("passed", "failed") and tags["eval_run_id"]
+        assert tags["eval_run_id"]
         verify(entry.weights, Trust.from_tags(tags), home)
         run = registry.client.get_run(tags["eval_run_id"])
         assert run.data.metrics["slipway_knowledge/acc"] >= 0
         assert run.data.metrics["speed/synchronous/output_tokens_per_s"] > 0
     assert outcomes["bf16"].version.digest != outcomes["fp8-dynamic"].version.digest
-    # bf16 is its own baseline, so it passes; as the first release it becomes champion.
+    # bf16 is the reference, so it passes; as the first release it becomes champion. fp8-dynamic
+    # on 4 items per task can show neither that it keeps the base's quality nor that it loses it.
     assert registry.tags("tiny", outcomes["bf16"].version.version)["eval_status"] == "passed"
+    fp8 = registry.tags("tiny", outcomes["fp8-dynamic"].version.version)
+    assert fp8["eval_status"] == "inconclusive" and "inconclusive" in fp8["eval_reasons"]
     assert registry.alias("tiny", "champion") == outcomes["bf16"].version.version
     assert registry.client.get_experiment_by_name(EVALUATIONS)
 
     summary = latest_artifact("release-summary")
     assert "Release of tiny" in summary.data and "skipped" in summary.data
+    assert "INCONCLUSIVE" in summary.data and "flips -" in summary.data
 
     # A re-run registers nothing new and serves nothing again: the digests are already there.
     again = {o.variant.label: o for o in release(str(config))}

@@ -185,9 +185,10 @@ def test_killed_at_each_stage_then_resumed(prefect_server, home, tiny_model, tmp
     assert versions() == ["1", "2"]  # each variant once, whatever the kills
     assert [s[3] for s in last if s[1] == "pull"] == ["Cached"]  # pulled once, by the first run
     assert not [s for s in last if s[:2] == ("bf16", "trial")]
-    for version in ("1", "2"):
+    # The base passes as the reference; fp8-dynamic on 4 items can show nothing: inconclusive.
+    for version, status in (("1", "passed"), ("2", "inconclusive")):
         tags = registry.tags("tiny", version)
-        assert tags["signature_verified"] == "true" and tags["eval_status"] in ("passed", "failed")
+        assert tags["signature_verified"] == "true" and tags["eval_status"] == status
         assert tags.get("eval_run_id"), f"version {version} lost its evaluation run: {tags}"
     assert registry.alias("tiny", "champion") == "1"
     debris = [p.name for p in (home.models / "tiny").rglob(".*")]

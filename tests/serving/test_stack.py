@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -37,7 +38,7 @@ from serving.processes import (
 from serving.stack.gateway_config import Backend, write_gateway_config
 from serving.stack.operator import down
 from tasks.registry import Registry
-from tasks.servable import ModelVersion, NotServable, champions, check_servable
+from tasks.servable import ModelVersion, NotServable, accept, champions, check_servable
 from tasks.signing import sign
 from tasks.store import writable
 from tests.releases import release, stand_in_model
@@ -90,6 +91,37 @@ def test_a_failed_evaluation_is_refused_with_its_reasons(home, model_dir):
         "(eval_status=failed: recovery 0.71 < 0.9); point `champion` at a version whose "
         "evaluation passed (the rollout flow does)"
     )
+
+
+def test_an_inconclusive_evaluation_is_served_only_once_a_person_accepts_it(
+    home, model_dir, tmp_path
+):
+    registry = Registry(home)
+    reasons = "k/acc recovery: inconclusive: suite too small for its margin"
+    version = release(home, "m", model_dir, eval_status="inconclusive", eval_reasons=reasons)
+    registry.promote("m", version)
+    with pytest.raises(NotServable) as caught:
+        check_servable(champion_of(home, "m"))
+    assert f"(eval_status=inconclusive: {reasons})" in str(caught.value)
+    assert str(caught.value).endswith(
+        f"or one a person accepted: `slipway accept m {version} --by NAME --reason TEXT`"
+    )
+    result = CliRunner().invoke(
+        cli, ["accept", "m", version, "--by", "ana", "--reason", "checked the 3 flips by hand"]
+    )
+    assert result.exit_code == 0, result.output
+    check_servable(champion_of(home, "m"))  # now servable, and who and why are on the version
+    tags = registry.tags("m", version)
+    assert (tags["eval_accepted_by"], tags["eval_accepted_reason"]) == (
+        "ana",
+        "checked the 3 flips by hand",
+    )
+    assert tags["eval_status"] == "inconclusive" and tags["eval_accepted_at"]
+    other = Path(shutil.copytree(model_dir, tmp_path / "other"))
+    (other / "README.md").write_text("another digest\n")
+    failed = release(home, "m", other, eval_status="failed")
+    with pytest.raises(NotServable, match="eval_status=failed: only an inconclusive evaluation"):
+        accept(registry, "m", failed, "ana", "ship it")
 
 
 @pytest.mark.parametrize(
