@@ -125,12 +125,13 @@ def test_the_usage_log_equals_vllms_own_token_counters(tiny_server, gateway):
     assert (done.prompt_tokens * choices).sum() == after_complete[0] - before[0]
     assert done.completion_tokens.sum() == after_complete[1] - before[1]
     # The hang-up: its prompt once for each choice vLLM had started; the tokens it was relayed are
-    # charged, and vLLM stopped well short of 240 a choice, generating at most those in flight.
+    # charged, and vLLM generated at least those and at most what was asked (the tiny engine can
+    # finish all 16 choices before it notices the abort: CI saw 3,840 of 3,840).
     assert left.error_kind == "client_disconnected" and left.completion_tokens >= 1
     started, rest = divmod(after[0] - after_complete[0], left.prompt_tokens)
     assert rest == 0 and 1 <= started <= HANG_UP_N, (started, rest)
     generated = after[1] - after_complete[1]
-    assert left.completion_tokens <= generated < 240 * HANG_UP_N, (
+    assert left.completion_tokens <= generated <= 240 * HANG_UP_N, (
         left.completion_tokens,
         generated,
     )
