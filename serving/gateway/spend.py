@@ -94,4 +94,7 @@ class SpendBook:
     async def close(self) -> None:
         task, self._task = self._task, None
         await stop(task)
-        await self.flush()
+        for _ in range(_TRIES):  # other instances keep writing: one flush can lose every race
+            await self.flush()
+            if not self._pending:
+                return
