@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -44,7 +44,10 @@ class BackendSpec(Strict):
         min_length=1, description="the model name the upstream server answers to"
     )
     digest: str = Field(description="sha256:<hex> digest of the loaded weights")
-    verified: bool = Field(description="true once the signature of the loaded directory verified")
+    attestation: dict[str, Any] = Field(
+        description="the signed evaluation attestation of exactly `digest` (`slipway attestation "
+        "show`); the gateway verifies it against its trust and serves nothing without it"
+    )
     weight: float = Field(
         ge=0,
         allow_inf_nan=False,
@@ -67,16 +70,6 @@ class BackendSpec(Strict):
     def _digest(cls, value: str) -> str:
         if not _DIGEST.match(value):
             raise ValueError("digest must look like sha256:<64 lowercase hex characters>")
-        return value
-
-    @field_validator("verified")
-    @classmethod
-    def _verified(cls, value: bool) -> bool:
-        if not value:
-            raise ValueError(
-                "a backend is served only after its signature verified (verified: true); "
-                "run the rollout flow's verification first"
-            )
         return value
 
 
@@ -245,6 +238,22 @@ class UsageSpec(Strict):
         return value
 
 
+class TrustSpec(Strict):
+    """Whose evaluation attestations the gateway accepts. It always trusts the keyring of its
+    home ($SLIPWAY_HOME/keys/trusted: every key and CA chain that signed a release there) and the
+    deny-list `slipway deny` keeps ($SLIPWAY_HOME/keys/denied.json, re-read while it runs); these
+    add to them. Nothing turns the check off: a backend without a valid attestation is refused."""
+
+    keys: tuple[Path, ...] = Field((), description="more PEM public keys (P-256) to trust")
+    authorities: tuple[Path, ...] = Field(
+        (), description="more PEM CA certificates whose issued certificates are trusted"
+    )
+    deny_digests: tuple[str, ...] = Field((), description="model digests never served")
+    deny_keys: tuple[str, ...] = Field(
+        (), description="signers never trusted: sha256:<hex> of a key's DER public key"
+    )
+
+
 class StateSpec(Strict):
     """The gateway's durable shared state (the routing table today): every instance pointed at one
     store serves the same routes, and a restart serves what the store holds."""
@@ -378,6 +387,7 @@ class GatewayConfig(Strict):
     stats: StatsSpec = StatsSpec()
     limits: LimitsSpec = LimitsSpec()
     state: StateSpec = StateSpec()
+    trust: TrustSpec = TrustSpec()
     routes: tuple[RouteSpec, ...] = Field(
         (), description="seeds an empty state store; once it holds routes, the store's win"
     )

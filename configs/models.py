@@ -203,6 +203,25 @@ class Signing(Strict):
 # ---- serving -------------------------------------------------------------------------------------
 
 
+class ChatTemplate(Strict):
+    """The chat-template gate: a template that changed since the previous release, or that the
+    lint or the probe flags, fails the release unless its digest is approved here."""
+
+    approved: list[str] = Field(
+        default=[],
+        description="sha256:<hex> digests of templates a person reviewed and approved "
+        "(the release's failure message prints the digest and the diff)",
+    )
+
+    @field_validator("approved")
+    @classmethod
+    def _digests(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
+                raise ValueError(f"{value!r} is not a sha256:<64 lowercase hex> template digest")
+        return values
+
+
 class Smoke(Strict):
     """The prompt every built variant must answer, served by vLLM, before it is signed."""
 
@@ -243,6 +262,7 @@ class ModelConfig(Strict):
     )
     variants: list[Variant] = Field(min_length=1)
     signing: Signing = Signing()
+    chat_template: ChatTemplate = ChatTemplate()
     smoke: Smoke = Smoke()
     serving: Serving = Serving()
     evaluation: Evaluation = Evaluation()

@@ -6,6 +6,7 @@ nothing, and `slipway gateway` does not pay for Prefect and MLflow.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -287,6 +288,79 @@ def accept(model: str, version: str, by: str, reason: str) -> None:
 
 
 @cli.command()
+@click.argument("model")
+@click.argument("version")
+def attestation(model: str, version: str) -> None:
+    """Print VERSION of MODEL's signed evaluation attestation (JSON, as routes carry it) after
+    checking it as serving does; its statement and the check's result go to stderr."""
+    from serving.attestation import Refused, admit, verify
+    from tasks.attest import policy
+    from tasks.registry import Registry
+    from tasks.servable import NotServable, version_of
+
+    home = Home.from_env()
+    try:
+        chosen = version_of(Registry(home), model, version)
+        signed = chosen.attestation
+    except (NotServable, Refused) as e:
+        raise click.ClickException(str(e)) from None
+    if signed is None:
+        raise click.ClickException(f"{model} v{version} has no evaluation attestation")
+    click.echo(json.dumps(signed))
+    try:
+        found = verify(signed, policy(home))
+        click.echo(json.dumps(found.predicate, indent=1), err=True)
+        admit(signed, chosen.tags["digest"], policy(home))
+        click.echo(f"servable: signed by {', '.join(found.signers)}", err=True)
+    except Refused as e:
+        click.echo(f"refused: {e}", err=True)
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("version")
+def attest(model: str, version: str) -> None:
+    """Sign an evaluation attestation for VERSION of MODEL, registered before releases attested,
+    from its recorded verdict (its eval_* tags), with this home's key. Serving needs one."""
+    from serving.attestation import Refused
+    from tasks.attest import attest_recorded
+    from tasks.registry import Registry
+
+    try:
+        made = attest_recorded(Registry(Home.from_env()), model, version)
+    except Refused as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"attested {model} v{version}: {', '.join(f'{k}={v}' for k, v in made.items())}")
+
+
+@cli.command()
+@click.argument("kind", type=click.Choice(["digest", "key"]))
+@click.argument("value")
+@click.option("--reason", required=True, help="why (kept in the deny-list)")
+def deny(kind: str, value: str, reason: str) -> None:
+    """Deny-list a model digest or a signing key (sha256:<hex> of its DER public key): nothing
+    it covers is served again (`make up`, the rollout, the revert, and running gateways, which
+    re-read the list). Lists the registered versions it makes unservable."""
+    from tasks.attest import covered_by
+    from tasks.attest import deny as deny_value
+    from tasks.registry import Registry
+
+    home = Home.from_env()
+    try:
+        deny_value(home, kind, value, reason)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    registry = Registry(home)
+    if kind == "key":
+        hit = covered_by(registry, value)
+    else:
+        hit = [(m, v) for m in registry.model_names() for v in registry.versions(m, digest=value)]
+    click.echo(f"deny-listed {kind} {value}: {reason}")
+    for model, version in hit:
+        click.echo(f"unservable: {model} v{version}")
+
+
+@cli.command()
 @click.argument("model", required=False)
 @click.option(
     "--config-dir",
@@ -509,6 +583,18 @@ def keys_rotate() -> None:
 
 
 # ---- load generator ------------------------------------------------------------------------------
+
+
+@keys.command("covers")
+@click.argument("key")
+def keys_covers(key: str) -> None:
+    """The registered versions KEY (sha256:<hex>) signed, weights or evaluation: what
+    deny-listing it (`slipway deny key KEY`) makes unservable."""
+    from tasks.attest import covered_by
+    from tasks.registry import Registry
+
+    for model, version in covered_by(Registry(Home.from_env()), key):
+        click.echo(f"{model} v{version}")
 
 
 @cli.group()

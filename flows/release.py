@@ -1,5 +1,6 @@
-"""The release flow: pull a model; for every variant build it, serve it once (smoke, quality,
-speed), judge it against bf16, sign, verify and register it in MLflow with its verdict."""
+"""The release flow: pull a model and gate its chat template; for every variant build it, serve
+it once (smoke, quality, speed), judge it against bf16, sign, verify, attest its evaluation and
+provenance (signed statements about its digest) and register it in MLflow with its verdict."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ from configs.home import Home
 from configs.models import ModelConfig, Variant, load_model_config
 from evaluation.quality.gates import QualityResult, Verdict, gated_metric, judge
 from serving.vllm import can_serve, detect_hardware
+from tasks.attest import attest_release_task
 from tasks.evaluate import Trial, TrialError, log_trial_task, recorded_quality, trial_task
 from tasks.hub import pull_task
 from tasks.quantize import QuantizeError, VariantBuild, quantize_task
 from tasks.registry import RegisteredVersion, find_task, first_champion_task, register_task
 from tasks.signing import sign_task, verify_task
 from tasks.store import Entry, point_task, prepare_store_task
+from tasks.template import template_task
 
 
 # No log_prints: a dependency prints bytecode to stdout while datasets hashes a loader function.
@@ -28,6 +31,7 @@ def release(config_path: str = "configs/models/smollm2-135m.yaml") -> list[Outco
     home = Home.from_env()
     prepare_store_task(home, config.name)
     base, _ = pull_task(config.source, config.name, home, config.allow_pickle)
+    template_task(base, config, home)  # a changed or flagged chat template stops it here
     outcomes: list[Outcome] = []
     for variant in sorted(config.variants, key=lambda v: v.recipe != "bf16"):  # the base first
         baseline = outcomes[0].quality if outcomes else None
@@ -80,6 +84,7 @@ def release_variant(
         | {"variant": variant.label, "recipe": variant.recipe, "signature_verified": "true"}
         | signature.trust.tags()
         | verdict.tags()
+        | attest_release_task(entry, config, variant, trial.quality, verdict, base, built, home)
     )
     registered = register_task(home, config.name, entry.root, manifest.digest, tags)
     log_trial_task(home, registered, built, trial, verdict)

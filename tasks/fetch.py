@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Callable
 
 from configs.home import Home
+from tasks.attest import ATTESTATIONS
 from tasks.manifest import MANIFEST, Manifest, hash_dir, model_digest
 from tasks.registry import Registry
 from tasks.servable import champions
@@ -56,6 +57,8 @@ def fetch(registry: Registry, model: str, version: str) -> tuple[Entry, bool]:
         )
         if not entry.signature.exists():
             shutil.copyfile(signature, entry.signature)
+        if (work / ATTESTATIONS).is_dir():  # checked where they are used: check_servable
+            shutil.copytree(work / ATTESTATIONS, entry.root / ATTESTATIONS, dirs_exist_ok=True)
     return entry, True
 
 

@@ -13,6 +13,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from evaluation.quality.chat_template import digest as template_digest
+from evaluation.quality.chat_template import extract
+
 MANIFEST = "manifest.json"
 
 
@@ -24,14 +27,15 @@ class Manifest:
     files: dict[str, str]
     license: str | None = None
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    chat_template_sha256: str | None = None  # None: no chat template (or recorded before it was)
 
     def tags(self) -> dict[str, str]:
-        """What the registry records of where the model came from."""
+        """What the registry records of where the model came from, and its chat template."""
         return {
             "source": self.source,
             "revision": self.revision,
             "license": self.license or "unknown",
-        }
+        } | ({"chat_template_sha256": t} if (t := self.chat_template_sha256) else {})
 
     @classmethod
     def of(
@@ -39,7 +43,15 @@ class Manifest:
     ) -> Manifest:
         """The manifest of `model_dir` (hashed here unless `files` already holds its hashes)."""
         files = files if files is not None else hash_dir(model_dir)
-        return cls(source, revision, model_digest(files), files, find_license(model_dir))
+        template = extract(model_dir)
+        return cls(
+            source,
+            revision,
+            model_digest(files),
+            files,
+            find_license(model_dir),
+            chat_template_sha256=template_digest(template) if template is not None else None,
+        )
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")

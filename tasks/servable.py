@@ -4,8 +4,10 @@ regression make before any traffic reaches a version.
 A version is servable only if its evaluation passed (or was inconclusive and a person accepted it
 by name, `accept`: never automatically), its store entry (the directory named by its
 registered digest) holds its weights, manifest and signature, the signature verifies with exactly
-the trust the version records, and both the manifest's digest and the digest of the files
-themselves equal the digest the registry holds for it.
+the trust the version records, both the manifest's digest and the digest of the files
+themselves equal the digest the registry holds for it, and its signed evaluation attestation
+(tasks/attest.py) is about exactly that digest, passed (or carries the signed acceptance), and is
+signed by a key of this home's keyring that is not deny-listed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from configs.home import Home
+from configs.models import Signing
+from serving.attestation import EVALUATION, Refused, admit
+from tasks.attest import TAG, accepted, policy, read
 from tasks.manifest import Manifest, hash_dir, model_digest
 from tasks.registry import Registry
 from tasks.signing import SignatureError, Trust, verify
@@ -59,6 +64,11 @@ class ModelVersion:
     def weights(self) -> Path:
         return self.entry.weights
 
+    @property
+    def attestation(self) -> object:
+        """Its signed evaluation attestation (the one its tags name), as routes carry it."""
+        return read(self.entry, self.tags)
+
     def __str__(self) -> str:
         return f"{self.model} v{self.version} ({self.tags.get('variant', 'no variant tag')})"
 
@@ -80,6 +90,10 @@ def accept(registry: Registry, model: str, version: str, by: str, reason: str) -
         "eval_accepted_reason": reason,
         "eval_accepted_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    chosen = version_of(registry, model, version)
+    acceptance = {k.removeprefix("eval_accepted_"): v for k, v in tags.items()}
+    # Signed with this home's key: the acceptance is this operator's word, not the release's.
+    tags |= accepted(chosen.entry, chosen.tags, model, acceptance, registry.home, Signing())
     registry.tag(model, version, tags)
     return tags
 
@@ -145,3 +159,13 @@ def check_servable(version: ModelVersion, role: str = CHAMPION) -> None:
             f"the weights at {weights} hash to {actual}, not the registered {digest}: "
             "they changed after the release; re-run the release"
         )
+    try:
+        admit(version.attestation, digest, policy(version.home))
+    except Refused as e:
+        hint = (
+            f"; a version registered before releases attested gets one from its recorded "
+            f"verdict with `slipway attest {version.model} {version.version}`"
+            if not tags.get(TAG[EVALUATION])
+            else ""
+        )
+        raise refuse(f"its evaluation attestation is refused: {e}{hint}") from None

@@ -254,7 +254,7 @@ def migrate(home: Home) -> list[str]:
             revision = recorded.revision if recorded else "unknown"
             manifest = Manifest.of(old / WEIGHTS, source, revision, files)
             entry.root.mkdir(parents=True)
-            for name in (WEIGHTS, SIGNATURE, "evaluation"):
+            for name in (WEIGHTS, SIGNATURE, "evaluation", "attestations"):
                 if (old / name).exists():
                     os.replace(old / name, entry.root / name)
             manifest.write(entry.manifest)

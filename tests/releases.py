@@ -1,17 +1,27 @@
-"""Registered versions for tests: pulled, signed and registered the way the release flow does."""
+"""Registered versions for tests: pulled, signed, attested and registered the way the release flow
+does (the evaluation attestation states the `eval_status` asked for)."""
 
 from __future__ import annotations
 
 import json
 import struct
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 from configs.home import Home
 from configs.models import DirSource, Signing
+from evaluation.benchmarks.mock_upstream import MockUpstream, serve
+from serving.attestation import EVALUATION
+from serving.gateway.app import build_app
+from tasks.attest import attest
+from tasks.gateway_admin import GatewayAdmin
 from tasks.hub import pull
 from tasks.registry import Registry
+from tasks.servable import version_of
 from tasks.signing import keygen, sign
 from tasks.store import Store
+from tests.serving.conftest import MODEL, Secrets
 
 
 def stand_in_model(root: Path, content: bytes) -> Path:
@@ -45,10 +55,35 @@ def release(
     signed = sign(entry.weights, signing or Signing(), home)
     digest = tags.pop("digest", manifest.digest)
     tags = {
+        **manifest.tags(),
         "eval_status": "passed",
         "variant": variant,
         "signature_verified": "true",
         **signed.trust.tags(),
         **tags,
     }
+    verdict = {"verdict": tags["eval_status"], "variant": variant}
+    tags |= attest(entry, name, EVALUATION, verdict, signing or Signing(), home)
     return Registry(home).register(name, entry.root, digest, tags).version
+
+
+def attestation_of(home: Home, name: str, version: str) -> Any:
+    """The version's evaluation attestation, as the rollout carries it into a route."""
+    return version_of(Registry(home), name, version).attestation
+
+
+def gateway_serving(stack: ExitStack, home: Home, version: str) -> GatewayAdmin:
+    """A real gateway whose route serves `version` alone, as stable."""
+    keys = Secrets()
+    upstream = stack.enter_context(serve(MockUpstream()))
+    backend = {
+        "version": version,
+        "url": upstream,
+        "served_model": f"{MODEL}-v{version}",
+        "digest": Registry(home).tags(MODEL, version)["digest"],
+        "attestation": attestation_of(home, MODEL, version),
+        "weight": 100,
+        "role": "stable",
+    }
+    url = stack.enter_context(serve(build_app(keys.config([backend]), home)))
+    return GatewayAdmin(url, keys.admin)

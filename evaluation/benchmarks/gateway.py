@@ -35,6 +35,7 @@ import aiohttp
 import click
 
 from configs.home import REPO, Home
+from evaluation.benchmarks.attested import Signer
 from serving.gateway.auth import key_hash
 from serving.processes import free_port
 
@@ -360,6 +361,7 @@ def start_gateway(
     start: Callable[..., subprocess.Popen], upstream: str, env: dict, work: Path
 ) -> Proxy:
     port, key = free_port(), "sk-bench-" + secrets.token_urlsafe(24)
+    signer, digest = Signer(work), "sha256:" + "0" * 64
     config = {
         "admin_token_sha256": key_hash(secrets.token_urlsafe(24)),
         "routes": [
@@ -370,8 +372,8 @@ def start_gateway(
                         "version": "1",
                         "url": upstream,
                         "served_model": "bench",
-                        "digest": "sha256:" + "0" * 64,
-                        "verified": True,
+                        "digest": digest,
+                        "attestation": signer.attest(digest),
                         "weight": 100,
                         "role": "stable",
                         "max_concurrency": 1024,
@@ -394,6 +396,7 @@ def start_gateway(
         "usage": {"url": f"sqlite:///{work / 'usage.sqlite'}"},
         # Its own state store: the home's holds the routes `make up` wrote, not this one.
         "state": {"url": f"sqlite:///{work / 'state.sqlite'}"},
+        "trust": signer.trust(),
     }
     (work / "gateway.json").write_text(json.dumps(config))  # YAML is a superset of JSON
     cli = [sys.executable, "-m", "flows.cli", "gateway", "--config", str(work / "gateway.json")]

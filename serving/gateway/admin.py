@@ -32,11 +32,12 @@ from starlette.responses import Response
 
 from configs.gateway import Audience, BackendSpec, MirrorSpec, RouteSpec
 from configs.loader import Strict, describe
+from serving.attestation import Refused
 from serving.gateway.audit import AuditLog
 from serving.gateway.codec import JSONDecodeError, dumps, loads
 from serving.gateway.errors import BadRequest, NotFound
 from serving.gateway.routing import Route
-from serving.gateway.table_sync import TableSync
+from serving.gateway.table_sync import Edit, TableSync
 
 log = logging.getLogger("serving.gateway")
 
@@ -117,6 +118,15 @@ class AdminAPI:
             raise _not_found(model)
         return route
 
+    async def _change(self, model: str, edit: Edit) -> Route:
+        """The route `edit` makes, served once its backends' attestations are admitted."""
+        try:
+            return await self.sync.change(model, edit)
+        except Refused as e:
+            raise BadRequest(
+                f"refusing to serve it: {e}", param="backends", code="attestation_refused"
+            ) from None
+
     async def list_routes(self, request: Request) -> Response:
         return json_response({"routes": [r.describe() for r in self.current.table.routes.values()]})
 
@@ -137,7 +147,7 @@ class AdminAPI:
                 f"invalid route for '{model}':\n{describe(e)}", param="backends"
             ) from None
         before = self.current.table.get(model)
-        route = await self.sync.change(model, lambda _: spec)
+        route = await self._change(model, lambda _: spec)
         log.info("route '%s' set: %s", model, _weights_text(route))
         await self.audit.record_for(request, "route.put", model, _spec(before), _spec(route))
         return json_response(route.describe())
@@ -146,7 +156,7 @@ class AdminAPI:
         before = self._route(request)  # an unknown model is a 404 before the body is read
         update = await payload(request, WeightsUpdate)
         model = request.path_params["model"]
-        route = await self.sync.change(model, lambda route: _reweighted(model, route, update))
+        route = await self._change(model, lambda route: _reweighted(model, route, update))
         log.info("weights of '%s' set: %s", model, _weights_text(route))
         await self.audit.record_for(request, "route.weights", model, _spec(before), _spec(route))
         return json_response(route.describe())

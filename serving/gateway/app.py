@@ -58,6 +58,7 @@ from serving.gateway.spend import SpendBook
 from serving.gateway.state import store_for
 from serving.gateway.table_sync import TableSync
 from serving.gateway.tenants_api import TenantsAPI
+from serving.gateway.trust import Trust
 from serving.gateway.usage import UsageLog, UsageMiddleware, default_url, sink_for
 
 
@@ -72,6 +73,7 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
         config.breaker,
         config.stats.samples,
         config.state.poll_interval_s,
+        Trust(config.trust, (home or Home.from_env()).keys),
     )
     upstream = Upstream(config.timeouts)
     limiter: Limiter = (

@@ -9,9 +9,13 @@ serves the store's routes, not the file's.
 - poll: every `state.poll_interval_s` one cheap version read; a new version is read whole and a
   table built from it replaces the one in use (live backends reused). Requests never wait on the
   store: they read the table in memory.
-- change (the admin API): the new route is computed from the table in use, written with
-  compare-and-set on that table's version, then swapped in here. A conflict (another instance
-  wrote first) reloads and computes again: no change is lost, none lands on a stale base.
+- change (the admin API): the new route is computed from the table in use, its backends'
+  attestations checked (serving/gateway/trust.py), written with compare-and-set on that table's
+  version, then swapped in here. A conflict (another instance wrote first) reloads and computes
+  again: no change is lost, none lands on a stale base.
+Every route read from the store is checked against the trust too: one with a backend whose
+attestation is refused (tampered, for another digest, deny-listed) is left out of the table and the
+reason logged, while the others are served; a change to the trust's files re-checks them all.
 A route whose record changed starts a new statistics window on every instance. A store that stops
 answering leaves the table as it is (requests are served; admin changes get 503) and is logged
 once until it answers again.
@@ -31,6 +35,7 @@ from pydantic import ValidationError
 
 from configs.gateway import BreakerSpec, RouteSpec
 from configs.loader import describe
+from serving.attestation import Refused
 from serving.gateway.background import stop
 from serving.gateway.errors import store_busy, store_unavailable
 from serving.gateway.routing import CurrentTable, Route
@@ -42,6 +47,7 @@ from serving.gateway.state.store import (
     StateStore,
     StoreUnavailable,
 )
+from serving.gateway.trust import Trust
 
 log = logging.getLogger("serving.gateway")
 
@@ -81,8 +87,10 @@ class TableSync:
         breaker: BreakerSpec,
         samples: int,
         poll_interval_s: float,
+        trust: Trust,
     ) -> None:
         self.store = store
+        self.trust = trust
         self.current = current
         self._seed = seed
         self._breaker = breaker  # for the backends a new route brings
@@ -132,7 +140,7 @@ class TableSync:
     def _apply(self, snapshot: Snapshot) -> None:
         """Swap in the table of `snapshot`; a route whose record changed starts a new window."""
         self._seen = snapshot.version  # an invalid one is not read again until it changes
-        specs = decode(snapshot, self.store.where)
+        specs = self._admitted(decode(snapshot, self.store.where))
         table = self.current.table.rebuilt(
             specs.values(), self._breaker, self._samples, snapshot.version
         )
@@ -144,12 +152,28 @@ class TableSync:
         self._revisions = revisions
         self.current.table = table
 
+    def check(self, spec: RouteSpec) -> None:
+        """Raise Refused unless every backend of `spec` may be served."""
+        for backend in spec.backends:
+            self.trust.check(spec.model, backend)
+
+    def _admitted(self, specs: Mapping[str, RouteSpec]) -> dict[str, RouteSpec]:
+        admitted = {}
+        for model, spec in specs.items():
+            try:
+                self.check(spec)
+            except Refused as e:
+                log.error("not serving %s: %s", model, e)
+                continue
+            admitted[model] = spec
+        return admitted
+
     async def _poll(self) -> None:
         down = False
         while True:
             await asyncio.sleep(self._interval)
             try:
-                if await self.store.version(ROUTES) != self._seen:
+                if self.trust.reload() or await self.store.version(ROUTES) != self._seen:
                     assert self._lock is not None
                     async with self._lock:
                         self._apply(await self.store.read(ROUTES))
@@ -176,6 +200,7 @@ class TableSync:
                 for _ in range(_TRIES):
                     table = self.current.table
                     spec = edit(table.get(model))
+                    self.check(spec)
                     try:
                         version = await self.store.write(
                             ROUTES, table.version, {model: encode(spec)}

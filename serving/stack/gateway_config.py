@@ -64,7 +64,7 @@ def write_gateway_config(home: Home, backends: list[Backend], port: int) -> Path
                         "url": b.url,
                         "served_model": b.champion.served_name,
                         "digest": b.champion.tags["digest"],
-                        "verified": True,
+                        "attestation": b.champion.attestation,
                         "weight": 100,
                         "role": "stable",
                     }

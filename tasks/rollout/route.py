@@ -23,7 +23,7 @@ def _spec(backend: dict[str, Any], **changes: Any) -> dict[str, Any]:
         "url",
         "served_model",
         "digest",
-        "verified",
+        "attestation",
         "weight",
         "role",
         "max_concurrency",
@@ -45,7 +45,7 @@ def add_canary(admin: GatewayAdmin, model: str, running: RunningVersion) -> None
         "url": running.url,
         "served_model": version.served_name,
         "digest": version.tags["digest"],
-        "verified": True,
+        "attestation": version.attestation,
         "weight": 0,
         "role": "canary",
     }

@@ -13,6 +13,7 @@ from configs.gateway import load_gateway_config
 from configs.loader import ConfigError
 from flows.cli import cli
 from serving.gateway.auth import key_hash
+from tests.serving.conftest import SIGNER
 
 ADMIN = key_hash("admin-token")
 KEY = key_hash("tenant-key")
@@ -30,7 +31,7 @@ def good() -> dict:
                         "url": "http://127.0.0.1:8001",
                         "served_model": "m-v1",
                         "digest": "sha256:" + "a" * 64,
-                        "verified": True,
+                        "attestation": SIGNER.attest("sha256:" + "a" * 64),
                         "weight": 100,
                         "role": "stable",
                     }
@@ -53,6 +54,13 @@ def backend_with(**fields) -> dict:
     return raw
 
 
+def vouched_for() -> dict:
+    """A backend as configs had it before attestations: `verified: true` on the writer's word."""
+    raw = backend_with(verified=True)
+    del raw["routes"][0]["backends"][0]["attestation"]
+    return raw
+
+
 @pytest.mark.parametrize(
     ("raw", "field", "words"),
     [
@@ -66,11 +74,7 @@ def backend_with(**fields) -> dict:
             "admin_token_sha256",
             "sha256 hex digest",
         ),
-        (
-            backend_with(verified=False),
-            "routes.0.backends.0.verified",
-            "after its signature verified",
-        ),
+        (vouched_for(), "routes.0.backends.0.attestation", "Field required"),
         (backend_with(digest="md5:abc"), "routes.0.backends.0.digest", "sha256:<64 lowercase hex"),
         (backend_with(url="127.0.0.1:8001"), "routes.0.backends.0.url", "not an http(s) base URL"),
         (backend_with(weight=-1), "routes.0.backends.0.weight", "greater than or equal to 0"),
@@ -96,7 +100,7 @@ def backend_with(**fields) -> dict:
     ids=[
         "plaintext-key",
         "plaintext-admin",
-        "unverified",
+        "vouched-for",
         "digest",
         "url",
         "weight",
@@ -117,8 +121,8 @@ def test_bad_gateway_configs_name_the_file_and_field(tmp_path, raw, field, words
 
 
 def test_the_gateway_refuses_to_start_on_a_bad_config(tmp_path):
-    path = write(tmp_path, backend_with(verified=False))
+    path = write(tmp_path, vouched_for())
     result = CliRunner().invoke(cli, ["gateway", "--config", str(path)])
     assert result.exit_code == 1
-    assert "routes.0.backends.0.verified" in result.output and "Traceback" not in result.output
+    assert "routes.0.backends.0.attestation" in result.output and "Traceback" not in result.output
     assert load_gateway_config(write(tmp_path, good())).routes[0].model == "m"

@@ -20,6 +20,7 @@ from serving.gateway.app import build_app
 from serving.gateway.auth import key_hash
 from serving.gateway.usage import METER, UNBILLED, USAGE, read_table, read_usage
 from tests.evaluation.conftest import SERVED
+from tests.serving.conftest import SIGNER
 
 KEY, ADMIN = "sk-test-usage-vllm", "adm-test-usage-vllm"
 COUNTERS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
@@ -54,7 +55,7 @@ def gateway(tiny_server, home):
         "url": tiny_server.url,
         "served_model": SERVED,
         "digest": "sha256:" + "0" * 64,
-        "verified": True,
+        "attestation": SIGNER.attest("sha256:" + "0" * 64),
         "weight": 100,
         "role": "stable",
     }
@@ -64,6 +65,7 @@ def gateway(tiny_server, home):
             "routes": [{"model": "tiny-chat", "backends": [backend]}],
             "tenants": [{"name": "alice", "key_sha256": key_hash(KEY)}],
             "usage": {"batch_interval_s": 0.1, "meter_interval_s": 0.3},
+            "trust": SIGNER.trust(),
         }
     )
     with serve(build_app(config, home)) as url:

@@ -32,6 +32,7 @@ from serving.gateway.app import build_app
 from tasks.registry import Registry
 from tasks.rollout.inflight import IN_FLIGHT, InFlight
 from tests.flows.test_rollout import BASE_DELAY_S, CHUNK_DELAY_S, Stage, registered
+from tests.releases import attestation_of
 from tests.serving.conftest import MODEL, Secrets
 
 Matcher = Callable[[str, str, dict[str, Any]], bool]  # (method, path, JSON body)
@@ -112,7 +113,7 @@ def staged(home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Itera
             "url": upstream_url,
             "served_model": f"{MODEL}-v{stable}",
             "digest": registry.tags(MODEL, stable)["digest"],
-            "verified": True,
+            "attestation": attestation_of(home, MODEL, stable),
             "weight": 100,
             "role": "stable",
         }

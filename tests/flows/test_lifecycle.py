@@ -35,6 +35,7 @@ from tasks.signing import trusted
 from tasks.store import Store
 from tests.conftest import make_home
 from tests.flows.test_rollout import BASE_DELAY_S, CHUNK_DELAY_S, Stage, traffic
+from tests.releases import attestation_of
 from tests.releases import release as register
 from tests.serving.conftest import MODEL, Secrets
 
@@ -134,7 +135,7 @@ def test_the_second_release_is_as_safe_as_the_first(
             "url": upstream_url,
             "served_model": f"{MODEL}-v{v1}",
             "digest": d1,
-            "verified": True,
+            "attestation": attestation_of(home, MODEL, v1),
             "weight": 100,
             "role": "stable",
         }

@@ -33,6 +33,7 @@ from tests.flows.killing import (
     story,
 )
 from tests.flows.test_rollout import Stage, traffic
+from tests.releases import attestation_of
 from tests.serving.conftest import MODEL
 
 
@@ -47,7 +48,7 @@ def promoted(home, tmp_path, monkeypatch, prefect_server) -> Iterator[Killable]:
             "url": stage.upstream_url,
             "served_model": f"{MODEL}-v{stage.candidate}",
             "digest": stage.registry.tags(MODEL, stage.candidate)["digest"],
-            "verified": True,
+            "attestation": attestation_of(home, MODEL, stage.candidate),
             "weight": 100,
             "role": "stable",
         }

@@ -21,7 +21,7 @@ from tasks.engines import stop_version
 from tasks.registry import Registry
 from tests.flows.killing import routed
 from tests.flows.test_rollout import Stage, registered, traffic
-from tests.releases import release
+from tests.releases import attestation_of, release
 from tests.serving.conftest import MODEL, Secrets
 
 pytestmark = pytest.mark.stress
@@ -57,7 +57,7 @@ def test_a_revert_with_a_cold_vllm_start(
             "url": upstream_url,
             "served_model": f"{MODEL}-v{champion}",
             "digest": registry.tags(MODEL, champion)["digest"],
-            "verified": True,
+            "attestation": attestation_of(home, MODEL, champion),
             "weight": 100,
             "role": "stable",
         }

@@ -27,7 +27,7 @@ from tasks.rollout.history import ROLLOUTS
 from tasks.rollout.plan import RolloutRefused
 from tasks.servable import version_of
 from tasks.store import writable
-from tests.releases import release, stand_in_model
+from tests.releases import attestation_of, release, stand_in_model
 from tests.serving.conftest import MODEL, Secrets
 
 BASE_DELAY_S = 0.02  # before the first chunk
@@ -108,7 +108,7 @@ def stage(home, tmp_path, monkeypatch, prefect_server, breaker) -> Iterator[Stag
             "url": upstream_url,
             "served_model": f"{MODEL}-v{stable}",
             "digest": digest,
-            "verified": True,
+            "attestation": attestation_of(home, MODEL, stable),
             "weight": 100,
             "role": "stable",
         }

@@ -23,7 +23,7 @@ from tests.flows.killing import (
     start_flow,
 )
 from tests.flows.test_rollout import Stage, registered, traffic
-from tests.releases import release
+from tests.releases import attestation_of, release
 from tests.serving.conftest import MODEL, Secrets
 
 pytestmark = pytest.mark.stress
@@ -50,7 +50,7 @@ def test_killed_while_serving_a_vllm_candidate_and_during_its_step(
             "url": upstream_url,
             "served_model": f"{MODEL}-v{stable}",
             "digest": registry.tags(MODEL, stable)["digest"],
-            "verified": True,
+            "attestation": attestation_of(home, MODEL, stable),
             "weight": 100,
             "role": "stable",
         }

@@ -34,7 +34,7 @@ from tasks.quantize import build_variant
 from tasks.registry import Registry
 from tasks.store import Store
 from tests.conftest import make_home
-from tests.releases import release
+from tests.releases import attestation_of, release
 from tests.serving.conftest import Secrets
 from tests.tinymodel import perturb
 
@@ -66,7 +66,7 @@ def stable_behind_gateway(
             "url": server.url,
             "served_model": f"{name}-v{stable}",
             "digest": Registry(home).tags(name, stable)["digest"],
-            "verified": True,
+            "attestation": attestation_of(home, name, stable),
             "weight": 100,
             "role": "stable",
         }

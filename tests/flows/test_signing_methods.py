@@ -11,15 +11,12 @@ from pathlib import Path
 import pytest
 
 from configs.models import Signing
-from evaluation.benchmarks.mock_upstream import MockUpstream, serve
-from serving.gateway.app import build_app
-from tasks.gateway_admin import GatewayAdmin
 from tasks.registry import Registry
 from tasks.rollout.plan import RolloutRefused, preconditions
 from tasks.servable import NotServable, check_servable, version_of
 from tasks.store import writable
-from tests.releases import release, stand_in_model
-from tests.serving.conftest import MODEL, Secrets
+from tests.releases import gateway_serving, release, stand_in_model
+from tests.serving.conftest import MODEL
 from tests.tasks.test_signing import make_chain
 
 
@@ -38,23 +35,6 @@ def signing_for(method: str, tmp_path: Path) -> Signing:
     )
 
 
-def gateway_serving(stack, home, registry: Registry, version: str) -> tuple[str, Secrets]:
-    """A real gateway whose route serves `version` as stable (from a mock upstream)."""
-    keys = Secrets()
-    upstream = stack.enter_context(serve(MockUpstream()))
-    backend = {
-        "version": version,
-        "url": upstream,
-        "served_model": f"{MODEL}-v{version}",
-        "digest": registry.tags(MODEL, version)["digest"],
-        "verified": True,
-        "weight": 100,
-        "role": "stable",
-    }
-    url = stack.enter_context(serve(build_app(keys.config([backend]), home)))
-    return url, keys
-
-
 @pytest.mark.parametrize("method", ["key", "certificate", "sigstore"])
 def test_make_up_and_the_rollout_verify_each_signing_method(home, tmp_path, method):
     config = signing_for(method, tmp_path)
@@ -68,8 +48,7 @@ def test_make_up_and_the_rollout_verify_each_signing_method(home, tmp_path, meth
     assert champion.tags["signing_method"] == method
     check_servable(champion)  # `make up`'s check
     with ExitStack() as stack:
-        url, keys = gateway_serving(stack, home, registry, stable)
-        admin = GatewayAdmin(url, keys.admin)
+        admin = gateway_serving(stack, home, stable)
         plan = preconditions(registry, admin, MODEL, candidate)  # the rollout's
         assert plan.candidate.version == candidate and plan.stable.version == stable
 

@@ -15,11 +15,13 @@ import pytest
 import redis
 
 from configs.gateway import GatewayConfig
+from evaluation.benchmarks.attested import Signer
 from evaluation.benchmarks.mock_upstream import MockUpstream, serve
 from serving.gateway.app import build_app
 from serving.gateway.auth import key_hash
 
 MODEL = "tiny-chat"
+SIGNER = Signer()  # the evaluation attestations of the made-up backends, and the trust in them
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 # Server-sent events as a backend streams them, for the relay's unit tests.
@@ -55,12 +57,14 @@ def digest(version: str) -> str:
 def backend(
     url: str, version: str, role: str = "stable", weight: float = 100, **extra: Any
 ) -> dict:
+    """A backend with the test signer's passing evaluation attestation of its digest."""
+    loaded = extra.pop("digest", digest(version))
     return {
         "version": version,
         "url": url,
         "served_model": f"served-{version}",
-        "digest": digest(version),
-        "verified": True,
+        "digest": loaded,
+        "attestation": SIGNER.attest(loaded),
         "weight": weight,
         "role": role,
         **extra,
@@ -89,6 +93,7 @@ class Secrets:
                 "admin_token_sha256": key_hash(self.admin),
                 "routes": [{"model": MODEL, "backends": backends}] if backends else [],
                 "tenants": tenants,
+                "trust": SIGNER.trust(),
                 **fields,
             }
         )

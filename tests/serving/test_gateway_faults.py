@@ -40,7 +40,7 @@ from configs.home import REPO
 from serving.gateway.auth import key_hash
 from serving.gateway.usage import read_usage
 from serving.processes import free_port
-from tests.serving.conftest import MODEL, backend, chat
+from tests.serving.conftest import MODEL, SIGNER, backend, chat
 
 
 @contextmanager
@@ -111,6 +111,7 @@ def gateway(
         "tenants": [{"name": "alice", "key_sha256": key_hash(key)}, *tenants],
         "usage": {"url": usage},
         "state": {"url": f"sqlite:///{tmp_path / 'state.sqlite'}"},  # a store of this test's own
+        "trust": SIGNER.trust(),
         **fields,
     }
     path = tmp_path / "gateway.json"

@@ -22,7 +22,7 @@ from starlette.testclient import TestClient
 from evaluation.benchmarks.mock_upstream import MockUpstream, serve
 from serving.gateway.app import build_app
 from tests.conftest import make_home
-from tests.serving.conftest import MODEL, Secrets, backend, digest
+from tests.serving.conftest import MODEL, SIGNER, Secrets, backend, digest
 
 SPLIT = "fuzz-split"  # a stable/canary route whose weights the fuzzer changes
 SCALES = [pytest.param(1, id="ci"), pytest.param(20, id="stress", marks=pytest.mark.stress)]
@@ -263,7 +263,16 @@ def test_admin_route_bodies(gateway, scale):
             "served_model": field(TEXT),
             "digest": field(st.sampled_from([digest("1"), digest("2"), "sha256:xyz"])),
             "expected_digest": field(st.sampled_from([digest("1"), digest("2")])),
-            "verified": field(st.booleans()),
+            "attestation": field(
+                st.sampled_from(
+                    [
+                        SIGNER.attest(digest("1")),
+                        SIGNER.attest(digest("2"), verdict="failed"),
+                        {"dsseEnvelope": {"signatures": "x"}, "verificationMaterial": 1},
+                        "not an attestation",
+                    ]
+                )
+            ),
             "weight": WEIGHT,
             "role": field(st.sampled_from(["stable", "canary"])),
         },

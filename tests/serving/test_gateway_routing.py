@@ -105,11 +105,10 @@ def test_admin_route_changes_verify_digests(mock, keys, run_gateway):
             and "differs from the registered digest" in error["message"]
         )
 
-        unverified = {
-            "backends": [{**backend(url, "4", verified=False), "expected_digest": digest("4")}]
-        }
-        r = httpx.put(f"{base}/admin/routes/{MODEL}", json=unverified, headers=admin(keys))
-        assert r.status_code == 400 and "verified" in r.json()["error"]["message"]
+        vouched = {k: v for k, v in backend(url, "4").items() if k != "attestation"}
+        forged = {"backends": [{**vouched, "verified": True, "expected_digest": digest("4")}]}
+        r = httpx.put(f"{base}/admin/routes/{MODEL}", json=forged, headers=admin(keys))
+        assert r.status_code == 400 and "attestation" in r.json()["error"]["message"]
 
         # The refused changes left the route as it was.
         r = httpx.get(f"{base}/admin/routes/{MODEL}", headers=admin(keys))

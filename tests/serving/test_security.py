@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -31,8 +32,10 @@ from serving.gateway.app import build_app
 from serving.gateway.auth import key_hash
 from serving.processes import free_port
 from serving.stack.gateway_config import Backend, write_gateway_config
-from tasks.servable import ModelVersion
-from tests.serving.conftest import MODEL, backend, chat, digest
+from tasks.registry import Registry
+from tasks.servable import version_of
+from tests.releases import release, stand_in_model
+from tests.serving.conftest import MODEL, SIGNER, backend, chat, digest
 
 PUBLIC = {"/health", "/ready", "/metrics"}
 
@@ -167,10 +170,11 @@ def start_gateway(config: Path, port: int, log: Path, home: Path) -> subprocess.
         time.sleep(0.2)
 
 
-def test_no_key_or_token_in_any_file_or_log_of_a_gateway_run(home, mock):
+def test_no_key_or_token_in_any_file_or_log_of_a_gateway_run(home, mock, tmp_path):
     """The real gateway process at debug log level, config and secrets made by `make up`'s code."""
     _, url = mock
-    champion = ModelVersion(MODEL, "1", {"digest": digest("1"), "variant": "bf16"}, home)
+    version = release(home, MODEL, stand_in_model(tmp_path / "m", b"champion"))
+    champion = version_of(Registry(home), MODEL, version)
     port = free_port()
     config = write_gateway_config(home, [Backend(champion, url)], port)
     key, admin = home.demo_key.read_text().strip(), home.admin_token.read_text().strip()
@@ -178,6 +182,8 @@ def test_no_key_or_token_in_any_file_or_log_of_a_gateway_run(home, mock):
     near = key[:-1] + ("A" if key[-1] != "A" else "B")  # one character off the real key
     wrong = ["sk-slipway-" + "x" * 43, "sk-wrong-secret-value", near, admin + "0"]
 
+    # The made-up backend below is signed by the tests' key: trusted the way a rotated key is.
+    shutil.copyfile(SIGNER.public_key, home.keys / "trusted" / "tests.pub")
     proc = start_gateway(config, port, home.logs / "gateway.log", home.root)
     try:
         base = f"http://127.0.0.1:{port}"

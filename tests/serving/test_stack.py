@@ -25,6 +25,7 @@ from configs.gateway import load_gateway_config
 from configs.home import REPO, Home
 from configs.models import Signing, serving_for
 from flows.cli import cli
+from serving.attestation import admit
 from serving.gateway.auth import key_hash
 from serving.processes import (
     Proc,
@@ -37,6 +38,7 @@ from serving.processes import (
 )
 from serving.stack.gateway_config import Backend, write_gateway_config
 from serving.stack.operator import down
+from tasks.attest import policy
 from tasks.registry import Registry
 from tasks.servable import ModelVersion, NotServable, accept, champions, check_servable
 from tasks.signing import sign
@@ -213,7 +215,8 @@ def test_gateway_config_routes_the_champion_and_holds_only_hashes(home, model_di
     assert route.model == "m" and config.port == 8765
     assert (backend.version, backend.served_model) == ("1", "m-v1")
     assert backend.url == "http://127.0.0.1:8123"
-    assert (backend.role, backend.weight, backend.verified) == ("stable", 100, True)
+    assert (backend.role, backend.weight) == ("stable", 100)
+    admit(backend.attestation, backend.digest, policy(home))  # the champion's own, signed here
     assert backend.digest == champion.tags["digest"]
 
     key_file, admin_file = home.root / "demo-api-key", home.root / "admin-token"
