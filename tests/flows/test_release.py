@@ -7,8 +7,12 @@ import re
 
 import pytest
 
+from serving.attestation import PROVENANCE, Refused, admit
+from serving.attestation import verify as check_statement
+from tasks.attest import policy, read
 from tasks.manifest import Manifest
 from tasks.registry import EVALUATIONS, Registry
+from tasks.servable import version_of
 from tasks.signing import Trust, keygen, verify
 from tasks.store import Store
 from tests.flows.conftest import latest_artifact
@@ -77,6 +81,23 @@ def test_release_builds_judges_signs_and_registers_once(prefect_server, home, co
         assert run.data.metrics["slipway_knowledge/acc"] >= 0
         assert run.data.metrics["speed/synchronous/output_tokens_per_s"] > 0
     assert outcomes["bf16"].version.digest != outcomes["fp8-dynamic"].version.digest
+    # Each version's evaluation is attested for exactly its digest, and fp8's build too.
+    for label in ("bf16", "fp8-dynamic"):
+        chosen = version_of(registry, "tiny", outcomes[label].version.version)
+        found = check_statement(chosen.attestation, policy(home))
+        assert found.digests == (chosen.tags["digest"],)
+        assert found.predicate["verdict"] == chosen.tags["eval_status"]
+        assert set(found.predicate["suites"]) == set(outcomes[label].trial.quality.tasks)
+        assert found.predicate["harness"]["lm_eval"] and found.predicate["engine"]["vllm"]
+        assert found.predicate["samples"] == dict.fromkeys(found.predicate["suites"], 4)
+    bf16 = version_of(registry, "tiny", outcomes["bf16"].version.version)
+    admit(bf16.attestation, bf16.tags["digest"], policy(home))
+    assert "attestation_provenance" not in bf16.tags  # the base is not built from anything
+    fp8_version = version_of(registry, "tiny", outcomes["fp8-dynamic"].version.version)
+    with pytest.raises(Refused, match="'inconclusive', not passed"):
+        admit(fp8_version.attestation, fp8_version.tags["digest"], policy(home))
+    built = read(fp8_version.entry, fp8_version.tags, PROVENANCE)
+    assert check_statement(built, policy(home)).predicate["base"]["digest"] == bf16.tags["digest"]
     # bf16 is the reference, so it passes; as the first release it becomes champion. fp8-dynamic
     # on 4 items per task can show neither that it keeps the base's quality nor that it loses it.
     assert registry.tags("tiny", outcomes["bf16"].version.version)["eval_status"] == "passed"
