@@ -79,7 +79,10 @@ def up(
                 say(f"store:    fetched {champion} from MLflow (digest and signature checked)")
             check_servable(champion)
             digest = champion.tags["digest"]
-            say(f"checked:  {champion}: eval passed, signature and digest {digest} verified")
+            say(
+                f"checked:  {champion}: eval passed, signature, digest {digest} and its signed "
+                "evaluation attestation verified"
+            )
         except (NotServable, FetchError) as e:
             refusals.append(str(e))
     if refusals:
