@@ -133,12 +133,21 @@ class Policy:
         return cls(keys, authorities, frozenset(denied_digests), frozenset(denied_keys))
 
     @classmethod
-    def from_keyring(cls, folder: Path, **more: Iterable) -> Policy:
-        """Every `*.pub` key and `*.chain.pem` authority in a keyring folder (none if absent)."""
+    def from_keyring(
+        cls,
+        folder: Path,
+        key_files: Iterable[Path] = (),
+        authority_files: Iterable[Path] = (),
+        denied_digests: Iterable[str] = (),
+        denied_keys: Iterable[str] = (),
+    ) -> Policy:
+        """Every `*.pub` key and `*.chain.pem` authority in a keyring folder (none if absent),
+        and the given ones."""
         keys = sorted(folder.glob("*.pub")) if folder.is_dir() else []
         chains = sorted(folder.glob("*.chain.pem")) if folder.is_dir() else []
-        extra_keys, extra_chains = more.pop("key_files", ()), more.pop("authority_files", ())
-        return cls.load([*keys, *extra_keys], [*chains, *extra_chains], **more)
+        return cls.load(
+            [*keys, *key_files], [*chains, *authority_files], denied_digests, denied_keys
+        )
 
 
 @dataclass(frozen=True)

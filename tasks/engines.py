@@ -11,7 +11,7 @@ from configs.home import Home
 from configs.models import Serving
 from serving.processes import HOST, Proc, ProcessError, forget, read_state, record
 from serving.vllm import VLLMServer, VLLMStartError
-from tasks.servable import ModelVersion
+from tasks.servable import ModelVersion, check_servable
 
 
 class EngineError(RuntimeError):
@@ -29,7 +29,10 @@ class RunningVersion:
 
 def launch(version: ModelVersion, serving: Serving, home: Home) -> tuple[VLLMServer, Proc]:
     """Start vLLM on a version's weights, detached, with the record that lets `down` stop it;
-    the caller records it before waiting on it."""
+    the caller records it before waiting on it. The files are verified here, in the same step
+    that hands their directory to vLLM (the callers' earlier checks decide what to start; this
+    one leaves only the moments of vLLM's own start for a change to slip in)."""
+    check_servable(version, role="version being started")
     server = VLLMServer(
         version.weights,
         version.model,

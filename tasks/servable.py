@@ -93,7 +93,10 @@ def accept(registry: Registry, model: str, version: str, by: str, reason: str) -
     chosen = version_of(registry, model, version)
     acceptance = {k.removeprefix("eval_accepted_"): v for k, v in tags.items()}
     # Signed with this home's key: the acceptance is this operator's word, not the release's.
-    tags |= accepted(chosen.entry, chosen.tags, model, acceptance, registry.home, Signing())
+    try:
+        tags |= accepted(chosen.entry, chosen.tags, model, acceptance, registry.home, Signing())
+    except Refused as e:
+        raise NotServable(f"{model} v{version}: its evaluation attestation is refused: {e}") from e
     registry.tag(model, version, tags)
     return tags
 

@@ -40,16 +40,13 @@ def with_attestation(url: str, version: str, attestation) -> dict:
     return {**spec, "attestation": attestation} if attestation is not None else spec
 
 
-def test_route_updates_are_refused_without_a_valid_attestation_and_say_why(
-    mock, keys, run_gateway, tmp_path
-):
-    _, url = mock
+def refused_backends(url: str, tmp_path) -> tuple[dict, dict[str, tuple[dict, str]]]:
+    """A gateway `trust` section, and canary backends it must refuse with the words saying why:
+    every way around the attestation that still fits the schema."""
     denied_signer, stranger = Signer(tmp_path / "denied"), Signer(tmp_path / "stranger")
     trust = SIGNER.trust(deny_digests=[digest("9")], deny_keys=[denied_signer.key_id])
     trust["keys"].append(str(denied_signer.public_key))
-    config = keys.config([backend(url, "1")], trust=trust)
     suites = {"slipway_knowledge": "sha256:" + "a" * 64}
-    forged = {k: v for k, v in backend(url, "2").items() if k != "attestation"}
     cases = {
         "tampered": (
             with_attestation(
@@ -69,10 +66,6 @@ def test_route_updates_are_refused_without_a_valid_attestation_and_say_why(
             ),
             "signature does not verify",
         ),
-        "forged verified": (
-            {**forged, "role": "canary", "verified": True, "expected_digest": digest("2")},
-            "attestation",
-        ),
         "failed verdict": (
             with_attestation(url, "2", SIGNER.attest(digest("2"), "failed")),
             "verdict is 'failed'",
@@ -90,6 +83,20 @@ def test_route_updates_are_refused_without_a_valid_attestation_and_say_why(
             f"deny-listed key {denied_signer.key_id}",
         ),
     }
+    return trust, cases
+
+
+def test_route_updates_are_refused_without_a_valid_attestation_and_say_why(
+    mock, keys, run_gateway, tmp_path
+):
+    _, url = mock
+    trust, cases = refused_backends(url, tmp_path)
+    config = keys.config([backend(url, "1")], trust=trust)
+    forged = {k: v for k, v in backend(url, "2").items() if k != "attestation"}
+    cases["forged verified"] = (
+        {**forged, "role": "canary", "verified": True, "expected_digest": digest("2")},
+        "attestation",
+    )
     stable = {**backend(url, "1"), "expected_digest": digest("1")}
     with run_gateway(config) as base:
         for name, (candidate, words) in cases.items():
@@ -137,23 +144,35 @@ def until(condition, timeout_s: float = 5.0) -> bool:
     return condition()
 
 
-def test_stored_routes_are_checked_when_read_at_start_and_while_running(mock, keys, home, caplog):
+def test_stored_routes_are_checked_when_read_at_start_and_while_running(
+    mock, keys, home, caplog, tmp_path
+):
+    """Each refused backend planted straight into the state store, one model per way around
+    the attestation: each is left out with its reason, while the gateway runs and after a
+    restart, and the honest route is served throughout."""
     _, url = mock
-    config = keys.config([backend(url, "1")])
-    planted = {**backend(url, "2"), "attestation": SIGNER.attest(digest("3"))}
-    spec = RouteSpec.model_validate({"model": "planted", "backends": [planted]})
+    trust, cases = refused_backends(url, tmp_path)
+    config = keys.config([backend(url, "1")], trust=trust)
+    planted = {}
+    for i, (candidate, words) in enumerate(cases.values()):
+        stored = {k: v for k, v in candidate.items() if k != "expected_digest"}
+        spec = {"model": f"planted-{i}", "backends": [stored | {"role": "stable"}]}
+        planted[f"planted-{i}"] = (RouteSpec.model_validate(spec), words)
     with serve(build_app(config, home)) as base:
-        write_route(home, "planted", spec)
-        assert until(lambda: "not serving planted: route 'planted', backend v2" in caplog.text)
-        assert f"is for {digest('3')}, not for {digest('2')}" in caplog.text
+        for model, (spec, _) in planted.items():
+            write_route(home, model, spec)
+        assert until(lambda: all(f"not serving {m}:" in caplog.text for m in planted))
+        for model, (_, words) in planted.items():
+            line = next(x for x in caplog.text.splitlines() if f"not serving {model}:" in x)
+            assert words in line, (model, line)
         assert listed(base, keys) == {MODEL}
 
     caplog.clear()
     with serve(build_app(config, home)) as base:  # a restart reads the same store
-        assert "not serving planted" in caplog.text
+        assert all(f"not serving {m}:" in caplog.text for m in planted)
         assert listed(base, keys) == {MODEL}
         headers = {"Authorization": f"Bearer {keys.key('alice')}"}
-        r = httpx.post(f"{base}/v1/chat/completions", json=chat(model="planted"), headers=headers)
+        r = httpx.post(f"{base}/v1/chat/completions", json=chat(model="planted-0"), headers=headers)
         assert r.status_code == 404
 
 
