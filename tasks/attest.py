@@ -123,7 +123,8 @@ def provenance_predicate(
         "calibration_sha256": build.get("calibration_sha256"),
         "quantization_config": build.get("quantization_config"),
         "builder": {"llmcompressor": _installed(home, "quant", "llmcompressor")},
-        # llmcompressor draws calibration samples in file order; no random seed is involved.
+        # None: llmcompressor shuffles the calibration samples with torch's unseeded RandomSampler
+        # (shuffle_calibration_samples defaults to true), so there is no seed to record.
         "seed": None,
     }
 
