@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -46,7 +45,7 @@ from tasks.manifest import Manifest
 from tasks.quantize import VariantBuild
 from tasks.registry import Registry
 from tasks.signing import SignatureError, default_keys
-from tasks.store import Entry, Store
+from tasks.store import Entry, Store, write_json
 
 ATTESTATIONS = "attestations"
 TAG = {EVALUATION: "attestation_evaluation", PROVENANCE: "attestation_provenance"}
@@ -152,13 +151,9 @@ def _signing_material(config: Signing, home: Home) -> tuple[bytes, list[bytes]]:
 def write(entry: Entry, attestation: Mapping[str, Any]) -> str:
     """Keep `attestation` in the entry under its own digest (written once); its digest."""
     digest = attestation_digest(attestation)
-    folder = entry.root / ATTESTATIONS
-    folder.mkdir(exist_ok=True)
-    path = folder / f"{digest.replace(':', '-')}.json"
+    path = entry.root / ATTESTATIONS / f"{digest.replace(':', '-')}.json"
     if not path.is_file():
-        partial = path.with_suffix(".partial")
-        partial.write_text(json.dumps(attestation, indent=1, sort_keys=True))
-        os.replace(partial, path)
+        write_json(path, dict(attestation))
     return digest
 
 
@@ -245,10 +240,7 @@ def deny(home: Home, kind: str, value: str, reason: str) -> dict[str, Any]:
         data.setdefault("why", []).append(
             {"kind": kind, "value": value, "reason": reason, "at": datetime.now(UTC).isoformat()}
         )
-        home.keys.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        partial.write_text(json.dumps(data, indent=1))
-        os.replace(partial, path)
+        write_json(path, data)
     return data
 
 
