@@ -97,6 +97,12 @@ class RouteSpec(Strict):
         "tenant-first stage)",
     )
     mirror: MirrorSpec | None = Field(None, description="copy stable's requests to a canary")
+    failover: bool = Field(
+        False,
+        description="when no stable backend can serve (every circuit open, or the last one failed "
+        "before its answer began), serve the model from a healthy canary instead of 503; counted "
+        "apart, never as canary evidence",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> RouteSpec:

@@ -231,13 +231,19 @@ class Smoke(Strict):
 
 
 class Serving(Strict):
-    """How vLLM is started for a variant (smoke test, evaluation, rollout)."""
+    """How vLLM is started for a variant (smoke test, evaluation, rollout), and how `make up`
+    routes to it."""
 
     engine_args: list[str] = Field(default=[], description="extra `vllm serve` arguments")
     enforce_eager: bool | None = Field(
         default=None, description="skip graph compilation; default: on CPU only (starts ~3x faster)"
     )
     startup_timeout_s: float = Field(default=600, gt=0, description="longest wait for /health")
+    failover: bool = Field(
+        default=False,
+        description="the gateway route `make up` writes: while no stable backend can serve, a "
+        "healthy canary serves the model instead of 503",
+    )
 
     @field_validator("engine_args")
     @classmethod

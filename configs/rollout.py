@@ -59,6 +59,13 @@ class QualityPolicy(Strict):
         description="judge an answer by the canary's log-probability of stable's answer where the "
         "engines give prompt log-probabilities (vLLM does), by its text elsewhere",
     )
+    score_rps: float = Field(
+        default=0.25,
+        gt=0,
+        description="mirrored pairs scored by log-probability per second at most: each costs "
+        "one prefill-only request on each engine, so the analysis never crowds the traffic it "
+        "measures (scoring every pair of a 2-requests/s shadow phase overloaded two CPU engines)",
+    )
     max_logprob_drop: float = Field(
         default=0.3,
         gt=0,

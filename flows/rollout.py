@@ -108,6 +108,7 @@ def canary_steps(
             for b in plan.stable_backends
         },
         Engine(running.url, plan.candidate.served_name, plan.candidate.version),
+        rate_rps=rules.analysis.quality.score_rps,
         record=record_scoring(home),
     )
     steer = Steering(

@@ -102,25 +102,31 @@ def _logprob(entry: dict[str, Any]) -> float | None:
 
 class Scorer:
     """Scores mirrored pairs by the canary's drop in log-probability of stable's answer, each pair
-    once, at most `per_look` new pairs per call (two prefill-only requests each, straight to the
-    engines: bounded extra load, never billed; each call is handed to `record`, so that what the
-    engines served can be reconciled with what was logged)."""
+    once, at most `rate_rps` new pairs per second on average (two prefill-only requests each,
+    straight to the engines, never billed). The cap is what keeps the analysis from crowding the
+    traffic it measures: scoring every pair of a 2-requests/s shadow phase doubled each CPU
+    engine's prefill work, and both engines fell behind. Each call is handed to `record`, so that
+    what the engines served can be reconciled with what was logged."""
 
     def __init__(
         self,
         stable: dict[str, Engine],
         canary: Engine,
-        per_look: int = 4,
+        rate_rps: float = 0.25,
         timeout_s: float = 30.0,
         record: Callable[[list[Call]], None] = lambda calls: None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.stable = stable  # by version
         self.canary = canary
-        self.per_look = per_look
+        self.rate_rps = rate_rps
         self.record = record
         self.drops: dict[str, float | None] = {}
         self._client = httpx.Client(timeout=timeout_s)
         self._calls: list[Call] = []
+        self._clock = clock
+        self._last = clock()
+        self._tokens = 1.0  # a bucket of one pair, filled at rate_rps: no burst after idle time
 
     def close(self) -> None:
         self._client.close()
@@ -128,15 +134,17 @@ class Scorer:
     def score(self, pairs: Sequence[dict[str, Any]]) -> None:
         """Give each pair its `logprob_drop` (None: the engines gave no log-probabilities, or a
         call failed); pairs left for a later call have none yet."""
-        fresh = 0
+        now = self._clock()
+        self._tokens = min(1.0, self._tokens + (now - self._last) * self.rate_rps)
+        self._last = now
         for pair in pairs:
             key = pair.get("id")
             if key is None or not (pair["stable"]["ok"] and pair["canary"]["ok"]):
                 continue
             if key not in self.drops:
-                if fresh >= self.per_look:
+                if self._tokens < 1.0:
                     continue
-                fresh += 1
+                self._tokens -= 1.0
                 self.drops[key] = self._drop(pair)
             pair["logprob_drop"] = self.drops[key]
         if self._calls:

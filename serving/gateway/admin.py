@@ -61,6 +61,9 @@ class RegisteredBackend(BackendSpec):
 
 class RouteUpdate(Strict):
     backends: tuple[RegisteredBackend, ...] = Field(min_length=1)
+    failover: bool | None = Field(
+        None, description="serve from a healthy canary while stable cannot; left out keeps it"
+    )
 
 
 class WeightsUpdate(Strict):
@@ -140,13 +143,16 @@ class AdminAPI:
             BackendSpec.model_validate(b.model_dump(exclude={"expected_digest"}))
             for b in update.backends
         )
+        before = self.current.table.get(model)
+        failover = update.failover
+        if failover is None:
+            failover = before is not None and before.failover
         try:
-            spec = RouteSpec(model=model, backends=specs)
+            spec = RouteSpec(model=model, backends=specs, failover=failover)
         except ValidationError as e:
             raise BadRequest(
                 f"invalid route for '{model}':\n{describe(e)}", param="backends"
             ) from None
-        before = self.current.table.get(model)
         route = await self._change(model, lambda _: spec)
         log.info("route '%s' set: %s", model, _weights_text(route))
         await self.audit.record_for(request, "route.put", model, _spec(before), _spec(route))
@@ -199,6 +205,7 @@ def _reweighted(model: str, route: Route | None, update: WeightsUpdate) -> Route
             backends=backends,
             audience=update.audience or spec.audience,
             mirror=mirror,
+            failover=spec.failover,
         )
     except ValidationError as e:
         raise BadRequest(f"invalid route for '{model}':\n{describe(e)}", param="mirror") from None
@@ -209,6 +216,7 @@ def _stats(route: Route, samples: bool) -> dict[str, Any]:
         "model": route.model,
         "audience": route.audience,
         "mirror": route.mirror.spec.model_dump() if route.mirror else None,
+        "failover": route.failover,
         "backends": [
             {
                 "version": b.version,
@@ -218,6 +226,7 @@ def _stats(route: Route, samples: bool) -> dict[str, Any]:
                 "inflight": b.inflight,
                 "circuit": b.breaker.state,
                 **b.stats.snapshot(samples),
+                "failover": b.failover_stats.snapshot(samples),
                 "synthetic": b.synthetic_stats.snapshot(samples),
                 "shadow": b.shadow_stats.snapshot(samples),
                 "pairs": b.pairs.snapshot(samples),

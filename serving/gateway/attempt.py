@@ -59,9 +59,12 @@ class Attempt:
 
     @property
     def stats(self) -> BackendStats:
-        """Synthetic load is counted apart, so the rollout can judge organic traffic on its own."""
-        backend = self.backend
-        return backend.synthetic_stats if self.exchange.tenant.synthetic else backend.stats
+        """Synthetic load is counted apart, so the rollout can judge organic traffic on its own;
+        a canary's failover traffic too, since it is no evidence about the canary."""
+        backend, exchange = self.backend, self.exchange
+        if exchange.failover:
+            return backend.failover_stats
+        return backend.synthetic_stats if exchange.tenant.synthetic else backend.stats
 
     def succeeded(self, ttft_s: float | None = None, itl_s: float | None = None) -> None:
         self.backend.breaker.success()

@@ -1,4 +1,5 @@
-"""Choosing a backend for one request: weighted, sticky per session, canary opt-out, breakers.
+"""Choosing a backend for one request: weighted, sticky per session, canary opt-out, breakers,
+and failover to a healthy canary where the route allows it.
 
 A session key is hashed to a fixed point in [0, 1) and scaled into the weight space, so while the
 weights stay the same a session always lands on the same backend; when they change, only the
@@ -65,8 +66,26 @@ def fallback(route: Route, failed: Backend, point: float, now: float) -> Backend
     ]
     if healthy:
         return _at(Pick.of(healthy), point)
+    raise _all_failing(route, now)
+
+
+def failover(route: Route, failed: Backend | None, point: float, now: float) -> Backend:
+    """A canary other than `failed` with a closed circuit, for a route whose stable backends
+    cannot serve (route.failover); raises Unavailable when the route has none or does not allow
+    it."""
+    healthy = [
+        (b, 1.0)
+        for b in route.backends
+        if b.role == "canary" and b is not failed and b.breaker.opened_at is None
+    ]
+    if not (route.failover and healthy):
+        raise _all_failing(route, now)
+    return _at(Pick.of(healthy), point)
+
+
+def _all_failing(route: Route, now: float) -> Unavailable:
     wait = min((b.breaker.retry_after(now) for b in route.backends), default=1.0)
-    raise Unavailable(
+    return Unavailable(
         f"every backend of model '{route.model}' is failing (circuit open); retry shortly",
         code="circuit_open",
         retry_after=max(1, round(wait)),

@@ -22,6 +22,7 @@ class Exchange:
         "completion_tokens",
         "endpoint",
         "error_kind",
+        "failover",
         "latency_s",
         "model",
         "n",
@@ -51,6 +52,7 @@ class Exchange:
         self.stream = False
         self.status = 0
         self.error_kind: str | None = None
+        self.failover = False  # served by a canary standing in for a stable that is down
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.n = 1  # choices per prompt: vLLM counts each prompt once per choice

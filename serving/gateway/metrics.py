@@ -1,8 +1,9 @@
 """Prometheus: response counts per tenant and status, and per-backend series from live stats.
 
 Backend series carry model, version and role labels (role "shadow": a canary's mirrored copies,
-served but never billed). They are read from the Backend objects at scrape time (a custom
-collector), so the hot path pays only for plain attribute increments.
+served but never billed; role "failover": a canary serving while stable is down). They are read
+from the Backend objects at scrape time (a custom collector), so the hot path pays only for plain
+attribute increments.
 """
 
 from __future__ import annotations
@@ -118,14 +119,18 @@ class GatewayCollector(Collector):
                 circuit.add_metric(values, 0 if backend.breaker.opened_at is None else 1)
                 for name, hist in (("ttft", s.hist_ttft), ("itl", s.hist_itl), ("e2e", s.hist_e2e)):
                     hists[name].add_metric(values, _buckets(hist), hist.sum)
-                if shadow := backend.shadow_stats.total_requests:
-                    # mirrored copies: served by the engine, never billed (mirror.py)
-                    values = [route.model, backend.version, "shadow"]
-                    s = backend.shadow_stats
-                    requests.add_metric(values, shadow)
-                    errors.add_metric(values, s.total_errors)
-                    tokens.add_metric([*values, "prompt"], s.total_prompt_tokens)
-                    tokens.add_metric([*values, "completion"], s.total_completion_tokens)
+                # Mirrored copies (served by the engine, never billed: mirror.py) and a canary's
+                # failover traffic (billed, but no evidence about the canary) as roles of their own.
+                for role, s in (
+                    ("shadow", backend.shadow_stats),
+                    ("failover", backend.failover_stats),
+                ):
+                    if s.total_requests:
+                        values = [route.model, backend.version, role]
+                        requests.add_metric(values, s.total_requests)
+                        errors.add_metric(values, s.total_errors)
+                        tokens.add_metric([*values, "prompt"], s.total_prompt_tokens)
+                        tokens.add_metric([*values, "completion"], s.total_completion_tokens)
         yield from (requests, errors, tokens, inflight, weight, circuit, *hists.values())
         yield GaugeMetricFamily(
             "slipway_gateway_routes_version",

@@ -6,6 +6,7 @@ request's own record, the Exchange, comes in the scope from UsageMiddleware.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from configs.gateway import LimitsSpec
 from serving.gateway.attempt import Attempt, AttemptFailed
-from serving.gateway.choice import choose, fallback, point_for, takes_canary
+from serving.gateway.choice import choose, failover, fallback, point_for, takes_canary
 from serving.gateway.codec import dumps
 from serving.gateway.errors import (
     GatewayError,
@@ -37,7 +38,10 @@ from serving.gateway.tokens import Asked, ask_for_usage
 from serving.gateway.usage import Row, unbilled_row
 from serving.gateway.validation import asked_completion, parse_request, prompt_count, prompt_text
 
+log = logging.getLogger(__name__)
+
 NOT_STREAMED = Asked(final=False, continuous=False)  # a JSON answer's usage is passed on as it is
+FAILOVER_LOG_EVERY_S = 10.0  # one line per backend and interval while a failover lasts
 
 
 def header(scope: Scope, name: bytes) -> bytes | None:
@@ -72,8 +76,8 @@ def _too_large(size: int, limit: int) -> TooLarge:
 
 
 class Completions:
-    """POST /v1/chat/completions or /v1/completions: check, route, relay; a failed canary is
-    retried once on stable."""
+    """POST /v1/chat/completions or /v1/completions: check, route, relay; a request that fails
+    before its answer begins is tried once more on another backend (_retry_on)."""
 
     def __init__(
         self,
@@ -142,9 +146,15 @@ class Completions:
         )
         point = point_for(exchange.session)
         canary = takes_canary(route, tenant.canary, self.canary_default)
-        backend = choose(route, point, canary)
+        try:
+            backend = choose(route, point, canary)
+        except Unavailable:
+            backend = _fail_over(exchange, route, None, point)
         mirror = route.mirror
-        target = mirror.wants(backend, random.random()) if mirror is not None else None
+        if mirror is None or exchange.failover:  # no stable answer to pair a copy with
+            target = None
+        else:
+            target = mirror.wants(backend, random.random())
         if target is None:
             await self._relay(receive, send, exchange, route, data, backend, point, asked)
             return
@@ -165,29 +175,26 @@ class Completions:
         point: float,
         asked: Asked,
     ) -> None:
-        """Relay `backend`'s answer; a failed canary is retried on stable."""
+        """Relay `backend`'s answer, or another backend's where it failed before it began."""
         try:
             attempt = self._attempt(exchange, backend, data, asked)
             await self.upstream.forward(attempt, send, receive)
             return
         except AttemptFailed as failure:
-            if backend.role != "canary":
-                await _answer_failure(exchange, failure, send)
-                return
             first_failure = failure
-            # The failed try reached the canary, which may have worked on it: the reconciliation
-            # counts it (tokens 0, at most its completion bound) apart from stable's answer.
-            exchange.error_kind = failure.kind
-            self.unbilled(unbilled_row(exchange, "retry", backend.version))
-            exchange.error_kind, exchange.tokens_from = None, None
-            exchange.prompt_tokens = exchange.completion_tokens = 0  # stable's answer is billed
         try:
-            stable = fallback(route, backend, point, time.monotonic())
+            other = _retry_on(exchange, route, backend, point)
         except Unavailable:
             await _answer_failure(exchange, first_failure, send)
             return
+        # The failed try reached its backend, which may have worked on it: the reconciliation
+        # counts it (tokens 0, at most its completion bound) apart from the answer that is billed.
+        exchange.error_kind = first_failure.kind
+        self.unbilled(unbilled_row(exchange, "retry", backend.version))
+        exchange.error_kind, exchange.tokens_from = None, None
+        exchange.prompt_tokens = exchange.completion_tokens = 0
         try:
-            attempt = self._attempt(exchange, stable, data, asked)
+            attempt = self._attempt(exchange, other, data, asked)
             await self.upstream.forward(attempt, send, receive)
         except AttemptFailed as failure:
             await _answer_failure(exchange, failure, send)
@@ -200,6 +207,35 @@ class Completions:
         url = backend.url_chat if self.chat else backend.url_completions
         exchange.attempt = Attempt(exchange, backend, url, dumps(data), asked)
         return exchange.attempt
+
+
+def _retry_on(exchange: Exchange, route: Route, failed: Backend, point: float) -> Backend:
+    """Where a request that failed before its answer began is tried once more: another stable
+    backend with a closed circuit, else (a route with failover) a healthy canary; raises
+    Unavailable when there is none."""
+    try:
+        return fallback(route, failed, point, time.monotonic())
+    except Unavailable:
+        return _fail_over(exchange, route, failed, point)
+
+
+def _fail_over(exchange: Exchange, route: Route, failed: Backend | None, point: float) -> Backend:
+    """A healthy canary for a request no stable backend can serve (re-raises Unavailable where
+    the route has no failover or no healthy canary); the exchange is marked, so its timings stay
+    out of the canary's evidence, and the failover is logged while it lasts."""
+    now = time.monotonic()
+    spare = failover(route, failed, point, now)
+    exchange.failover = True
+    if now - spare.failover_said >= FAILOVER_LOG_EVERY_S:
+        spare.failover_said = now
+        log.warning(
+            "model '%s': no stable backend can serve; failing over to canary v%s "
+            "(%d requests so far)",
+            route.model,
+            spare.version,
+            spare.failover_stats.total_requests,
+        )
+    return spare
 
 
 async def _answer_failure(exchange: Exchange, failure: AttemptFailed, send: Send) -> None:

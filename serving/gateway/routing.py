@@ -26,6 +26,8 @@ class Backend:
 
     __slots__ = (
         "breaker",
+        "failover_said",
+        "failover_stats",
         "inflight",
         "label",
         "max_concurrency",
@@ -56,6 +58,10 @@ class Backend:
         self.stats = BackendStats(samples)  # organic traffic
         self.synthetic_stats = BackendStats(samples)  # tenants marked `synthetic`
         self.shadow_stats = BackendStats(samples)  # mirrored copies (serving/gateway/mirror.py)
+        self.failover_stats = BackendStats(
+            samples
+        )  # a canary standing in for a stable that is down
+        self.failover_said = float("-inf")  # monotonic time of the last failover log line
         self.pairs = PairLog(samples)  # those copies beside stable's answers
         self.label = spec.version.encode()  # the x-slipway-backend response header
 
@@ -63,6 +69,7 @@ class Backend:
         self.stats.reset()
         self.synthetic_stats.reset()
         self.shadow_stats.reset()
+        self.failover_stats.reset()
         self.pairs.reset()
 
     def same_server(self, spec: BackendSpec) -> bool:
@@ -100,6 +107,7 @@ class Route:
     stable: Pick  # stable backends only: opted-out tenants and retries
     audience: Audience = "everyone"  # "opted_in": only tenants with canary: in reach the canary
     mirror: Mirroring | None = None  # copies of stable's requests to a canary
+    failover: bool = False  # a healthy canary serves while no stable backend can (choice.py)
 
     @classmethod
     def build(
@@ -109,6 +117,7 @@ class Route:
         weights: tuple[float, ...],
         audience: Audience = "everyone",
         mirror: MirrorSpec | None = None,
+        failover: bool = False,
     ) -> Route:
         pairs = list(zip(backends, weights, strict=True))
         stable = [(b, w) for b, w in pairs if b.role == "stable"]
@@ -120,7 +129,8 @@ class Route:
         if mirror is not None:
             canary = next(b for b in backends if b.version == mirror.to)
             mirroring = Mirroring(mirror, canary, tuple(b for b in backends if b.role == "stable"))
-        return cls(model, backends, weights, Pick.of(pairs), stable_pick, audience, mirroring)
+        everyone = Pick.of(pairs)
+        return cls(model, backends, weights, everyone, stable_pick, audience, mirroring, failover)
 
     def backend(self, version: str) -> Backend | None:
         return next((b for b in self.backends if b.version == version), None)
@@ -135,6 +145,7 @@ class Route:
             ),
             audience=self.audience,
             mirror=self.mirror.spec if self.mirror else None,
+            failover=self.failover,
         )
 
     def describe(self) -> dict:
@@ -142,6 +153,7 @@ class Route:
             "model": self.model,
             "audience": self.audience,
             "mirror": self.mirror.spec.model_dump() if self.mirror else None,
+            "failover": self.failover,
             "backends": [
                 {**b.spec.model_dump(), "weight": w}
                 for b, w in zip(self.backends, self.weights, strict=True)
@@ -173,7 +185,9 @@ class RoutingTable:
             live = old if old and old.same_server(b) else Backend(spec.model, b, breaker, samples)
             backends.append(live)
         weights = tuple(b.weight for b in spec.backends)
-        return Route.build(spec.model, tuple(backends), weights, spec.audience, spec.mirror)
+        return Route.build(
+            spec.model, tuple(backends), weights, spec.audience, spec.mirror, spec.failover
+        )
 
     def rebuilt(
         self, specs: Iterable[RouteSpec], breaker: BreakerSpec, samples: int, version: int

@@ -43,6 +43,7 @@ def secret_file(path: Path, prefix: str) -> str:
 class Backend:
     champion: ModelVersion
     url: str
+    failover: bool = False  # the route's: a healthy canary serves while stable cannot
 
 
 def write_gateway_config(home: Home, backends: list[Backend], port: int) -> Path:
@@ -69,6 +70,7 @@ def write_gateway_config(home: Home, backends: list[Backend], port: int) -> Path
                         "role": "stable",
                     }
                 ],
+                "failover": b.failover,
             }
             for b in backends
         ],

@@ -125,7 +125,7 @@ def serve(
         raise StackError(f"{e}\n{LEFT}") from e
     log = display(server.log_path)
     say(f"vLLM:     {champion} at {server.url}  (healthy in {seconds:.0f} s; log {log})")
-    return Backend(champion, server.url)
+    return Backend(champion, server.url, serving.failover)
 
 
 def usage(url: str, model: str, key: Path, admin: Path) -> str:

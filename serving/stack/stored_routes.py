@@ -77,6 +77,8 @@ def _differences(old: RouteSpec, new: RouteSpec) -> list[str]:
                 lines.append(f"v{version} {field}: {a} -> {z}")
     if old.audience != new.audience:
         lines.append(f"audience: {old.audience} -> {new.audience}")
+    if old.failover != new.failover:
+        lines.append(f"failover: {old.failover} -> {new.failover}")
     return lines
 
 

@@ -167,6 +167,7 @@ class History:
                 "by": r.by,
                 "paused": r.paused,
                 "seconds": round(r.seconds, 1),
+                "incident_s": round(r.incident_s, 1),  # held while stable was down
                 "looks": r.looks,
                 "reason": r.reason,
                 "mirrored_pairs": list(r.pairs),

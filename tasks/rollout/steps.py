@@ -79,6 +79,7 @@ class StepResult:
     analysis: Analysis | None
     by: Literal["analysis", "time limit", "person", "health check"] = "analysis"
     pairs: tuple[dict[str, Any], ...] = ()  # a mirroring step's scored pairs (pair_table)
+    incident_s: float = 0.0  # time held while every stable backend was down (not in `seconds`)
 
 
 @dataclass
@@ -98,6 +99,12 @@ class Steering:
     def control(self) -> dict[str, str] | None:
         """A person's instruction for this rollout, consumed when read."""
         return take_order(self.registry, self.model, self.version)
+
+
+def stable_down(snapshot: dict[str, Any], stable: set[str]) -> bool:
+    """Whether every stable backend's circuit is open (the gateway has none to send to)."""
+    circuits = [b["circuit"] for b in snapshot["backends"] if b["version"] in stable]
+    return bool(circuits) and all(c != "closed" for c in circuits)
 
 
 def judge_step(
@@ -122,6 +129,8 @@ def judge_step(
     start = last_said = time.monotonic()
     paused = False
     analysis: Analysis | None = None
+    down_since: float | None = None  # when every stable backend was last seen down
+    incident_s = 0.0
 
     snapshot: dict[str, Any] = {"backends": []}
 
@@ -134,7 +143,17 @@ def judge_step(
                 steer.scorer.annotate(mirrored)
             pairs = tuple(pair_table(mirrored, stage.analysis))
         return StepResult(
-            index, stage, action, reason, seconds, steer.looks, paused, analysis, by, pairs
+            index,
+            stage,
+            action,
+            reason,
+            seconds,
+            steer.looks,
+            paused,
+            analysis,
+            by,
+            pairs,
+            incident_s,
         )
 
     while True:
@@ -151,6 +170,21 @@ def judge_step(
             )
         snapshot = admin.stats(model)
         canary = [b for b in snapshot["backends"] if b["version"] == cand]
+        if stable_down(snapshot, stable):
+            # The gateway fails over to the canary (or answers 503): what the canary serves now
+            # is no evidence, and rolling it back could leave the model with nothing healthy.
+            # The step holds, its clock stopped, until stable serves again.
+            now = time.monotonic()
+            if down_since is None:
+                down_since = now
+                steer.say(f"step {index + 1}: incident: every stable backend's circuit is open")
+            continue
+        if down_since is not None:
+            held = time.monotonic() - down_since
+            start += held
+            incident_s += held
+            down_since = None
+            steer.say(f"step {index + 1}: stable serves again after {held:.0f} s; judging resumes")
         if any(b["circuit"] != "closed" for b in canary):
             # Its requests now go to stable, so the analysis would starve: the gateway has judged.
             return result(

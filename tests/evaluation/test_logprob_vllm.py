@@ -58,16 +58,26 @@ def test_an_engines_own_answer_scores_no_drop_and_a_corrupted_one_a_large_drop(
     scorer.close()
 
 
-def test_a_server_without_prompt_logprobs_scores_none_and_each_pair_is_scored_once():
+def test_a_server_without_prompt_logprobs_scores_none_and_pairs_are_scored_once_at_a_rate():
     upstream = MockUpstream()
     with serve(upstream) as url:
         engine = Engine(url, "mock", "1")
         recorded: list = []
-        scorer = Scorer({"1": engine}, engine, per_look=1, record=recorded.extend)
+        now = [100.0]
+        scorer = Scorer(
+            {"1": engine}, engine, rate_rps=0.5, record=recorded.extend, clock=lambda: now[0]
+        )
         pairs = [pair(CHAT, "Paris.", 2) | {"id": f"r{i}"} for i in range(3)]
         scorer.score(pairs)
+        scorer.score(pairs)  # no time has passed: no second pair yet
         assert [p.get("logprob_drop", "unscored") for p in pairs] == [None, "unscored", "unscored"]
+        now[0] += 1.9  # 0.5 pairs per second: the second is due at 2 s
         scorer.score(pairs)
+        assert "logprob_drop" not in pairs[1]
+        now[0] += 0.1
+        scorer.score(pairs)
+        assert [p.get("logprob_drop", "unscored") for p in pairs] == [None, None, "unscored"]
+        now[0] += 60  # a backlog is scored at the rate, never in a burst beyond it
         scorer.score(pairs)
         assert [p["logprob_drop"] for p in pairs] == [None, None, None]
         assert len(upstream.requests) == 6  # two calls per pair, each pair once

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -90,7 +91,13 @@ def breaker() -> dict:
 
 
 @pytest.fixture
-def stage(home, tmp_path, monkeypatch, prefect_server, breaker) -> Iterator[Stage]:
+def failover() -> bool:
+    """Whether the route fails over to the canary while stable is down; a test may override."""
+    return False
+
+
+@pytest.fixture
+def stage(home, tmp_path, monkeypatch, prefect_server, breaker, failover) -> Iterator[Stage]:
     registry = Registry(home)
     stable = registered(home, tmp_path, b"stable", "bf16")
     registry.promote(MODEL, stable)
@@ -112,7 +119,8 @@ def stage(home, tmp_path, monkeypatch, prefect_server, breaker) -> Iterator[Stag
             "weight": 100,
             "role": "stable",
         }
-        config = keys.config([backend], tenants=[keys.tenant("alice")], breaker=breaker)
+        route = {"model": MODEL, "backends": [backend], "failover": failover}
+        config = keys.config([], routes=[route], tenants=[keys.tenant("alice")], breaker=breaker)
         with serve(build_app(config, home)) as gateway_url:
             yield Stage(
                 home,
@@ -257,6 +265,38 @@ def test_a_canary_that_dies_mid_rollout_is_rolled_back_without_failing_clients(s
     assert result == ["rolled_back"]
     assert_rolled_back(stage, "")
     assert set(statuses) == {200}  # non-streaming requests failed on the canary were retried
+
+
+@pytest.mark.parametrize("failover", [True])
+@pytest.mark.parametrize("breaker", [{"failures": 2, "open_s": 0.5}])
+def test_stable_down_mid_step_holds_the_step_while_the_canary_stands_in(stage, policy):
+    stable = f"{MODEL}-v{stage.stable}"
+    result: list[str] = []
+    with traffic(stage) as statuses:
+        flow = threading.Thread(target=lambda: result.append(run(stage, policy)))
+        flow.start()
+        while not any(b["role"] == "canary" and b["weight"] > 0 for b in stage.route()["backends"]):
+            assert flow.is_alive()
+        stage.upstream.faults[stable] = Fault(status=503)  # stable's engine is down for 3 s
+        time.sleep(3)
+        stage.upstream.faults[stable] = Fault(delay_s=BASE_DELAY_S)
+        flow.join(120)
+    # Not rolled back for an outage that was stable's, nor judged on what the canary served in
+    # its place: the step waited, and the identical canary went on to be promoted.
+    assert result == ["promoted"], stage.registry.tags(MODEL, stage.candidate)["rollout_reason"]
+    assert set(statuses) == {200}  # the failover served every request stable could not
+    [run_] = rollout_runs(stage)
+    evidence = json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_.info.run_id,
+                artifact_path="evidence.json",
+                tracking_uri=stage.registry.uri,
+            )
+        ).read_text()
+    )
+    first = evidence["steps"][0]
+    assert 1.0 < first["incident_s"] < 10, first  # held while every stable circuit was open
 
 
 def test_a_failed_precondition_moves_no_traffic(stage, policy):

@@ -8,7 +8,14 @@ from collections import Counter
 import pytest
 
 from configs.gateway import BackendSpec, BreakerSpec, RouteSpec
-from serving.gateway.choice import choose, fallback, point_for, session_point, takes_canary
+from serving.gateway.choice import (
+    choose,
+    failover,
+    fallback,
+    point_for,
+    session_point,
+    takes_canary,
+)
 from serving.gateway.errors import Unavailable
 from serving.gateway.routing import Route, RoutingTable
 from tests.serving.conftest import MODEL, backend
@@ -16,12 +23,14 @@ from tests.serving.conftest import MODEL, backend
 POINTS = [(i + 0.5) / 1000 for i in range(1000)]  # evenly spread over [0, 1)
 
 
-def route(*backends: dict, audience: str = "everyone", open_s: float = 30) -> Route:
+def route(
+    *backends: dict, audience: str = "everyone", open_s: float = 30, failover: bool = False
+) -> Route:
     specs = tuple(BackendSpec.model_validate(b) for b in backends)
     built = RoutingTable.empty().build_route(
         RouteSpec(model=MODEL, backends=specs), BreakerSpec(failures=1, open_s=open_s), 16
     )
-    return Route.build(MODEL, built.backends, built.weights, audience)
+    return Route.build(MODEL, built.backends, built.weights, audience, failover=failover)
 
 
 def split(stable: float, canary: float, **options) -> Route:
@@ -113,3 +122,25 @@ def test_every_backend_failing_is_unavailable_with_retry_after():
         with pytest.raises(Unavailable, match="every backend of model 'tiny-chat' is failing") as e:
             choose(r, 0.3, canary)
         assert e.value.code == "circuit_open" and e.value.retry_after == 30
+
+
+def test_failover_takes_a_healthy_canary_only_where_the_route_allows_it():
+    url = "http://127.0.0.1:9"
+    specs = (
+        backend(url, "1", weight=90),
+        backend(url, "2", role="canary", weight=5),
+        backend(url, "3", role="canary", weight=5),
+    )
+    allowed, strict = route(*specs, failover=True), route(*specs)
+    now = time.monotonic()
+    for r in (allowed, strict):
+        r.backends[0].breaker.failure(now)  # stable's circuit opens
+    # Spread evenly over the healthy canaries whatever their weights; never the one that failed.
+    assert Counter(failover(allowed, None, p, now).version for p in POINTS) == {"2": 500, "3": 500}
+    two = allowed.backends[1]
+    assert all(failover(allowed, two, p, now).version == "3" for p in POINTS)
+    allowed.backends[2].breaker.failure(now)
+    with pytest.raises(Unavailable, match="every backend"):
+        failover(allowed, two, 0.5, now)  # the only healthy canary is the one that failed
+    with pytest.raises(Unavailable, match="every backend"):
+        failover(strict, None, 0.5, now)  # failover is opt-in

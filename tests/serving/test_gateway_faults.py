@@ -3,8 +3,8 @@ upstreams each run as their own process, so a backend can be killed with SIGKILL
 memory read from outside.
 
 - A canary killed under load (make test): non-streaming requests are retried on stable, streams
-  the canary had started end with an error event, the circuit opens. A killed stable backend
-  (make stress) shows that the gateway does not yet fail over to a healthy canary.
+  the canary had started end with an error event, the circuit opens. A killed stable backend on
+  a route with failover: every non-streaming request is served, by the canary once stable is gone.
 - Overload at 10x a known capacity (backend max_concurrency / upstream service time) for a
   minute (make stress): admitted requests keep their latency, the rest get 429/503 with
   Retry-After, memory stays bounded, nothing crashes, and SIGTERM afterwards loses no usage record.
@@ -196,7 +196,9 @@ async def closed_loop(
     return answers, killed
 
 
-def kill_under_load(tmp_path: Path, victim: str) -> tuple[list[Answer], float, dict, int]:
+def kill_under_load(
+    tmp_path: Path, victim: str, failover: bool = False
+) -> tuple[list[Answer], float, dict, int]:
     """Stable "1" and canary "2" at 50/50, 16 clients for 8 s, `victim` SIGKILLed after 3 s.
     Returns the answers, when the kill happened, the admin stats and /ready's status after."""
     urls, procs = {}, {}
@@ -208,8 +210,9 @@ def kill_under_load(tmp_path: Path, victim: str) -> tuple[list[Answer], float, d
             backend(urls["stable"], "1", weight=50),
             backend(urls["canary"], "2", role="canary", weight=50),
         ]
+        route = {"model": MODEL, "backends": backends, "failover": failover}
         gw, _ = stack.enter_context(
-            gateway(tmp_path, backends, breaker={"failures": 3, "open_s": 600})
+            gateway(tmp_path, backends, breaker={"failures": 3, "open_s": 600}, routes=[route])
         )
         answers, killed = asyncio.run(
             closed_loop(gw, workers=16, seconds=8, kill_at=3, victim=procs[victim])
@@ -240,22 +243,17 @@ def test_canary_killed_under_load(tmp_path):
     )
 
 
-@pytest.mark.stress
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "the gateway retries only a failed canary on stable; with the stable backend dead and its "
-        "circuit open, requests get 503 'every backend is failing' although the canary is healthy "
-        "(issue 9, item 1)"
-    ),
-)
 def test_stable_killed_under_load_fails_over_to_the_canary(tmp_path):
-    answers, _, after, _ = kill_under_load(tmp_path, "stable")
+    answers, killed, after, ready = kill_under_load(tmp_path, "stable", failover=True)
 
     plain = [a for a in answers if not a.stream]
     failed = [(a.status, a.body[:120]) for a in plain if a.status != 200]
     assert not failed, f"{len(failed)} of {len(plain)} plain requests failed, e.g. {failed[:3]}"
-    assert after["1"]["circuit"] == "open"
+    late = [a for a in answers if a.started > killed + 0.5]
+    assert late and all(a.status == 200 and a.headers["x-slipway-backend"] == "2" for a in late)
+    assert after["1"]["circuit"] == "open" and after["2"]["circuit"] == "closed"
+    assert after["2"]["failover"]["requests"] > 0  # counted apart from the canary's evidence
+    assert ready == 503  # no stable backend: not ready, though the model is still served
 
 
 # ---- overload ------------------------------------------------------------------------------------

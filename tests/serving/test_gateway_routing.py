@@ -4,6 +4,7 @@ breakers."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections import Counter
@@ -250,3 +251,51 @@ def test_zero_weight_backends_get_nothing(mock, keys, run_gateway, weights):
     with run_gateway(config) as base:
         counts = served_by(asyncio.run(post_many(base, keys.key("alice"), [chat()] * 50)))
     assert counts == {"1" if weights[0] else "2": 50}
+
+
+def test_failover_serves_from_the_canary_while_stable_is_down_and_goes_back(
+    mock, keys, run_gateway
+):
+    upstream, url = mock
+    upstream.faults["served-1"] = Fault(status=503)  # stable is down
+    backends = [backend(url, "1", weight=90), backend(url, "2", role="canary", weight=10)]
+    route = {"model": MODEL, "backends": backends, "failover": True}
+    config = keys.config([], routes=[route], breaker={"failures": 2, "open_s": 0.5})
+    with run_gateway(config) as base:
+        rs = asyncio.run(post_many(base, keys.key("alice"), [chat()] * 30, concurrency=1))
+        assert [status for status, _, _ in rs] == [200] * 30  # no tenant saw stable's outage
+        assert served_by(rs) == {"2": 30}
+        stats = httpx.get(f"{base}/admin/stats/{MODEL}", headers=admin(keys)).json()
+        assert stats["failover"] is True
+        one, two = stats["backends"]
+        # Each failure before the answer began was tried again on the canary; between probes the
+        # open circuit kept stable out.
+        assert one["circuit"] == "open" and one["errors"] == one["requests"] >= 2
+        # What the canary served in stable's place is not canary evidence: counted apart.
+        assert two["failover"]["requests"] + two["requests"] == 30
+        assert two["failover"]["requests"] >= 20 and two["errors"] == 0
+        metrics = httpx.get(f"{base}/metrics").text
+        assert 'slipway_gateway_backend_requests_total{model="tiny-chat",role="failover"' in metrics
+
+        del upstream.faults["served-1"]  # stable recovers: after open_s a probe closes its circuit
+        time.sleep(0.6)
+        rs = asyncio.run(post_many(base, keys.key("alice"), [chat()] * 40, concurrency=1))
+        assert all(status == 200 for status, _, _ in rs)
+        back = served_by(rs)
+        assert back["1"] >= 25  # 90% by weight again, none as failover
+        after = httpx.get(f"{base}/admin/stats/{MODEL}", headers=admin(keys)).json()
+        assert after["backends"][0]["circuit"] == "closed"
+        assert after["backends"][1]["failover"]["requests"] == two["failover"]["requests"]
+
+
+def test_without_failover_a_down_stable_answers_503_beside_a_healthy_canary(
+    mock, keys, run_gateway
+):
+    upstream, url = mock
+    upstream.faults["served-1"] = Fault(status=503)
+    backends = [backend(url, "1", weight=100), backend(url, "2", role="canary", weight=0)]
+    config = keys.config(backends, breaker={"failures": 2, "open_s": 30})
+    with run_gateway(config) as base:
+        rs = asyncio.run(post_many(base, keys.key("alice"), [chat()] * 4, concurrency=1))
+        assert [status for status, _, _ in rs] == [503] * 4
+        assert json.loads(rs[-1][2])["error"]["code"] == "circuit_open"  # after two failures

@@ -22,6 +22,7 @@ from serving.vllm import (
     bound_cores,
     can_serve,
     cores_text,
+    cpu_has_bf16,
     detect_hardware,
     engine_cores,
     parse_cores,
@@ -116,6 +117,35 @@ def test_each_cpu_server_gets_cores_no_other_vllm_server_uses(tmp_path, monkeypa
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "all")  # a person's own choice stands
     server = VLLMServer(tmp_path, "m", make_home(tmp_path / "h"), hardware="cpu", port=8998)
     assert server.env()["VLLM_CPU_OMP_THREADS_BIND"] == "all"
+
+
+def test_plain_bf16_weights_are_served_in_float32_on_a_cpu_without_bf16(tmp_path, monkeypatch):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: Xeon\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    assert not cpu_has_bf16(cpuinfo)
+    cpuinfo.write_text("flags\t\t: fpu avx512f avx512_bf16\n")
+    assert cpu_has_bf16(cpuinfo)
+    assert cpu_has_bf16(tmp_path / "absent")  # unknown: vLLM's own choice stands
+
+    home = make_home(tmp_path / "h")
+    monkeypatch.setattr("serving.vllm.cpu_has_bf16", lambda: False)
+
+    def dtype_args(config: dict, serving: Serving | None = None, hardware: str = "cpu") -> list:
+        model = tmp_path / f"m{len(list(tmp_path.iterdir()))}"
+        model.mkdir()
+        (model / "config.json").write_text(json.dumps(config))
+        cmd = VLLMServer(model, "m", home, serving or Serving(), hardware=hardware).command()
+        at = [i for i, a in enumerate(cmd) if a.startswith("--dtype")]
+        return [a for i in at for a in cmd[i : i + (2 if cmd[i] == "--dtype" else 1)]]
+
+    assert dtype_args({"torch_dtype": "bfloat16"}) == ["--dtype", "float32"]
+    assert dtype_args({"dtype": "bfloat16"}) == ["--dtype", "float32"]  # newer transformers
+    assert dtype_args({"torch_dtype": "float16"}) == []
+    quantized = {"torch_dtype": "bfloat16", "quantization_config": {"format": "int-quantized"}}
+    assert dtype_args(quantized) == []  # its kernels choose
+    assert dtype_args({"torch_dtype": "bfloat16"}, hardware="cuda") == []
+    chosen = Serving(engine_args=["--dtype=bfloat16"])
+    assert dtype_args({"torch_dtype": "bfloat16"}, chosen) == ["--dtype=bfloat16"]  # theirs only
 
 
 def test_engine_args_the_launcher_owns_are_rejected():
