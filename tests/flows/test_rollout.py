@@ -363,6 +363,8 @@ def shadow_policy(policy) -> Path:
     path = policy.with_name("shadow.yaml")
     rules = yaml.safe_load(policy.read_text())
     rules["shadow"] = {"rate_rps": 50, "min_pairs": 40, "max_seconds": 40}
+    # The mock answers scoring calls at once: pairs are scored as fast as the copies come.
+    rules["analysis"] = {"quality": {"score_rps": 50}}
     path.write_text(yaml.safe_dump(rules))
     return path
 
