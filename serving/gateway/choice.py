@@ -73,12 +73,14 @@ def failover(route: Route, failed: Backend | None, point: float, now: float) -> 
     """A canary other than `failed` with a closed circuit, for a route whose stable backends
     cannot serve (route.failover); raises Unavailable when the route has none or does not allow
     it."""
+    if not route.failover:
+        raise _all_failing(route, now)
     healthy = [
         (b, 1.0)
         for b in route.backends
         if b.role == "canary" and b is not failed and b.breaker.opened_at is None
     ]
-    if not (route.failover and healthy):
+    if not healthy:
         raise _all_failing(route, now)
     return _at(Pick.of(healthy), point)
 
