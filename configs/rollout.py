@@ -168,6 +168,13 @@ class RolloutPolicy(Strict):
     look_interval_s: float = Field(
         default=1.0, gt=0, le=60, description="seconds between looks at the gateway's statistics"
     )
+    health_failures: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="failed /health checks in a row (one per look) before the canary counts as "
+        "down and is rolled back: a busy engine on a contended machine can miss one",
+    )
     synthetic_load: bool = Field(
         default=False, description="top up low traffic with synthetic requests"
     )

@@ -47,6 +47,7 @@ class MockUpstream:
         self.chunk_delay_s = chunk_delay_s
         self.delay_s = delay_s  # service time before every answer, unless a fault sets its own
         self.faults: dict[str, Fault] = {}
+        self.unhealthy = 0  # /health answers 503 to this many checks
         self.requests: deque[dict] = deque(maxlen=10_000)
         self.generated: deque[int] = deque(maxlen=10_000)  # completion tokens, per stream, in order
         self.record = True
@@ -71,6 +72,9 @@ class MockUpstream:
         path = scope["path"]
         if scope["method"] == "GET" and path == "/metrics":
             return await _text(send, self.metrics())
+        if scope["method"] == "GET" and path == "/health" and self.unhealthy > 0:
+            self.unhealthy -= 1
+            return await _json(send, 503, {})
         if scope["method"] == "GET":
             body = (
                 {"object": "list", "data": [{"id": "mock", "object": "model"}]}

@@ -129,6 +129,7 @@ def judge_step(
     start = last_said = time.monotonic()
     paused = False
     analysis: Analysis | None = None
+    misses = 0  # failed /health checks of the canary in a row
     down_since: float | None = None  # when every stable backend was last seen down
     incident_s = 0.0
 
@@ -162,10 +163,12 @@ def judge_step(
         if order := steer.control():
             action: Action = "rollback" if order["action"] == "rollback" else "advance"
             return result(action, f"{order['action']} by hand: {order.get('reason', '')}", "person")
-        if not answers(steer.canary_url + "/health"):
+        misses = 0 if answers(steer.canary_url + "/health") else misses + 1
+        if misses >= policy.health_failures:
             return result(
                 "rollback",
-                f"the canary at {steer.canary_url} stopped answering /health",
+                f"the canary at {steer.canary_url} stopped answering /health "
+                f"({misses} checks in a row)",
                 "health check",
             )
         snapshot = admin.stats(model)

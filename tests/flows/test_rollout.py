@@ -247,6 +247,32 @@ def test_an_identical_canary_is_promoted_and_becomes_champion(stage, policy):
     assert set(statuses) == {200}
 
 
+def canary_weighted(stage: Stage, flow: threading.Thread) -> None:
+    """Wait until the rollout gives its canary traffic."""
+    while not any(b["role"] == "canary" and b["weight"] > 0 for b in stage.route()["backends"]):
+        assert flow.is_alive()
+
+
+@pytest.mark.parametrize(("misses", "outcome"), [(2, "promoted"), (3, "rolled_back")])
+def test_a_canary_is_down_after_health_failures_checks_in_a_row(stage, policy, misses, outcome):
+    # One missed probe is what a busy engine on a contended machine gives; the default policy
+    # rolls back at the third in a row.
+    canary = MockUpstream(chunks=4, chunk_delay_s=CHUNK_DELAY_S)
+    canary.record = False
+    canary.faults[f"{MODEL}-v{stage.candidate}"] = Fault(delay_s=BASE_DELAY_S)
+    result: list[str] = []
+    with traffic(stage), serve(canary) as canary_url:
+        flow = threading.Thread(target=lambda: result.append(run(stage, policy, canary_url)))
+        flow.start()
+        canary_weighted(stage, flow)
+        canary.unhealthy = misses
+        flow.join(120)
+    assert result == [outcome], stage.registry.tags(MODEL, stage.candidate)["rollout_reason"]
+    assert canary.unhealthy == 0  # every failing answer was seen by the step's checks
+    if outcome == "rolled_back":
+        assert_rolled_back(stage, "stopped answering /health (3 checks in a row)")
+
+
 def test_a_canary_that_dies_mid_rollout_is_rolled_back_without_failing_clients(stage, policy):
     canary = MockUpstream(chunks=4, chunk_delay_s=CHUNK_DELAY_S)
     canary.record = False
@@ -256,10 +282,7 @@ def test_a_canary_that_dies_mid_rollout_is_rolled_back_without_failing_clients(s
         with serve(canary) as canary_url:
             flow = threading.Thread(target=lambda: result.append(run(stage, policy, canary_url)))
             flow.start()
-            while not any(
-                b["role"] == "canary" and b["weight"] > 0 for b in stage.route()["backends"]
-            ):
-                assert flow.is_alive()
+            canary_weighted(stage, flow)
         # The canary's server is gone (connections refused) while it holds 20% of the traffic.
         flow.join(60)
     assert result == ["rolled_back"]
@@ -275,8 +298,7 @@ def test_stable_down_mid_step_holds_the_step_while_the_canary_stands_in(stage, p
     with traffic(stage) as statuses:
         flow = threading.Thread(target=lambda: result.append(run(stage, policy)))
         flow.start()
-        while not any(b["role"] == "canary" and b["weight"] > 0 for b in stage.route()["backends"]):
-            assert flow.is_alive()
+        canary_weighted(stage, flow)
         stage.upstream.faults[stable] = Fault(status=503)  # stable's engine is down for 3 s
         time.sleep(3)
         stage.upstream.faults[stable] = Fault(delay_s=BASE_DELAY_S)
