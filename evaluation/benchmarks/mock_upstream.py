@@ -106,6 +106,8 @@ class MockUpstream:
                 }
             }
             return await _json(send, fault.status, error)
+        if path in _OTHER:
+            return await getattr(self, _OTHER[path])(send, receive, request, model, fault)
         chat = path.endswith("/chat/completions")
         try:
             n, prompts = _read(request, chat, self.chunks)
@@ -144,6 +146,90 @@ class MockUpstream:
         }
         self.generation_tokens_total += usage["completion_tokens"]
         await _json(send, 200, body)
+
+    async def _tokenize(self, send, receive, request, model, fault) -> None:
+        [words] = _prompts(request, "messages" in request)
+        body = {"count": len(words), "max_model_len": MAX_TOKENS, "tokens": list(range(len(words)))}
+        await _json(send, 200, body)
+
+    async def _detokenize(self, send, receive, request, model, fault) -> None:
+        await _json(send, 200, {"prompt": " ".join(f"t{t}" for t in request["tokens"])})
+
+    async def _embeddings(self, send, receive, request, model, fault) -> None:
+        given = request.get("input", "")
+        inputs = [given] if isinstance(given, str) or isinstance(given[0], int) else given
+        tokens = sum(len(i.split()) if isinstance(i, str) else len(i) for i in inputs)
+        self.prompt_tokens_total += tokens
+        data = [
+            {"object": "embedding", "index": i, "embedding": [0.5, -0.5]}
+            for i in range(len(inputs))
+        ]
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        await _json(send, 200, {"object": "list", "model": model, "data": data, "usage": usage})
+
+    async def _responses(self, send, receive, request, model, fault) -> None:
+        """A Responses API answer: words w0 w1 ..., usage only on the whole response, which a
+        stream sends in its last event (response.completed), as vLLM does."""
+        given = request.get("input", "")
+        items = [given] if isinstance(given, str) else given
+        prompt = sum(
+            len(str(i.get("content", "") if isinstance(i, dict) else i).split()) for i in items
+        )
+        n = request.get("max_output_tokens") or self.chunks
+        self.prompt_tokens_total += prompt
+        word = fault.word if fault else "w"
+
+        def response(sent: int, status: str) -> dict:
+            text = " ".join(f"{word}{i}" for i in range(sent))
+            usage = {"input_tokens": prompt, "output_tokens": sent, "total_tokens": prompt + sent}
+            return {
+                "id": "resp_mock",
+                "object": "response",
+                "model": model,
+                "status": status,
+                "output": [
+                    {
+                        "type": "message",
+                        "role": "assistant",
+                        "content": [{"type": "output_text", "text": text}],
+                    }
+                ],
+                "usage": usage if status != "in_progress" else None,
+            }
+
+        if not request.get("stream"):
+            self.generation_tokens_total += n
+            return await _json(send, 200, response(n, "completed"))
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+
+        async def event(kind: str, data: dict) -> None:
+            compact = json.dumps({**data, "type": kind}, separators=(",", ":"))
+            body = f"event: {kind}\ndata: {compact}\n\n"
+            await send({"type": "http.response.body", "body": body.encode(), "more_body": True})
+
+        await event("response.created", {"response": response(0, "in_progress")})
+        gone, sent = asyncio.ensure_future(receive()), 0
+        try:
+            while sent < n and not gone.done():
+                await event(
+                    "response.output_text.delta", {"delta": f"{word}{sent} ", "output_index": 0}
+                )
+                sent += 1
+                if self.chunk_delay_s:
+                    await asyncio.sleep(self.chunk_delay_s)
+        finally:
+            gone.cancel()
+            self.generation_tokens_total += sent
+            if self.record:
+                self.generated.append(sent)
+        await event("response.completed", {"response": response(sent, "completed")})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def metrics(self) -> str:
         return (
@@ -217,6 +303,14 @@ async def _text(send, body: str) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body.encode()})
+
+
+_OTHER = {
+    "/tokenize": "_tokenize",
+    "/detokenize": "_detokenize",
+    "/v1/embeddings": "_embeddings",
+    "/v1/responses": "_responses",
+}
 
 
 def next_seen(fault: Fault) -> int:

@@ -38,6 +38,7 @@ from serving.gateway.account import OwnUsage
 from serving.gateway.admin import AdminAPI
 from serving.gateway.audit import AuditLog
 from serving.gateway.auth import AuthMiddleware, admins_of
+from serving.gateway.endpoints import PATHS
 from serving.gateway.errors import ErrorMiddleware, http_exception_handler
 from serving.gateway.keyring import Keyring
 from serving.gateway.limits import Limiter, LocalLimiter
@@ -130,8 +131,7 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
     tenants = TenantsAPI(keyring, audit, config.limits.chargeback)
     return Starlette(
         routes=[
-            Route("/v1/chat/completions", completions("chat"), methods=["POST"]),
-            Route("/v1/completions", completions("completions"), methods=["POST"]),
+            *(Route(path, completions(name), methods=["POST"]) for name, path in PATHS.items()),
             Route("/v1/models", models.list, methods=["GET"]),
             Route("/v1/usage", OwnUsage(limiter, config.limits.chargeback).get, methods=["GET"]),
             Route("/v1/models/{model:path}", models.get, methods=["GET"]),

@@ -11,6 +11,8 @@ from __future__ import annotations
 from time import monotonic, perf_counter
 from typing import TYPE_CHECKING, Any
 
+from serving.gateway.endpoints import UTILITY
+
 # routing.Backend, not imported: routing imports this module's neighbours (no import cycle)
 Backend = Any
 
@@ -58,10 +60,13 @@ class Attempt:
         self.timings: tuple[float, float | None, float | None] | None = None  # e2e, ttft, itl
 
     @property
-    def stats(self) -> BackendStats:
+    def stats(self) -> BackendStats | None:
         """Synthetic load is counted apart, so the rollout can judge organic traffic on its own;
-        a canary's failover traffic too, since it is no evidence about the canary."""
+        a canary's failover traffic too, since it is no evidence about the canary. Tokenize and
+        detokenize are in no statistics (endpoints.py): only the breaker hears of them."""
         backend, exchange = self.backend, self.exchange
+        if exchange.endpoint in UTILITY:
+            return None
         if exchange.failover:
             return backend.failover_stats
         return backend.synthetic_stats if exchange.tenant.synthetic else backend.stats
@@ -74,11 +79,13 @@ class Attempt:
         exchange = self.exchange
         e2e_s = perf_counter() - self.start
         self.timings = (e2e_s, ttft_s, itl_s)
-        self.stats.observe(e2e_s, ttft_s, itl_s, exchange.prompt_tokens, exchange.completion_tokens)
+        if (stats := self.stats) is not None:
+            stats.observe(e2e_s, ttft_s, itl_s, exchange.prompt_tokens, exchange.completion_tokens)
 
     def record_failure(self) -> None:
         self.backend.breaker.failure(monotonic())
-        self.stats.observe_failure()
+        if (stats := self.stats) is not None:
+            stats.observe_failure()
 
     def failed(self, error: BaseException) -> AttemptFailed:
         """Record a failure to get an answer at all (unreachable, timed out, broken off)."""

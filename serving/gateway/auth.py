@@ -1,5 +1,6 @@
-"""Authentication: tenant API keys (or an identity provider's JWT, oidc.py) on /v1, admin tokens
-on /admin, each admin held to its role.
+"""Authentication: admin tokens on /admin, each admin held to its role; tenant API keys (or an
+identity provider's JWT, oidc.py) everywhere else but the public probes (PUBLIC), so an endpoint
+added later is behind a key unless it is made public on purpose.
 
 Only sha256 hashes of secrets are held. A tenant key is found by looking up its hash in the
 keyring (the hash of a high-entropy key reveals nothing through lookup timing); an admin token's
@@ -23,6 +24,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from configs.gateway import AdminSpec, Tenant
 from serving.gateway.errors import Forbidden, Unauthorized
 from serving.gateway.oidc import OIDCVerifier, looks_like_jwt
+
+PUBLIC = frozenset({"/health", "/ready", "/metrics"})  # load balancers and Prometheus probe them
 
 
 def key_hash(secret: str | bytes) -> str:
@@ -108,7 +111,7 @@ class AuthMiddleware:
         return found
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(("/v1/", "/admin/")):
+        if scope["type"] != "http" or scope["path"] in PUBLIC:
             await self.app(scope, receive, send)
             return
         token = bearer(scope)

@@ -118,6 +118,9 @@ def reservation(tenant: Tenant, data: dict[str, Any], endpoint: str, limits: Lim
     per_message = limits.template_tokens_per_message
     if endpoint == "chat":
         template = per_message * (len(data["messages"]) + 1)
+    elif endpoint == "responses":  # its input becomes chat messages, and instructions one more
+        given = data["input"]
+        template = per_message * ((1 if isinstance(given, str) else len(given)) + 2)
     else:
         template = per_message * prompt_count(data, endpoint)
     completion = asked_completion(data, endpoint)[1] or 0

@@ -329,12 +329,11 @@ def start_copy(
     target: Backend,
     exchange: Exchange,
     data: dict[str, Any],
-    chat: bool,
     asked: Asked,
 ) -> Copy:
     """Send the copy to `target` now, beside the client's attempt, whose relay keeps its
     transcript for the pair."""
-    url = target.url_chat if chat else target.url_completions
+    url = target.urls[exchange.endpoint]
     payload = dumps({**data, "model": target.served_model})
     request = {k: v for k, v in data.items() if k not in ("model", "stream_options")}
     exchange.transcript = []

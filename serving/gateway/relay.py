@@ -9,7 +9,8 @@ between events. A stream that fails before its first event raises AttemptFailed 
 retry elsewhere); after that it ends with an OpenAI-shaped error event. A client that goes away
 closes the backend's response, so the backend can drop the request; the exchange keeps the tokens
 generated until then, so they are charged. A stream whose backend sent no token counts is counted
-from its content (tokens.py), and its usage row says so (tokens_from "content").
+from its content (tokens.py), and its usage row says so (tokens_from "content"). A Responses API
+stream reports its counts only in its last event, and is read by ResponsesUsage instead.
 
 Both take the backend's answer as a Reply: aiohttp's ClientResponse, or a fake in unit tests.
 """
@@ -27,7 +28,7 @@ from starlette.types import Message, Receive, Send
 from serving.gateway.attempt import Attempt
 from serving.gateway.codec import dumps
 from serving.gateway.sse import EventFramer, data_event
-from serving.gateway.tokens import UsageFilter, read_answer_usage
+from serving.gateway.tokens import ResponsesUsage, UsageFilter, read_answer_usage
 
 if TYPE_CHECKING:
     from serving.gateway.exchange import Exchange
@@ -90,7 +91,9 @@ async def relay_stream(attempt: Attempt, reply: Reply, send: Send, receive: Rece
     """Relay a 200 event stream to the client as it arrives, then record the attempt's outcome."""
     exchange = attempt.exchange
     framer = EventFramer()
-    usage = UsageFilter(exchange, framer, attempt.asked)
+    usage = (ResponsesUsage if exchange.endpoint == "responses" else UsageFilter)(
+        exchange, framer, attempt.asked
+    )
     frame, flush, read, keep = framer.feed, framer.flush, reply.content.readany, usage.filter
     gone = asyncio.ensure_future(_disconnect(receive, reply))
     transcript = exchange.transcript  # kept only for a mirrored request (mirror.py)
@@ -129,10 +132,9 @@ async def relay_stream(attempt: Attempt, reply: Reply, send: Send, receive: Rece
         return
     if not first:
         raise attempt.failed(aiohttp.ClientPayloadError("empty stream"))
-    # Events that arrived in one read carry no inter-token timing: unmeasured, not zero.
-    events = framer.events - usage.dropped  # the events the client got
-    itl = (last - first) / (events - 1) if events > 1 and last > first else None
-    attempt.succeeded(first - attempt.start, itl)
+    token_at, itl = usage.timings(first, last, framer.events)
+    exchange.ttft_s = token_at - exchange.started
+    attempt.succeeded(token_at - attempt.start, itl)
     await send(_last())
 
 

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible endpoints: completions (the hot path, raw ASGI), models, health, ready.
+"""The OpenAI-compatible endpoints: completions (the hot path, raw ASGI; also responses,
+embeddings, tokenize and detokenize, which endpoints.py tells apart), models, health, ready.
 
 Each endpoint is built with what it reads (the current routing table, the upstream client); the
 request's own record, the Exchange, comes in the scope from UsageMiddleware.
@@ -20,6 +21,7 @@ from configs.gateway import LimitsSpec
 from serving.gateway.attempt import Attempt, AttemptFailed
 from serving.gateway.choice import choose, failover, fallback, point_for, takes_canary
 from serving.gateway.codec import dumps
+from serving.gateway.endpoints import MIRRORED, STREAMING, UTILITY
 from serving.gateway.errors import (
     GatewayError,
     TooLarge,
@@ -76,8 +78,9 @@ def _too_large(size: int, limit: int) -> TooLarge:
 
 
 class Completions:
-    """POST /v1/chat/completions or /v1/completions: check, route, relay; a request that fails
-    before its answer begins is tried once more on another backend (_retry_on)."""
+    """POST to one of endpoints.PATHS (/v1/chat/completions, /v1/completions, ...): check, route,
+    relay; a request that fails before its answer begins is tried once more on another backend
+    (_retry_on)."""
 
     def __init__(
         self,
@@ -91,7 +94,9 @@ class Completions:
         unbilled: Callable[[Row], None],
     ) -> None:
         self.endpoint = endpoint
-        self.chat = endpoint == "chat"
+        self.streams = endpoint in STREAMING
+        self.mirrored = endpoint in MIRRORED
+        self.utility = endpoint in UTILITY
         self.current = current
         self.upstream = upstream
         self.limiter = limiter
@@ -137,28 +142,29 @@ class Completions:
         if tenant.log_prompts:
             exchange.prompt = prompt_text(data, self.endpoint)
         asked = NOT_STREAMED
-        if data.get("stream"):
+        if data.get("stream") and self.streams:
             exchange.stream = True
-            asked = ask_for_usage(data, prompt_count(data, self.endpoint))
+            if self.endpoint != "responses":  # its last event has the usage: nothing to ask
+                asked = ask_for_usage(data, prompt_count(data, self.endpoint))
         session = header(scope, b"x-session-id")
         exchange.session = (
             session.decode("utf-8", "replace") if session is not None else data.get("user")
         )
         point = point_for(exchange.session)
-        canary = takes_canary(route, tenant.canary, self.canary_default)
+        canary = not self.utility and takes_canary(route, tenant.canary, self.canary_default)
         try:
             backend = choose(route, point, canary)
         except Unavailable:
             backend = _fail_over(exchange, route, None, point)
         mirror = route.mirror
-        if mirror is None or exchange.failover:  # no stable answer to pair a copy with
+        if mirror is None or exchange.failover or not self.mirrored:  # no answer to pair
             target = None
         else:
             target = mirror.wants(backend, random.random())
         if target is None:
             await self._relay(receive, send, exchange, route, data, backend, point, asked)
             return
-        copy = start_copy(self.upstream, mirror, target, exchange, data, self.chat, asked)
+        copy = start_copy(self.upstream, mirror, target, exchange, data, asked)
         try:
             await self._relay(receive, send, exchange, route, data, backend, point, asked)
         finally:
@@ -204,7 +210,7 @@ class Completions:
     ) -> Attempt:
         exchange.backend = backend
         data["model"] = backend.served_model
-        url = backend.url_chat if self.chat else backend.url_completions
+        url = backend.urls[self.endpoint]
         exchange.attempt = Attempt(exchange, backend, url, dumps(data), asked)
         return exchange.attempt
 

@@ -17,6 +17,7 @@ from types import MappingProxyType
 
 from configs.gateway import Audience, BackendSpec, BreakerSpec, MirrorSpec, RouteSpec
 from serving.gateway.breaker import Breaker
+from serving.gateway.endpoints import PATHS
 from serving.gateway.mirror import Mirroring, PairLog
 from serving.gateway.stats import BackendStats
 
@@ -39,8 +40,7 @@ class Backend:
         "spec",
         "stats",
         "synthetic_stats",
-        "url_chat",
-        "url_completions",
+        "urls",
         "version",
     )
 
@@ -50,8 +50,7 @@ class Backend:
         self.version = spec.version
         self.role = spec.role
         self.served_model = spec.served_model
-        self.url_chat = f"{spec.url}/v1/chat/completions"
-        self.url_completions = f"{spec.url}/v1/completions"
+        self.urls = {endpoint: spec.url + path for endpoint, path in PATHS.items()}
         self.max_concurrency = spec.max_concurrency
         self.inflight = 0
         self.breaker = Breaker(breaker.failures, breaker.open_s)

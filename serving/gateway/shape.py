@@ -13,9 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 from configs.gateway import Tenant
+from serving.gateway.endpoints import BOUNDS
 from serving.gateway.errors import BadRequest, model_not_found
 from serving.gateway.limits import metered
-from serving.gateway.validation import MAX_TOKENS_FIELDS, prompt_bytes
+from serving.gateway.validation import prompt_bytes
 
 
 def _over(field: str, value: int, limit: str, bound: int, unit: str = "") -> BadRequest:
@@ -34,18 +35,20 @@ def apply_tenant_bounds(
     model = data["model"]
     if tenant.models is not None and model not in tenant.models:
         raise model_not_found(model, param="model")
-    cap = tenant.max_tokens_cap
-    if cap is not None or metered(tenant):
-        named = [(field, data[field]) for field in MAX_TOKENS_FIELDS if data.get(field) is not None]
+    cap, bounds = tenant.max_tokens_cap, BOUNDS.get(endpoint, ())
+    if bounds and (cap is not None or metered(tenant)):
+        named = [(field, data[field]) for field in bounds if data.get(field) is not None]
         for field, value in named:
             if cap is not None and value > cap:
                 raise _over(field, value, "max_tokens_cap", cap)
         if not named:
-            data["max_tokens"] = cap if cap is not None else default_max_tokens
+            data[bounds[0]] = cap if cap is not None else default_max_tokens
     n = data.get("n")
     if tenant.max_n is not None and n is not None and n > tenant.max_n:
         raise _over("n", n, "max_n", tenant.max_n)
     limit = tenant.max_prompt_bytes
     if limit is not None and (size := prompt_bytes(data, endpoint)) > limit:
-        field = "messages" if endpoint == "chat" else "prompt"
+        field = {"chat": "messages", "responses": "input", "embeddings": "input"}.get(
+            endpoint, "prompt"
+        )
         raise _over(field, size, "max_prompt_bytes", limit, " bytes")

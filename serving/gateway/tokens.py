@@ -20,6 +20,7 @@ That is a lower bound, as a server may put several tokens in one delta; the rela
 from __future__ import annotations
 
 import re
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from serving.gateway.codec import loads
@@ -60,9 +61,11 @@ def ask_for_usage(data: dict[str, Any], prompts: int) -> Asked:
 
 
 def _record(exchange: Exchange, usage: dict[str, Any]) -> None:
-    exchange.prompt_tokens = usage.get("prompt_tokens") or 0
-    exchange.completion_tokens = usage.get("completion_tokens") or 0
-    details = usage.get("prompt_tokens_details")
+    """Chat, completions and embeddings name their counts prompt_ and completion_tokens; the
+    Responses API names them input_ and output_tokens."""
+    exchange.prompt_tokens = usage.get("prompt_tokens") or usage.get("input_tokens") or 0
+    exchange.completion_tokens = usage.get("completion_tokens") or usage.get("output_tokens") or 0
+    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
     if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
         exchange.cached_tokens = details["cached_tokens"]  # vLLM: --enable-prompt-tokens-details
 
@@ -120,6 +123,13 @@ class UsageFilter:
         if _NO_CHOICES[0] in run or _NO_CHOICES[1] in run:
             return self._final(run)
         return run if self._asked.continuous else _CHUNK_USAGE.sub(b"", run)
+
+    def timings(self, first: float, last: float, events: int) -> tuple[float, float | None]:
+        """When the first token came and the mean interval between tokens, from the times of the
+        first and last runs relayed and the events the client got (each one step of the engine).
+        Events that arrived in one read carry no inter-token timing: unmeasured, not zero."""
+        events -= self.dropped
+        return first, ((last - first) / (events - 1) if events > 1 and last > first else None)
 
     def settle(self) -> bool:
         """When the stream stops: True if the backend sent no counts, the completion tokens then
@@ -190,3 +200,68 @@ def _usage_of(event: bytes) -> dict[str, Any] | None:
         return None
     usage = data.get("usage") if isinstance(data, dict) else None
     return usage if isinstance(usage, dict) and not data.get("choices") else None
+
+
+_RESPONSE_DELTA = re.compile(rb'"type"\s*:\s*"response\.output_text\.delta"')
+_RESPONSE_DONE = re.compile(rb'"type"\s*:\s*"response\.(?:completed|incomplete|failed)"')
+
+
+class ResponsesUsage:
+    """The token counts of a Responses API stream (/v1/responses), which has no per-chunk usage:
+    its last event (response.completed, .incomplete or .failed) carries the whole response with
+    its usage. Until then each output_text delta is counted, so a stream the client leaves is
+    charged what it relayed, flagged like a backend without usage (a lower bound: vLLM may put
+    several tokens in one delta). Nothing is cut: the client asked for nothing else.
+
+    `first_token_at` (perf_counter) is when the first delta came: the stream's first events
+    announce the response before any token is made.
+    """
+
+    __slots__ = ("_exchange", "_split", "counted", "dropped", "first_token_at", "reported")
+
+    def __init__(self, exchange: Exchange, framer: EventFramer, asked: Asked) -> None:
+        self._exchange = exchange
+        self._split = framer.split
+        self.reported = False
+        self.counted = 0
+        self.dropped = 0
+        self.first_token_at: float | None = None
+
+    def filter(self, run: bytes) -> bytes:
+        if not self.reported:
+            deltas = len(_RESPONSE_DELTA.findall(run))
+            if deltas and self.first_token_at is None:
+                self.first_token_at = perf_counter()
+            self.counted += deltas
+        if USAGE_MARK in run and _RESPONSE_DONE.search(run):
+            for event in self._split(run):
+                if _RESPONSE_DONE.search(event) and (usage := _response_usage(event)):
+                    _record(self._exchange, usage)
+                    self.reported = True
+        return run
+
+    def timings(self, first: float, last: float, events: int) -> tuple[float, float | None]:
+        """The first delta's time; no interval between tokens, since most of a Responses
+        stream's events carry none."""
+        return self.first_token_at or first, None
+
+    def settle(self) -> bool:
+        """When the stream stops: True if it ended before its usage, the completion tokens then
+        being the deltas relayed."""
+        if self.reported:
+            return False
+        self._exchange.completion_tokens = self.counted
+        return True
+
+
+def _response_usage(event: bytes) -> dict[str, Any] | None:
+    at = event.find(_DATA)
+    if at < 0:  # a Responses event has an `event:` line before its data
+        return None
+    try:
+        data = loads(event[at + len(_DATA) :])
+    except ValueError:
+        return None
+    response = data.get("response") if isinstance(data, dict) else None
+    usage = response.get("usage") if isinstance(response, dict) else None
+    return usage if isinstance(usage, dict) and usage else None

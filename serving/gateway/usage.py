@@ -11,7 +11,7 @@ Table gateway_usage, one row per request:
   request_id       also returned to the client as x-request-id
   tenant           tenant name (NULL when authentication failed)
   model            public model name asked for
-  endpoint         'chat' or 'completions'
+  endpoint         'chat', 'completions', 'responses', 'embeddings', 'tokenize' or 'detokenize'
   backend_version  registered model version that answered (NULL when none was reached)
   role             'stable' or 'canary'
   stream           whether the response was streamed
@@ -57,6 +57,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from configs.gateway import UsageSpec
 from configs.home import Home
+from serving.gateway.endpoints import PATHS
 from serving.gateway.exchange import Exchange
 
 if TYPE_CHECKING:
@@ -399,7 +400,7 @@ class UsageLog:
         await self._sink.close()
 
 
-_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+_ENDPOINTS = {path: endpoint for endpoint, path in PATHS.items()}
 
 
 class UsageMiddleware:

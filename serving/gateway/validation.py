@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from serving.gateway.codec import JSONDecodeError, loads
+from serving.gateway.endpoints import BOUNDS
 from serving.gateway.errors import BadRequest
 
 _NUMBER = (int, float)
-MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")  # either bounds the completion
 # field -> (accepted types, description); bool is refused where a number is expected.
 _TYPED: dict[str, tuple[tuple[type, ...], str]] = {
     "stream": ((bool,), "a boolean"),
@@ -20,6 +20,8 @@ _TYPED: dict[str, tuple[tuple[type, ...], str]] = {
     "user": ((str,), "a string"),
     "max_tokens": ((int,), "an integer"),
     "max_completion_tokens": ((int,), "an integer"),
+    "max_output_tokens": ((int,), "an integer"),
+    "instructions": ((str,), "a string"),
     "n": ((int,), "an integer"),
     "seed": ((int,), "an integer"),
     "temperature": (_NUMBER, "a number"),
@@ -49,10 +51,7 @@ def parse_request(body: bytes, endpoint: str) -> dict[str, Any]:
             "'model' is required: a string naming a model (GET /v1/models lists them)",
             param="model",
         )
-    if endpoint == "chat":
-        _check_messages(data.get("messages"))
-    else:
-        _check_prompt(data.get("prompt"))
+    _CHECKS[endpoint](data)
     for field, (types, what) in _TYPED.items():
         value = data.get(field)
         if value is not None and (
@@ -90,6 +89,44 @@ def _check_prompt(prompt: Any) -> None:
     )
 
 
+def _check_input(data: dict[str, Any]) -> None:
+    given = data.get("input")
+    if isinstance(given, str) or (isinstance(given, list) and given):
+        return
+    raise BadRequest(
+        "'input' is required: a string or a non-empty list (of input items for /v1/responses; "
+        "of strings or token ids for /v1/embeddings)",
+        param="input",
+    )
+
+
+def _check_tokenize(data: dict[str, Any]) -> None:
+    if "messages" in data:
+        _check_messages(data["messages"])
+    elif not isinstance(data.get("prompt"), str):
+        raise BadRequest(
+            "'prompt' (a string) or 'messages' is required: the text to tokenize", param="prompt"
+        )
+
+
+def _check_tokens(data: dict[str, Any]) -> None:
+    tokens = data.get("tokens")
+    if not isinstance(tokens, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in tokens
+    ):
+        raise BadRequest("'tokens' is required: a list of token ids", param="tokens")
+
+
+_CHECKS = {
+    "chat": lambda data: _check_messages(data.get("messages")),
+    "completions": lambda data: _check_prompt(data.get("prompt")),
+    "responses": _check_input,
+    "embeddings": _check_input,
+    "tokenize": _check_tokenize,
+    "detokenize": _check_tokens,
+}
+
+
 def _json_type(value: Any) -> str:
     return {
         bool: "a boolean",
@@ -101,19 +138,29 @@ def _json_type(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
+def _texts(data: dict[str, Any], endpoint: str) -> list[Any]:
+    """The request's prompt texts as given: strings, content part lists or token ids."""
+    if endpoint == "detokenize":
+        return []
+    if endpoint in ("responses", "embeddings"):
+        given = data["input"]
+        items = [given] if isinstance(given, str) else given
+        texts = [i.get("content") if isinstance(i, dict) else i for i in items]
+        return [data["instructions"], *texts] if data.get("instructions") else texts
+    if "messages" in data:  # chat, or tokenize with messages
+        return [m.get("content") for m in data["messages"]]
+    prompt = data["prompt"]
+    return [prompt] if isinstance(prompt, str) else prompt
+
+
 def prompt_text(data: dict[str, Any], endpoint: str) -> str | None:
     """The prompt as text for the usage log (message contents joined by newlines)."""
-    if endpoint == "chat":
-        parts = [m.get("content") for m in data["messages"]]
-        return "\n".join(p for p in parts if isinstance(p, str))
-    prompt = data["prompt"]
-    if isinstance(prompt, str):
-        return prompt
-    return "\n".join(p for p in prompt if isinstance(p, str)) or None
+    return "\n".join(t for t in _texts(data, endpoint) if isinstance(t, str)) or None
 
 
 def prompt_count(data: dict[str, Any], endpoint: str) -> int:
-    """How many prompts the request holds: a completions prompt may be a list of them."""
+    """How many prompts the request holds: a completions prompt may be a list of them (an
+    embeddings input too, but it has no choices to group)."""
     prompt = data.get("prompt") if endpoint == "completions" else None
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         return len(prompt)
@@ -125,7 +172,9 @@ def asked_completion(data: dict[str, Any], endpoint: str) -> tuple[int, int | No
     max_tokens x n x prompts, None when it names no max_tokens. Clamped at 0 and 1: a negative
     max_tokens or n is refused by vLLM only after admission."""
     n = max(1, data.get("n") or 1)
-    named = [data[f] for f in MAX_TOKENS_FIELDS if data.get(f) is not None]
+    if endpoint not in BOUNDS:
+        return 1, 0  # embeddings, tokenize, detokenize generate nothing
+    named = [data[f] for f in BOUNDS[endpoint] if data.get(f) is not None]
     if not named:
         return n, None
     return n, max(0, *named) * n * prompt_count(data, endpoint)
@@ -135,12 +184,10 @@ def prompt_bytes(data: dict[str, Any], endpoint: str) -> int:
     """The prompt's size: UTF-8 bytes of its text (message contents and text parts, or prompt
     strings, all prompts together); a prompt given as token ids counts one per id, the fewest bytes
     an id can stand for."""
-    if endpoint == "chat":
-        return sum(_text_bytes(m.get("content")) for m in data["messages"])
-    prompt = data["prompt"]
-    if isinstance(prompt, str):
-        return len(prompt.encode())
-    return sum(len(p.encode()) if isinstance(p, str) else _ids(p) for p in prompt)
+    texts = _texts(data, endpoint)
+    if endpoint in ("completions", "embeddings"):  # strings, token ids, or lists of either
+        return sum(len(t.encode()) if isinstance(t, str) else _ids(t) for t in texts)
+    return sum(_text_bytes(t) for t in texts)
 
 
 def _text_bytes(content: Any) -> int:

@@ -11,18 +11,11 @@ import re
 import time
 
 import httpx
-import pytest
 
-from configs.gateway import GatewayConfig
-from evaluation.benchmarks.mock_upstream import serve
 from evaluation.monitoring.reconcile import ABORT_GRACE_S, MARGIN_S, reconcile
-from serving.gateway.app import build_app
-from serving.gateway.auth import key_hash
 from serving.gateway.usage import METER, UNBILLED, USAGE, read_table, read_usage
-from tests.evaluation.conftest import SERVED
-from tests.serving.conftest import SIGNER
+from tests.evaluation.conftest import KEY
 
-KEY, ADMIN = "sk-test-usage-vllm", "adm-test-usage-vllm"
 COUNTERS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
 HANG_UP_N = 16
 
@@ -48,30 +41,6 @@ def settled(url: str) -> tuple[int, int]:
     return last
 
 
-@pytest.fixture
-def gateway(tiny_server, home):
-    backend = {
-        "version": "1",
-        "url": tiny_server.url,
-        "served_model": SERVED,
-        "digest": "sha256:" + "0" * 64,
-        "attestation": SIGNER.attest("sha256:" + "0" * 64),
-        "weight": 100,
-        "role": "stable",
-    }
-    config = GatewayConfig.model_validate(
-        {
-            "admin_token_sha256": key_hash(ADMIN),
-            "routes": [{"model": "tiny-chat", "backends": [backend]}],
-            "tenants": [{"name": "alice", "key_sha256": key_hash(KEY)}],
-            "usage": {"batch_interval_s": 0.1, "meter_interval_s": 0.3},
-            "trust": SIGNER.trust(),
-        }
-    )
-    with serve(build_app(config, home)) as url:
-        yield url
-
-
 def completion(**fields) -> dict:
     return {
         "model": "tiny-chat",
@@ -81,7 +50,8 @@ def completion(**fields) -> dict:
     }
 
 
-def test_the_usage_log_equals_vllms_own_token_counters(tiny_server, gateway):
+def test_the_usage_log_equals_vllms_own_token_counters(tiny_server, tiny_gateway):
+    gateway = tiny_gateway
     headers = {"Authorization": f"Bearer {KEY}"}
     post = f"{gateway}/v1/completions"
     before, start = settled(tiny_server.url), time.time()

@@ -231,7 +231,7 @@ def test_a_copy_is_timed_from_its_send_not_from_when_the_gateway_made_it():
                     canary,
                     original,
                     json.dumps(chat("hi")).encode(),
-                    canary.url_chat,
+                    canary.urls["chat"],
                     {},
                     NOT_STREAMED,
                 )

@@ -91,7 +91,7 @@ def attempt(asked: Asked = NOTHING) -> Attempt:
     exchange.tenant = TenantSpec(name="alice", key_sha256="0" * 64)
     exchange.stream = True
     exchange.backend = live
-    return Attempt(exchange, live, live.url_chat, b"{}", asked)
+    return Attempt(exchange, live, live.urls["chat"], b"{}", asked)
 
 
 def run(relay: Callable[..., Awaitable[None]], *args: object) -> None:
