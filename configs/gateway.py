@@ -170,6 +170,12 @@ class Tenant(Strict):
         "request that names neither",
     )
     max_n: int | None = Field(None, ge=1, description="largest n (choices per prompt)")
+    max_inflight: int | None = Field(
+        None,
+        ge=1,
+        description="requests in flight at once, counted across every gateway sharing Redis; "
+        "one more gets a 429 (retry after 1 s)",
+    )
     canary: Literal["in", "out"] | None = Field(None, description="None follows canary_default")
     log_prompts: bool = Field(False, description="store prompt text in the usage log")
     synthetic: bool = Field(

@@ -1,5 +1,5 @@
-"""Per-tenant limits: requests and tokens per sliding minute, a monthly token budget and a
-monthly money budget.
+"""Per-tenant limits: requests and tokens per sliding minute, a monthly token budget, a
+monthly money budget, and requests in flight at once.
 
 Admission checks every limit and takes in the same step: one request, and a reservation of the
 most tokens the request can use (`reservation`): its prompt's UTF-8 bytes, plus a chat template's
@@ -169,6 +169,14 @@ def denied(reason: str, tenant: Tenant, retry_after: int) -> RateLimited:
             code="insufficient_quota",
             retry_after=retry_after,
         )
+    if reason == "inflight":
+        error = RateLimited(
+            f"tenant '{tenant.name}' has its limit of {tenant.max_inflight} requests in flight; "
+            "retry when one of them is done",
+            retry_after=retry_after,
+        )
+        error.type = "requests"
+        return error
     limit, unit = (tenant.rpm, "requests") if reason == "rpm" else (tenant.tpm, "tokens")
     error = RateLimited(
         f"tenant '{tenant.name}' is over its limit of {limit} {unit} per minute; "
@@ -210,9 +218,19 @@ class _Minute:
 
 
 class _Account:
-    __slots__ = ("held", "held_nanos", "month", "requests", "spent", "spent_nanos", "tokens")
+    __slots__ = (
+        "held",
+        "held_nanos",
+        "inflight",
+        "month",
+        "requests",
+        "spent",
+        "spent_nanos",
+        "tokens",
+    )
 
     def __init__(self) -> None:
+        self.inflight = 0  # requests admitted and not yet settled
         self.requests = _Minute()
         self.tokens = _Minute()
         self.month = ""
@@ -246,6 +264,7 @@ class Hold(NamedTuple):
     second: int
     quota: Quota | None = None
     nanos: int = 0
+    inflight: bool = False  # it counts against the tenant's max_inflight until it settles
 
 
 class Limiter(Protocol):
@@ -289,11 +308,14 @@ class LocalLimiter:
         """Take one request and hold `reserved` tokens and `nanos` nano-dollars, or raise
         RateLimited; None: nothing held (a tenant without limits)."""
         # No await in here: the check and the take are one step on the event loop.
-        if tenant.rpm is None and not metered(tenant):
+        if tenant.rpm is None and tenant.max_inflight is None and not metered(tenant):
             return None
         account = self._account(tenant)
         now = self._clock()
         now_s = int(now)
+        most = tenant.max_inflight
+        if most is not None and account.inflight >= most:
+            raise denied("inflight", tenant, 1)
         committed = account.held + reserved
         spent = account.spent_in(month_of(now))
         money = budget_nanos(tenant)
@@ -315,15 +337,18 @@ class LocalLimiter:
         if tenant.tpm is not None:
             left = tenant.tpm - account.tokens.used(now_s) - committed
             tokens = Window(tenant.tpm, left, account.tokens.reset(now_s))
+        account.inflight += most is not None
         if not metered(tenant):
-            return Hold(0, now_s, Quota(requests, tokens))
+            return Hold(0, now_s, Quota(requests, tokens), inflight=most is not None)
         account.held = committed
         account.held_nanos += nanos
-        return Hold(reserved, now_s, Quota(requests, tokens), nanos)
+        return Hold(reserved, now_s, Quota(requests, tokens), nanos, most is not None)
 
     async def settle(self, tenant: Tenant, hold: Hold | None, tokens: int, nanos: int = 0) -> None:
         """Release the request's hold and charge the tokens it used and what they cost, in one
         step."""
+        if hold is not None and hold.inflight:
+            self._account(tenant).inflight -= 1
         if not metered(tenant):
             return
         account = self._account(tenant)

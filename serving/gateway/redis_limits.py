@@ -52,16 +52,19 @@ local function used(key, horizon)
 end
 """
 
-# KEYS: requests, tokens and held buckets, budget counter, money counter, money held buckets.
-# ARGV: rpm, tpm, budget (0 = none), reserved, hold ttl, money budget in nano-dollars (0 = none),
-# reserved nano-dollars. Returns the reason and a retry-after, or 'ok', the second the reservation
-# is held in, and the requests and tokens left in the minute with their resets (-1: no such limit).
+# KEYS: requests, tokens and held buckets, budget counter, money counter, money held buckets,
+# in-flight buckets. ARGV: rpm, tpm, budget (0 = none), reserved, hold ttl, money budget in
+# nano-dollars (0 = none), reserved nano-dollars, max in flight (0 = none). Returns the reason and
+# a retry-after, or 'ok', the second the reservation is held in, and the requests and tokens left
+# in the minute with their resets (-1: no such limit).
 _ADMIT = (
     _USED
     + """
 local rpm, tpm, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local reserved, ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 local money, reserved_nanos = tonumber(ARGV[6]), tonumber(ARGV[7])
+local most = tonumber(ARGV[8])
+if most > 0 and used(KEYS[7], now - ttl) >= most then return {'inflight', 1} end
 if money > 0 then
   local spent = tonumber(redis.call('GET', KEYS[5]) or '0')
   if spent + used(KEYS[6], now - ttl) + reserved_nanos > money then return {'money', 0} end
@@ -97,14 +100,18 @@ if money > 0 then
   redis.call('HINCRBY', KEYS[6], now, reserved_nanos)
   redis.call('EXPIRE', KEYS[6], ttl)
 end
+if most > 0 then
+  redis.call('HINCRBY', KEYS[7], now, 1)
+  redis.call('EXPIRE', KEYS[7], ttl)
+end
 return {'ok', now, requests_left, requests_reset, tokens_left, tokens_reset}
 """
 )
 
-# KEYS: tokens and held buckets, budget counter, money counter, money held buckets.
-# ARGV: reserved, the second it is held in, tokens used, charge tpm (0/1), charge budget (0/1),
-# reserved nano-dollars, nano-dollars charged. A hold already gone (past its ttl) or never taken
-# (Redis was down at admission) releases nothing.
+# KEYS: tokens and held buckets, budget counter, money counter, money held buckets, in-flight
+# buckets. ARGV: reserved, the second it is held in, tokens used, charge tpm (0/1), charge budget
+# (0/1), reserved nano-dollars, nano-dollars charged, release one in flight (0/1). A hold already
+# gone (past its ttl) or never taken (Redis was down at admission) releases nothing.
 _SETTLE = """
 local now = tonumber(redis.call('TIME')[1])
 local function release(key, amount)
@@ -119,6 +126,7 @@ end
 local n, nanos = tonumber(ARGV[3]), tonumber(ARGV[7])
 release(KEYS[2], tonumber(ARGV[1]))
 release(KEYS[5], tonumber(ARGV[6]))
+release(KEYS[6], tonumber(ARGV[8]))
 if n > 0 and ARGV[4] == '1' then
   redis.call('HINCRBY', KEYS[1], now, n)
   redis.call('EXPIRE', KEYS[1], 120)
@@ -185,12 +193,13 @@ class RedisLimiter:
             f"{base}budget:{month}",
             f"{base}money:{month}",
             base + "money-held",
+            base + "inflight",
         ]
 
     async def admit(self, tenant: Tenant, reserved: int, nanos: int = 0) -> Hold | None:
         """Take one request and hold `reserved` tokens and `nanos` nano-dollars, or raise
         RateLimited; None: nothing held (no limits, or Redis unreachable)."""
-        if tenant.rpm is None and not metered(tenant):
+        if tenant.rpm is None and tenant.max_inflight is None and not metered(tenant):
             return None
         now = time.time()
         money = budget_nanos(tenant)
@@ -202,6 +211,7 @@ class RedisLimiter:
             self._hold_ttl_s,
             money or 0,
             nanos if money else 0,
+            tenant.max_inflight or 0,
         ]
         try:
             reason, value, *left = await self._admit(keys=self._keys(tenant, now), args=args)
@@ -209,7 +219,7 @@ class RedisLimiter:
             return self._store_down(tenant, e)
         if reason != b"ok":
             kind = reason.decode()
-            monthly = kind in ("budget", "money")
+            monthly = kind in ("budget", "money")  # "inflight": retry after 1 s
             wait = seconds_to_next_month(now) if monthly else max(1, int(value))
             raise denied(kind, tenant, wait)
         requests_left, requests_reset, tokens_left, tokens_reset = (int(v) for v in left)
@@ -218,7 +228,13 @@ class RedisLimiter:
             Window(tenant.tpm, tokens_left, tokens_reset) if tenant.tpm else None,
         )
         holds_tokens = tenant.tpm is not None or tenant.monthly_token_budget is not None
-        return Hold(reserved if holds_tokens else 0, int(value), quota, nanos if money else 0)
+        return Hold(
+            reserved if holds_tokens else 0,
+            int(value),
+            quota,
+            nanos if money else 0,
+            tenant.max_inflight is not None,
+        )
 
     def _store_down(self, tenant: Tenant, error: RedisError) -> None:
         """Admit holding nothing, unless a limit of the tenant fails closed (503)."""
@@ -253,7 +269,9 @@ class RedisLimiter:
     async def settle(self, tenant: Tenant, hold: Hold | None, tokens: int, nanos: int = 0) -> None:
         """Release the request's hold and charge the tokens it used and what they cost, in one
         script."""
-        if not metered(tenant) or (hold is None and tokens <= 0):
+        inflight = hold is not None and hold.inflight
+        tokens = tokens if metered(tenant) else 0
+        if not inflight and (not metered(tenant) or (hold is None and tokens <= 0)):
             return
         _, *keys = self._keys(tenant, time.time())  # all but the requests' buckets
         reserved, second, held_nanos = (
@@ -267,6 +285,7 @@ class RedisLimiter:
             int(tenant.monthly_token_budget is not None),
             held_nanos,
             max(0, nanos),  # 0 without a money budget (limits.charge)
+            int(inflight),
         ]
         try:
             await self._settle(keys=keys, args=args)
