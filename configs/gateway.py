@@ -216,6 +216,19 @@ class AdminSpec(Strict):
 class TimeoutsSpec(Strict):
     connect_s: float = Field(2.0, gt=0, description="TCP connect to a backend")
     read_s: float = Field(60.0, gt=0, description="longest silence between bytes from a backend")
+    request_s: float | None = Field(
+        None,
+        gt=0,
+        description="the most a request may take, streams included, unless its client asks for "
+        "less (header x-slipway-timeout-s); past it the backend's request is stopped; None: no "
+        "limit but the client's",
+    )
+    drain_s: float = Field(
+        30.0,
+        ge=0,
+        description="on SIGTERM: how long requests in flight (streams too) get to finish; new "
+        "connections are refused at once",
+    )
 
 
 class BreakerSpec(Strict):

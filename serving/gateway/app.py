@@ -124,6 +124,7 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
             config.canary_default,
             config.max_body_bytes,
             usage.put_unbilled,
+            config.timeouts.request_s,
         )
 
     models = Models(current)

@@ -157,10 +157,11 @@ class ErrorMiddleware:
     @staticmethod
     async def _send(scope: Scope, send: Send, error: GatewayError) -> None:
         exchange = scope.get("slipway.exchange")
+        status, headers, body = render(error)
         if exchange is not None:
             exchange.status = error.status
             exchange.error_kind = error.kind
-        status, headers, body = render(error)
+            headers.append((b"x-request-id", exchange.request_id.encode()))  # as answers carry
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 

@@ -20,6 +20,7 @@ class Exchange:
         "cached_tokens",
         "completion_bound",
         "completion_tokens",
+        "deadline",
         "endpoint",
         "error_kind",
         "failover",
@@ -62,6 +63,7 @@ class Exchange:
         self.cached_tokens: int | None = None  # prompt tokens from the prefix cache, if reported
         self.tokens_from: str | None = None  # None: the backend's counts; "content": see tokens.py
         self.ttft_s: float | None = None
+        self.deadline: float | None = None  # perf_counter time its answer must be complete by
         self.latency_s = 0.0
         self.prompt: str | None = None
         self.session: str | None = None

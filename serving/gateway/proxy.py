@@ -6,6 +6,7 @@ closed in `close`. The answer is relayed by relay.py: whole for JSON, event by e
 
 from __future__ import annotations
 
+import asyncio
 from time import perf_counter
 
 import aiohttp
@@ -14,7 +15,7 @@ from starlette.types import Receive, Send
 from configs.gateway import TimeoutsSpec
 from serving.gateway.attempt import Attempt
 from serving.gateway.errors import Unavailable
-from serving.gateway.relay import FAILURES, OK, relay_body, relay_stream
+from serving.gateway.relay import FAILURES, OK, deadline_passed, relay_body, relay_stream
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
 
@@ -56,19 +57,33 @@ class Upstream:
         # Timed from the send: a mirrored copy is made before its original but sent after it,
         # once the event loop runs its task, and that wait is the gateway's, not the engine's.
         attempt.start = perf_counter()
+        deadline = attempt.exchange.deadline
         try:
+            if deadline is None:
+                await self._exchange(attempt, send, receive)
+                return
             try:
-                response = await self._session.post(
-                    attempt.url, data=attempt.payload, headers=_JSON_HEADERS
-                )
-            except FAILURES as e:
-                raise attempt.failed(e) from e
-            try:
-                if attempt.exchange.stream and response.status == OK:
-                    await relay_stream(attempt, response, send, receive)
-                else:
-                    await relay_body(attempt, response, send)
-            finally:
-                response.release()
+                async with asyncio.timeout(deadline - attempt.start):
+                    await self._exchange(attempt, send, receive)
+            except TimeoutError:
+                # Ours alone: a backend's own timeouts come out of the relay as AttemptFailed.
+                # Leaving the block closed the backend's response, so vLLM stops the request;
+                # the backend did nothing wrong, so its breaker and statistics hear nothing.
+                await deadline_passed(attempt, send, deadline - attempt.exchange.started)
         finally:
             backend.inflight -= 1
+
+    async def _exchange(self, attempt: Attempt, send: Send, receive: Receive) -> None:
+        try:
+            response = await self._session.post(
+                attempt.url, data=attempt.payload, headers=_JSON_HEADERS
+            )
+        except FAILURES as e:
+            raise attempt.failed(e) from e
+        try:
+            if attempt.exchange.stream and response.status == OK:
+                await relay_stream(attempt, response, send, receive)
+            else:
+                await relay_body(attempt, response, send)
+        finally:
+            response.release()

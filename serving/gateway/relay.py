@@ -27,6 +27,7 @@ from starlette.types import Message, Receive, Send
 
 from serving.gateway.attempt import Attempt
 from serving.gateway.codec import dumps
+from serving.gateway.errors import UpstreamError
 from serving.gateway.sse import EventFramer, data_event
 from serving.gateway.tokens import ResponsesUsage, UsageFilter, read_answer_usage
 
@@ -114,6 +115,9 @@ async def relay_stream(attempt: Attempt, reply: Reply, send: Send, receive: Rece
                 await send({"type": "http.response.body", "body": run, "more_body": True})
             if not piece:
                 break
+    except asyncio.CancelledError:  # its deadline passed (proxy.py), or the server stops
+        _settle(usage, exchange)
+        raise
     except FAILURES as e:
         _settle(usage, exchange)  # the tokens generated until it stopped are charged all the same
         if _client_left(gone, attempt):
@@ -158,6 +162,24 @@ def _broken_off(attempt: Attempt, error: BaseException) -> Message:
     code = "upstream_stream_broken"
     event = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
     return {"type": "http.response.body", "body": data_event(dumps(event)), "more_body": True}
+
+
+async def deadline_passed(attempt: Attempt, send: Send, seconds: float) -> None:
+    """The request's deadline passed while its backend was still answering: a stream that had
+    begun ends with an error event (its tokens until then are charged), else a 504."""
+    exchange = attempt.exchange
+    exchange.error_kind = "deadline_exceeded"
+    message = (
+        f"the request's deadline of {seconds:g} s passed before {attempt.where} had answered "
+        "it all; ask for more time with the x-slipway-timeout-s header, up to the gateway's "
+        "timeouts.request_s"
+    )
+    if exchange.status != OK:  # nothing has reached the client
+        raise UpstreamError(message, code="deadline_exceeded", status=504)
+    code = "deadline_exceeded"
+    event = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+    await send({"type": "http.response.body", "body": data_event(dumps(event)), "more_body": True})
+    await send(_last())
 
 
 def _last() -> Message:

@@ -23,6 +23,7 @@ from serving.gateway.choice import choose, failover, fallback, point_for, takes_
 from serving.gateway.codec import dumps
 from serving.gateway.endpoints import MIRRORED, STREAMING, UTILITY
 from serving.gateway.errors import (
+    BadRequest,
     GatewayError,
     TooLarge,
     Unavailable,
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 NOT_STREAMED = Asked(final=False, continuous=False)  # a JSON answer's usage is passed on as it is
 FAILOVER_LOG_EVERY_S = 10.0  # one line per backend and interval while a failover lasts
+TIMEOUT_HEADER = b"x-slipway-timeout-s"  # a client's own deadline, in seconds
 
 
 def header(scope: Scope, name: bytes) -> bytes | None:
@@ -73,6 +75,25 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             return body
 
 
+def deadline_of(scope: Scope, started: float, most: float | None) -> float | None:
+    """When the request's answer must be complete (perf_counter time): the sooner of the client's
+    x-slipway-timeout-s and the gateway's timeouts.request_s; None when neither is set."""
+    asked = header(scope, TIMEOUT_HEADER)
+    if asked is not None:
+        try:
+            seconds = float(asked)
+        except ValueError:
+            seconds = float("nan")
+        if not 0 < seconds < float("inf"):
+            raise BadRequest(
+                f"header x-slipway-timeout-s must be a number of seconds above 0, got "
+                f"'{asked.decode('utf-8', 'replace')[:40]}'",
+                param="x-slipway-timeout-s",
+            )
+        most = seconds if most is None else min(most, seconds)
+    return None if most is None else started + most
+
+
 def _too_large(size: int, limit: int) -> TooLarge:
     return TooLarge(f"request body of {size} bytes is over this gateway's limit of {limit} bytes")
 
@@ -92,6 +113,7 @@ class Completions:
         canary_default: str,
         max_body_bytes: int,
         unbilled: Callable[[Row], None],
+        request_s: float | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.streams = endpoint in STREAMING
@@ -104,9 +126,11 @@ class Completions:
         self.canary_default = canary_default
         self.max_body_bytes = max_body_bytes
         self.unbilled = unbilled  # the usage log's: traffic no tenant pays for
+        self.request_s = request_s  # the longest a request may take (timeouts.request_s)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = scope["slipway.exchange"]
+        exchange.deadline = deadline_of(scope, exchange.started, self.request_s)
         data = parse_request(await read_body(scope, receive, self.max_body_bytes), self.endpoint)
         model = exchange.model = data["model"]
         route = self.current.table.get(model)

@@ -16,7 +16,9 @@ from serving.gateway.app import build_app
 
 
 def serve(config: GatewayConfig, host: str | None, port: int | None, log_level: str) -> None:
-    """Serve `config` until SIGTERM or SIGINT; in-flight requests get 30 s to finish."""
+    """Serve `config` until SIGTERM or SIGINT. Then the listening socket closes at once (new
+    connections go to another instance), and requests in flight, streams too, get
+    `timeouts.drain_s` to finish before they are cut; the usage log is flushed last."""
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -30,5 +32,5 @@ def serve(config: GatewayConfig, host: str | None, port: int | None, log_level: 
         access_log=False,  # the usage log records every API request, off the hot path
         proxy_headers=False,
         log_level=log_level,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=config.timeouts.drain_s,
     )

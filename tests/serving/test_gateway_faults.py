@@ -5,6 +5,7 @@ memory read from outside.
 - A canary killed under load (make test): non-streaming requests are retried on stable, streams
   the canary had started end with an error event, the circuit opens. A killed stable backend on
   a route with failover: every non-streaming request is served, by the canary once stable is gone.
+  SIGTERM: a stream in flight finishes, new connections are refused, the usage log is flushed.
 - Overload at 10x a known capacity (backend max_concurrency / upstream service time) for a
   minute (make stress): admitted requests keep their latency, the rest get 429/503 with
   Retry-After, memory stays bounded, nothing crashes, and SIGTERM afterwards loses no usage record.
@@ -254,6 +255,34 @@ def test_stable_killed_under_load_fails_over_to_the_canary(tmp_path):
     assert after["1"]["circuit"] == "open" and after["2"]["circuit"] == "closed"
     assert after["2"]["failover"]["requests"] > 0  # counted apart from the canary's evidence
     assert ready == 503  # no stable backend: not ready, though the model is still served
+
+
+def test_sigterm_drains_a_stream_in_flight_and_refuses_new_connections(tmp_path):
+    url, args, log = upstream(tmp_path, "stable", chunk_delay_s=0.02)
+    with (
+        process(args, log, url + "/health"),
+        gateway(tmp_path, [backend(url, "1")]) as (gw, proc),
+    ):
+        auth = {"Authorization": f"Bearer {gw.key}"}
+        body = chat(max_tokens=100, stream=True)  # 2 s of tokens
+        post = f"{gw.url}/v1/chat/completions"
+        with httpx.stream("POST", post, json=body, headers=auth, timeout=30) as r:
+            lines = r.iter_lines()  # held: a generator dropped closes the response
+            head = [next(lines) for _ in range(4)]
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while True:  # the listener closes once the server has taken the signal
+                try:
+                    httpx.get(f"{gw.url}/health", timeout=1)
+                except httpx.ConnectError:
+                    break
+                assert time.monotonic() < deadline, "still accepting connections after SIGTERM"
+                time.sleep(0.05)
+            events = [line for line in [*head, *lines] if line.startswith("data: ")]
+        assert proc.wait(15) == -signal.SIGTERM  # uvicorn ends by re-raising the signal it took
+    assert len(events) == 101 and events[-1] == "data: [DONE]"  # every token, then the end
+    [row] = read_usage(0, time.time() + 1, url=gw.usage).itertuples()  # flushed on the way out
+    assert (row.status, row.completion_tokens, row.error_kind) == (200, 100, None)
 
 
 # ---- overload ------------------------------------------------------------------------------------

@@ -1,14 +1,19 @@
-"""Bad requests, oversize bodies, overload, timeouts and broken streams."""
+"""Bad requests, oversize bodies, overload, timeouts, deadlines and broken streams."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 
 import httpx
 import pytest
 
-from evaluation.benchmarks.mock_upstream import Fault
+from evaluation.benchmarks.mock_upstream import Fault, MockUpstream, serve
 from tests.serving.conftest import MODEL, backend, chat, post_many
+from tests.serving.test_gateway_charging import usage_row
+
+TIMEOUT_HEADER = "x-slipway-timeout-s"
 
 
 @pytest.fixture
@@ -107,3 +112,60 @@ def test_unreachable_backend_is_502(keys, run_gateway):
         )
         assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_unavailable"
         assert httpx.get(f"{base}/health").status_code == 200
+
+
+@pytest.fixture
+def timed(keys, run_gateway):
+    """A mock taking 0.6 s before it answers and 20 ms per token, behind a gateway with
+    timeouts.request_s 5 and tenant alice's usage written every 0.1 s."""
+    upstream = MockUpstream(delay_s=0.6, chunk_delay_s=0.02)
+    with serve(upstream) as url:
+        config = keys.config(
+            [backend(url, "1")], timeouts={"request_s": 5}, usage={"batch_interval_s": 0.1}
+        )
+        with run_gateway(config) as base:
+            yield upstream, base, {"Authorization": f"Bearer {keys.key('alice')}"}
+
+
+def test_a_deadline_passed_before_the_answer_is_504_and_no_fault_of_the_backend(timed, keys):
+    _, base, auth = timed
+    start = time.time()
+    r = httpx.post(
+        f"{base}/v1/chat/completions", json=chat(), headers={**auth, TIMEOUT_HEADER: "0.2"}
+    )
+    assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+    assert "deadline of 0.2 s" in r.json()["error"]["message"]
+    row = usage_row(start, r.headers["x-request-id"])
+    assert (row.status, row.error_kind) == (504, "deadline_exceeded")
+    admin = {"Authorization": f"Bearer {keys.admin}"}
+    [stats] = httpx.get(f"{base}/admin/stats/{MODEL}", headers=admin).json()["backends"]
+    assert (stats["circuit"], stats["errors"]) == ("closed", 0)  # the client's choice, not a fault
+    # Within its deadline the same request is answered.
+    ok = httpx.post(
+        f"{base}/v1/chat/completions", json=chat(), headers={**auth, TIMEOUT_HEADER: "3"}
+    )
+    assert ok.status_code == 200
+
+
+def test_a_stream_past_its_deadline_ends_with_an_error_event_and_its_tokens_charged(timed):
+    upstream, base, auth = timed
+    start = time.time()
+    body = chat(max_tokens=500, stream=True)  # 0.6 s + 10 s of tokens: past the gateway's 5 s
+    r = httpx.post(f"{base}/v1/chat/completions", json=body, headers=auth, timeout=30)
+    events = [e.removeprefix("data: ") for e in r.text.split("\n\n") if e]
+    assert r.status_code == 200 and "[DONE]" not in events
+    assert json.loads(events[-1])["error"]["code"] == "deadline_exceeded"
+    relayed = len(events) - 1
+    row = usage_row(start, r.headers["x-request-id"])
+    generated = upstream.generated[-1]
+    assert 100 < relayed < 500 and generated < 500  # vLLM's request was stopped with the stream
+    assert row.error_kind == "deadline_exceeded" and relayed <= row.completion_tokens <= generated
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-1", "inf", "nan"])
+def test_a_malformed_deadline_header_is_400_naming_it(timed, value):
+    _, base, auth = timed
+    r = httpx.post(
+        f"{base}/v1/chat/completions", json=chat(), headers={**auth, TIMEOUT_HEADER: value}
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == TIMEOUT_HEADER
