@@ -51,6 +51,7 @@ COLUMNS = (
     "tokens_from",
 )
 UNMETERED = "unmetered"  # tokens_from of a direct source that cannot count its tokens
+CACHED = "cache"  # tokens_from of an answer the gateway's response cache gave
 RECORD = (
     "version",
     "start",
@@ -136,7 +137,9 @@ def reconcile(
     the `billed` (gateway_usage) and `unbilled` (unbilled_usage) rows, COLUMNS of each, `time` as
     unix seconds; rows are read from the first reading's time on (pass the window and a margin of
     the longest request before it). A version with fewer than two readings is not checked."""
-    mine = billed.loc[billed["backend_version"].notna(), list(COLUMNS)].assign(source="billed")
+    # A response-cache hit reached no engine, whatever its tokens say (serving/gateway/cache.py).
+    reached = billed["backend_version"].notna() & (billed["tokens_from"] != CACHED)
+    mine = billed.loc[reached, list(COLUMNS)].assign(source="billed")
     others = unbilled[[*COLUMNS, "source"]]
     parts = [p for p in (mine, others) if len(p)]  # concat warns about empty frames
     rows = pd.concat(parts, ignore_index=True) if parts else others

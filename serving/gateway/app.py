@@ -38,6 +38,7 @@ from serving.gateway.account import OwnUsage
 from serving.gateway.admin import AdminAPI
 from serving.gateway.audit import AuditLog
 from serving.gateway.auth import AuthMiddleware, admins_of
+from serving.gateway.cache import cache_for
 from serving.gateway.endpoints import PATHS
 from serving.gateway.errors import ErrorMiddleware, http_exception_handler
 from serving.gateway.keyring import Keyring
@@ -77,6 +78,7 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
         Trust(config.trust, (home or Home.from_env()).keys),
     )
     upstream = Upstream(config.timeouts)
+    cache = cache_for(config.cache, config.redis_url, config.redis_prefix)
     limiter: Limiter = (
         RedisLimiter(
             config.redis_url,
@@ -90,7 +92,7 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
     usage = UsageLog(sink_for(config.usage.url or default_url(home)), config.usage)
     meter = Meter(current, usage, config.usage.meter_interval_s)
     responses: Responses = Counter()
-    registry = registry_for(GatewayCollector(current, responses, usage, limiter.outages))
+    registry = registry_for(GatewayCollector(current, responses, usage, limiter.outages, cache))
     keyring = Keyring(store, config.tenants, config.state.poll_interval_s)
     oidc = OIDCVerifier(config.oidc) if config.oidc else None
     audit = AuditLog(store)
@@ -106,6 +108,9 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
                 await oidc.open()  # a key set that cannot be read stops the start
             await upstream.open()
             opened.push_async_callback(upstream.close)
+            if cache is not None:
+                await cache.store.open()
+                opened.push_async_callback(cache.store.close)
             await limiter.open()
             opened.push_async_callback(limiter.close)
             await usage.start()
@@ -125,6 +130,7 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
             config.max_body_bytes,
             usage.put_unbilled,
             config.timeouts.request_s,
+            cache,
         )
 
     models = Models(current)

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from serving.gateway.cache import MemoryStore, ResponseCache
 from serving.gateway.routing import CurrentTable
 from serving.gateway.stats import LATENCY_BUCKETS, Histogram
 from serving.gateway.usage import UsageLog
@@ -55,11 +56,13 @@ class GatewayCollector(Collector):
         responses: Responses,
         usage: UsageLog,
         outages: Counter[str],
+        cache: ResponseCache | None = None,
     ) -> None:
         self.current = current
         self.responses = responses
         self.usage = usage
         self.outages = outages  # the limiter's
+        self.cache = cache
 
     def collect(self) -> Iterator:
         responses = CounterMetricFamily(
@@ -147,6 +150,9 @@ class GatewayCollector(Collector):
             down.add_metric([decision], self.outages[decision])
         yield down
 
+        if self.cache is not None:
+            yield from _cache_series(self.cache)
+
         usage = self.usage
         yield CounterMetricFamily(
             "slipway_gateway_usage_dropped",
@@ -156,6 +162,23 @@ class GatewayCollector(Collector):
         yield GaugeMetricFamily(
             "slipway_gateway_usage_pending", "Usage records not yet written", value=usage.depth
         )
+
+
+def _cache_series(cache: ResponseCache) -> Iterator:
+    lookups = CounterMetricFamily(
+        "slipway_gateway_cache",
+        "Response cache: lookups that hit or missed, answers stored, answers too large to store",
+        labels=["result"],
+    )
+    for result in ("hit", "miss", "stored", "too_large"):
+        lookups.add_metric([result], cache.counts[result])
+    yield lookups
+    store = cache.store
+    if isinstance(store, MemoryStore):  # Redis keeps its own account of a shared cache
+        yield GaugeMetricFamily(
+            "slipway_gateway_cache_bytes", "Answer bytes held", value=store.bytes
+        )
+        yield GaugeMetricFamily("slipway_gateway_cache_entries", "Answers held", value=len(store))
 
 
 def _buckets(hist: Histogram) -> list[tuple[str, int]]:

@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from configs.gateway import LimitsSpec
 from serving.gateway.attempt import Attempt, AttemptFailed
+from serving.gateway.cache import HEADER, MISS, ResponseCache
 from serving.gateway.choice import choose, failover, fallback, point_for, takes_canary
 from serving.gateway.codec import dumps
 from serving.gateway.endpoints import MIRRORED, STREAMING, UTILITY
@@ -114,6 +115,7 @@ class Completions:
         max_body_bytes: int,
         unbilled: Callable[[Row], None],
         request_s: float | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.streams = endpoint in STREAMING
@@ -127,6 +129,7 @@ class Completions:
         self.max_body_bytes = max_body_bytes
         self.unbilled = unbilled  # the usage log's: traffic no tenant pays for
         self.request_s = request_s  # the longest a request may take (timeouts.request_s)
+        self.cache = cache
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = scope["slipway.exchange"]
@@ -160,11 +163,15 @@ class Completions:
         route: Route,
         data: dict[str, Any],
     ) -> None:
-        """Route the admitted request and relay its answer; a request the route mirrors is copied
-        to the other side at the same moment (mirror.py)."""
+        """Route the admitted request; answer it from the cache where it may, else relay its
+        answer."""
         tenant = exchange.tenant
         if tenant.log_prompts:
             exchange.prompt = prompt_text(data, self.endpoint)
+        cache = self.cache
+        cached = None  # the request's digest, when the cache may answer it (cache.py)
+        if cache is not None and cache.wants(header(scope, HEADER), data, tenant):
+            cached = cache.request_digest(data, self.endpoint, tenant)
         asked = NOT_STREAMED
         if data.get("stream") and self.streams:
             exchange.stream = True
@@ -180,6 +187,35 @@ class Completions:
             backend = choose(route, point, canary)
         except Unavailable:
             backend = _fail_over(exchange, route, None, point)
+        if cached is not None and not exchange.failover:
+            entry = await cache.lookup(cached, backend)
+            if entry is not None:
+                await cache.replay(entry, exchange, backend, send)
+                return
+            send = with_headers(send, MISS)
+            exchange.transcript = []
+        else:
+            cached = None
+        try:
+            await self._route(receive, send, exchange, route, data, backend, point, asked)
+        finally:
+            answered = exchange.status == 200 and exchange.error_kind is None
+            if cached is not None and answered and exchange.backend is backend:
+                await cache.keep(cached, exchange, exchange.transcript)
+
+    async def _route(
+        self,
+        receive: Receive,
+        send: Send,
+        exchange: Exchange,
+        route: Route,
+        data: dict[str, Any],
+        backend: Backend,
+        point: float,
+        asked: Asked,
+    ) -> None:
+        """Relay the request's answer from `backend`; a request the route mirrors is copied to
+        the other side at the same moment (mirror.py)."""
         mirror = route.mirror
         if mirror is None or exchange.failover or not self.mirrored:  # no answer to pair
             target = None

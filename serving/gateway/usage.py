@@ -21,7 +21,9 @@ Table gateway_usage, one row per request:
                    client left: client_disconnected), those generated until then
   tokens_from      NULL when the backend reported the counts; 'content' when it sent none and
                    the completion tokens are the non-empty content deltas relayed (a lower
-                   bound) with 0 prompt tokens
+                   bound) with 0 prompt tokens; 'cache' when the response cache answered (no
+                   backend was asked; the tokens are 0 or the cached answer's, as
+                   cache.billing says)
   ttft_ms          time to the first streamed byte (streams only)
   latency_ms       request start to last byte
   prompt           prompt text, only for tenants with log_prompts: true

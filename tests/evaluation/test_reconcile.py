@@ -72,6 +72,14 @@ def test_completed_requests_agree_exactly_and_one_token_off_diverges():
     )
 
 
+def test_a_response_cache_hit_reached_no_engine_and_is_left_out():
+    # Billed the tokens of the answer it replayed (cache.billing "full"), but no engine counted it.
+    billed = frame(req(10, 5, 7), req(15, 5, 7, tokens_from="cache"))
+    (check,) = reconcile(billed, NONE, readings((0, 100, 1000), (30, 105, 1007)))
+    assert check.ok and check.requests == {"billed": 1}
+    assert (check.prompt.counted, check.generation.counted) == (5, 7)
+
+
 def test_shadow_copies_and_failed_tries_are_counted_though_no_tenant_pays_them():
     billed = frame(req(10, 5, 7))
     unbilled = frame(
