@@ -55,7 +55,15 @@ class BackendSpec(Strict):
     )
     role: Literal["stable", "canary"]
     max_concurrency: int = Field(
-        256, ge=1, description="requests in flight before 503 + Retry-After"
+        256,
+        ge=1,
+        description="requests in flight at once; more wait in the gateway's queue (`queue`), "
+        "or get 503 + Retry-After without one",
+    )
+    priority_scheduling: bool = Field(
+        False,
+        description="the server runs vLLM's priority scheduling (--scheduling-policy priority): "
+        "each request is sent with its tier's priority",
     )
 
     @field_validator("url")
@@ -391,6 +399,36 @@ class OIDCSpec(Strict):
         return self
 
 
+class TierSpec(Strict):
+    """How a tier's requests are scheduled when a backend is full (serving/gateway/queue.py)."""
+
+    priority: int = Field(
+        0, ge=-1000, le=1000, description="a higher priority is served first, whatever waits"
+    )
+    weight: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="each tenant's share within the tier"
+    )
+    max_wait_s: float = Field(
+        10.0, gt=0, description="the longest a request waits for a slot before a 503"
+    )
+
+
+class QueueSpec(Strict):
+    """Requests that find a backend at max_concurrency wait here, by tier priority and, within a
+    tier, by weighted fair queuing on their token cost; none wait while `max_waiting` is 0."""
+
+    max_waiting: int = Field(
+        0, ge=0, description="requests waiting per backend; one more gets a 503 at once"
+    )
+    tiers: dict[str, TierSpec] = Field(
+        default_factory=dict, description="by tier name; a tier not named is scheduled as `default`"
+    )
+    default: TierSpec = TierSpec()
+
+    def tier(self, name: str) -> TierSpec:
+        return self.tiers.get(name, self.default)
+
+
 class CacheSpec(Strict):
     """The response cache (serving/gateway/cache.py): exact-match answers for requests that are
     deterministic by rule (temperature 0, or a seed) or that the client marks cacheable."""
@@ -435,6 +473,7 @@ class GatewayConfig(Strict):
     usage: UsageSpec = UsageSpec()
     stats: StatsSpec = StatsSpec()
     cache: CacheSpec = CacheSpec()
+    queue: QueueSpec = QueueSpec()
     limits: LimitsSpec = LimitsSpec()
     state: StateSpec = StateSpec()
     trust: TrustSpec = TrustSpec()

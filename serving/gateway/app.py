@@ -77,7 +77,7 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
         config.state.poll_interval_s,
         Trust(config.trust, (home or Home.from_env()).keys),
     )
-    upstream = Upstream(config.timeouts)
+    upstream = Upstream(config.timeouts, config.queue)
     cache = cache_for(config.cache, config.redis_url, config.redis_prefix)
     limiter: Limiter = (
         RedisLimiter(
@@ -131,6 +131,7 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
             usage.put_unbilled,
             config.timeouts.request_s,
             cache,
+            config.queue,
         )
 
     models = Models(current)

@@ -20,6 +20,7 @@ class Exchange:
         "cached_tokens",
         "completion_bound",
         "completion_tokens",
+        "cost",
         "deadline",
         "endpoint",
         "error_kind",
@@ -64,6 +65,7 @@ class Exchange:
         self.tokens_from: str | None = None  # None: the backend's counts; "content": see tokens.py
         self.ttft_s: float | None = None
         self.deadline: float | None = None  # perf_counter time its answer must be complete by
+        self.cost = 1.0  # its token bound, for fair queuing (queue.py); set where it can wait
         self.latency_s = 0.0
         self.prompt: str | None = None
         self.session: str | None = None

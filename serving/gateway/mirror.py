@@ -206,6 +206,7 @@ class Mirroring:
             target is None
             or draw >= self.spec.share
             or target.inflight >= target.max_concurrency
+            or len(target.waiting)
             or not self.bucket.take(time.monotonic())
         ):
             return None
@@ -262,7 +263,7 @@ class Copy:
                 self.transcript.append(message["body"])
 
         try:
-            await upstream.forward(self.attempt, keep, _never)
+            await upstream.forward(self.attempt, keep, _never, may_wait=False)
         except AttemptFailed as failed:
             self.exchange.status = failed.status or 502
             self.exchange.error_kind = failed.kind

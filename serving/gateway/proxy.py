@@ -12,17 +12,18 @@ from time import perf_counter
 import aiohttp
 from starlette.types import Receive, Send
 
-from configs.gateway import TimeoutsSpec
+from configs.gateway import QueueSpec, TimeoutsSpec
 from serving.gateway.attempt import Attempt
-from serving.gateway.errors import Unavailable
+from serving.gateway.queue import give_slot, take_slot
 from serving.gateway.relay import FAILURES, OK, deadline_passed, relay_body, relay_stream
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 class Upstream:
-    def __init__(self, timeouts: TimeoutsSpec) -> None:
+    def __init__(self, timeouts: TimeoutsSpec, queue: QueueSpec | None = None) -> None:
         self._timeouts = timeouts
+        self._queue = queue or QueueSpec()
         self._session: aiohttp.ClientSession | None = None
 
     async def open(self) -> None:
@@ -44,16 +45,13 @@ class Upstream:
             await self._session.close()
             self._session = None
 
-    async def forward(self, attempt: Attempt, send: Send, receive: Receive) -> None:
-        """Send `attempt` to its backend and relay the answer, within the backend's concurrency."""
+    async def forward(
+        self, attempt: Attempt, send: Send, receive: Receive, may_wait: bool = True
+    ) -> None:
+        """Send `attempt` to its backend and relay the answer, within the backend's concurrency:
+        waiting for a slot in its queue (queue.py) where the gateway has one and `may_wait`."""
         backend = attempt.backend
-        if backend.inflight >= backend.max_concurrency:
-            raise Unavailable(
-                f"{attempt.where} is at its concurrency limit "
-                f"({backend.max_concurrency} requests in flight); retry shortly",
-                retry_after=1,
-            )
-        backend.inflight += 1
+        await take_slot(backend, attempt.exchange, self._queue, attempt.where, may_wait)
         # Timed from the send: a mirrored copy is made before its original but sent after it,
         # once the event loop runs its task, and that wait is the gateway's, not the engine's.
         attempt.start = perf_counter()
@@ -71,7 +69,7 @@ class Upstream:
                 # the backend did nothing wrong, so its breaker and statistics hear nothing.
                 await deadline_passed(attempt, send, deadline - attempt.exchange.started)
         finally:
-            backend.inflight -= 1
+            give_slot(backend)
 
     async def _exchange(self, attempt: Attempt, send: Send, receive: Receive) -> None:
         try:

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from configs.gateway import LimitsSpec
+from configs.gateway import LimitsSpec, QueueSpec
 from serving.gateway.attempt import Attempt, AttemptFailed
 from serving.gateway.cache import HEADER, MISS, ResponseCache
 from serving.gateway.choice import choose, failover, fallback, point_for, takes_canary
@@ -40,7 +40,13 @@ from serving.gateway.routing import Backend, CurrentTable, Route
 from serving.gateway.shape import apply_tenant_bounds
 from serving.gateway.tokens import Asked, ask_for_usage
 from serving.gateway.usage import Row, unbilled_row
-from serving.gateway.validation import asked_completion, parse_request, prompt_count, prompt_text
+from serving.gateway.validation import (
+    asked_completion,
+    parse_request,
+    prompt_bytes,
+    prompt_count,
+    prompt_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +122,7 @@ class Completions:
         unbilled: Callable[[Row], None],
         request_s: float | None = None,
         cache: ResponseCache | None = None,
+        queue: QueueSpec | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.streams = endpoint in STREAMING
@@ -130,6 +137,7 @@ class Completions:
         self.unbilled = unbilled  # the usage log's: traffic no tenant pays for
         self.request_s = request_s  # the longest a request may take (timeouts.request_s)
         self.cache = cache
+        self.queue = queue or QueueSpec()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = scope["slipway.exchange"]
@@ -142,6 +150,11 @@ class Completions:
         tenant = exchange.tenant
         apply_tenant_bounds(tenant, data, self.endpoint, self.limits.default_max_tokens)
         exchange.n, exchange.completion_bound = asked_completion(data, self.endpoint)
+        if self.queue.max_waiting:  # its place among waiters is by its token bound (queue.py)
+            bound = exchange.completion_bound
+            exchange.cost = prompt_bytes(data, self.endpoint) + (
+                self.limits.default_max_tokens if bound is None else bound
+            )
         # Admitted only now that the request's reservation is known; settled exactly once, when
         # it is done however it ends, with the tokens the relay counted (0 if none were made).
         reserved = reservation(tenant, data, self.endpoint, self.limits)
@@ -270,6 +283,8 @@ class Completions:
     ) -> Attempt:
         exchange.backend = backend
         data["model"] = backend.served_model
+        if backend.spec.priority_scheduling:  # vLLM serves a lower value first
+            data["priority"] = -self.queue.tier(exchange.tenant.tier).priority
         url = backend.urls[self.endpoint]
         exchange.attempt = Attempt(exchange, backend, url, dumps(data), asked)
         return exchange.attempt

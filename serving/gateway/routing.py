@@ -19,6 +19,7 @@ from configs.gateway import Audience, BackendSpec, BreakerSpec, MirrorSpec, Rout
 from serving.gateway.breaker import Breaker
 from serving.gateway.endpoints import PATHS
 from serving.gateway.mirror import Mirroring, PairLog
+from serving.gateway.queue import FairQueue
 from serving.gateway.stats import BackendStats
 
 
@@ -42,6 +43,7 @@ class Backend:
         "synthetic_stats",
         "urls",
         "version",
+        "waiting",
     )
 
     def __init__(self, model: str, spec: BackendSpec, breaker: BreakerSpec, samples: int) -> None:
@@ -53,6 +55,7 @@ class Backend:
         self.urls = {endpoint: spec.url + path for endpoint, path in PATHS.items()}
         self.max_concurrency = spec.max_concurrency
         self.inflight = 0
+        self.waiting = FairQueue()  # requests waiting for a slot (queue.py)
         self.breaker = Breaker(breaker.failures, breaker.open_s)
         self.stats = BackendStats(samples)  # organic traffic
         self.synthetic_stats = BackendStats(samples)  # tenants marked `synthetic`

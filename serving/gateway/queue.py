@@ -1,0 +1,115 @@
+"""Waiting for a backend's slot: tier priority first, then weighted fair queuing on token cost.
+
+A backend takes `max_concurrency` requests at once. With `queue.max_waiting` above 0, a request
+that finds it full waits here instead of getting a 503, in this order:
+- a higher tier priority first, whatever waits below it;
+- within a priority, weighted fair queuing (start-time fair queuing): each request gets a finish
+  tag, max(the queue's virtual time, its tenant's last tag) + cost / its tier's weight, and the
+  smallest tag goes first. The cost is the request's token bound (prompt bytes plus max_tokens x
+  choices), so a tenant with 50 requests waiting cannot push back one that sent a single request
+  after them: each tenant's tags advance only with its own requests.
+A slot freed goes straight to the next waiter (the in-flight count never drops in between, so a
+newcomer cannot take it first). A request waits at most its tier's `max_wait_s`, and never past
+its own deadline; then, or when `max_waiting` are already waiting, it gets a 503 with
+Retry-After. A client that hangs up while waiting keeps its place until its wait ends (its
+request is then sent and the relay sees it gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from time import perf_counter
+from typing import TYPE_CHECKING
+
+from configs.gateway import QueueSpec
+from serving.gateway.errors import Unavailable
+
+if TYPE_CHECKING:
+    from serving.gateway.exchange import Exchange
+    from serving.gateway.routing import Backend
+
+
+class FairQueue:
+    """The requests waiting for one backend's slot."""
+
+    __slots__ = ("_heap", "_last", "_seq", "_virtual", "live")
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, float, int, asyncio.Future]] = []
+        self._last: dict[str, float] = {}  # each tenant's latest finish tag
+        self._virtual = 0.0  # the finish tag of the request served last
+        self._seq = itertools.count()  # equal tags: first come, first served
+        self.live = 0  # waiters still waiting (the heap also holds those whose wait ended)
+
+    def __len__(self) -> int:
+        return self.live
+
+    def push(self, tenant: str, priority: int, weight: float, cost: float) -> asyncio.Future:
+        tag = max(self._virtual, self._last.get(tenant, 0.0)) + cost / weight
+        self._last[tenant] = tag
+        waiter = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._heap, (-priority, tag, next(self._seq), waiter))
+        self.live += 1
+        return waiter
+
+    def gave_up(self) -> None:
+        """A waiter's wait ended without a slot (its entry is dropped when it comes up)."""
+        self.live -= 1
+
+    def pop(self) -> asyncio.Future | None:
+        """The next waiter still waiting, or None."""
+        while self._heap:
+            _, tag, _, waiter = heapq.heappop(self._heap)
+            if not waiter.done():
+                self._virtual = tag
+                self.live -= 1
+                return waiter
+        self._last.clear()  # no one waits: tags start over, so they stay small
+        self._virtual = 0.0
+        return None
+
+
+async def take_slot(
+    backend: Backend, exchange: Exchange, queue: QueueSpec, where: str, may_wait: bool = True
+) -> None:
+    """Count the request in `backend`'s in-flight requests, waiting for a slot if it is full;
+    raises Unavailable (503) when it cannot wait or waited its longest. Pair with `give_slot`."""
+    if backend.inflight < backend.max_concurrency and not len(backend.waiting):
+        backend.inflight += 1
+        return
+    if not may_wait or len(backend.waiting) >= queue.max_waiting:
+        raise Unavailable(
+            f"{where} is at its concurrency limit ({backend.max_concurrency} requests in flight"
+            + (f", {len(backend.waiting)} waiting" if queue.max_waiting else "")
+            + "); retry shortly",
+            retry_after=1,
+        )
+    tenant = exchange.tenant
+    tier = queue.tier(tenant.tier)
+    wait_s = tier.max_wait_s
+    if exchange.deadline is not None:
+        wait_s = min(wait_s, exchange.deadline - perf_counter())
+    waiter = backend.waiting.push(tenant.name, tier.priority, tier.weight, exchange.cost)
+    try:
+        async with asyncio.timeout(max(wait_s, 0.0)):
+            await waiter
+    except TimeoutError:
+        if waiter.done() and not waiter.cancelled():
+            return  # the slot came as the wait ended: it is this request's
+        backend.waiting.gave_up()
+        raise Unavailable(
+            f"{where} stayed at its concurrency limit for the {wait_s:.3g} s this request could "
+            f"wait (tier '{tenant.tier}'); retry shortly",
+            retry_after=max(1, round(wait_s)),
+        ) from None
+
+
+def give_slot(backend: Backend) -> None:
+    """The request is done with its slot: it passes to the next waiter, or is freed."""
+    waiter = backend.waiting.pop()
+    if waiter is None:
+        backend.inflight -= 1
+    else:
+        waiter.set_result(None)

@@ -1,0 +1,136 @@
+"""The queue in front of a full backend: a higher tier goes first, tenants of a tier share by
+weighted fair queuing (one tenant's 40 waiting requests do not hold back four others' few), a
+bounded queue and bounded waits answer 503 with Retry-After, and a tier's priority reaches vLLM
+where the backend runs priority scheduling. Against the mock upstream, with its service time
+making the backend's capacity known."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import httpx
+
+from evaluation.benchmarks.mock_upstream import MockUpstream, serve
+from tests.serving.conftest import backend, chat
+
+TIERS = {"premium": {"priority": 10}, "batch": {"priority": 0}}
+
+
+async def fire(base: str, key: str, body: dict, **headers: str) -> tuple[int, float, dict]:
+    """One request: its status, when it finished (monotonic) and its body."""
+    sent = {"Authorization": f"Bearer {key}", **headers}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{base}/v1/chat/completions", json=body, headers=sent) as r,
+    ):
+        return r.status, time.monotonic(), await r.json()
+
+
+def jain(values: list[float]) -> float:
+    return sum(values) ** 2 / (len(values) * sum(v * v for v in values))
+
+
+def test_a_higher_tier_waiting_goes_first(keys, run_gateway):
+    upstream = MockUpstream(delay_s=0.2)
+    with serve(upstream) as url:
+        tenants = [keys.tenant("bob", tier="batch"), keys.tenant("pat", tier="premium")]
+        config = keys.config(
+            [backend(url, "1", max_concurrency=1)],
+            tenants,
+            queue={"max_waiting": 50, "tiers": TIERS},
+        )
+        with run_gateway(config) as base:
+
+            async def go():
+                batch = [
+                    asyncio.ensure_future(fire(base, keys.key("bob"), chat(f"b{i}")))
+                    for i in range(6)
+                ]
+                await asyncio.sleep(0.1)  # one batch request in flight, five waiting
+                premium = await fire(base, keys.key("pat"), chat("p"))
+                return await asyncio.gather(*batch), premium
+
+            batch, premium = asyncio.run(go())
+    assert {status for status, _, _ in batch} == {200} and premium[0] == 200
+    # Only the batch request already in flight finished before it.
+    assert sum(done < premium[1] for _, done, _ in batch) == 1
+
+
+def test_tenants_of_a_tier_share_a_full_backend_fairly(keys, run_gateway):
+    upstream = MockUpstream(delay_s=0.05)  # 2 slots: 40 requests/s
+    with serve(upstream) as url:
+        light = ["lia", "leo", "lou", "lux"]
+        tenants = [keys.tenant("hank"), *(keys.tenant(n) for n in light)]
+        config = keys.config(
+            [backend(url, "1", max_concurrency=2)],
+            tenants,
+            queue={"max_waiting": 100, "default": {"max_wait_s": 30}},
+        )
+        with run_gateway(config) as base:
+
+            async def go():
+                heavy = [
+                    asyncio.ensure_future(fire(base, keys.key("hank"), chat(f"hank {i}")))
+                    for i in range(40)
+                ]
+                await asyncio.sleep(0.02)  # hank's 40 are in: 2 in flight, 38 waiting
+                start = time.monotonic()
+                small = [
+                    fire(base, keys.key(name), chat(f"{name} {i}"))
+                    for name in light
+                    for i in range(3)
+                ]
+                return start, await asyncio.gather(*small), await asyncio.gather(*heavy)
+
+            start, small, heavy = asyncio.run(go())
+    assert {s for s, _, _ in small + heavy} == {200}  # everyone served in the end
+    order = [r["messages"][0]["content"].split()[0] for r in upstream.requests]
+    # Each light tenant's 3 were interleaved with hank's next 3, not queued behind his 38.
+    last_light = max(i for i, who in enumerate(order) if who != "hank")
+    assert last_light < 2 + 5 * 3, order
+    waits = [
+        sum(done - start for _, done, _ in small[k * 3 : k * 3 + 3]) / 3 for k in range(len(light))
+    ]
+    assert jain(waits) >= 0.9, waits
+
+
+def test_a_full_queue_and_a_wait_past_its_limit_are_503_with_retry_after(keys, run_gateway):
+    upstream = MockUpstream(delay_s=0.5)
+    with serve(upstream) as url:
+        config = keys.config(
+            [backend(url, "1", max_concurrency=1)],
+            queue={"max_waiting": 1, "default": {"max_wait_s": 0.2}},
+        )
+        with run_gateway(config) as base:
+
+            async def go():
+                first = asyncio.ensure_future(fire(base, keys.key("alice"), chat("one")))
+                await asyncio.sleep(0.1)
+                waits = asyncio.ensure_future(fire(base, keys.key("alice"), chat("two")))
+                await asyncio.sleep(0.05)
+                full = await fire(base, keys.key("alice"), chat("three"))
+                return await first, await waits, full
+
+            first, waited, full = asyncio.run(go())
+    assert first[0] == 200
+    assert (
+        waited[0] == 503
+        and "for the 0.2 s this request could wait" in waited[2]["error"]["message"]
+    )
+    assert full[0] == 503 and "1 waiting" in full[2]["error"]["message"]
+    assert [r["messages"][0]["content"] for r in upstream.requests] == ["one"]
+
+
+def test_a_tiers_priority_reaches_a_backend_with_priority_scheduling(mock, keys, run_gateway):
+    upstream, url = mock
+    tenants = [keys.tenant("pat", tier="premium"), keys.tenant("bob", tier="batch")]
+    backends = [backend(url, "1", priority_scheduling=True)]
+    config = keys.config(backends, tenants, queue={"tiers": TIERS})
+    with run_gateway(config) as base:
+        for who in ("pat", "bob"):
+            auth = {"Authorization": f"Bearer {keys.key(who)}"}
+            assert httpx.post(f"{base}/v1/chat/completions", json=chat(), headers=auth).is_success
+    # vLLM serves a lower value first.
+    assert [r["priority"] for r in upstream.requests] == [-10, 0]
