@@ -51,7 +51,10 @@ class Upstream:
         """Send `attempt` to its backend and relay the answer, within the backend's concurrency:
         waiting for a slot in its queue (queue.py) where the gateway has one and `may_wait`."""
         backend = attempt.backend
-        await take_slot(backend, attempt.exchange, self._queue, attempt.where, may_wait)
+        if backend.inflight < backend.max_concurrency and not backend.waiting.live:
+            backend.inflight += 1  # the common case, without a coroutine for take_slot
+        else:
+            await take_slot(backend, attempt.exchange, self._queue, attempt.where, may_wait)
         # Timed from the send: a mirrored copy is made before its original but sent after it,
         # once the event loop runs its task, and that wait is the gateway's, not the engine's.
         attempt.start = perf_counter()

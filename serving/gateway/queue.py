@@ -57,18 +57,28 @@ class FairQueue:
     def gave_up(self) -> None:
         """A waiter's wait ended without a slot (its entry is dropped when it comes up)."""
         self.live -= 1
+        if not self.live:
+            self._start_over()
 
     def pop(self) -> asyncio.Future | None:
         """The next waiter still waiting, or None."""
         while self._heap:
             _, tag, _, waiter = heapq.heappop(self._heap)
             if not waiter.done():
-                self._virtual = tag
                 self.live -= 1
+                if self.live:
+                    self._virtual = tag
+                else:
+                    self._start_over()
                 return waiter
-        self._last.clear()  # no one waits: tags start over, so they stay small
-        self._virtual = 0.0
+        self._start_over()
         return None
+
+    def _start_over(self) -> None:
+        """No one waits: tags start again from 0, so they stay small."""
+        self._heap.clear()
+        self._last.clear()
+        self._virtual = 0.0
 
 
 async def take_slot(
@@ -76,10 +86,10 @@ async def take_slot(
 ) -> None:
     """Count the request in `backend`'s in-flight requests, waiting for a slot if it is full;
     raises Unavailable (503) when it cannot wait or waited its longest. Pair with `give_slot`."""
-    if backend.inflight < backend.max_concurrency and not len(backend.waiting):
+    if backend.inflight < backend.max_concurrency and not backend.waiting.live:
         backend.inflight += 1
         return
-    if not may_wait or len(backend.waiting) >= queue.max_waiting:
+    if not may_wait or backend.waiting.live >= queue.max_waiting:
         raise Unavailable(
             f"{where} is at its concurrency limit ({backend.max_concurrency} requests in flight"
             + (f", {len(backend.waiting)} waiting" if queue.max_waiting else "")
@@ -108,7 +118,7 @@ async def take_slot(
 
 def give_slot(backend: Backend) -> None:
     """The request is done with its slot: it passes to the next waiter, or is freed."""
-    waiter = backend.waiting.pop()
+    waiter = backend.waiting.pop() if backend.waiting.live else None
     if waiter is None:
         backend.inflight -= 1
     else:
