@@ -225,11 +225,15 @@ class MockUpstream:
                     await asyncio.sleep(self.chunk_delay_s)
         finally:
             gone.cancel()
-            self.generation_tokens_total += sent
-            if self.record:
-                self.generated.append(sent)
+            self._generated(sent)
         await event("response.completed", {"response": response(sent, "completed")})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _generated(self, tokens: int) -> None:
+        """A stream ended (or was cut off) after `tokens`: counted as vLLM counts them."""
+        self.generation_tokens_total += tokens
+        if self.record:
+            self.generated.append(tokens)
 
     def metrics(self) -> str:
         return (
@@ -285,9 +289,7 @@ class MockUpstream:
                     await asyncio.sleep(self.chunk_delay_s)
         finally:
             gone.cancel()
-            self.generation_tokens_total += sent
-            if self.record:
-                self.generated.append(sent)
+            self._generated(sent)
         if include:
             tail = f'{head}],"usage":{json.dumps(usage, separators=(",", ":"))}}}\n\n'
             await send({"type": "http.response.body", "body": tail.encode(), "more_body": True})

@@ -177,7 +177,7 @@ class Completions:
         data: dict[str, Any],
     ) -> None:
         """Route the admitted request; answer it from the cache where it may, else relay its
-        answer."""
+        answer (and copy it where the route mirrors)."""
         tenant = exchange.tenant
         if tenant.log_prompts:
             exchange.prompt = prompt_text(data, self.endpoint)
@@ -209,39 +209,23 @@ class Completions:
             exchange.transcript = []
         else:
             cached = None
-        try:
-            await self._route(receive, send, exchange, route, data, backend, point, asked)
-        finally:
-            answered = exchange.status == 200 and exchange.error_kind is None
-            if cached is not None and answered and exchange.backend is backend:
-                await cache.keep(cached, exchange, exchange.transcript)
-
-    async def _route(
-        self,
-        receive: Receive,
-        send: Send,
-        exchange: Exchange,
-        route: Route,
-        data: dict[str, Any],
-        backend: Backend,
-        point: float,
-        asked: Asked,
-    ) -> None:
-        """Relay the request's answer from `backend`; a request the route mirrors is copied to
-        the other side at the same moment (mirror.py)."""
+        # A request the route mirrors is copied to the other side at the same moment (mirror.py).
         mirror = route.mirror
         if mirror is None or exchange.failover or not self.mirrored:  # no answer to pair
             target = None
         else:
             target = mirror.wants(backend, random.random())
-        if target is None:
-            await self._relay(receive, send, exchange, route, data, backend, point, asked)
-            return
-        copy = start_copy(self.upstream, mirror, target, exchange, data, asked)
+        copy = None
+        if target is not None:
+            copy = start_copy(self.upstream, mirror, target, exchange, data, asked)
         try:
             await self._relay(receive, send, exchange, route, data, backend, point, asked)
         finally:
-            copy.finish(exchange, exchange.transcript or [], self.unbilled)
+            if copy is not None:
+                copy.finish(exchange, exchange.transcript or [], self.unbilled)
+            answered = exchange.status == 200 and exchange.error_kind is None
+            if cached is not None and answered and exchange.backend is backend:
+                await cache.keep(cached, exchange, exchange.transcript)
 
     async def _relay(
         self,

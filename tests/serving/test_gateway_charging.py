@@ -47,6 +47,14 @@ def usage_row(start: float, request_id: str):
     raise AssertionError(f"no usage row for {request_id}")
 
 
+def last_generated(upstream: MockUpstream) -> int:
+    """The tokens the mock generated for its latest stream, once it has noticed the hang-up."""
+    deadline = time.monotonic() + 5
+    while not upstream.generated and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return upstream.generated[-1]
+
+
 def events(base: str, key: str, body: dict) -> list[dict | str]:
     """A whole stream's events, as JSON (or the raw data, such as [DONE])."""
     headers = {"Authorization": f"Bearer {key}"}
@@ -84,10 +92,7 @@ def test_a_client_that_hangs_up_after_3_chunks_is_charged_what_was_generated(
                 if read == 3:
                     break  # leaving the block hangs up
         row = usage_row(start, request_id)
-        deadline = time.monotonic() + 5
-        while not upstream.generated and time.monotonic() < deadline:
-            time.sleep(0.05)
-        generated = upstream.generated[-1]
+        generated = last_generated(upstream)
         spent = charged(redis_prefix, "alice")
     assert row.error_kind == "client_disconnected" and row.stream
     assert 3 <= generated < 200  # the mock stopped generating when the gateway hung up
