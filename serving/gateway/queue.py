@@ -21,14 +21,16 @@ import asyncio
 import heapq
 import itertools
 from time import perf_counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from configs.gateway import QueueSpec
 from serving.gateway.errors import Unavailable
 
 if TYPE_CHECKING:
     from serving.gateway.exchange import Exchange
-    from serving.gateway.routing import Backend
+
+# routing.Backend, not imported: routing imports this module (for FairQueue)
+Backend = Any
 
 
 class FairQueue:

@@ -111,6 +111,9 @@ def test_500_racing_requests_through_two_instances_spend_the_limit_exactly(
         redis_url=REDIS_URL,
         redis_prefix=redis_prefix,
         limits=PRICED,
+        # Two gateways, the mock and 500 clients share this process and its GIL: on CI's two
+        # busy cores the mock once took over the default 2 s to accept a connection.
+        timeouts={"connect_s": 15},
     )
     sent = bodies(500)
     with run_gateway(config) as one, run_gateway(config) as two:
