@@ -224,6 +224,7 @@ def _stats(route: Route, samples: bool) -> dict[str, Any]:
                 "digest": b.spec.digest,
                 "weight": w,
                 "inflight": b.inflight,
+                "waiting": b.waiting.live,
                 "circuit": b.breaker.state,
                 **b.stats.snapshot(samples),
                 "failover": b.failover_stats.snapshot(samples),

@@ -91,6 +91,11 @@ class GatewayCollector(Collector):
         inflight = GaugeMetricFamily(
             "slipway_gateway_backend_inflight", "Requests in flight", labels=labels
         )
+        waiting = GaugeMetricFamily(
+            "slipway_gateway_backend_waiting",
+            "Requests waiting for a slot in the gateway's queue",
+            labels=labels,
+        )
         weight = GaugeMetricFamily(
             "slipway_gateway_backend_weight", "Routing weight", labels=labels
         )
@@ -118,6 +123,7 @@ class GatewayCollector(Collector):
                 tokens.add_metric([*values, "prompt"], s.total_prompt_tokens)
                 tokens.add_metric([*values, "completion"], s.total_completion_tokens)
                 inflight.add_metric(values, backend.inflight)
+                waiting.add_metric(values, backend.waiting.live)
                 weight.add_metric(values, w)
                 circuit.add_metric(values, 0 if backend.breaker.opened_at is None else 1)
                 for name, hist in (("ttft", s.hist_ttft), ("itl", s.hist_itl), ("e2e", s.hist_e2e)):
@@ -134,7 +140,7 @@ class GatewayCollector(Collector):
                         errors.add_metric(values, s.total_errors)
                         tokens.add_metric([*values, "prompt"], s.total_prompt_tokens)
                         tokens.add_metric([*values, "completion"], s.total_completion_tokens)
-        yield from (requests, errors, tokens, inflight, weight, circuit, *hists.values())
+        yield from (requests, errors, tokens, inflight, waiting, weight, circuit, *hists.values())
         yield GaugeMetricFamily(
             "slipway_gateway_routes_version",
             "Version of the state store's routes this instance serves (replicas agree once synced)",

@@ -49,10 +49,18 @@ def test_a_higher_tier_waiting_goes_first(keys, run_gateway):
                     for i in range(6)
                 ]
                 await asyncio.sleep(0.1)  # one batch request in flight, five waiting
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.get(f"{base}/metrics") as r,
+                ):
+                    metrics = await r.text()
                 premium = await fire(base, keys.key("pat"), chat("p"))
-                return await asyncio.gather(*batch), premium
+                return await asyncio.gather(*batch), premium, metrics
 
-            batch, premium = asyncio.run(go())
+            batch, premium, metrics = asyncio.run(go())
+    assert 'slipway_gateway_backend_waiting{model="tiny-chat",role="stable",version="1"} 5.0' in (
+        metrics
+    )
     assert {status for status, _, _ in batch} == {200} and premium[0] == 200
     # Only the batch request already in flight finished before it.
     assert sum(done < premium[1] for _, done, _ in batch) == 1
