@@ -205,8 +205,7 @@ class Mirroring:
         if (
             target is None
             or draw >= self.spec.share
-            or target.inflight >= target.max_concurrency
-            or len(target.waiting)
+            or not target.has_room()
             or not self.bucket.take(time.monotonic())
         ):
             return None

@@ -51,7 +51,7 @@ class Upstream:
         """Send `attempt` to its backend and relay the answer, within the backend's concurrency:
         waiting for a slot in its queue (queue.py) where the gateway has one and `may_wait`."""
         backend = attempt.backend
-        if backend.inflight < backend.max_concurrency and not backend.waiting.live:
+        if backend.has_room():
             backend.inflight += 1  # the common case, without a coroutine for take_slot
         else:
             await take_slot(backend, attempt.exchange, self._queue, attempt.where, may_wait)

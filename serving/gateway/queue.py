@@ -88,7 +88,7 @@ async def take_slot(
 ) -> None:
     """Count the request in `backend`'s in-flight requests, waiting for a slot if it is full;
     raises Unavailable (503) when it cannot wait or waited its longest. Pair with `give_slot`."""
-    if backend.inflight < backend.max_concurrency and not backend.waiting.live:
+    if backend.has_room():
         backend.inflight += 1
         return
     if not may_wait or backend.waiting.live >= queue.max_waiting:

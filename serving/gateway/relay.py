@@ -158,8 +158,11 @@ def _stream_start(attempt: Attempt) -> Message:
 
 
 def _broken_off(attempt: Attempt, error: BaseException) -> Message:
-    message = f"{attempt.where} broke off the stream: {error}"
-    code = "upstream_stream_broken"
+    return _error_event(f"{attempt.where} broke off the stream: {error}", "upstream_stream_broken")
+
+
+def _error_event(message: str, code: str) -> Message:
+    """An OpenAI-shaped error as the event that ends a stream already begun."""
     event = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
     return {"type": "http.response.body", "body": data_event(dumps(event)), "more_body": True}
 
@@ -176,9 +179,7 @@ async def deadline_passed(attempt: Attempt, send: Send, seconds: float) -> None:
     )
     if exchange.status != OK:  # nothing has reached the client
         raise UpstreamError(message, code="deadline_exceeded", status=504)
-    code = "deadline_exceeded"
-    event = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
-    await send({"type": "http.response.body", "body": data_event(dumps(event)), "more_body": True})
+    await send(_error_event(message, "deadline_exceeded"))
     await send(_last())
 
 

@@ -67,6 +67,10 @@ class Backend:
         self.pairs = PairLog(samples)  # those copies beside stable's answers
         self.label = spec.version.encode()  # the x-slipway-backend response header
 
+    def has_room(self) -> bool:
+        """Whether a request may take a slot now: one is free and no one waits for it."""
+        return self.inflight < self.max_concurrency and not self.waiting.live
+
     def reset_stats(self) -> None:
         self.stats.reset()
         self.synthetic_stats.reset()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -28,27 +29,36 @@ def tiny_server(tiny_model_source, tmp_path_factory) -> Iterator[VLLMServer]:
         yield server
 
 
-@pytest.fixture
-def tiny_gateway(tiny_server, home) -> Iterator[str]:
-    """A gateway in this process serving the tiny server as model 'tiny-chat' to tenant alice
-    (key KEY), its usage written every 0.1 s and the engine's counters read every 0.3 s."""
+@contextmanager
+def gateway_to(url: str, served: str, model: str, home) -> Iterator[str]:
+    """A gateway in this process serving the engine at `url` (its name `served`) as `model` to
+    tenant alice (key KEY), its usage written every 0.1 s and the engine's counters read every
+    0.3 s."""
+    digest = "sha256:" + "0" * 64
     backend = {
         "version": "1",
-        "url": tiny_server.url,
-        "served_model": SERVED,
-        "digest": "sha256:" + "0" * 64,
-        "attestation": SIGNER.attest("sha256:" + "0" * 64),
+        "url": url,
+        "served_model": served,
+        "digest": digest,
+        "attestation": SIGNER.attest(digest),
         "weight": 100,
         "role": "stable",
     }
     config = GatewayConfig.model_validate(
         {
             "admin_token_sha256": key_hash(ADMIN),
-            "routes": [{"model": "tiny-chat", "backends": [backend]}],
+            "routes": [{"model": model, "backends": [backend]}],
             "tenants": [{"name": "alice", "key_sha256": key_hash(KEY)}],
             "usage": {"batch_interval_s": 0.1, "meter_interval_s": 0.3},
             "trust": SIGNER.trust(),
         }
     )
-    with serve(build_app(config, home)) as url:
+    with serve(build_app(config, home)) as gateway:
+        yield gateway
+
+
+@pytest.fixture
+def tiny_gateway(tiny_server, home) -> Iterator[str]:
+    """gateway_to the tiny server, as model 'tiny-chat'."""
+    with gateway_to(tiny_server.url, SERVED, "tiny-chat", home) as url:
         yield url

@@ -10,16 +10,11 @@ import time
 import openai
 import pytest
 
-from configs.gateway import GatewayConfig
 from configs.models import Serving
-from evaluation.benchmarks.mock_upstream import serve
-from serving.gateway.app import build_app
-from serving.gateway.auth import key_hash
 from serving.gateway.usage import read_usage
 from serving.vllm import VLLMServer
-from tests.evaluation.conftest import ADMIN, KEY
+from tests.evaluation.conftest import KEY, gateway_to
 from tests.evaluation.test_usage_vllm import settled
-from tests.serving.conftest import SIGNER
 
 pytestmark = pytest.mark.stress
 
@@ -28,35 +23,18 @@ def test_embeddings_through_the_gateway_are_billed_as_vllm_counted_them(tiny_mod
     serving = Serving(
         engine_args=["--max-model-len", "256", "--runner", "pooling", "--convert", "embed"]
     )
-    with VLLMServer(tiny_model_source, "tiny-embed", home, serving) as engine:
-        digest = "sha256:" + "1" * 64
-        backend = {
-            "version": "1",
-            "url": engine.url,
-            "served_model": "tiny-embed",
-            "digest": digest,
-            "attestation": SIGNER.attest(digest),
-            "weight": 100,
-            "role": "stable",
-        }
-        config = GatewayConfig.model_validate(
-            {
-                "admin_token_sha256": key_hash(ADMIN),
-                "routes": [{"model": "tiny-embed", "backends": [backend]}],
-                "tenants": [{"name": "alice", "key_sha256": key_hash(KEY)}],
-                "usage": {"batch_interval_s": 0.1},
-                "trust": SIGNER.trust(),
-            }
-        )
-        with serve(build_app(config, home)) as gateway:
-            client = openai.OpenAI(base_url=f"{gateway}/v1", api_key=KEY, max_retries=0)
-            before, start = settled(engine.url), time.time()
-            answer = client.embeddings.create(model="tiny-embed", input=["Hello there", "Hi"])
-            after = settled(engine.url)
-            deadline = time.monotonic() + 10
-            while (rows := read_usage(start, time.time() + 1)).empty:
-                assert time.monotonic() < deadline, "the usage row was not written"
-                time.sleep(0.1)
+    with (
+        VLLMServer(tiny_model_source, "tiny-embed", home, serving) as engine,
+        gateway_to(engine.url, "tiny-embed", "tiny-embed", home) as gateway,
+    ):
+        client = openai.OpenAI(base_url=f"{gateway}/v1", api_key=KEY, max_retries=0)
+        before, start = settled(engine.url), time.time()
+        answer = client.embeddings.create(model="tiny-embed", input=["Hello there", "Hi"])
+        after = settled(engine.url)
+        deadline = time.monotonic() + 10
+        while (rows := read_usage(start, time.time() + 1)).empty:
+            assert time.monotonic() < deadline, "the usage row was not written"
+            time.sleep(0.1)
     assert [d.index for d in answer.data] == [0, 1] and len(answer.data[0].embedding) > 1
     [row] = rows.itertuples()
     assert row.endpoint == "embeddings" and row.status == 200
