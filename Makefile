@@ -25,6 +25,8 @@ DEMO_CANDIDATE ?= gptq-w8a8
 ## setup: build (or reuse) the core, quant and serve environments and the signing key. Idempotent.
 setup:
 	@mkdir -p $(ENVS)
+	@# Once, before the parallel builds: three concurrent pip installs of uv fail "Text file busy".
+	@command -v uv >/dev/null || python3 -m pip install -q "uv==0.13.9"
 	@set -e; pids=(); for e in core quant serve; do \
 	  (ln -sfn "$$(configs/envs/build.sh $$e)" $(ENVS)/$$e) & pids+=($$!); done; \
 	  for p in $${pids[@]}; do wait $$p; done

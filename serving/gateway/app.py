@@ -39,6 +39,7 @@ from serving.gateway.admin import AdminAPI
 from serving.gateway.audit import AuditLog
 from serving.gateway.auth import AuthMiddleware, admins_of
 from serving.gateway.cache import cache_for
+from serving.gateway.dispatch import ApiDispatch
 from serving.gateway.endpoints import PATHS
 from serving.gateway.errors import ErrorMiddleware, http_exception_handler
 from serving.gateway.keyring import Keyring
@@ -137,9 +138,10 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
     models = Models(current)
     admin = AdminAPI(sync, audit)
     tenants = TenantsAPI(keyring, audit, config.limits.chargeback)
+    api = {path: completions(name) for name, path in PATHS.items()}
     return Starlette(
         routes=[
-            *(Route(path, completions(name), methods=["POST"]) for name, path in PATHS.items()),
+            *(Route(path, endpoint, methods=["POST"]) for path, endpoint in api.items()),
             Route("/v1/models", models.list, methods=["GET"]),
             Route("/v1/usage", OwnUsage(limiter, config.limits.chargeback).get, methods=["GET"]),
             Route("/v1/models/{model:path}", models.get, methods=["GET"]),
@@ -171,6 +173,7 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
                 admins=admins_of(config.admin_token_sha256, config.admins),
                 oidc=oidc,
             ),
+            Middleware(ApiDispatch, endpoints=api),
         ],
         exception_handlers={HTTPException: http_exception_handler},
         lifespan=lifespan,

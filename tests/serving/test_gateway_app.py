@@ -48,3 +48,17 @@ def test_an_app_can_be_started_again_and_logs_usage_each_time(keys, home):
             assert r.status_code == 401
     rows = read_usage(start, time.time() + 1)
     assert list(rows.status) == [401, 401] and rows.request_id.nunique() == 2
+
+
+def test_api_posts_skip_the_router_and_other_methods_still_get_its_answers(keys, home):
+    """The API's POSTs reach their endpoint by path (dispatch.py); any other method on those
+    paths still gets the router's 405, and an unknown path its 404, both in the OpenAI shape."""
+    alice = {"Authorization": f"Bearer {keys.key('alice')}"}
+    with TestClient(build_app(keys.config([backend(URL, "1")]), home)) as client:
+        posted = client.post("/v1/chat/completions", json={"model": MODEL}, headers=alice)
+        assert posted.status_code == 400 and posted.json()["error"]["param"] == "messages"
+        wrong = client.get("/v1/chat/completions", headers=alice)
+        assert wrong.status_code == 405
+        assert wrong.json()["error"]["code"] == "method_not_allowed"
+        unknown = client.post("/v1/chat/completion", json={"model": MODEL}, headers=alice)
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
