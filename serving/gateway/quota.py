@@ -11,31 +11,37 @@ A limit the tenant does not have gets no headers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from starlette.types import Message, Send
 
 
-@dataclass(frozen=True, slots=True)
-class Window:
+class Window(NamedTuple):
     limit: int
     remaining: int
     reset_s: int
 
 
-@dataclass(frozen=True, slots=True)
-class Quota:
+# Header names built once: the headers are made for every admitted request.
+_NAMES = {
+    unit: tuple(b"x-ratelimit-%s-%s" % (what, unit) for what in (b"limit", b"remaining", b"reset"))
+    for unit in (b"requests", b"tokens")
+}
+
+
+class Quota(NamedTuple):
     requests: Window | None
     tokens: Window | None
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         out = []
-        for unit, window in (("requests", self.requests), ("tokens", self.tokens)):
+        for unit, window in ((b"requests", self.requests), (b"tokens", self.tokens)):
             if window is not None:
+                limit, remaining, reset = _NAMES[unit]
                 out += [
-                    (b"x-ratelimit-limit-" + unit.encode(), b"%d" % window.limit),
-                    (b"x-ratelimit-remaining-" + unit.encode(), b"%d" % max(0, window.remaining)),
-                    (b"x-ratelimit-reset-" + unit.encode(), b"%ds" % max(0, window.reset_s)),
+                    (limit, b"%d" % window.limit),
+                    (remaining, b"%d" % max(0, window.remaining)),
+                    (reset, b"%ds" % max(0, window.reset_s)),
                 ]
         return out
 
