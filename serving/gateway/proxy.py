@@ -54,7 +54,9 @@ class Upstream:
         if backend.has_room():
             backend.inflight += 1  # the common case, without a coroutine for take_slot
         else:
-            await take_slot(backend, attempt.exchange, self._queue, attempt.where, may_wait)
+            await take_slot(
+                backend, attempt.exchange, self._queue, attempt.where, receive, may_wait
+            )
         # Timed from the send: a mirrored copy is made before its original but sent after it,
         # once the event loop runs its task, and that wait is the gateway's, not the engine's.
         attempt.start = perf_counter()

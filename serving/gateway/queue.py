@@ -11,8 +11,8 @@ that finds it full waits here instead of getting a 503, in this order:
 A slot freed goes straight to the next waiter (the in-flight count never drops in between, so a
 newcomer cannot take it first). A request waits at most its tier's `max_wait_s`, and never past
 its own deadline; then, or when `max_waiting` are already waiting, it gets a 503 with
-Retry-After. A client that hangs up while waiting keeps its place until its wait ends (its
-request is then sent and the relay sees it gone).
+Retry-After. A client that hangs up while waiting leaves the queue at once: its request is never
+sent, and a slot handed to it as it left goes on to the next waiter.
 """
 
 from __future__ import annotations
@@ -20,11 +20,14 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+from asyncio import FIRST_COMPLETED
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
+from starlette.types import Receive
+
 from configs.gateway import QueueSpec
-from serving.gateway.errors import Unavailable
+from serving.gateway.errors import GatewayError, Unavailable
 
 if TYPE_CHECKING:
     from serving.gateway.exchange import Exchange
@@ -84,10 +87,16 @@ class FairQueue:
 
 
 async def take_slot(
-    backend: Backend, exchange: Exchange, queue: QueueSpec, where: str, may_wait: bool = True
+    backend: Backend,
+    exchange: Exchange,
+    queue: QueueSpec,
+    where: str,
+    receive: Receive,
+    may_wait: bool = True,
 ) -> None:
     """Count the request in `backend`'s in-flight requests, waiting for a slot if it is full;
-    raises Unavailable (503) when it cannot wait or waited its longest. Pair with `give_slot`."""
+    raises Unavailable (503) when it cannot wait or waited its longest, and a 499 when its client
+    hangs up while it waits. Pair with `give_slot`."""
     if backend.has_room():
         backend.inflight += 1
         return
@@ -104,18 +113,43 @@ async def take_slot(
     if exchange.deadline is not None:
         wait_s = min(wait_s, exchange.deadline - perf_counter())
     waiter = backend.waiting.push(tenant.name, tier.priority, tier.weight, exchange.cost)
+    gone = asyncio.ensure_future(_hung_up(receive))
     try:
-        async with asyncio.timeout(max(wait_s, 0.0)):
-            await waiter
-    except TimeoutError:
-        if waiter.done() and not waiter.cancelled():
-            return  # the slot came as the wait ended: it is this request's
+        await asyncio.wait((waiter, gone), timeout=max(wait_s, 0.0), return_when=FIRST_COMPLETED)
+    except BaseException:  # the request itself was cancelled as it waited
+        gone.cancel()
+        _leave(backend, waiter)
+        raise
+    left = gone.done()
+    gone.cancel()
+    if not left and waiter.done() and not waiter.cancelled():
+        return  # the slot is this request's (a slot that came as the wait ended included)
+    _leave(backend, waiter)
+    if left:
+        raise GatewayError(
+            "client disconnected while waiting for a slot", status=499, code="client_disconnected"
+        )
+    raise Unavailable(
+        f"{where} stayed at its concurrency limit for the {wait_s:.3g} s this request could "
+        f"wait (tier '{tenant.tier}'); retry shortly",
+        retry_after=max(1, round(wait_s)),
+    )
+
+
+def _leave(backend: Backend, waiter: asyncio.Future) -> None:
+    """A waiter that will not take its slot: out of the queue, or the slot it was handed passed
+    on to the next."""
+    if waiter.done() and not waiter.cancelled():
+        give_slot(backend)
+    else:
+        waiter.cancel()  # pop() passes over it
         backend.waiting.gave_up()
-        raise Unavailable(
-            f"{where} stayed at its concurrency limit for the {wait_s:.3g} s this request could "
-            f"wait (tier '{tenant.tier}'); retry shortly",
-            retry_after=max(1, round(wait_s)),
-        ) from None
+
+
+async def _hung_up(receive: Receive) -> None:
+    """Returns once the client disconnects (its body is read: nothing else arrives)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def give_slot(backend: Backend) -> None:

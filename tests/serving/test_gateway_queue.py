@@ -13,7 +13,8 @@ import aiohttp
 import httpx
 
 from evaluation.benchmarks.mock_upstream import MockUpstream, serve
-from tests.serving.conftest import backend, chat
+from serving.gateway.usage import read_usage
+from tests.serving.conftest import MODEL, backend, chat
 
 TIERS = {"premium": {"priority": 10}, "batch": {"priority": 0}}
 
@@ -26,6 +27,14 @@ async def fire(base: str, key: str, body: dict, **headers: str) -> tuple[int, fl
         session.post(f"{base}/v1/chat/completions", json=body, headers=sent) as r,
     ):
         return r.status, time.monotonic(), await r.json()
+
+
+async def waiting(base: str) -> str:
+    """The backend's waiting gauge, as /metrics shows it."""
+    async with aiohttp.ClientSession() as session, session.get(f"{base}/metrics") as r:
+        text = await r.text()
+    line = f'slipway_gateway_backend_waiting{{model="{MODEL}",role="stable",version="1"}} '
+    return text.split(line, 1)[1].split("\n", 1)[0]
 
 
 def jain(values: list[float]) -> float:
@@ -142,3 +151,39 @@ def test_a_tiers_priority_reaches_a_backend_with_priority_scheduling(mock, keys,
             assert httpx.post(f"{base}/v1/chat/completions", json=chat(), headers=auth).is_success
     # vLLM serves a lower value first.
     assert [r["priority"] for r in upstream.requests] == [-10, 0]
+
+
+def test_a_client_that_hangs_up_while_waiting_leaves_the_queue_at_once(keys, run_gateway):
+    """Its request is never sent, its place is freed while the request ahead still runs, and the
+    slot it would have had goes to the next request; its usage row says it left."""
+    upstream = MockUpstream(delay_s=1.5)
+    with serve(upstream) as url:
+        config = keys.config(
+            [backend(url, "1", max_concurrency=1)],
+            [keys.tenant("bob")],
+            queue={"max_waiting": 10, "default": {"max_wait_s": 30}},
+        )
+        key = keys.key("bob")
+        start = time.time()
+        with run_gateway(config) as base:
+
+            async def go():
+                first = asyncio.ensure_future(fire(base, key, chat("first")))
+                await asyncio.sleep(0.3)  # in flight, for 1.5 s
+                leaver = asyncio.ensure_future(fire(base, key, chat("leaver")))
+                await asyncio.sleep(0.3)
+                before = await waiting(base)
+                leaver.cancel()  # the client hangs up: its connection is closed
+                await asyncio.sleep(0.3)
+                after = await waiting(base)
+                assert not first.done()  # the place was freed before any slot was
+                return before, after, await first, await fire(base, key, chat("third"))
+
+            before, after, first, third = asyncio.run(go())
+    assert (before, after) == ("1.0", "0.0")
+    assert first[0] == third[0] == 200
+    sent = [r["messages"][0]["content"] for r in upstream.requests]
+    assert sent == ["first", "third"]
+    rows = read_usage(start, time.time() + 1)
+    left = rows[rows.status == 499]
+    assert list(left.error_kind) == ["client_disconnected"] and list(left.completion_tokens) == [0]
