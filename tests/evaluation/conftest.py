@@ -30,10 +30,11 @@ def tiny_server(tiny_model_source, tmp_path_factory) -> Iterator[VLLMServer]:
 
 
 @contextmanager
-def gateway_to(url: str, served: str, model: str, home) -> Iterator[str]:
+def gateway_to(url: str, served: str, model: str, home, **config: object) -> Iterator[str]:
     """A gateway in this process serving the engine at `url` (its name `served`) as `model` to
     tenant alice (key KEY), its usage written every 0.1 s and the engine's counters read every
-    0.3 s."""
+    0.3 s. `config`: gateway config fields over these (tenants, queue), and `backend`: fields of
+    the one backend over its defaults."""
     digest = "sha256:" + "0" * 64
     backend = {
         "version": "1",
@@ -43,18 +44,20 @@ def gateway_to(url: str, served: str, model: str, home) -> Iterator[str]:
         "attestation": SIGNER.attest(digest),
         "weight": 100,
         "role": "stable",
+        **config.pop("backend", {}),
     }
-    config = GatewayConfig.model_validate(
+    gateway = GatewayConfig.model_validate(
         {
             "admin_token_sha256": key_hash(ADMIN),
             "routes": [{"model": model, "backends": [backend]}],
             "tenants": [{"name": "alice", "key_sha256": key_hash(KEY)}],
             "usage": {"batch_interval_s": 0.1, "meter_interval_s": 0.3},
             "trust": SIGNER.trust(),
+            **config,
         }
     )
-    with serve(build_app(config, home)) as gateway:
-        yield gateway
+    with serve(build_app(gateway, home)) as served_at:
+        yield served_at
 
 
 @pytest.fixture
