@@ -1,9 +1,9 @@
 """A tier's priority reaches a real vLLM running priority scheduling and changes what it serves
 first: the tiny model served one sequence at a time (`--max-num-seqs 1 --scheduling-policy
-priority`), eight batch-tier requests sent at once, then one premium-tier request, through the gateway
-with the backend's `priority_scheduling` on. vLLM serves a lower `priority` value first, so the
-premium request overtakes the batch requests still waiting in vLLM; without the field it would be
-served last (first come, first served). A second engine beside the shared one: `make stress`."""
+priority`), eight batch-tier requests sent at once, then one premium-tier request, through the
+gateway with the backend's `priority_scheduling` on. vLLM serves a lower `priority` value first, so
+the premium request overtakes the batch requests still waiting in vLLM; without the field it would
+be served last (first come, first served). A second engine beside the shared one: `make stress`."""
 
 from __future__ import annotations
 
