@@ -169,7 +169,7 @@ class Tenant(Strict):
         None,
         ge=1,
         description="largest prompt, in UTF-8 bytes of its text (all prompts of a request "
-        "together; token ids count one each)",
+        "together; token ids count one each; tool definitions and calls as their JSON)",
     )
     max_tokens_cap: int | None = Field(
         None,

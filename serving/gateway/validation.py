@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from serving.gateway.codec import JSONDecodeError, loads
+from serving.gateway.codec import JSONDecodeError, dumps, loads
 from serving.gateway.endpoints import BOUNDS
 from serving.gateway.errors import BadRequest
 
@@ -182,12 +182,29 @@ def asked_completion(data: dict[str, Any], endpoint: str) -> tuple[int, int | No
 
 def prompt_bytes(data: dict[str, Any], endpoint: str) -> int:
     """The prompt's size: UTF-8 bytes of its text (message contents and text parts, or prompt
-    strings, all prompts together); a prompt given as token ids counts one per id, the fewest bytes
-    an id can stand for."""
+    strings, all prompts together), and of the JSON a chat template renders besides that text
+    (`_structured`); a prompt given as token ids counts one per id, the fewest bytes an id can
+    stand for."""
     texts = _texts(data, endpoint)
     if endpoint in ("completions", "embeddings"):  # strings, token ids, or lists of either
         return sum(len(t.encode()) if isinstance(t, str) else _ids(t) for t in texts)
-    return sum(_text_bytes(t) for t in texts)
+    structured = _structured(data, endpoint)
+    extra = sum(len(dumps(part)) for part in structured) if structured else 0
+    return sum(_text_bytes(t) for t in texts) + extra
+
+
+def _structured(data: dict[str, Any], endpoint: str) -> list[Any]:
+    """What a chat template renders into the prompt besides message text: tool definitions, an
+    assistant's tool calls, and Responses' input items that carry no content (function calls,
+    their outputs). The template writes them out as JSON, so its bytes bound their tokens too."""
+    parts = [data["tools"]] if data.get("tools") else []
+    if endpoint == "responses":
+        given = data["input"]
+        if isinstance(given, list):
+            parts += [i for i in given if isinstance(i, dict) and i.get("content") is None]
+    elif "messages" in data:
+        parts += [m["tool_calls"] for m in data["messages"] if m.get("tool_calls")]
+    return parts
 
 
 def _text_bytes(content: Any) -> int:

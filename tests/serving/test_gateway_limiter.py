@@ -3,6 +3,7 @@ until settled, the monthly budget; and the reservation a request holds."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Coroutine
 from datetime import UTC, datetime
 from typing import Any
@@ -299,3 +300,32 @@ def test_prices_finer_than_a_nano_dollar_per_token_are_refused_with_the_field():
         ValueError, match=r"input_per_million: 0\.0375 has more than three decimals"
     ):
         TokenPrices(input_per_million=0.0375, output_per_million=0.3)
+
+
+def test_tools_and_tool_calls_are_reserved_as_the_json_the_template_writes():
+    tools = [
+        {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+    ]
+    call = [{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}]
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": call},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    data = {"model": "m", "messages": messages, "tools": tools, "max_tokens": 4}
+    # "hi" and "sunny", the two JSON documents, 16 per message and once more, 4
+    structured = len(json.dumps(tools, separators=(",", ":"))) + len(
+        json.dumps(call, separators=(",", ":"))
+    )
+    assert reservation(tenant(tpm=10_000), data, "chat", LIMITS).tokens == 7 + structured + 64 + 4
+    items = [
+        {"type": "message", "role": "user", "content": "hi"},
+        {"type": "function_call", "call_id": "c1", "name": "weather", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny" * 20},
+    ]
+    asked = {"model": "m", "input": items, "max_output_tokens": 4}
+    structured = sum(len(json.dumps(i, separators=(",", ":"))) for i in items[1:])
+    # "hi", the two items without content as JSON, 16 per item and two more, 4
+    assert reservation(tenant(tpm=10_000), asked, "responses", LIMITS).tokens == (
+        2 + structured + 16 * 5 + 4
+    )
