@@ -156,7 +156,7 @@ def test_a_tiers_priority_reaches_a_backend_with_priority_scheduling(mock, keys,
 def test_a_client_that_hangs_up_while_waiting_leaves_the_queue_at_once(keys, run_gateway):
     """Its request is never sent, its place is freed while the request ahead still runs, and the
     slot it would have had goes to the next request; its usage row says it left."""
-    upstream = MockUpstream(delay_s=1.5)
+    upstream = MockUpstream(delay_s=3.0)
     with serve(upstream) as url:
         config = keys.config(
             [backend(url, "1", max_concurrency=1)],
@@ -167,20 +167,24 @@ def test_a_client_that_hangs_up_while_waiting_leaves_the_queue_at_once(keys, run
         start = time.time()
         with run_gateway(config) as base:
 
+            async def until(gauge: str) -> None:
+                deadline = time.monotonic() + 10
+                while await waiting(base) != gauge:
+                    assert time.monotonic() < deadline, f"the waiting gauge never read {gauge}"
+                    await asyncio.sleep(0.02)
+
             async def go():
                 first = asyncio.ensure_future(fire(base, key, chat("first")))
-                await asyncio.sleep(0.3)  # in flight, for 1.5 s
+                while not upstream.requests:  # in flight, for 3 s
+                    await asyncio.sleep(0.02)
                 leaver = asyncio.ensure_future(fire(base, key, chat("leaver")))
-                await asyncio.sleep(0.3)
-                before = await waiting(base)
+                await until("1.0")
                 leaver.cancel()  # the client hangs up: its connection is closed
-                await asyncio.sleep(0.3)
-                after = await waiting(base)
+                await until("0.0")
                 assert not first.done()  # the place was freed before any slot was
-                return before, after, await first, await fire(base, key, chat("third"))
+                return await first, await fire(base, key, chat("third"))
 
-            before, after, first, third = asyncio.run(go())
-    assert (before, after) == ("1.0", "0.0")
+            first, third = asyncio.run(go())
     assert first[0] == third[0] == 200
     sent = [r["messages"][0]["content"] for r in upstream.requests]
     assert sent == ["first", "third"]
