@@ -1,9 +1,9 @@
 """The API's POST endpoints, reached by one dict lookup instead of Starlette's router.
 
 Every API request would otherwise pass Starlette's exception middleware (which wraps `send` once
-more) and its router (a regular-expression match per route in turn): about a tenth of the
-gateway's own CPU per request, measured by `slipway bench gateway`. What is not an API POST goes
-on to the router as before, which still answers the API paths' 405 for other methods.
+more) and its router (a regular-expression match per route in turn): 14 µs of the gateway's
+325 µs of CPU per request, measured under the gateway bench's saturating load. What is not an API
+POST goes on to the router as before, which still answers the API paths' 405 for other methods.
 """
 
 from __future__ import annotations
