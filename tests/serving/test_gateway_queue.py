@@ -11,8 +11,12 @@ import time
 
 import aiohttp
 import httpx
+import pytest
 
+from configs.gateway import QueueSpec, Tenant
 from evaluation.benchmarks.mock_upstream import MockUpstream, serve
+from serving.gateway.exchange import Exchange
+from serving.gateway.queue import FairQueue, give_slot, take_slot
 from serving.gateway.usage import read_usage
 from tests.serving.conftest import MODEL, backend, chat
 
@@ -191,3 +195,49 @@ def test_a_client_that_hangs_up_while_waiting_leaves_the_queue_at_once(keys, run
     rows = read_usage(start, time.time() + 1)
     left = rows[rows.status == 499]
     assert list(left.error_kind) == ["client_disconnected"] and list(left.completion_tokens) == [0]
+
+
+class _Full:
+    """A backend's slot accounting only, at its limit of one request in flight."""
+
+    def __init__(self) -> None:
+        self.inflight, self.max_concurrency, self.waiting = 1, 1, FairQueue()
+
+    def has_room(self) -> bool:
+        return self.inflight < self.max_concurrency and not self.waiting.live
+
+
+async def _forever() -> dict:
+    await asyncio.Event().wait()
+    return {}
+
+
+def _waiter(name: str):
+    exchange = Exchange("chat", name)
+    exchange.tenant = Tenant(name=name)
+    return exchange
+
+
+@pytest.mark.parametrize("slot_handed_first", [False, True])
+def test_a_request_cancelled_while_it_waits_leaves_no_place_and_no_slot_behind(slot_handed_first):
+    """Cancelled (a shutdown, its handler torn down) while waiting: its place is freed, and a slot
+    handed to it in the same instant goes to the next waiter, so the backend's count is exact."""
+    queue = QueueSpec(max_waiting=5, default={"max_wait_s": 30})
+
+    async def go() -> tuple[int, int, bool]:
+        backend = _Full()
+        first = asyncio.ensure_future(take_slot(backend, _waiter("a"), queue, "v1", _forever))
+        second = asyncio.ensure_future(take_slot(backend, _waiter("b"), queue, "v1", _forever))
+        await asyncio.sleep(0.01)
+        assert backend.waiting.live == 2
+        if slot_handed_first:
+            give_slot(backend)  # the slot goes to the first waiter, which is cancelled at once
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await asyncio.sleep(0.01)
+        if not slot_handed_first:
+            give_slot(backend)  # the request in flight is done: its slot is the second's
+        await asyncio.wait_for(second, 1)
+        return backend.inflight, backend.waiting.live, first.cancelled()
+
+    assert asyncio.run(go()) == (1, 0, True)
