@@ -20,7 +20,7 @@ CONFIG ?= configs/models/smollm2-135m.yaml
 DEMO_MODEL ?= smollm2-135m-instruct
 DEMO_CANDIDATE ?= gptq-w8a8
 
-.PHONY: setup demo rollback revert approve test lint stress bench drift cost up down status bench-gateway bench-canary bench-loadgen clean lock mlflow-ui prefect-ui
+.PHONY: setup demo rollback revert approve test lint stress bench drift cost up down status slo-rules bench-gateway bench-canary bench-loadgen clean lock mlflow-ui prefect-ui
 
 ## setup: build (or reuse) the core, quant and serve environments and the signing key. Idempotent.
 setup:
@@ -81,6 +81,10 @@ drift: setup
 cost: setup
 	$(SLIPWAY) cost $(DAY)
 
+## slo-rules: the SLOs' Prometheus rule file (configs/slo.yaml) in $(SLIPWAY_HOME)/prometheus; OUT=dir for another
+slo-rules: setup
+	$(SLIPWAY) slo rules $(if $(OUT),--out $(OUT))
+
 ## up: MLflow :5000, Prefect :4200 (worker, deployments), a vLLM per verified champion, gateway :8000/v1
 up: setup
 	$(SLIPWAY) up
@@ -105,10 +109,14 @@ bench-canary: setup
 bench-loadgen: setup
 	$(SLIPWAY) bench loadgen
 
-## lock: re-resolve the three lock files from configs/envs/*.in.
+## lock: re-resolve the lock files from configs/envs/*.in (worker and serve-cuda: the images only).
 lock:
 	@for e in core quant serve; do \
 	  uv pip compile -q --python 3.11 --find-links /opt/wheels configs/envs/$$e.in -o configs/envs/$$e.lock; done
+	@# The worker: Prefect and its Kubernetes worker type, at core's exact pins.
+	@cd configs/envs && uv pip compile -q --python 3.11 worker.in -c core.lock -o worker.lock
+	@# vLLM's CUDA build for the GPU image, resolved for the image's platform, not this machine's.
+	@cd configs/envs && uv pip compile -q --python 3.11 --python-platform x86_64-manylinux_2_28 serve-cuda.in -o serve-cuda.lock
 
 ## mlflow-ui: the lean MLflow tracking server on the same store, at http://127.0.0.1:5000
 mlflow-ui: setup

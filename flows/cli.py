@@ -415,6 +415,39 @@ def cost(day: datetime | None) -> None:
     click.echo(cost_flow(day.date() if day else None).line())
 
 
+@cli.group()
+def slo() -> None:
+    """Service level objectives (configs/slo.yaml) as Prometheus rules."""
+
+
+@slo.command("rules")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="the SLO config [default: configs/slo.yaml]",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="folder for slipway-slo.rules.yml [default: $SLIPWAY_HOME/prometheus]",
+)
+def slo_rules(config_path: Path | None, out: Path | None) -> None:
+    """Write the SLIs' recording rules and the multi-window burn-rate alerts on them, a rule file
+    for Prometheus' `rule_files` (check it with `promtool check rules`)."""
+    from configs.loader import ConfigError
+    from configs.slo import DEFAULT_SLO, load_slo_config
+    from evaluation.monitoring.slo import write_rules
+
+    try:
+        config = load_slo_config(config_path or DEFAULT_SLO)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(write_rules(config, out or Home.from_env().root / "prometheus"))
+
+
 # ---- the model store -----------------------------------------------------------------------------
 
 
