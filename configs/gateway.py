@@ -23,6 +23,12 @@ Audience = Literal["everyone", "opted_in"]
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
+def _base_url(value: str) -> str:
+    if not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+        raise ValueError(f"'{value}' is not an http(s) base URL such as http://127.0.0.1:8001")
+    return value.rstrip("/").removesuffix("/v1")
+
+
 def _check_sha256_hex(value: str, what: str) -> str:
     if not _SHA256_HEX.match(value):
         raise ValueError(
@@ -40,6 +46,12 @@ class BackendSpec(Strict):
         min_length=1, description="registered model version, unique within the route"
     )
     url: str = Field(description="base URL of the server, e.g. http://127.0.0.1:8001 (no /v1)")
+    replicas: tuple[str, ...] = Field(
+        (),
+        description="base URLs of further servers of this version (the same weights): requests "
+        "are balanced over `url` and these by least outstanding requests (the gateway's in "
+        "flight plus what each engine reports waiting), each with its own circuit breaker",
+    )
     served_model: str = Field(
         min_length=1, description="the model name the upstream server answers to"
     )
@@ -57,8 +69,8 @@ class BackendSpec(Strict):
     max_concurrency: int = Field(
         256,
         ge=1,
-        description="requests in flight at once; more wait in the gateway's queue (`queue`), "
-        "or get 503 + Retry-After without one",
+        description="requests in flight at once per replica; more wait in the gateway's queue "
+        "(`queue`), or get 503 + Retry-After without one",
     )
     priority_scheduling: bool = Field(
         False,
@@ -69,9 +81,23 @@ class BackendSpec(Strict):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
-            raise ValueError(f"'{value}' is not an http(s) base URL such as http://127.0.0.1:8001")
-        return value.rstrip("/").removesuffix("/v1")
+        return _base_url(value)
+
+    @field_validator("replicas")
+    @classmethod
+    def _replicas(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_base_url(url) for url in value)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> BackendSpec:
+        if len(set(self.urls)) < len(self.urls):
+            raise ValueError(f"version '{self.version}' names a server twice in url and replicas")
+        return self
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Every server of this version: `url`, then `replicas`."""
+        return (self.url, *self.replicas)
 
     @field_validator("digest")
     @classmethod
@@ -452,6 +478,26 @@ class CacheSpec(Strict):
     )
 
 
+class BalanceSpec(Strict):
+    """How a request is placed among a version's replicas (serving/gateway/routing.py)."""
+
+    poll_s: float = Field(
+        1.0,
+        ge=0,
+        le=60,
+        description="how often each replica's /metrics is read for the requests its engine holds "
+        "waiting (and its prefix-cache hits); one that does not answer counts a failure on its "
+        "breaker; 0: never read, balance on the gateway's in-flight counts alone",
+    )
+    session_load_bound: float = Field(
+        1.25,
+        ge=1,
+        le=10,
+        description="a session stays on its replica (consistent hashing) while that replica's "
+        "load is under this multiple of the version's mean load, then moves to the next one",
+    )
+
+
 class StatsSpec(Strict):
     samples: int = Field(
         4096, ge=16, description="raw samples kept per backend and measure since the last reset"
@@ -474,6 +520,7 @@ class GatewayConfig(Strict):
     stats: StatsSpec = StatsSpec()
     cache: CacheSpec = CacheSpec()
     queue: QueueSpec = QueueSpec()
+    balance: BalanceSpec = BalanceSpec()
     limits: LimitsSpec = LimitsSpec()
     state: StateSpec = StateSpec()
     trust: TrustSpec = TrustSpec()

@@ -53,6 +53,7 @@ class MockUpstream:
         self.record = True
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.waiting = 0  # what /metrics reports as vllm:num_requests_waiting
 
     def _fault(self, model: str) -> Fault | None:
         fault = self.faults.get(model)
@@ -240,6 +241,7 @@ class MockUpstream:
             f'vllm:prompt_tokens_total{{model_name="mock"}} {self.prompt_tokens_total}.0\n'
             f'vllm:generation_tokens_total{{model_name="mock"}} '
             f"{self.generation_tokens_total}.0\n"
+            f'vllm:num_requests_waiting{{model_name="mock"}} {self.waiting}.0\n'
         )
 
     async def _stream(self, send, receive, request, model, chat, n, usage, fault) -> None:

@@ -225,7 +225,17 @@ def _stats(route: Route, samples: bool) -> dict[str, Any]:
                 "weight": w,
                 "inflight": b.inflight,
                 "waiting": b.waiting.live,
-                "circuit": b.breaker.state,
+                "circuit": b.circuit,
+                "replicas": [
+                    {
+                        "url": r.url,
+                        "inflight": r.inflight,
+                        "engine_waiting": r.engine_waiting,
+                        "circuit": r.breaker.state,
+                        "prefix_cache_hit_rate": r.prefix_hit_rate,
+                    }
+                    for r in b.replicas
+                ],
                 **b.stats.snapshot(samples),
                 "failover": b.failover_stats.snapshot(samples),
                 "synthetic": b.synthetic_stats.snapshot(samples),

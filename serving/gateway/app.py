@@ -12,7 +12,9 @@ The completions endpoints admit a request against its tenant's limits themselves
 parsed: the tokens held for it at admission are bounded by its prompt and max_tokens (limits.py).
 
 Beside the requests, the meter reads every backend's own token counters into the usage log, for
-the reconciliation of what was logged with what the engines did (meter.py).
+the reconciliation of what was logged with what the engines did (meter.py), and each replica's
+/metrics is read for the requests its engine holds waiting, which the balancing weighs
+(engine_load.py).
 
 build_app makes every part without I/O and gives each middleware and endpoint the parts it uses,
 as Starlette's own middleware takes its options. Lifespan only opens them (connections and tasks
@@ -41,6 +43,7 @@ from serving.gateway.auth import AuthMiddleware, admins_of
 from serving.gateway.cache import cache_for
 from serving.gateway.dispatch import ApiDispatch
 from serving.gateway.endpoints import PATHS
+from serving.gateway.engine_load import EngineLoad
 from serving.gateway.errors import ErrorMiddleware, http_exception_handler
 from serving.gateway.keyring import Keyring
 from serving.gateway.limits import Limiter, LocalLimiter
@@ -78,7 +81,7 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
         config.state.poll_interval_s,
         Trust(config.trust, (home or Home.from_env()).keys),
     )
-    upstream = Upstream(config.timeouts, config.queue)
+    upstream = Upstream(config.timeouts, config.queue, config.balance)
     cache = cache_for(config.cache, config.redis_url, config.redis_prefix)
     limiter: Limiter = (
         RedisLimiter(
@@ -92,6 +95,7 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
     )
     usage = UsageLog(sink_for(config.usage.url or default_url(home)), config.usage)
     meter = Meter(current, usage, config.usage.meter_interval_s)
+    engine_load = EngineLoad(current, config.balance.poll_s)
     responses: Responses = Counter()
     registry = registry_for(GatewayCollector(current, responses, usage, limiter.outages, cache))
     keyring = Keyring(store, config.tenants, config.state.poll_interval_s)
@@ -118,6 +122,8 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
             opened.push_async_callback(usage.close)
             await meter.open()  # after the usage log, which it writes through
             opened.push_async_callback(meter.close)
+            await engine_load.open()
+            opened.push_async_callback(engine_load.close)
             yield
 
     def completions(endpoint: str) -> Completions:

@@ -1,9 +1,10 @@
 """One try of a request on one backend: what is sent where, and where its outcome goes.
 
-An attempt that reaches its backend ends in one outcome, recorded on that backend: success (the
-breaker closes, the statistics get its timings and tokens) or failure (the breaker counts it, the
-statistics count an error); a client that leaves first leaves no outcome. A failure before anything
-reached the client is raised as AttemptFailed, so the caller may retry elsewhere or answer it.
+An attempt that reaches its backend ends in one outcome: success (its replica's breaker closes,
+the version's statistics get its timings and tokens) or failure (the breaker counts it, the
+statistics count an error); a client that leaves first leaves no outcome. A failure before
+anything reached the client is raised as AttemptFailed, so the caller may retry elsewhere or
+answer it.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from serving.gateway.endpoints import UTILITY
 
-# routing.Backend, not imported: routing imports this module's neighbours (no import cycle)
+# routing.Backend and Replica, not imported: routing imports this module's neighbours (no cycle)
 Backend = Any
+Replica = Any
 
 if TYPE_CHECKING:
     from serving.gateway.exchange import Exchange
@@ -44,20 +46,42 @@ class AttemptFailed(Exception):
 
 
 class Attempt:
-    """One try; `start` (perf_counter) is when it was sent, for its latencies."""
+    """One try on one version; `start` (perf_counter) is when it was sent, for its latencies. Its
+    replica is chosen once it has a slot (`bind`): balancing needs the load at that moment."""
 
-    __slots__ = ("asked", "backend", "exchange", "payload", "start", "timings", "url")
+    __slots__ = (
+        "asked",
+        "backend",
+        "besides",
+        "exchange",
+        "payload",
+        "replica",
+        "start",
+        "timings",
+        "url",
+    )
 
     def __init__(
-        self, exchange: Exchange, backend: Backend, url: str, payload: bytes, asked: Asked
+        self,
+        exchange: Exchange,
+        backend: Backend,
+        payload: bytes,
+        asked: Asked,
+        besides: Replica | None = None,
     ) -> None:
         self.exchange = exchange
         self.backend = backend
-        self.url = url
+        self.besides = besides  # a replica not to use: the one the request's first try failed on
+        self.replica: Replica | None = None
+        self.url = ""
         self.payload = payload
         self.asked = asked  # the usage the client asked of a stream (the gateway asks for all)
         self.start = perf_counter()
         self.timings: tuple[float, float | None, float | None] | None = None  # e2e, ttft, itl
+
+    def bind(self, replica: Replica) -> None:
+        self.replica = replica
+        self.url = replica.urls[self.exchange.endpoint]
 
     @property
     def stats(self) -> BackendStats | None:
@@ -72,7 +96,7 @@ class Attempt:
         return backend.synthetic_stats if exchange.tenant.synthetic else backend.stats
 
     def succeeded(self, ttft_s: float | None = None, itl_s: float | None = None) -> None:
-        self.backend.breaker.success()
+        self.replica.breaker.success()
         self._observe(ttft_s, itl_s)
 
     def _observe(self, ttft_s: float | None, itl_s: float | None) -> None:
@@ -83,7 +107,7 @@ class Attempt:
             stats.observe(e2e_s, ttft_s, itl_s, exchange.prompt_tokens, exchange.completion_tokens)
 
     def record_failure(self) -> None:
-        self.backend.breaker.failure(monotonic())
+        self.replica.breaker.failure(monotonic())
         if (stats := self.stats) is not None:
             stats.observe_failure()
 
@@ -102,5 +126,7 @@ class Attempt:
 
     @property
     def where(self) -> str:
-        """The backend, as error messages name it."""
-        return f"backend '{self.backend.version}' of model '{self.backend.model}'"
+        """The backend (and the replica, where it has several), as error messages name it."""
+        backend = self.backend
+        at = f" at {self.replica.url}" if self.replica and len(backend.replicas) > 1 else ""
+        return f"backend '{backend.version}' of model '{backend.model}'{at}"

@@ -1,4 +1,5 @@
-"""The circuit breaker of one backend: stop sending it traffic while it keeps failing.
+"""The circuit breaker of one server (a replica of a version): stop sending it traffic while it
+keeps failing.
 
 `threshold` consecutive failed attempts open the circuit for `open_s` seconds; then one request
 at a time may probe it (half-open). The probe's success closes the circuit, its failure opens it
@@ -21,13 +22,19 @@ class Breaker:
         self.opened_at: float | None = None
         self.probe_at: float | None = None
 
-    def allows(self, now: float) -> bool:
-        """Whether a request may go to the backend now; a half-open circuit lets one through."""
+    def due(self, now: float) -> bool:
+        """Whether `allows` would let a request through now (it claims the probe; this does not)."""
         if self.opened_at is None:
             return True
         if now - self.opened_at < self.open_s:
             return False
-        if self.probe_at is not None and now - self.probe_at < self.open_s:
+        return self.probe_at is None or now - self.probe_at >= self.open_s
+
+    def allows(self, now: float) -> bool:
+        """Whether a request may go to the server now; a half-open circuit lets one through."""
+        if self.opened_at is None:
+            return True
+        if not self.due(now):
             return False
         self.probe_at = now
         return True

@@ -47,12 +47,13 @@ def takes_canary(route: Route, tenant_canary: str | None, default: str) -> bool:
 def choose(route: Route, point: float, canary: bool) -> Backend:
     """The backend at `point`; canary=False picks among stable backends only.
 
-    Falls back to a healthy stable backend when the chosen one's circuit is open, and raises
-    Unavailable when there is none.
+    Falls back to a healthy stable backend when every circuit of the chosen one is open, and
+    raises Unavailable when there is none. Which replica serves is chosen once the request has
+    its slot (Backend.replica_for).
     """
     backend = _at(route.everyone if canary else route.stable, point)
     now = time.monotonic()
-    if backend.breaker.allows(now):
+    if backend.may_serve(now):
         return backend
     return fallback(route, backend, point, now)
 
@@ -62,7 +63,7 @@ def fallback(route: Route, failed: Backend, point: float, now: float) -> Backend
     healthy = [
         (b, w)
         for b, w in zip(route.stable.backends, _weights(route.stable), strict=True)
-        if b is not failed and b.breaker.opened_at is None
+        if b is not failed and b.healthy
     ]
     if healthy:
         return _at(Pick.of(healthy), point)
@@ -76,9 +77,7 @@ def failover(route: Route, failed: Backend | None, point: float, now: float) -> 
     if not route.failover:
         raise _all_failing(route, now)
     healthy = [
-        (b, 1.0)
-        for b in route.backends
-        if b.role == "canary" and b is not failed and b.breaker.opened_at is None
+        (b, 1.0) for b in route.backends if b.role == "canary" and b is not failed and b.healthy
     ]
     if not healthy:
         raise _all_failing(route, now)
@@ -86,7 +85,7 @@ def failover(route: Route, failed: Backend | None, point: float, now: float) -> 
 
 
 def _all_failing(route: Route, now: float) -> Unavailable:
-    wait = min((b.breaker.retry_after(now) for b in route.backends), default=1.0)
+    wait = min((b.retry_after(now) for b in route.backends), default=1.0)
     return Unavailable(
         f"every backend of model '{route.model}' is failing (circuit open); retry shortly",
         code="circuit_open",

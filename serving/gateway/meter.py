@@ -1,7 +1,7 @@
 """Engine meter readings: what each backend itself counted, beside what the gateway logged.
 
-Every `usage.meter_interval_s` the gateway reads the token counters of every backend in its
-routing table from the backend's /metrics (vLLM's vllm:prompt_tokens_total and
+Every `usage.meter_interval_s` the gateway reads the token counters of every backend (each
+replica of it) in its routing table from the backend's /metrics (vLLM's vllm:prompt_tokens_total and
 vllm:generation_tokens_total, summed over their label sets) and appends one reading per backend to
 the usage log's engine_meter table, all of one tick at the same time. The reconciliation
 (evaluation/monitoring/reconcile.py) sets the usage rows between two readings beside the counters'
@@ -13,31 +13,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 
 import aiohttp
 
 from serving.gateway.background import stop
+from serving.gateway.engine_load import summed
 from serving.gateway.routing import CurrentTable
 from serving.gateway.usage import METER, Row, UsageLog
 
 log = logging.getLogger("serving.gateway")
 
 COUNTERS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
-_PATTERNS = tuple(
-    re.compile(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", re.M) for name in COUNTERS
-)
 
 
 def token_counters(metrics_text: str) -> tuple[int, int] | None:
     """(prompt, generation) tokens from a Prometheus text exposition, each summed over its label
     sets (one per engine of a data-parallel server); None when either counter is absent."""
-    found = [pattern.findall(metrics_text) for pattern in _PATTERNS]
-    if not all(found):
+    prompt, generation = (summed(metrics_text, name) for name in COUNTERS)
+    if prompt is None or generation is None:
         return None
-    prompt, generation = (int(sum(float(v) for v in values)) for values in found)
-    return prompt, generation
+    return int(prompt), int(generation)
 
 
 class Meter:
@@ -74,10 +70,11 @@ class Meter:
     async def read_all(self) -> list[Row]:
         """One tick: read every backend once, write and return the readings."""
         backends = {
-            (b.version, b.spec.url)
+            (b.version, r.url)
             for route in self.current.table.routes.values()
             for b in route.backends
-            if b.spec.url not in self._not_vllm
+            for r in b.replicas
+            if r.url not in self._not_vllm
         }
         now = time.time()
         read = await asyncio.gather(*(self._read(url) for _, url in backends))

@@ -104,6 +104,31 @@ class GatewayCollector(Collector):
             "1 while the backend's circuit is open",
             labels=labels,
         )
+        # Per server of a version: what balancing sees (replica = its base URL).
+        replica_labels = ["model", "version", "replica"]
+        r_inflight = GaugeMetricFamily(
+            "slipway_gateway_replica_inflight", "Requests in flight", labels=replica_labels
+        )
+        r_waiting = GaugeMetricFamily(
+            "slipway_gateway_replica_engine_waiting",
+            "Requests the engine reported waiting (vllm:num_requests_waiting) at its last reading",
+            labels=replica_labels,
+        )
+        r_circuit = GaugeMetricFamily(
+            "slipway_gateway_replica_circuit_open",
+            "1 while the replica's circuit is open",
+            labels=replica_labels,
+        )
+        r_queries = CounterMetricFamily(
+            "slipway_gateway_replica_prefix_cache_queries",
+            "Prompt tokens the engine looked up in its prefix cache (vLLM's count)",
+            labels=replica_labels,
+        )
+        r_hits = CounterMetricFamily(
+            "slipway_gateway_replica_prefix_cache_hits",
+            "Prompt tokens the engine found in its prefix cache (vLLM's count)",
+            labels=replica_labels,
+        )
         hists = {
             name: HistogramMetricFamily(
                 f"slipway_gateway_backend_{name}_seconds", help_, labels=labels
@@ -125,7 +150,14 @@ class GatewayCollector(Collector):
                 inflight.add_metric(values, backend.inflight)
                 waiting.add_metric(values, backend.waiting.live)
                 weight.add_metric(values, w)
-                circuit.add_metric(values, 0 if backend.breaker.opened_at is None else 1)
+                circuit.add_metric(values, 0 if backend.healthy else 1)
+                for r in backend.replicas:
+                    at = [route.model, backend.version, r.url]
+                    r_inflight.add_metric(at, r.inflight)
+                    r_waiting.add_metric(at, r.engine_waiting)
+                    r_circuit.add_metric(at, 0 if r.breaker.opened_at is None else 1)
+                    r_queries.add_metric(at, r.prefix_queries)
+                    r_hits.add_metric(at, r.prefix_hits)
                 for name, hist in (("ttft", s.hist_ttft), ("itl", s.hist_itl), ("e2e", s.hist_e2e)):
                     hists[name].add_metric(values, _buckets(hist), hist.sum)
                 # Mirrored copies (served by the engine, never billed: mirror.py) and a canary's
@@ -141,6 +173,7 @@ class GatewayCollector(Collector):
                         tokens.add_metric([*values, "prompt"], s.total_prompt_tokens)
                         tokens.add_metric([*values, "completion"], s.total_completion_tokens)
         yield from (requests, errors, tokens, inflight, waiting, weight, circuit, *hists.values())
+        yield from (r_inflight, r_waiting, r_circuit, r_queries, r_hits)
         yield GaugeMetricFamily(
             "slipway_gateway_routes_version",
             "Version of the state store's routes this instance serves (replicas agree once synced)",

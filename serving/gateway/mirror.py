@@ -197,7 +197,7 @@ class Mirroring:
         """Where to copy this request, if anywhere: a `share` of requests, within the rate and
         while the other side has room (a copy never waits)."""
         if served_by is self.canary:
-            target = next((b for b in self.stable if b.breaker.opened_at is None), None)
+            target = next((b for b in self.stable if b.healthy), None)
         elif served_by.role == "stable":
             target = self.canary
         else:
@@ -240,7 +240,6 @@ class Copy:
         canary: Backend,
         original: Exchange,
         payload: bytes,
-        url: str,
         request: dict[str, Any],
         asked: Asked,
     ) -> None:
@@ -253,7 +252,7 @@ class Copy:
         self.exchange.model = original.model
         self.exchange.n, self.exchange.completion_bound = original.n, original.completion_bound
         self.transcript: list[bytes] = []
-        self.attempt = ShadowAttempt(self.exchange, target, url, payload, asked)
+        self.attempt = ShadowAttempt(self.exchange, target, payload, asked)
         self.task = asyncio.ensure_future(self._run(upstream))
 
     async def _run(self, upstream: Upstream) -> None:
@@ -333,8 +332,7 @@ def start_copy(
 ) -> Copy:
     """Send the copy to `target` now, beside the client's attempt, whose relay keeps its
     transcript for the pair."""
-    url = target.urls[exchange.endpoint]
     payload = dumps({**data, "model": target.served_model})
     request = {k: v for k, v in data.items() if k not in ("model", "stream_options")}
     exchange.transcript = []
-    return Copy(upstream, target, mirroring.canary, exchange, payload, url, request, asked)
+    return Copy(upstream, target, mirroring.canary, exchange, payload, request, asked)

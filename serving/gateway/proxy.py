@@ -7,13 +7,13 @@ closed in `close`. The answer is relayed by relay.py: whole for JSON, event by e
 from __future__ import annotations
 
 import asyncio
-from time import perf_counter
+from time import monotonic, perf_counter
 
 import aiohttp
 from starlette.types import Receive, Send
 
-from configs.gateway import QueueSpec, TimeoutsSpec
-from serving.gateway.attempt import Attempt
+from configs.gateway import BalanceSpec, QueueSpec, TimeoutsSpec
+from serving.gateway.attempt import Attempt, AttemptFailed
 from serving.gateway.queue import give_slot, take_slot
 from serving.gateway.relay import FAILURES, OK, deadline_passed, relay_body, relay_stream
 
@@ -21,9 +21,15 @@ _JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 class Upstream:
-    def __init__(self, timeouts: TimeoutsSpec, queue: QueueSpec | None = None) -> None:
+    def __init__(
+        self,
+        timeouts: TimeoutsSpec,
+        queue: QueueSpec | None = None,
+        balance: BalanceSpec | None = None,
+    ) -> None:
         self._timeouts = timeouts
         self._queue = queue or QueueSpec()
+        self._bound = (balance or BalanceSpec()).session_load_bound
         self._session: aiohttp.ClientSession | None = None
 
     async def open(self) -> None:
@@ -49,7 +55,8 @@ class Upstream:
         self, attempt: Attempt, send: Send, receive: Receive, may_wait: bool = True
     ) -> None:
         """Send `attempt` to its backend and relay the answer, within the backend's concurrency:
-        waiting for a slot in its queue (queue.py) where the gateway has one and `may_wait`."""
+        waiting for a slot in its queue (queue.py) where the gateway has one and `may_wait`;
+        then to the replica the load points to at that moment (Backend.replica_for)."""
         backend = attempt.backend
         if backend.has_room():
             backend.inflight += 1  # the common case, without a coroutine for take_slot
@@ -57,24 +64,38 @@ class Upstream:
             await take_slot(
                 backend, attempt.exchange, self._queue, attempt.where, receive, may_wait
             )
+        try:
+            session, now = attempt.exchange.session, monotonic()
+            replica = backend.replica_for(session, now, self._bound, attempt.besides)
+            if replica is None:  # their circuits opened while it waited: nothing was sent
+                raise AttemptFailed(
+                    "upstream_unavailable", f"{attempt.where}: every replica's circuit is open"
+                )
+            attempt.bind(replica)
+            replica.inflight += 1
+            try:
+                await self._timed(attempt, send, receive)
+            finally:
+                replica.inflight -= 1
+        finally:
+            give_slot(backend)
+
+    async def _timed(self, attempt: Attempt, send: Send, receive: Receive) -> None:
         # Timed from the send: a mirrored copy is made before its original but sent after it,
         # once the event loop runs its task, and that wait is the gateway's, not the engine's.
         attempt.start = perf_counter()
         deadline = attempt.exchange.deadline
+        if deadline is None:
+            await self._exchange(attempt, send, receive)
+            return
         try:
-            if deadline is None:
+            async with asyncio.timeout(deadline - attempt.start):
                 await self._exchange(attempt, send, receive)
-                return
-            try:
-                async with asyncio.timeout(deadline - attempt.start):
-                    await self._exchange(attempt, send, receive)
-            except TimeoutError:
-                # Ours alone: a backend's own timeouts come out of the relay as AttemptFailed.
-                # Leaving the block closed the backend's response, so vLLM stops the request;
-                # the backend did nothing wrong, so its breaker and statistics hear nothing.
-                await deadline_passed(attempt, send, deadline - attempt.exchange.started)
-        finally:
-            give_slot(backend)
+        except TimeoutError:
+            # Ours alone: a backend's own timeouts come out of the relay as AttemptFailed.
+            # Leaving the block closed the backend's response, so vLLM stops the request;
+            # the backend did nothing wrong, so its breaker and statistics hear nothing.
+            await deadline_passed(attempt, send, deadline - attempt.exchange.started)
 
     async def _exchange(self, attempt: Attempt, send: Send, receive: Receive) -> None:
         try:

@@ -36,7 +36,7 @@ from serving.gateway.limits import Limiter, charge, reservation
 from serving.gateway.mirror import start_copy
 from serving.gateway.proxy import Upstream
 from serving.gateway.quota import with_headers
-from serving.gateway.routing import Backend, CurrentTable, Route
+from serving.gateway.routing import Backend, CurrentTable, Replica, Route
 from serving.gateway.shape import apply_tenant_bounds
 from serving.gateway.tokens import Asked, ask_for_usage
 from serving.gateway.usage import Row, unbilled_row
@@ -245,43 +245,55 @@ class Completions:
             return
         except AttemptFailed as failure:
             first_failure = failure
+        failed_on = exchange.attempt.replica  # None: no replica could take it, nothing was sent
         try:
-            other = _retry_on(exchange, route, backend, point)
+            other, besides = _retry_on(exchange, route, backend, point, failed_on)
         except Unavailable:
             await _answer_failure(exchange, first_failure, send)
             return
-        # The failed try reached its backend, which may have worked on it: the reconciliation
-        # counts it (tokens 0, at most its completion bound) apart from the answer that is billed.
-        exchange.error_kind = first_failure.kind
-        self.unbilled(unbilled_row(exchange, "retry", backend.version))
+        if failed_on is not None:
+            # The failed try reached its backend, which may have worked on it: the reconciliation
+            # counts it (tokens 0, at most its completion bound) apart from the answer billed.
+            exchange.error_kind = first_failure.kind
+            self.unbilled(unbilled_row(exchange, "retry", backend.version))
         exchange.error_kind, exchange.tokens_from = None, None
         exchange.prompt_tokens = exchange.completion_tokens = 0
         try:
-            attempt = self._attempt(exchange, other, data, asked)
+            attempt = self._attempt(exchange, other, data, asked, besides)
             await self.upstream.forward(attempt, send, receive)
         except AttemptFailed as failure:
             await _answer_failure(exchange, failure, send)
 
     def _attempt(
-        self, exchange: Exchange, backend: Backend, data: dict[str, Any], asked: Asked
+        self,
+        exchange: Exchange,
+        backend: Backend,
+        data: dict[str, Any],
+        asked: Asked,
+        besides: Replica | None = None,
     ) -> Attempt:
         exchange.backend = backend
         data["model"] = backend.served_model
         if backend.spec.priority_scheduling:  # vLLM serves a lower value first
             data["priority"] = -self.queue.tier(exchange.tenant.tier).priority
-        url = backend.urls[self.endpoint]
-        exchange.attempt = Attempt(exchange, backend, url, dumps(data), asked)
+        exchange.attempt = Attempt(exchange, backend, dumps(data), asked, besides)
         return exchange.attempt
 
 
-def _retry_on(exchange: Exchange, route: Route, failed: Backend, point: float) -> Backend:
-    """Where a request that failed before its answer began is tried once more: another stable
-    backend with a closed circuit, else (a route with failover) a healthy canary; raises
-    Unavailable when there is none."""
+def _retry_on(
+    exchange: Exchange, route: Route, failed: Backend, point: float, replica: Replica | None
+) -> tuple[Backend, Replica | None]:
+    """Where a request that failed before its answer began is tried once more, and the replica
+    it must not go to: another replica of the same version that would take it (one server's
+    failure says nothing of its siblings'), else another stable backend with a closed circuit,
+    else (a route with failover) a healthy canary; raises Unavailable when there is none."""
+    now = time.monotonic()
+    if replica is not None and failed.may_serve(now, besides=replica):
+        return failed, replica
     try:
-        return fallback(route, failed, point, time.monotonic())
+        return fallback(route, failed, point, now), None
     except Unavailable:
-        return _fail_over(exchange, route, failed, point)
+        return _fail_over(exchange, route, failed, point), None
 
 
 def _fail_over(exchange: Exchange, route: Route, failed: Backend | None, point: float) -> Backend:
@@ -361,7 +373,7 @@ class Models:
         problems = [
             f"model '{name}': no stable backend with a closed circuit"
             for name, route in routes.items()
-            if not any(b.breaker.opened_at is None for b in route.stable.backends)
+            if not any(b.healthy for b in route.stable.backends)
         ]
         if not routes:
             problems.append("no routes: add one with PUT /admin/routes/{model}")

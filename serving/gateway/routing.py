@@ -4,14 +4,16 @@ The table is immutable and carries the state store's version of the routes it wa
 (serving/gateway/table_sync.py keeps it current). A change builds a new table and swaps one
 reference (CurrentTable), so a request sees either the old table or the new one, never a mix;
 in-flight requests keep the Backend object they started on. Backend objects carry live state
-(in-flight count, breaker, stats) and are reused across tables while their identity (version, URL,
-served name, digest, role) is unchanged.
+(in-flight count, stats, queue) and are reused across tables while their identity (version,
+served name, digest, role) is unchanged; so are their replicas (servers) while their URL stays.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from hashlib import blake2b
 from itertools import accumulate
 from types import MappingProxyType
 
@@ -23,11 +25,64 @@ from serving.gateway.queue import FairQueue
 from serving.gateway.stats import BackendStats
 
 
-class Backend:
-    """One upstream server of one model version, and its live state."""
+class Replica:
+    """One server of a version (a vLLM process): the gateway's requests in flight to it, what its
+    engine last reported (engine_load.py), and its own circuit breaker."""
 
     __slots__ = (
         "breaker",
+        "engine_waiting",
+        "inflight",
+        "prefix_hits",
+        "prefix_queries",
+        "url",
+        "urls",
+    )
+
+    def __init__(self, url: str, breaker: BreakerSpec) -> None:
+        self.url = url
+        self.urls = {endpoint: url + path for endpoint, path in PATHS.items()}
+        self.inflight = 0
+        self.engine_waiting = 0  # vllm:num_requests_waiting at the last reading
+        self.prefix_queries = 0  # vllm:prefix_cache_queries_total (tokens looked up)
+        self.prefix_hits = 0  # vllm:prefix_cache_hits_total (tokens found cached)
+        self.breaker = Breaker(breaker.failures, breaker.open_s)
+
+    @property
+    def load(self) -> int:
+        """Outstanding requests: sent by this gateway and not done, plus those the engine holds
+        waiting (other gateways' too)."""
+        return self.inflight + self.engine_waiting
+
+    @property
+    def prefix_hit_rate(self) -> float | None:
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else None
+
+
+def _least_loaded(replicas: list[Replica]) -> list[Replica]:
+    return sorted(replicas, key=lambda r: r.load)
+
+
+def _affine(replicas: list[Replica], session: str, bound: float) -> list[Replica]:
+    """The replicas in a session's own order (rendezvous hashing: adding or removing a replica
+    moves only the sessions that ranked it first), those loaded beyond `bound` x the mean load
+    (this request counted) put last: consistent hashing with bounded loads, so hot sessions
+    cannot pile up on one replica. One request of slack above the bound keeps a conversation
+    home at low load, where a single request in flight would otherwise exceed it."""
+    ranked = sorted(
+        replicas,
+        key=lambda r: blake2b(f"{session}\0{r.url}".encode(), digest_size=8).digest(),
+        reverse=True,
+    )
+    cap = math.ceil(bound * (sum(r.load for r in replicas) + 1) / len(replicas)) + 1
+    return [r for r in ranked if r.load < cap] + [r for r in ranked if r.load >= cap]
+
+
+class Backend:
+    """One model version behind a route: one or more replicas (servers of the same weights),
+    and the version's live state (its queue, statistics, paired answers)."""
+
+    __slots__ = (
         "failover_said",
         "failover_stats",
         "inflight",
@@ -35,28 +90,26 @@ class Backend:
         "max_concurrency",
         "model",
         "pairs",
+        "replicas",
         "role",
         "served_model",
         "shadow_stats",
         "spec",
         "stats",
         "synthetic_stats",
-        "urls",
         "version",
         "waiting",
     )
 
     def __init__(self, model: str, spec: BackendSpec, breaker: BreakerSpec, samples: int) -> None:
         self.model = model
-        self.spec = spec
         self.version = spec.version
         self.role = spec.role
         self.served_model = spec.served_model
-        self.urls = {endpoint: spec.url + path for endpoint, path in PATHS.items()}
-        self.max_concurrency = spec.max_concurrency
-        self.inflight = 0
+        self.inflight = 0  # over all replicas: the version's slots (queue.py)
         self.waiting = FairQueue()  # requests waiting for a slot (queue.py)
-        self.breaker = Breaker(breaker.failures, breaker.open_s)
+        self.replicas: tuple[Replica, ...] = ()
+        self.serve(spec, breaker)
         self.stats = BackendStats(samples)  # organic traffic
         self.synthetic_stats = BackendStats(samples)  # tenants marked `synthetic`
         self.shadow_stats = BackendStats(samples)  # mirrored copies (serving/gateway/mirror.py)
@@ -67,9 +120,50 @@ class Backend:
         self.pairs = PairLog(samples)  # those copies beside stable's answers
         self.label = spec.version.encode()  # the x-slipway-backend response header
 
+    def serve(self, spec: BackendSpec, breaker: BreakerSpec) -> None:
+        """Take `spec`'s servers and settings; a replica that stays keeps its live state (its
+        in-flight count, breaker, readings), so scaling a version does not disturb the others."""
+        kept = {r.url: r for r in self.replicas}
+        self.spec = spec
+        self.replicas = tuple(kept.get(url) or Replica(url, breaker) for url in spec.urls)
+        self.max_concurrency = spec.max_concurrency * len(self.replicas)
+
     def has_room(self) -> bool:
         """Whether a request may take a slot now: one is free and no one waits for it."""
         return self.inflight < self.max_concurrency and not self.waiting.live
+
+    @property
+    def healthy(self) -> bool:
+        """Whether a replica's circuit is closed."""
+        return any(r.breaker.opened_at is None for r in self.replicas)
+
+    def may_serve(self, now: float, besides: Replica | None = None) -> bool:
+        """Whether a replica (other than `besides`) would take a request now: its circuit is
+        closed, or due for its half-open probe."""
+        return any(r is not besides and r.breaker.due(now) for r in self.replicas)
+
+    def retry_after(self, now: float) -> float:
+        return min(r.breaker.retry_after(now) for r in self.replicas)
+
+    @property
+    def circuit(self) -> str:
+        """The best of its replicas' circuits: "closed" while any replica can serve."""
+        states = {r.breaker.state for r in self.replicas}
+        return next(s for s in ("closed", "half-open", "open") if s in states)
+
+    def replica_for(
+        self, session: str | None, now: float, bound: float, besides: Replica | None = None
+    ) -> Replica | None:
+        """The replica a request goes to: the least loaded one whose breaker lets it through;
+        for a session, its own replica while that one's load is within `bound` x the mean (so
+        the engine's prefix cache holds its conversation). None when every circuit is open."""
+        replicas = self.replicas
+        if len(replicas) == 1:
+            only = replicas[0]
+            return only if only is not besides and only.breaker.allows(now) else None
+        others = [r for r in replicas if r is not besides]
+        ordered = _least_loaded(others) if session is None else _affine(others, session, bound)
+        return next((r for r in ordered if r.breaker.allows(now)), None)
 
     def reset_stats(self) -> None:
         self.stats.reset()
@@ -78,11 +172,12 @@ class Backend:
         self.failover_stats.reset()
         self.pairs.reset()
 
-    def same_server(self, spec: BackendSpec) -> bool:
+    def same_version(self, spec: BackendSpec) -> bool:
+        """Whether `spec` is this version as it was: the same weights, name and role (its
+        servers may differ: serve() takes them)."""
         s = self.spec
-        return (s.version, s.url, s.served_model, s.digest, s.role) == (
+        return (s.version, s.served_model, s.digest, s.role) == (
             spec.version,
-            spec.url,
             spec.served_model,
             spec.digest,
             spec.role,
@@ -188,8 +283,11 @@ class RoutingTable:
         backends = []
         for b in spec.backends:
             old = current.backend(b.version) if current else None
-            live = old if old and old.same_server(b) else Backend(spec.model, b, breaker, samples)
-            backends.append(live)
+            if old is not None and old.same_version(b):
+                old.serve(b, breaker)
+                backends.append(old)
+            else:
+                backends.append(Backend(spec.model, b, breaker, samples))
         weights = tuple(b.weight for b in spec.backends)
         return Route.build(
             spec.model, tuple(backends), weights, spec.audience, spec.mirror, spec.failover

@@ -97,10 +97,10 @@ def test_an_open_circuit_falls_back_to_a_healthy_stable_backend():
         backend(url, "2", role="canary", weight=20),
     )
     one, _, canary = r.backends
-    canary.breaker.failure(time.monotonic())
+    canary.replicas[0].breaker.failure(time.monotonic())
     # The canary's points [0.8, 1) fall back at the same point among the stable ones: onto "3".
     assert served(r) == {"1": 400, "3": 600}
-    one.breaker.failure(time.monotonic())
+    one.replicas[0].breaker.failure(time.monotonic())
     assert served(r) == {"3": 1000}
 
 
@@ -117,7 +117,7 @@ def test_a_failed_attempt_is_retried_on_another_stable_backend_at_the_same_point
 def test_every_backend_failing_is_unavailable_with_retry_after():
     r = split(50, 50, open_s=30)
     for b in r.backends:
-        b.breaker.failure(time.monotonic())
+        b.replicas[0].breaker.failure(time.monotonic())
     for canary in (True, False):
         with pytest.raises(Unavailable, match="every backend of model 'tiny-chat' is failing") as e:
             choose(r, 0.3, canary)
@@ -134,12 +134,12 @@ def test_failover_takes_a_healthy_canary_only_where_the_route_allows_it():
     allowed, strict = route(*specs, failover=True), route(*specs)
     now = time.monotonic()
     for r in (allowed, strict):
-        r.backends[0].breaker.failure(now)  # stable's circuit opens
+        r.backends[0].replicas[0].breaker.failure(now)  # stable's circuit opens
     # Spread evenly over the healthy canaries whatever their weights; never the one that failed.
     assert Counter(failover(allowed, None, p, now).version for p in POINTS) == {"2": 500, "3": 500}
     two = allowed.backends[1]
     assert all(failover(allowed, two, p, now).version == "3" for p in POINTS)
-    allowed.backends[2].breaker.failure(now)
+    allowed.backends[2].replicas[0].breaker.failure(now)
     with pytest.raises(Unavailable, match="every backend"):
         failover(allowed, two, 0.5, now)  # the only healthy canary is the one that failed
     with pytest.raises(Unavailable, match="every backend"):

@@ -2,6 +2,8 @@
 upstreams each run as their own process, so a backend can be killed with SIGKILL and the gateway's
 memory read from outside.
 
+- A replica killed under load (make test): plain requests are retried on its sibling, its circuit
+  opens, the version keeps serving.
 - A canary killed under load (make test): non-streaming requests are retried on stable, streams
   the canary had started end with an error event, the circuit opens. A killed stable backend on
   a route with failover: every non-streaming request is served, by the canary once stable is gone.
@@ -255,6 +257,36 @@ def test_stable_killed_under_load_fails_over_to_the_canary(tmp_path):
     assert after["1"]["circuit"] == "open" and after["2"]["circuit"] == "closed"
     assert after["2"]["failover"]["requests"] > 0  # counted apart from the canary's evidence
     assert ready == 503  # no stable backend: not ready, though the model is still served
+
+
+def test_a_replica_killed_under_load_fails_no_plain_request(tmp_path):
+    """Version "1" on two replicas, 16 clients for 8 s, one replica SIGKILLed after 3 s: plain
+    requests it had are retried on its sibling; only streams it had begun break."""
+    urls, procs = [], []
+    with contextlib.ExitStack() as stack:
+        for name in ("replica-a", "replica-b"):
+            url, args, log = upstream(tmp_path, name, delay_s=0.05, chunk_delay_s=0.05)
+            procs.append(stack.enter_context(process(args, log, url + "/health")))
+            urls.append(url)
+        backends = [backend(urls[0], "1", replicas=[urls[1]])]
+        gw, _ = stack.enter_context(
+            gateway(tmp_path, backends, breaker={"failures": 3, "open_s": 600})
+        )
+        answers, killed = asyncio.run(
+            closed_loop(gw, workers=16, seconds=8, kill_at=3, victim=procs[0])
+        )
+        after = stats(gw)["1"]
+    plain = [a for a in answers if not a.stream]
+    failed = [(a.status, a.body[:120]) for a in plain if a.status != 200]
+    assert not failed, f"{len(failed)} of {len(plain)} plain requests failed, e.g. {failed[:3]}"
+    broken = [a for a in answers if a.stream and a.events[-1] != "data: [DONE]"]
+    assert broken and all(a.started < killed for a in broken)  # only those it had begun
+    late = [a for a in answers if a.started > killed + 0.5]
+    assert late and all(a.status == 200 for a in late)
+    assert all(a.events[-1] == "data: [DONE]" for a in late if a.stream)
+    circuits = {r["url"]: r["circuit"] for r in after["replicas"]}
+    assert circuits == {urls[0]: "open", urls[1]: "closed"} and after["circuit"] == "closed"
+    print(f"\n{len(plain)} plain requests, all 200; {len(broken)} streams broken off by the kill")
 
 
 def test_sigterm_drains_a_stream_in_flight_and_refuses_new_connections(tmp_path):

@@ -231,7 +231,6 @@ def test_a_copy_is_timed_from_its_send_not_from_when_the_gateway_made_it():
                     canary,
                     original,
                     json.dumps(chat("hi")).encode(),
-                    canary.urls["chat"],
                     {},
                     NOT_STREAMED,
                 )

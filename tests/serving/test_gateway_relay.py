@@ -91,7 +91,9 @@ def attempt(asked: Asked = NOTHING) -> Attempt:
     exchange.tenant = TenantSpec(name="alice", key_sha256="0" * 64)
     exchange.stream = True
     exchange.backend = live
-    return Attempt(exchange, live, live.urls["chat"], b"{}", asked)
+    attempt = Attempt(exchange, live, b"{}", asked)
+    attempt.bind(live.replicas[0])
+    return attempt
 
 
 def run(relay: Callable[..., Awaitable[None]], *args: object) -> None:
@@ -138,7 +140,7 @@ def test_each_run_of_events_is_sent_before_the_next_read():
     assert (exchange.prompt_tokens, exchange.completion_tokens) == (3, 5)
     assert (stats.requests, stats.errors, stats.completion_tokens) == (1, 0, 5)
     assert stats.ttft.seen == 1 and stats.itl.seen == 1  # events in separate reads: timed
-    assert a.backend.breaker.state == "closed"
+    assert a.replica.breaker.state == "closed"
 
 
 def test_the_dropped_usage_event_is_not_counted_as_an_event_the_client_got():
@@ -167,7 +169,7 @@ def test_a_stream_broken_after_its_first_event_ends_with_an_error_event():
     assert b'"code":"upstream_stream_broken"' in error and b"connection reset" in error
     assert a.exchange.status == 200 and a.exchange.error_kind == "upstream_stream_broken"
     assert (a.backend.stats.requests, a.backend.stats.errors) == (1, 1)
-    assert a.backend.breaker.state == "open"  # failures=1
+    assert a.replica.breaker.state == "open"  # failures=1
 
 
 @pytest.mark.parametrize(
@@ -193,7 +195,7 @@ def test_a_client_that_leaves_closes_the_backend_reply_and_records_no_outcome():
     assert reply.closed.is_set()
     assert client.bodies == [WORD]  # no end of stream is sent to a client that has gone
     assert a.exchange.status == 200 and a.exchange.error_kind == "client_disconnected"
-    assert a.backend.stats.requests == 0 and a.backend.breaker.failures == 0
+    assert a.backend.stats.requests == 0 and a.replica.breaker.failures == 0
 
 
 def test_a_crlf_framed_stream_reaches_the_client_as_whole_events_with_its_usage_counted():
