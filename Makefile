@@ -41,6 +41,8 @@ demo: setup
 	$(SLIPWAY) up
 	PREFECT_API_URL=http://127.0.0.1:4200/api \
 	  $(SLIPWAY) rollout run $(DEMO_MODEL) $(DEMO_CANDIDATE) --policy configs/rollout/demo.yaml
+	PREFECT_API_URL=http://127.0.0.1:4200/api $(SLIPWAY) drift $(DEMO_MODEL) --since-rollout
+	PREFECT_API_URL=http://127.0.0.1:4200/api $(SLIPWAY) cost --today
 
 ## rollback: withdraw MODEL's canary now (`make rollback MODEL=smollm2-135m-instruct`)
 rollback: setup

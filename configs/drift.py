@@ -1,7 +1,11 @@
-"""How the drift check compares two windows of traffic (configs/drift.yaml).
+"""How the drift check compares two windows of traffic, and when it alarms (configs/drift.yaml).
 
-Methods and thresholds are pinned rather than left to Evidently, which picks p-value tests for
-windows of up to 1,000 rows and distances above: a verdict must mean the same at any traffic.
+A feature drifts when its test rejects at its share of the alarm budget AND its effect size
+reaches its floor: evaluation/monitoring/drift_rule.py says which test and effect size each
+feature kind gets and why the family-wise false-alarm rate stays within `false_alarm_rate` over
+`horizon_looks` looks. The effect sizes are Evidently's distances, pinned rather than left to
+Evidently (which picks p-value tests up to 1,000 rows and distances above): a verdict must mean
+the same at any traffic.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, PositiveFloat
 
 from configs.home import REPO
 from configs.loader import Strict, load_yaml
@@ -27,25 +31,6 @@ Feature = Literal[
     "prompt_words",
     "prompt_sentences",
 ]
-# Evidently's stattest names: distances (drift when score >= threshold) and p-value tests (drift
-# when p < threshold).
-Method = Literal[
-    "wasserstein",
-    "jensenshannon",
-    "psi",
-    "kl_div",
-    "hellinger",
-    "TVD",
-    "ed",
-    "ks",
-    "chisquare",
-    "z",
-    "mannw",
-    "anderson",
-    "cramer_von_mises",
-    "t_test",
-    "g_test",
-]
 
 
 class DriftConfig(Strict):
@@ -59,13 +44,38 @@ class DriftConfig(Strict):
     min_rows: int = Field(
         default=100, ge=1, description="fewer rows (or values of a feature) and it is not compared"
     )
-    num_method: Method = "wasserstein"
-    num_threshold: float = Field(default=0.1, gt=0)
-    cat_method: Method = "jensenshannon"
-    cat_threshold: float = Field(default=0.1, gt=0)
-    methods: dict[Feature, Method] = Field(default={}, description="per-feature method")
-    thresholds: dict[Feature, float] = Field(default={}, description="per-feature threshold")
+    false_alarm_rate: float = Field(
+        default=0.05,
+        gt=0,
+        lt=1,
+        description="family-wise: on traffic that did not change, the chance that any feature is "
+        "flagged at any look of the horizon",
+    )
+    horizon_looks: int = Field(
+        default=168,
+        ge=1,
+        description="the looks the budget is spread over (168: a week of the hourly schedule)",
+    )
+    num_floor: float = Field(
+        default=0.1, gt=0, description="numbers: normed Wasserstein distance to reach"
+    )
+    cat_floor: float = Field(
+        default=0.1, gt=0, description="tenant: Jensen-Shannon distance of the shares to reach"
+    )
+    error_rate_floor: float = Field(
+        default=0.01, gt=0, lt=1, description="is_error: absolute change of the error rate"
+    )
+    floors: dict[Feature, PositiveFloat] = Field(
+        default={}, description="per-feature floor, in that feature's effect size"
+    )
     experiment: str = Field(default="slipway-monitoring", min_length=1, description="MLflow")
+
+    def floor(self, feature: str) -> float:
+        if feature in self.floors:
+            return self.floors[feature]
+        if feature == "is_error":
+            return self.error_rate_floor
+        return self.cat_floor if feature == "tenant" else self.num_floor
 
 
 def load_drift_config(path: str | Path = DEFAULT_DRIFT) -> DriftConfig:

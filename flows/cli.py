@@ -172,8 +172,20 @@ def rollout() -> None:
 @click.option("--policy", default=str(DEFAULT_POLICY), show_default="configs/rollout/default.yaml")
 @click.option("--gateway-url", default=None, help="default: the gateway `make up` started")
 @click.option("--candidate-url", default=None, help="serve the canary from this running server")
+@click.option(
+    "--k8s-patches",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="also write every route and weight change as Kubernetes objects (HTTPRoute YAML and "
+    "merge patch) into this folder (tasks/rollout/k8s_patches.py)",
+)
 def rollout_run(
-    model: str, candidate: str, policy: str, gateway_url: str | None, candidate_url: str | None
+    model: str,
+    candidate: str,
+    policy: str,
+    gateway_url: str | None,
+    candidate_url: str | None,
+    k8s_patches: str | None,
 ) -> None:
     """Roll CANDIDATE (version, alias or variant) of MODEL out against its champion."""
     from configs.loader import ConfigError
@@ -189,7 +201,7 @@ def rollout_run(
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     try:
-        click.echo(rollout_flow(model, candidate, policy, gateway_url, candidate_url))
+        click.echo(rollout_flow(model, candidate, policy, gateway_url, candidate_url, k8s_patches))
     except RolloutRefused as e:
         raise click.ClickException(f"rollout refused, nothing changed: {e}") from None
     except (GatewayAdminError, EngineError, ReconcileError, Unsettled) as e:
@@ -395,23 +407,43 @@ def regression(model: str | None, config_dir: str) -> None:
     default=None,
     help="end of the current window, UTC [default: the start of this hour]",
 )
-def drift(model: str | None, window_hours: float, reference: str, end: datetime | None) -> None:
+@click.option(
+    "--since-rollout",
+    is_flag=True,
+    help="instead: MODEL's last rollout, the canary's requests against the champion's",
+)
+def drift(
+    model: str | None,
+    window_hours: float,
+    reference: str,
+    end: datetime | None,
+    since_rollout: bool,
+) -> None:
     """Compare the last whole window of the gateway's traffic (all models, or MODEL's) with a
     reference window; alarm when it drifted."""
     from datetime import UTC
 
     from flows.drift import drift as drift_flow
 
+    if since_rollout and not model:
+        raise click.UsageError("--since-rollout needs MODEL")
     end = end.replace(tzinfo=UTC) if end else None
+    reference = "rollout" if since_rollout else reference
     click.echo(drift_flow(window_hours, reference, model, end).message)
 
 
 @cli.command()
 @click.argument("day", required=False, type=click.DateTime(formats=["%Y-%m-%d"]))
-def cost(day: datetime | None) -> None:
+@click.option("--today", is_flag=True, help="today so far (UTC): always-on versions bill all day")
+def cost(day: datetime | None, today: bool) -> None:
     """Price DAY's traffic (UTC, default yesterday): per tenant, model and version."""
+    from datetime import UTC
+
     from flows.cost import cost as cost_flow
 
+    if today and day:
+        raise click.UsageError("give DAY or --today, not both")
+    day = datetime.now(UTC) if today else day
     click.echo(cost_flow(day.date() if day else None).line())
 
 
@@ -446,6 +478,95 @@ def slo_rules(config_path: Path | None, out: Path | None) -> None:
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     click.echo(write_rules(config, out or Home.from_env().root / "prometheus"))
+
+
+@cli.group()
+def export() -> None:
+    """The live routing table in the terms of other systems."""
+
+
+@export.command("k8s")
+@click.argument("models", nargs=-1)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="gateway YAML naming the state store [default: the one `make up` wrote, else the "
+    "default store]",
+)
+@click.option("--namespace", default="slipway", show_default=True)
+@click.option("--gateway", default="inference-gateway", show_default=True, help="parent Gateway")
+@click.option("--target-port", default=8000, show_default=True, help="vLLM's port in its pods")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="write the YAML here [default: stdout]",
+)
+@click.option(
+    "--rollout-steps",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="dry run: write into this folder the HTTPRoute (and its merge patch) of every step a "
+    "rollout of each route's canary would take under --policy; nothing is applied",
+)
+@click.option("--policy", default=str(DEFAULT_POLICY), show_default="configs/rollout/default.yaml")
+def export_k8s(
+    models: tuple[str, ...],
+    config_path: Path | None,
+    namespace: str,
+    gateway: str,
+    target_port: int,
+    out: Path | None,
+    rollout_steps: Path | None,
+    policy: str,
+) -> None:
+    """The gateway's routes (of MODELS, or all) from its state store as Gateway API Inference
+    Extension objects: an InferencePool per version and an HTTPRoute per model whose backendRefs
+    carry the weights (tasks/k8s_export.py names the API versions)."""
+    from configs.gateway import StateSpec, load_gateway_config
+    from configs.loader import ConfigError
+    from configs.rollout import load_rollout_policy
+    from serving.gateway.state.store import StateError
+    from tasks.k8s_export import ExportError, Target, dns_label, read_routes, render, to_yaml
+
+    home = Home.from_env()
+    written = home.root / "gateway" / "gateway.yaml"
+    try:
+        if config_path is None and not written.is_file():
+            state = StateSpec()
+        else:
+            state = load_gateway_config(config_path or written).state
+        routes = read_routes(state, home)
+        if missing := sorted(set(models) - set(routes)):
+            raise click.ClickException(f"no route for {', '.join(missing)} in the state store")
+        chosen = [r for m, r in routes.items() if not models or m in models]
+        target = Target(namespace, gateway, target_port)
+        if rollout_steps is not None:
+            from tasks.rollout.k8s_patches import rollout_steps as steps
+
+            rules, wrote = load_rollout_policy(policy), False
+            for route in chosen:
+                try:
+                    paths = steps(route, rules, rollout_steps / dns_label(route.model), target)
+                except ExportError as e:
+                    click.echo(f"{route.model}: skipped: {e}")
+                    continue
+                wrote = True
+                for path in paths:
+                    click.echo(path)
+            if not wrote:
+                raise click.ClickException("no route holds one canary: no steps to write")
+            return
+        text = to_yaml(render(chosen, target))
+    except (ConfigError, StateError, ExportError) as e:
+        raise click.ClickException(str(e)) from None
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        click.echo(f"{len(chosen)} routes written to {out}")
 
 
 # ---- the model store -----------------------------------------------------------------------------
@@ -1037,11 +1158,19 @@ def bench_signing(size_gb: float, files: int, rounds: int) -> None:
     default=None,
     help="folder for drift.json [default: $SLIPWAY_HOME/bench]",
 )
-def bench_drift(rows: int, out: Path | None) -> None:
-    """The drift check's time and peak memory on a million requests per window."""
+@click.option(
+    "--horizons",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="simulated weeks of hourly looks for the false-alarm rate (0: skip)",
+)
+def bench_drift(rows: int, out: Path | None, horizons: int) -> None:
+    """The drift check's false alarms over simulated weeks of hourly looks, and its time and peak
+    memory on a million requests per window."""
     from evaluation.benchmarks import drift as benchmark
 
-    benchmark.run(rows, out)
+    benchmark.run(rows, out, horizons)
 
 
 @bench.command("loadgen")

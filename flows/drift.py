@@ -4,9 +4,14 @@ The Evidently HTML report goes to MLflow (experiment slipway-monitoring, run
 drift-<model>-<window>) and a Prefect artifact (`drift-report`) links to it with the per-feature
 table. A drift share at or above the configured one emits "slipway.drift.detected". A window with
 too few requests (or no usage log yet) ends the run with a message and no report. What is sampled
-and what is exact: see evaluation/monitoring/drift.py.
+and what is exact: see evaluation/monitoring/drift.py; when a feature drifts, and how the false
+alarms of 24 looks a day at every feature stay within a budget: evaluation/monitoring/drift_rule.py.
 
-    slipway drift [MODEL]
+reference="rollout" judges MODEL's last rollout instead of the last hour: the canary version's
+requests against the champion's over the rollout's span (its version tags rollout_started_at,
+rollout_ended_at or now, rollout_against), so the traffic a rollout just served is judged at once.
+
+    slipway drift [MODEL] [--since-rollout]
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from evaluation.monitoring.drift import (
     check,
     markdown,
     metrics,
+    rollout_windows,
     windows,
 )
 from serving.gateway.usage import count_usage, default_url, iter_usage
@@ -50,12 +56,16 @@ def drift(
     usage_url: str | None = None,
     config_path: str = str(DEFAULT_DRIFT),
 ) -> DriftCheck:
-    """`end` defaults to the start of this hour (UTC): the window is the last whole one(s)."""
+    """`end` defaults to the start of this hour (UTC): the window is the last whole one(s).
+    reference="rollout" ignores window_hours and end: the windows are the last rollout's."""
     config = load_drift_config(config_path)
     home = Home.from_env()
-    end = end or datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
-    promoted = promoted_at_task(home, model) if reference == "promotion" else None
-    current, ref = windows(end, window_hours, reference, promoted)
+    if reference == "rollout":
+        current, ref = last_rollout_task(home, model)
+    else:
+        end = end or datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+        promoted = promoted_at_task(home, model) if reference == "promotion" else None
+        current, ref = windows(end, window_hours, reference, promoted)
     try:
         result, html = measure_task(current, ref, usage_url or default_url(home), config, model)
     except (NotEnoughData, FileNotFoundError) as e:  # no traffic yet, or no usage log yet
@@ -65,10 +75,23 @@ def drift(
         return DriftCheck("no-data", str(e))
     run_id, link = record_task(home, result, html, run_name(model, current), config.experiment)
     create_markdown_artifact(markdown(result, link), key="drift-report")
+    seen = f"{_seen(result)}; report: {link}"
     if result.detected:
         alarm_task(result, run_id)
-        return DriftCheck("drift", f"drifted: {', '.join(result.drifted)}", result, run_id, link)
-    return DriftCheck("ok", "no drift", result, run_id, link)
+        message = f"drifted: {', '.join(result.drifted)}; {seen}"
+        return DriftCheck("drift", message, result, run_id, link)
+    if result.drifted:  # below the drift share that alarms
+        message = f"no drift alarm (drifted: {', '.join(result.drifted)}); {seen}"
+        return DriftCheck("ok", message, result, run_id, link)
+    return DriftCheck("ok", f"no drift; {seen}", result, run_id, link)
+
+
+def _seen(result: DriftResult) -> str:
+    cur, ref = result.current, result.reference
+    return (
+        f"current {cur.window.label} ({cur.rows} requests) against reference "
+        f"{ref.window.label} ({ref.rows} requests)"
+    )
 
 
 @dataclass(frozen=True)
@@ -98,6 +121,25 @@ def promoted_at_task(home: Home, model: str | None) -> datetime:
             f"{model} has no champion promotion recorded: use reference='previous_week'"
         )
     return datetime.fromisoformat(history[-1]["at"])
+
+
+@task(name="last-rollout", cache_policy=NO_CACHE)
+def last_rollout_task(home: Home, model: str | None) -> tuple[Window, Window]:
+    """The canary's and the champion's windows of `model`'s last rollout (the newest
+    rollout_started_at among its versions' tags), up to its end or, while it runs, now."""
+    if model is None:
+        raise ValueError("reference='rollout' needs model=<registered model name>")
+    found = [
+        (datetime.fromisoformat(v.tags["rollout_started_at"]), str(v.version), v.tags)
+        for v in Registry(home).client.search_model_versions(f"name='{model}'")
+        if "rollout_started_at" in v.tags and "rollout_against" in v.tags
+    ]
+    if not found:
+        raise ValueError(f"{model} has no rollout recorded: use reference='previous_week'")
+    started, canary, tags = max(found, key=lambda f: f[0])
+    ended = tags.get("rollout_ended_at")
+    end = datetime.fromisoformat(ended) if ended else datetime.now(UTC)
+    return rollout_windows(started, end, tags["rollout_against"], canary)
 
 
 @task(name="measure-drift", cache_policy=NO_CACHE)

@@ -9,6 +9,7 @@ the one `make up` started unless gateway_url names another. `slipway rollout --h
 from __future__ import annotations
 
 from contextlib import closing, nullcontext
+from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -28,6 +29,7 @@ from tasks.engines import RunningVersion, serve_version
 from tasks.gateway_admin import GatewayAdmin, secret
 from tasks.registry import Registry
 from tasks.rollout.history import History, announce
+from tasks.rollout.k8s_patches import with_patches
 from tasks.rollout.plan import AlreadyChampion, Plan, preconditions_task, resolve
 from tasks.rollout.promote import promote
 from tasks.rollout.reconcile import Unsettled, reconcile_task, settle_task
@@ -43,6 +45,7 @@ def rollout(
     policy: str = str(DEFAULT_POLICY),
     gateway_url: str | None = None,
     candidate_url: str | None = None,
+    k8s_patches: str | None = None,
 ) -> str:
     """Roll `candidate` out against the champion; returns 'promoted', 'rolled_back' or
     'already_champion' (nothing to do). What an earlier, killed flow left unsettled is repaired
@@ -50,10 +53,14 @@ def rollout(
 
     candidate_url: serve the canary from this running OpenAI-compatible server (it must answer
     to <model>-v<version>) instead of starting vLLM for it.
+
+    k8s_patches: a folder where every route and weight change is also written as Kubernetes
+    objects, for a Kubernetes gateway to carry the weights (tasks/rollout/k8s_patches.py).
     """
     rules = load_rollout_policy(policy)
     home = Home.from_env()
-    admin = GatewayAdmin.of(home, gateway_url)
+    patches = Path(k8s_patches) if k8s_patches else None
+    admin = with_patches(GatewayAdmin.of(home, gateway_url), patches)
     registry, say = Registry(home), get_run_logger().info
     # Raises Busy while another rollout runs; the candidate's vLLM, if it runs, is kept for reuse.
     spare = frozenset([resolve(registry, model, candidate)])

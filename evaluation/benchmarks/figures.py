@@ -213,7 +213,37 @@ def drift_figures(d: dict) -> list[Figure]:
         figure("drift", key, value, _unit(key), how)
         for key, value in d.items()
         if isinstance(value, int | float) and not isinstance(value, bool)
-    ]
+    ] + alarm_figures(d.get("alarm_budget") or {})
+
+
+def alarm_figures(a: dict) -> list[Figure]:
+    """The simulated false alarms: the upper 95% bound of each family-wise rate (the rule's
+    against the configured rate), and the looks a planted shift took."""
+    if not a:
+        return []
+    how = (
+        f"simulated weeks of {a['horizon_looks']} hourly looks at every feature on stationary "
+        "synthetic traffic; the drift check's own decision rule on the statistics (no Evidently); "
+        "upper bound of the 95% Clopper-Pearson interval over the horizons"
+    )
+    out = []
+    for case in a["false_alarms"]:
+        n = case["requests_per_window"]
+        for key, r in case["family_wise"].items():
+            lo, hi = r["ci95"]
+            target = f"<= {a['false_alarm_rate']}" if key.startswith("rule") else ""
+            name = f"false alarms, {key}, {n} req/window: {r['rate']} ({lo}-{hi})"
+            out.append(figure("drift", name, hi, "share, upper 95%", how, target))
+    for case in a["planted_shift"]:
+        for key in ("latency_ms", "alarm"):
+            r, n = case[key], case["requests_per_window"]
+            lo, hi = r["caught_within_horizon"]["ci95"]
+            name = (
+                f"planted shift, {n} req/window, {key}: looks to catch, median (p90 "
+                f"{r['looks_p90']}; caught in {r['caught_within_horizon']['rate']} ({lo}-{hi}))"
+            )
+            out.append(figure("drift", name, r["looks_median"], "looks", case["shift"]))
+    return out
 
 
 def loadgen_figures(d: dict) -> list[Figure]:

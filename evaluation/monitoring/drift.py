@@ -3,17 +3,22 @@
 Features per request: prompt and completion tokens, latency, TTFT (streams only), is_error
 (error_kind set), tenant, and Evidently's offline text descriptors of the prompt (length, words,
 sentences) where the tenant allows prompt logging. The reference is the same window a week
-earlier (same hour and weekday, so daily and weekly cycles do not read as drift) or the window
-that starts when the champion was promoted.
+earlier (same hour and weekday, so daily and weekly cycles do not read as drift), the window
+that starts when the champion was promoted, or, for a rollout, the champion's own traffic over
+the rollout's span against the canary's (windows of one model version: rollout_windows).
 
 What is exact and what is sampled: each window is streamed from the usage log in chunks, reading
 only the columns needed, through the readers the caller passes in (evaluation.monitoring.usage).
 Row counts, the error rate, the tenant shares and the number of logged prompts are counted over
-ALL rows. The distribution tests (Evidently's DataDriftPreset: normed Wasserstein for numbers,
-Jensen-Shannon for categories, a z-test for the error rate, as set in configs/drift.yaml) run on
-a uniform sample of `sample_rows` rows per window, drawn by position with a seeded generator, so a
-re-run gives the same report. At 50,000 rows a distance is known to about +-0.01, a tenth of the
-0.1 threshold; a million rows per window cost seconds, not a minute.
+ALL rows. The distribution tests run on a uniform sample of `sample_rows` rows per window, drawn
+by position with a seeded generator, so a re-run gives the same report. At 50,000 rows a distance
+is known to about +-0.01, a tenth of the 0.1 floor; a million rows per window cost seconds.
+
+When a feature drifts (evaluation/monitoring/drift_rule.py): its test rejects at its share of the
+alarm budget (false_alarm_rate over horizon_looks looks, split over the features compared) AND
+its effect size reaches its floor. Evidently's DataDriftPreset makes the HTML report with the
+same effect sizes (normed Wasserstein, Jensen-Shannon) against the floors, and the error rate's
+z-test at its level; the verdicts, p-values and levels are in the artifact and MLflow.
 """
 
 from __future__ import annotations
@@ -28,20 +33,23 @@ import numpy as np
 import pandas as pd
 
 from configs.drift import DriftConfig
+from evaluation.monitoring import drift_rule as rule
 from evaluation.monitoring.usage import CountUsage, IterUsage
 
 if TYPE_CHECKING:
     from evidently.core.report import Snapshot
 
-Reference = Literal["previous_week", "promotion"]
+Reference = Literal["previous_week", "promotion", "rollout"]
 NUMERIC = ("prompt_tokens", "completion_tokens", "latency_ms", "ttft_ms")
 TEXT = ("prompt_chars", "prompt_words", "prompt_sentences")  # descriptors of logged prompts
 CATEGORICAL = ("is_error", "tenant")
 NO_TENANT = "(none)"  # requests that failed authentication
 SAMPLING_NOTE = (
     "Distribution tests ran on a uniform seeded sample per window; counts, error rates and tenant "
-    "shares are exact over all rows. A distance (wasserstein, jensenshannon, ...) drifts at or "
-    "above its threshold; a test's p-value (z, ks, chisquare, ...) below it."
+    "shares are exact over all rows. A feature drifts when its test's p-value is below the test "
+    "level (its share of the false-alarm budget: false_alarm_rate / horizon_looks / features "
+    "compared) AND its effect size reaches the floor. Evidently's report shows the effect sizes "
+    "against the floors (and the error rate's z-test at its level)."
 )
 _READ = (
     "tenant",
@@ -63,10 +71,12 @@ class NotEnoughData(ValueError):
 class Window:
     start: datetime
     end: datetime
+    version: str | None = None  # only the rows this model version answered (backend_version)
 
     @property
     def label(self) -> str:
-        return f"{self.start:%Y-%m-%d %H:%M}..{self.end:%Y-%m-%d %H:%M} UTC"
+        span = f"{self.start:%Y-%m-%d %H:%M}..{self.end:%Y-%m-%d %H:%M} UTC"
+        return span + (f", version {self.version}" if self.version else "")
 
 
 def windows(
@@ -83,6 +93,15 @@ def windows(
     if promoted_at is None:
         raise ValueError("reference 'promotion' needs the time of the promotion")
     return current, Window(promoted_at, promoted_at + span)
+
+
+def rollout_windows(
+    started: datetime, ended: datetime, stable: str, canary: str
+) -> tuple[Window, Window]:
+    """A rollout's traffic: the canary version's requests (current) against the champion's
+    (reference), both over the rollout's span, so time of day and load are the same for both."""
+    started, ended = (t if t.tzinfo else t.replace(tzinfo=UTC) for t in (started, ended))
+    return Window(started, ended, canary), Window(started, ended, stable)
 
 
 @dataclass(frozen=True)
@@ -167,11 +186,14 @@ def _describe(prompts: pd.Series) -> pd.DataFrame:
 @dataclass(frozen=True)
 class FeatureDrift:
     feature: str
-    method: str = ""
-    score: float | None = None
-    threshold: float | None = None
+    method: str = ""  # the effect size
+    score: float | None = None  # the effect size's value
+    threshold: float | None = None  # its floor
     drifted: bool = False
     skipped: str = ""  # why it was not compared
+    test: str = ""
+    p_value: float | None = None
+    level: float | None = None  # the test rejects below it: its share of the alarm budget
 
 
 @dataclass(frozen=True)
@@ -218,8 +240,9 @@ class DriftResult:
 def compare(
     current: WindowData, reference: WindowData, config: DriftConfig, model: str | None = None
 ) -> tuple[DriftResult, Snapshot]:
-    """Evidently's DataDriftPreset on the two samples, over the features with enough values in
-    both; raises NotEnoughData when either window has fewer than `min_rows` requests."""
+    """Each feature with enough values in both samples judged by the decision rule
+    (drift_rule), and Evidently's DataDriftPreset on them for the report; raises NotEnoughData
+    when either window has fewer than `min_rows` requests."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
 
@@ -241,19 +264,29 @@ def compare(
             )
         else:
             compared.append(name)
+    level = rule.feature_level(config.false_alarm_rate, config.horizon_looks, len(compared))
+    judged = [
+        judge(name, current.sample[name], reference.sample[name], config.floor(name), level)
+        for name in compared
+    ]
     definition = DataDefinition(
         numerical_columns=[c for c in compared if c not in CATEGORICAL],
         categorical_columns=[c for c in compared if c in CATEGORICAL],
     )
+    # The report's methods are the rule's effect sizes against their floors; the error rate's is
+    # its z-test at the rule's level (Evidently has no difference of proportions).
+    thresholds = {c: config.floor(c) for c in compared if c != "is_error"}
+    if "is_error" in compared:
+        thresholds["is_error"] = level
     preset = DataDriftPreset(
         columns=compared,
         drift_share=config.drift_share,
-        num_method=config.num_method,
-        num_threshold=config.num_threshold,
-        cat_method=config.cat_method,
-        cat_threshold=config.cat_threshold,
-        per_column_method={k: v for k, v in config.methods.items() if k in compared},
-        per_column_threshold={k: v for k, v in config.thresholds.items() if k in compared},
+        num_method=rule.NUMBER_EFFECT,
+        num_threshold=config.num_floor,
+        cat_method=rule.TENANT_EFFECT,
+        cat_threshold=config.cat_floor,
+        per_column_method={"is_error": rule.ERROR_TEST} if "is_error" in compared else {},
+        per_column_threshold=thresholds,
     )
     snapshot = Report([preset], include_tests=True).run(
         Dataset.from_pandas(current.sample[compared], data_definition=definition),
@@ -263,39 +296,53 @@ def compare(
         model=model,
         current=WindowStats.of(current),
         reference=WindowStats.of(reference),
-        features=(*_verdicts(snapshot), *skipped),
-        drift_share=_share(snapshot),
+        features=(*judged, *skipped),
+        drift_share=sum(f.drifted for f in judged) / len(judged) if judged else 0.0,
         threshold=config.drift_share,
     )
     return result, snapshot
 
 
-def _verdicts(snapshot: Snapshot) -> list[FeatureDrift]:
-    """Per feature: Evidently's score, method and threshold, and its test's verdict."""
-    report = snapshot.dict()
-    failed = {
-        t["metric_config"]["params"]["column"]
-        for t in report["tests"]
-        if "column" in t["metric_config"]["params"] and str(t["status"]).endswith("FAIL")
-    }
-    return [
-        FeatureDrift(
-            m["config"]["column"],
-            m["config"]["method"],
-            float(m["value"]),
-            float(m["config"]["threshold"]),
-            m["config"]["column"] in failed,
+def judge(
+    name: str, current: pd.Series, reference: pd.Series, floor: float, level: float
+) -> FeatureDrift:
+    """One feature's verdict by the decision rule, from the two samples' values."""
+    if name == "is_error":
+        stats = rule.proportions(reference.sum(), len(reference), current.sum(), len(current))
+        test, effect = rule.ERROR_TEST, rule.ERROR_EFFECT
+    elif name in CATEGORICAL:
+        ref, cur = (s.dropna().astype(str).value_counts() for s in (reference, current))
+        seen = sorted(set(ref.index) | set(cur.index))
+        stats = rule.categories(
+            ref.reindex(seen, fill_value=0).to_numpy()[None],
+            cur.reindex(seen, fill_value=0).to_numpy()[None],
         )
-        for m in report["metrics"]
-        if m["config"]["type"].endswith("ValueDrift")
-    ]
-
-
-def _share(snapshot: Snapshot) -> float:
-    counted = next(
-        m for m in snapshot.dict()["metrics"] if m["config"]["type"].endswith("DriftedColumnsCount")
+        test, effect = rule.TENANT_TEST, rule.TENANT_EFFECT
+    else:
+        stats = rule.numbers(
+            reference.to_numpy("float64", na_value=np.nan)[None],
+            current.to_numpy("float64", na_value=np.nan)[None],
+        )
+        test, effect = rule.NUMBER_TEST, rule.NUMBER_EFFECT
+    return FeatureDrift(
+        name,
+        effect,
+        float(stats.effect[0]),
+        floor,
+        bool(rule.drifted(stats, level, floor)[0]),
+        test=test,
+        p_value=float(stats.p_value[0]),
+        level=level,
     )
-    return float(counted["value"]["share"])
+
+
+def report_values(snapshot: Snapshot) -> dict[str, tuple[str, float]]:
+    """What Evidently's report computed per feature: (method, value)."""
+    return {
+        m["config"]["column"]: (m["config"]["method"], float(m["value"]))
+        for m in snapshot.dict()["metrics"]
+        if m["config"]["type"].endswith("ValueDrift")
+    }
 
 
 def check(
@@ -311,15 +358,29 @@ def check(
     """Load both windows from the usage log at `url` with the readers handed in (the gateway's
     count_usage and iter_usage) and compare them. The count comes first: it fixes the sample."""
     loaded = [
-        load_window(
-            w,
-            count(w.start, w.end, url, model),
-            read(w.start, w.end, _READ, url, model, _CHUNK_ROWS),
-            config,
-        )
-        for w in (current, reference)
+        load_window(w, *_rows(w, url, model, count, read), config) for w in (current, reference)
     ]
     return compare(*loaded, config, model)
+
+
+def _rows(
+    w: Window, url: str, model: str | None, count: CountUsage, read: IterUsage
+) -> tuple[int, Iterable[pd.DataFrame]]:
+    """The window's row count and its rows; for one version's window, the count is a first pass
+    over the version column alone (the readers filter by time and model only)."""
+    if w.version is None:
+        return count(w.start, w.end, url, model), read(
+            w.start, w.end, _READ, url, model, _CHUNK_ROWS
+        )
+
+    def mine(frame: pd.DataFrame) -> pd.DataFrame:
+        kept = frame[frame["backend_version"].astype(str) == w.version]
+        return kept.drop(columns="backend_version").reset_index(drop=True)
+
+    columns = (*_READ, "backend_version")
+    versions = read(w.start, w.end, ("backend_version",), url, model, _CHUNK_ROWS)
+    total = sum(int((f["backend_version"].astype(str) == w.version).sum()) for f in versions)
+    return total, (mine(f) for f in read(w.start, w.end, columns, url, model, _CHUNK_ROWS))
 
 
 def metrics(result: DriftResult) -> dict[str, float]:
@@ -332,9 +393,13 @@ def metrics(result: DriftResult) -> dict[str, float]:
             f"{side}/error_rate": stats.error_rate,
             f"{side}/prompts": stats.prompts,
         }
-    return out | {
-        f"drift_score/{f.feature}": f.score for f in result.features if f.score is not None
-    }
+    for f in result.features:
+        if f.score is not None:
+            out[f"drift_score/{f.feature}"] = f.score
+        if f.p_value is not None and f.level is not None:
+            out[f"drift_p/{f.feature}"] = f.p_value
+            out["drift_test_level"] = f.level
+    return out
 
 
 def markdown(result: DriftResult, link: str) -> str:
@@ -361,13 +426,15 @@ def markdown(result: DriftResult, link: str) -> str:
         lines.append(
             _row(side, s.window.label, s.rows, s.sampled, f"{s.error_rate:.4f}", s.prompts)
         )
-    lines += ["", _row("feature", "method", "score", "threshold", "drifted"), _row(*["---"] * 5)]
+    head = ("feature", "effect size", "value", "floor", "test", "p-value", "test level", "drifted")
+    lines += ["", _row(*head), _row(*["---"] * len(head))]
     for f in result.features:
         if f.skipped:
-            lines.append(_row(f.feature, f"not compared: {f.skipped}", "", "", ""))
+            lines.append(_row(f.feature, f"not compared: {f.skipped}", *[""] * (len(head) - 2)))
         else:
             drift = "yes" if f.drifted else "no"
-            lines.append(_row(f.feature, f.method, f"{f.score:.4g}", f"{f.threshold:g}", drift))
+            cells = (f.method, f"{f.score:.4g}", f"{f.threshold:g}", f.test, f"{f.p_value:.3g}")
+            lines.append(_row(f.feature, *cells, f"{f.level:.3g}", drift))
     lines += ["", _row("tenant", "share, reference (all rows)", "share, current (all rows)")]
     lines.append(_row(*["---"] * 3))
     for tenant in sorted(set(cur.tenant_shares) | set(ref.tenant_shares)):

@@ -101,6 +101,17 @@ class Steering:
         return take_order(self.registry, self.model, self.version)
 
 
+def step_weights(candidate: str, stable: set[str], stage: Stage) -> dict[str, float]:
+    """A step's weights: the canary's share, the rest evenly among the stable backends."""
+    share = (100.0 - stage.weight) / len(stable)
+    return {candidate: float(stage.weight)} | dict.fromkeys(stable, share)
+
+
+def step_mirror(candidate: str, stage: Stage) -> dict[str, Any] | None:
+    """A step's copies of stable's requests to the canary, or None."""
+    return {"to": candidate, "rate_rps": stage.mirror_rps} if stage.mirror_rps else None
+
+
 def stable_down(snapshot: dict[str, Any], stable: set[str]) -> bool:
     """Whether every stable backend's circuit is open (the gateway has none to send to)."""
     circuits = [b["circuit"] for b in snapshot["backends"] if b["version"] in stable]
@@ -121,10 +132,8 @@ def judge_step(
     an approval advances."""
     model, cand = plan.model, plan.candidate.version
     stable = {b["version"] for b in plan.stable_backends}
-    share = (100.0 - stage.weight) / len(stable)
-    mirror = {"to": cand, "rate_rps": stage.mirror_rps} if stage.mirror_rps else None
     admin.set_weights(
-        model, {cand: float(stage.weight)} | dict.fromkeys(stable, share), stage.audience, mirror
+        model, step_weights(cand, stable, stage), stage.audience, step_mirror(cand, stage)
     )
     start = last_said = time.monotonic()
     paused = False

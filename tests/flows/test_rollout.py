@@ -18,10 +18,12 @@ import mlflow
 import pytest
 import yaml
 
+from configs.gateway import RouteSpec
 from configs.home import Home
 from evaluation.benchmarks.mock_upstream import Fault, MockUpstream, serve
 from flows.rollout import rollout
 from serving.gateway.app import build_app
+from tasks.k8s_export import comparable, parse
 from tasks.registry import Registry
 from tasks.rollout.control import approve, roll_back_by_hand
 from tasks.rollout.history import ROLLOUTS
@@ -245,6 +247,29 @@ def test_an_identical_canary_is_promoted_and_becomes_champion(stage, policy):
     history = stage.registry.client.get_metric_history(run_.info.run_id, "canary_weight")
     assert {m.value for m in history} == {20.0, 50.0}  # every look of both judged steps
     assert set(statuses) == {200}
+
+
+def test_k8s_patches_beside_the_gateway_record_every_move_of_the_rollout(stage, policy, tmp_path):
+    """`--k8s-patches`: the rollout runs and is judged as always, and each of its route and weight
+    changes is also written, in order, as the model's Kubernetes objects (tasks/rollout/
+    k8s_patches.py), the last of them the route the gateway ends with."""
+    folder = tmp_path / "k8s"
+    with traffic(stage):
+        outcome = rollout(
+            MODEL, stage.candidate, str(policy), stage.gateway_url, stage.upstream_url, str(folder)
+        )
+    assert outcome == "promoted"
+    moves = [parse(yaml.safe_load_all(p.read_text())) for p in sorted(folder.glob("*.yaml"))]
+    s, c = stage.stable, stage.candidate
+    assert [{b["version"]: b["weight"] for b in m[MODEL]["backends"]} for m in moves] == [
+        {s: 100.0, c: 0.0},  # the canary joins at weight 0
+        {s: 80.0, c: 20.0},  # the policy's steps
+        {s: 50.0, c: 50.0},
+        {s: 0.0, c: 100.0},  # the hand-over
+        {c: 100.0},  # the canary alone, as stable
+    ]
+    assert moves[-1][MODEL] == comparable(RouteSpec.model_validate(stage.route()))
+    assert len(list(folder.glob("*.httproute.merge-patch.json"))) == len(moves)
 
 
 def canary_weighted(stage: Stage, flow: threading.Thread) -> None:
