@@ -5,7 +5,8 @@ The work pool's job template is rendered the way Prefect renders it and checked 
 Fixtures in k8s_bad/ show that the check rejects what it must. Then what the schema cannot see:
 Secrets only by reference, NetworkPolicies that let in exactly the pods that need each service,
 PodDisruptionBudgets on real Deployments, vLLM's GPU, probes and read-only model store, and a
-Dockerfile built from the right lock behind every image a manifest names."""
+Dockerfile built from the right lock behind every image a manifest names. vLLM's autoscaling (its
+thresholds derived from the SLOs) is tested in test_k8s_autoscaling.py."""
 
 from __future__ import annotations
 
@@ -28,6 +29,13 @@ MANIFESTS = sorted(K8S.glob("*.yaml"))
 BAD = sorted((Path(__file__).parent / "k8s_bad").glob("*.yaml"))
 FLOW_RUN = "flow-run"  # the pods of the work pool's Jobs, among the Deployments' pods below
 ANYONE = "anyone"
+# The one peer from outside the namespace: Prometheus, scraping vLLM's /metrics for the autoscaler.
+MONITORING = "monitoring"  # where Prometheus and its adapter run (prometheus-adapter.yaml)
+PROMETHEUS = "prometheus"
+PROMETHEUS_PEER = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": MONITORING}},
+    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+}
 
 
 def objects(paths: list[Path] = MANIFESTS) -> list[dict]:
@@ -109,13 +117,18 @@ def test_every_manifest_parses_and_opens_with_a_comment_saying_what_it_is():
         "gateway.yaml",
         "vllm.yaml",
         "network-policies.yaml",
+        "prometheus-adapter.yaml",
     }
     for path in MANIFESTS:
         assert path.read_text().startswith("# "), path
-    for obj in objects():
+    adapter = K8S / "prometheus-adapter.yaml"
+    for obj in objects([p for p in MANIFESTS if p != adapter]):
         assert obj["apiVersion"] and obj["kind"] and obj["metadata"]["name"], obj
         if obj["kind"] != "Namespace":
             assert obj["metadata"]["namespace"] == "slipway", obj["metadata"]["name"]
+    # All in slipway but the adapter's rules, which live where the adapter runs.
+    others = objects([adapter])
+    assert [(o["kind"], o["metadata"]["namespace"]) for o in others] == [("ConfigMap", MONITORING)]
 
 
 def test_every_object_is_valid_for_the_stated_kubernetes_version_in_strict_mode():
@@ -157,7 +170,15 @@ def test_a_bad_manifest_is_rejected_naming_its_bad_field(path: Path):
 
 def test_every_kind_of_bad_manifest_has_a_fixture():
     expected = {re.match(r"# expect: (\S+)", p.read_text())[1] for p in BAD}
-    assert {"parallelism", "image", "limits", "apiVersion", "readinesProbe", "from"} <= expected
+    assert {
+        "parallelism",
+        "image",
+        "limits",
+        "apiVersion",
+        "readinesProbe",
+        "from",
+        "stabilizationWindow",
+    } <= expected
 
 
 def test_secrets_and_claims_used_are_defined():
@@ -220,9 +241,10 @@ def selects(selector: dict, labels: dict) -> bool:
 
 
 def reachable(policies: list[dict]) -> dict[str, set[str] | str]:
-    """Which pods may open a connection to each pod under the NetworkPolicies (ingress, one
-    namespace): ANYONE where no policy selects the pod (Kubernetes' default) or a rule names no
-    peers; otherwise the pods some selecting policy's rule lets in, on a port the pod listens on."""
+    """Which pods may open a connection to each pod under the NetworkPolicies (ingress): ANYONE
+    where no policy selects the pod (Kubernetes' default) or a rule names no peers; otherwise the
+    pods of this namespace some selecting policy's rule lets in, on a port the pod listens on, and
+    PROMETHEUS for the one peer from another namespace that is allowed (any other fails)."""
     everyone = pods()
     out: dict[str, set[str] | str] = {}
     for name, (labels, ports) in everyone.items():
@@ -235,7 +257,10 @@ def reachable(policies: list[dict]) -> dict[str, set[str] | str]:
                 allowed = ANYONE
             elif allowed != ANYONE:
                 for peer in rule["from"]:
-                    assert set(peer) == {"podSelector"}, peer  # no namespace or IP peers
+                    if peer == PROMETHEUS_PEER:
+                        allowed.add(PROMETHEUS)
+                        continue
+                    assert set(peer) == {"podSelector"}, peer  # no other namespace or IP peers
                     allowed |= {
                         n for n, (ls, _) in everyone.items() if selects(peer["podSelector"], ls)
                     }
@@ -250,7 +275,8 @@ def test_network_policies_let_in_only_the_pods_that_need_each_service():
     assert vllm, everyone
     expected = {
         "gateway": ANYONE,  # the one door, with its own auth
-        **{name: {"gateway"} for name in vllm},
+        # The gateway for requests, Prometheus for the /metrics the autoscaler reads.
+        **{name: {"gateway", PROMETHEUS} for name in vllm},
         "mlflow": {FLOW_RUN},
         "prefect-server": {"prefect-worker", FLOW_RUN},
         "prefect-worker": set(),
@@ -268,7 +294,10 @@ def test_every_network_policy_selector_matches_a_real_pod():
     for policy in (o for o in objects() if o["kind"] == "NetworkPolicy"):
         selectors = [policy["spec"]["podSelector"]]
         selectors += [
-            p["podSelector"] for r in policy["spec"].get("ingress", []) for p in r.get("from", [])
+            p["podSelector"]
+            for r in policy["spec"].get("ingress", [])
+            for p in r.get("from", [])
+            if p != PROMETHEUS_PEER  # pods of another namespace: not among these
         ]
         for selector in selectors:
             assert any(selects(selector, ls) for ls in labels), (
