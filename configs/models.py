@@ -239,6 +239,13 @@ class Serving(Strict):
         default=None, description="skip graph compilation; default: on CPU only (starts ~3x faster)"
     )
     startup_timeout_s: float = Field(default=600, gt=0, description="longest wait for /health")
+    replicas: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="vLLM servers per served version (`make up`, a rollout's canary, a revert), "
+        "each on its own port (and cores, on CPU); the gateway balances over them",
+    )
     failover: bool = Field(
         default=False,
         description="the gateway route `make up` writes: while no stable backend can serve, a "

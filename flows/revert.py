@@ -81,7 +81,7 @@ def serve_previous_task(
     if url is None:
         running = serve_version(plan.previous, serving_for(plan.model), home)
     elif answers(url.rstrip("/") + "/health"):
-        running = RunningVersion(plan.previous, url.rstrip("/"), started_here=False)
+        running = RunningVersion(plan.previous, (url.rstrip("/"),), started_here=False)
     else:
         raise EngineError(f"{plan.previous} at {url} does not answer /health")
     how = "started" if running.started_here else "reused"

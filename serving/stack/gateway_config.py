@@ -42,7 +42,7 @@ def secret_file(path: Path, prefix: str) -> str:
 @dataclass(frozen=True)
 class Backend:
     champion: ModelVersion
-    url: str
+    urls: tuple[str, ...]  # one per replica
     failover: bool = False  # the route's: a healthy canary serves while stable cannot
 
 
@@ -62,7 +62,8 @@ def write_gateway_config(home: Home, backends: list[Backend], port: int) -> Path
                 "backends": [
                     {
                         "version": b.champion.version,
-                        "url": b.url,
+                        "url": b.urls[0],
+                        "replicas": list(b.urls[1:]),
                         "served_model": b.champion.served_name,
                         "digest": b.champion.tags["digest"],
                         "attestation": b.champion.attestation,

@@ -115,17 +115,20 @@ def serve(
     procs: list[Proc],
     say: Callable[[str], None],
 ) -> Backend:
-    """vLLM on the champion's weights, detached; recorded in `procs` before it is waited on."""
-    server, proc = launch_engine(champion, serving, home)
-    procs.append(proc)
+    """vLLM on the champion's weights (its replicas), detached; recorded in `procs` before they
+    are waited on."""
+    started = launch_engine(champion, serving, home)
+    procs.extend(proc for _, proc in started)
     write_state(home, procs)
-    try:
-        seconds = server.wait_healthy()
-    except VLLMStartError as e:
-        raise StackError(f"{e}\n{LEFT}") from e
-    log = display(server.log_path)
-    say(f"vLLM:     {champion} at {server.url}  (healthy in {seconds:.0f} s; log {log})")
-    return Backend(champion, server.url, serving.failover)
+    for server, _ in started:
+        try:
+            seconds = server.wait_healthy()
+        except VLLMStartError as e:
+            raise StackError(f"{e}\n{LEFT}") from e
+        log = display(server.log_path)
+        say(f"vLLM:     {champion} at {server.url}  (healthy in {seconds:.0f} s; log {log})")
+    urls = tuple(server.url for server, _ in started)
+    return Backend(champion, urls, serving.failover)
 
 
 def usage(url: str, model: str, key: Path, admin: Path) -> str:

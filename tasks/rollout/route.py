@@ -21,12 +21,14 @@ def _spec(backend: dict[str, Any], **changes: Any) -> dict[str, Any]:
     keys = (
         "version",
         "url",
+        "replicas",
         "served_model",
         "digest",
         "attestation",
         "weight",
         "role",
         "max_concurrency",
+        "priority_scheduling",
     )
     spec = {k: backend[k] for k in keys if backend.get(k) is not None} | changes
     return spec | {"expected_digest": spec["digest"]}
@@ -42,7 +44,7 @@ def add_canary(admin: GatewayAdmin, model: str, running: RunningVersion) -> None
     version = running.version
     canary = {
         "version": version.version,
-        "url": running.url,
+        **running.servers,
         "served_model": version.served_name,
         "digest": version.tags["digest"],
         "attestation": version.attestation,

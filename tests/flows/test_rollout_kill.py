@@ -202,7 +202,7 @@ def test_killed_between_the_two_aliases_is_promoted_with_previous_set(killable):
     add_canary(
         admin,
         MODEL,
-        RunningVersion(version_of(registry, MODEL, stage.candidate), stage.upstream_url, False),
+        RunningVersion(version_of(registry, MODEL, stage.candidate), (stage.upstream_url,), False),
     )
     hand_over(admin, MODEL, stage.candidate)
     registry.set_alias(MODEL, "champion", stage.candidate, reason="rollout: every step not worse")

@@ -207,14 +207,15 @@ def test_serving_args_come_from_the_model_config_of_that_name(tmp_path):
 def test_gateway_config_routes_the_champion_and_holds_only_hashes(home, model_dir):
     Registry(home).promote("m", release(home, "m", model_dir))
     champion = champion_of(home, "m")
-    path = write_gateway_config(home, [Backend(champion, "http://127.0.0.1:8123")], port=8765)
+    servers = ("http://127.0.0.1:8123", "http://127.0.0.1:8124")  # two replicas
+    path = write_gateway_config(home, [Backend(champion, servers)], port=8765)
 
     config = load_gateway_config(path)
     [route] = config.routes
     [backend] = route.backends
     assert route.model == "m" and config.port == 8765
     assert (backend.version, backend.served_model) == ("1", "m-v1")
-    assert backend.url == "http://127.0.0.1:8123"
+    assert (backend.url, backend.replicas) == ("http://127.0.0.1:8123", ("http://127.0.0.1:8124",))
     assert (backend.role, backend.weight) == ("stable", 100)
     admit(backend.attestation, backend.digest, policy(home))  # the champion's own, signed here
     assert backend.digest == champion.tags["digest"]
@@ -232,10 +233,10 @@ def test_gateway_config_routes_the_champion_and_holds_only_hashes(home, model_di
     text = path.read_text()
     assert key not in text and admin not in text and synthetic not in text
 
-    write_gateway_config(home, [Backend(champion, "http://127.0.0.1:8124")], port=8765)
+    write_gateway_config(home, [Backend(champion, ("http://127.0.0.1:8124",))], port=8765)
     assert key_file.read_text().strip() == key  # made once: clients keep working across restarts
     admin_file.write_text("")  # as a crash between create and write would leave it
-    write_gateway_config(home, [Backend(champion, "http://127.0.0.1:8124")], port=8765)
+    write_gateway_config(home, [Backend(champion, ("http://127.0.0.1:8124",))], port=8765)
     assert (
         len(admin_file.read_text().strip()) > 40
         and stat.S_IMODE(admin_file.stat().st_mode) == 0o600
