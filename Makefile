@@ -16,6 +16,11 @@ PY := $(ENVS)/core/bin/python
 # core environment was set up from another clone.
 export PYTHONPATH := $(CURDIR)
 SLIPWAY := $(PY) -m flows.cli
+# ENV=dev|staging|prod: `up`, `down`, `status`, rollouts and reverts in that environment
+# (configs/environments/); without it, the Slipway home itself, as always.
+ifdef ENV
+export SLIPWAY_ENVIRONMENT := $(ENV)
+endif
 CONFIG ?= configs/models/smollm2-135m.yaml
 DEMO_MODEL ?= smollm2-135m-instruct
 DEMO_CANDIDATE ?= gptq-w8a8
@@ -88,6 +93,7 @@ slo-rules: setup
 	$(SLIPWAY) slo rules $(if $(OUT),--out $(OUT))
 
 ## up: MLflow :5000, Prefect :4200 (worker, deployments), a vLLM per verified champion, gateway :8000/v1
+## (ENV=staging: that environment's stack, ports and alias, after its parity report against prod)
 up: setup
 	$(SLIPWAY) up
 

@@ -2,6 +2,11 @@
 
 Everything Slipway writes on a machine (MLflow database and artifacts, Prefect home, signing keys,
 logs, caches, model directories) lives under it, so `make clean` is one `rm -rf`.
+
+An environment (configs/environments.py; SLIPWAY_ENVIRONMENT or `--environment`) runs its stack
+from a folder of its own under it (`root`: the stack's state, logs, Prefect, gateway and keys to
+call it) and shares the home's registry, model store, signing keys, caches and Python
+environments (`shared`); its `alias` is the registry alias it serves in place of `champion`.
 """
 
 from __future__ import annotations
@@ -17,14 +22,42 @@ REPO = Path(__file__).resolve().parent.parent
 @dataclass(frozen=True)
 class Home:
     root: Path
+    environment: str | None = None  # None: the home itself, serving `champion`, as ever
+    alias: str = "champion"  # the registry alias this home's stack serves and promotes
+    shared: Path | None = None  # an environment's: the Slipway home whose registry it shares
 
     @classmethod
-    def from_env(cls) -> Home:
-        return cls((Settings().home or REPO / ".slipway").resolve())
+    def from_env(cls, environment: str | None = None) -> Home:
+        """The Slipway home (SLIPWAY_HOME, default .slipway/), or the home of `environment`
+        (default SLIPWAY_ENVIRONMENT) inside it."""
+        settings = Settings()
+        home = cls((settings.home or REPO / ".slipway").resolve())
+        name = environment or settings.environment
+        return home.of_environment(name) if name and name != "base" else home
+
+    def of_environment(self, name: str) -> Home:
+        """The home of environment `name` (configs/environments/), sharing this one's registry."""
+        from configs.environments import load_environment  # when asked: Home is imported early
+
+        env = load_environment(name)
+        base = self.base
+        root = base / env.stack.home if env.stack.home else base
+        return Home(root, env.name, env.serving.alias, base)
+
+    @property
+    def base(self) -> Path:
+        """The Slipway home: what every environment shares (registry, store, keys, caches)."""
+        return self.shared or self.root
+
+    @property
+    def previous_alias(self) -> str:
+        """The alias of the version this home's last promotion replaced (what a revert puts
+        back): `previous` beside `champion`, `<alias>-previous` beside another alias."""
+        return "previous" if self.alias == "champion" else f"{self.alias}-previous"
 
     @property
     def models(self) -> Path:
-        return self.root / "models"
+        return self.base / "models"
 
     @property
     def demo_key(self) -> Path:
@@ -43,7 +76,7 @@ class Home:
 
     @property
     def keys(self) -> Path:
-        return self.root / "keys"
+        return self.base / "keys"
 
     @property
     def logs(self) -> Path:
@@ -51,7 +84,7 @@ class Home:
 
     @property
     def cache(self) -> Path:
-        return self.root / "cache"
+        return self.base / "cache"
 
     @property
     def prefect(self) -> Path:
@@ -59,12 +92,12 @@ class Home:
 
     @property
     def mlflow(self) -> Path:
-        return self.root / "mlflow"
+        return self.base / "mlflow"
 
     @property
     def envs(self) -> Path:
         """Links to the three Python environments that `make setup` built (core, quant, serve)."""
-        return self.root / "envs"
+        return self.base / "envs"
 
     def python(self, env: str) -> Path:
         """The interpreter of one environment; SLIPWAY_<ENV>_PYTHON overrides it (e.g. in an

@@ -20,6 +20,9 @@ class Settings(BaseSettings):
     quant_python: Path | None = Field(None, description="the quant environment's interpreter")
     serve_python: Path | None = Field(None, description="the serve environment's interpreter")
     hardware: str | None = Field(None, description="cpu or cuda: overrides GPU detection")
+    environment: str | None = Field(
+        None, description="dev, staging or prod (configs/environments/); unset: the base"
+    )
     pypi_index: str = Field("https://pypi.org/simple", description="for models shipped in wheels")
     admin_token: SecretStr | None = Field(None, description="the gateway's admin token")
     synthetic_key: SecretStr | None = Field(None, description="the synthetic-load tenant's key")
@@ -35,6 +38,11 @@ class Settings(BaseSettings):
         if value not in ("cpu", "cuda"):
             raise ValueError(f"SLIPWAY_HARDWARE={value!r}: expected 'cpu' or 'cuda'")
         return value
+
+    @field_validator("environment")
+    @classmethod
+    def _environment(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
 
     def python(self, env: str) -> Path | None:
         return {"core": self.core_python, "quant": self.quant_python, "serve": self.serve_python}[

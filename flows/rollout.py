@@ -26,6 +26,7 @@ from evaluation.loadgen.report import load_prompts
 from evaluation.quality.logprob import Engine, Scorer
 from tasks.direct_traffic import record_scoring
 from tasks.engines import RunningVersion, serve_version
+from tasks.environments import record_pass
 from tasks.gateway_admin import GatewayAdmin, secret
 from tasks.registry import Registry
 from tasks.rollout.history import History, announce
@@ -46,6 +47,7 @@ def rollout(
     gateway_url: str | None = None,
     candidate_url: str | None = None,
     k8s_patches: str | None = None,
+    environment: str | None = None,
 ) -> str:
     """Roll `candidate` out against the champion; returns 'promoted', 'rolled_back' or
     'already_champion' (nothing to do). What an earlier, killed flow left unsettled is repaired
@@ -56,9 +58,14 @@ def rollout(
 
     k8s_patches: a folder where every route and weight change is also written as Kubernetes
     objects, for a Kubernetes gateway to carry the weights (tasks/rollout/k8s_patches.py).
+
+    environment: dev, staging or prod (configs/environments/; default SLIPWAY_ENVIRONMENT, else
+    none): the rollout then promotes that environment's alias (`staging`; prod: `champion`),
+    records a promotion as the version's pass there, and in prod refuses a version that has not
+    passed staging (tasks/environments.py).
     """
     rules = load_rollout_policy(policy)
-    home = Home.from_env()
+    home = Home.from_env(environment)
     patches = Path(k8s_patches) if k8s_patches else None
     admin = with_patches(GatewayAdmin.of(home, gateway_url), patches)
     registry, say = Registry(home), get_run_logger().info
@@ -140,6 +147,7 @@ def canary_steps(
             if step.action == "rollback":
                 return "rolled_back", f"step {index + 1} ({stage.label}): {step.reason}"
     promote_task(admin, registry, plan, home)
+    record_pass(registry, model, plan.candidate.version, f"rollout (MLflow run {history.run_id})")
     return "promoted", "every step judged the canary not worse than stable"
 
 
@@ -155,7 +163,7 @@ def _slug(name: str) -> str:
 @task(name="serve-candidate", cache_policy=NO_CACHE)
 def serve_candidate_task(plan: Plan, home: Home, url: str | None) -> RunningVersion:
     if url is not None:
-        return RunningVersion(plan.candidate, url.rstrip("/"), started_here=False)
+        return RunningVersion(plan.candidate, (url.rstrip("/"),), started_here=False)
     return serve_version(plan.candidate, serving_for(plan.model), home)
 
 

@@ -178,9 +178,11 @@ def launch(
     env: Mapping[str, str] | None = None,
 ) -> tuple[Proc, subprocess.Popen[bytes]]:
     """Start `command` detached in its own process group (it outlives its starter), output to
-    `log`, with `env` added to this process's environment."""
+    `log`, with `env` added to this process's environment. It runs in `home`: an environment's
+    home is named by the Slipway home it shares and the environment (configs/home.py)."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **(env or {}), "SLIPWAY_HOME": str(home.root)}
+    env = {**os.environ, **(env or {}), "SLIPWAY_HOME": str(home.base)}
+    env["SLIPWAY_ENVIRONMENT"] = home.environment or ""
     with log.open("ab") as out:
         popen = subprocess.Popen(
             command,

@@ -4,6 +4,11 @@ Weights are logged as files, never loaded. The version's tags carry the model di
 revision, variant and signer; the signature and manifest travel as artifacts. Registering a digest
 that is already registered returns the existing version, so re-runs add nothing. Aliases
 (champion, canary, previous) are moved here, with their history kept as registered-model tags.
+
+Environments share the one registry, each serving an alias of its own (configs/environments.py):
+a Registry on an environment's home reads and moves that alias wherever the code says `champion`,
+and `<alias>-previous` wherever it says `previous` (`staging`, `staging-previous` in staging), so
+that a rollout, revert or reconcile in staging never touches prod's `champion`.
 """
 
 from __future__ import annotations
@@ -266,15 +271,21 @@ class Registry:
 
     # ---- aliases ---------------------------------------------------------------------------------
 
+    def role(self, alias: str) -> str:
+        """The registry alias that plays `alias` in this home's environment: `champion` and
+        `previous` are the environment's own; any other alias is itself."""
+        return {"champion": self.home.alias, "previous": self.home.previous_alias}.get(alias, alias)
+
     def alias(self, name: str, alias: str) -> str | None:
-        """The version an alias points at, or None."""
+        """The version an alias points at (`champion`: this environment's), or None."""
         try:
-            return str(self.client.get_model_version_by_alias(name, alias).version)
+            return str(self.client.get_model_version_by_alias(name, self.role(alias)).version)
         except MlflowException:
             return None
 
     def set_alias(self, name: str, alias: str, version: str, reason: str = "") -> None:
         """Point `alias` at `version` and append the move to the alias's history."""
+        alias = self.role(alias)
         self.client.set_registered_model_alias(name, alias, version)
         entry = {"version": version, "at": datetime.now(UTC).isoformat(), "reason": reason}
         history = [*self.alias_history(name, alias), entry][-HISTORY_KEEP:]
@@ -282,7 +293,9 @@ class Registry:
 
     def alias_history(self, name: str, alias: str) -> list[dict[str, str]]:
         try:
-            raw = self.client.get_registered_model(name).tags.get(f"alias_history.{alias}")
+            raw = self.client.get_registered_model(name).tags.get(
+                f"alias_history.{self.role(alias)}"
+            )
         except MlflowException:
             return []
         return json.loads(raw) if raw else []

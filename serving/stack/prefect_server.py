@@ -6,7 +6,8 @@ PREFECT_API_DATABASE_CONNECTION_URL points (PostgreSQL, the production profile).
 started first and creates the process work pool itself; once the pool reports READY (the worker
 polls), `prefect deploy` registers the deployments and their cron schedules. Flows the worker
 starts inherit its environment: PREFECT_API_URL, MLFLOW_TRACKING_URI (the stack's MLflow server),
-SLIPWAY_HOME, and SLIPWAY_REPO, the checkout that prefect.yaml's pull step changes into.
+SLIPWAY_HOME, SLIPWAY_ENVIRONMENT (configs/environments/; the rollout deployment's `environment`
+parameter too) and SLIPWAY_REPO, the checkout that prefect.yaml's pull step changes into.
 """
 
 from __future__ import annotations
@@ -170,7 +171,8 @@ def deploy(home: Home, api: str, prefect_file: Path) -> list[Deployed]:
         "--prefect-file",
         str(prefect_file),
     ]
-    env = {**os.environ, **server_env(home), "PREFECT_API_URL": api, "SLIPWAY_HOME": str(home.root)}
+    env = {**os.environ, **server_env(home), "PREFECT_API_URL": api, "SLIPWAY_HOME": str(home.base)}
+    env["SLIPWAY_ENVIRONMENT"] = home.environment or "base"  # prefect.yaml's rollout parameter
     with log.open("w") as out:
         done = subprocess.run(
             command,

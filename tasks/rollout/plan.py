@@ -10,6 +10,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from configs.home import Home
+from tasks.environments import refusal
 from tasks.gateway_admin import GatewayAdmin, GatewayAdminError
 from tasks.registry import Registry
 from tasks.servable import CHAMPION, ModelVersion, NotServable, check_servable
@@ -54,13 +55,15 @@ def resolve(registry: Registry, model: str, candidate: str) -> str:
 def preconditions(registry: Registry, admin: GatewayAdmin, model: str, candidate: str) -> Plan:
     """Raise RolloutRefused unless the candidate may take traffic: its evaluation passed, its
     signature verifies against its files and their digest is the registry's, it is not already
-    champion, and the gateway serves exactly the champion as stable with no canary."""
+    champion, the environment's promotion rule holds (prod: it passed staging; tasks/
+    environments.py), and the gateway serves exactly the champion as stable with no canary."""
     version = resolve(registry, model, candidate)
     champion = registry.alias(model, CHAMPION)
     if champion is None:
-        raise RolloutRefused(
-            f"{model} has no champion to canary against: the release makes the first one"
-        )
+        first = "the release makes the first one"
+        if (env := registry.home.environment) is not None:
+            first = f"`slipway environments seed {env}` starts it from prod's champion"
+        raise RolloutRefused(f"{model} has no {registry.role(CHAMPION)} to canary against: {first}")
     if version == champion:
         raise AlreadyChampion(f"{model} v{version} is already the champion: nothing to roll out")
     home = registry.home
@@ -70,6 +73,8 @@ def preconditions(registry: Registry, admin: GatewayAdmin, model: str, candidate
             f"{model} v{version} is already being rolled out (rollout_status="
             f"{tags['rollout_status']}); approve or roll back that one first"
         )
+    if (why := refusal(registry, model, version, tags)) is not None:
+        raise RolloutRefused(why)
     cand = ModelVersion(model, version, tags, home)
     try:
         check_servable(cand, role="candidate")
