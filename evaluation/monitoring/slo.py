@@ -134,9 +134,23 @@ def slis(config: SloConfig) -> list[Sli]:
     return out
 
 
-def recording_rules(sli: Sli) -> list[dict]:
+def scaled(window: str, time_scale: float) -> str:
+    """`window` times `time_scale` as a Prometheus duration (the window itself at 1)."""
+    if time_scale == 1:
+        return window
+    ms = round(_HOURS[window] * 3600 * 1000 * time_scale)
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
+def recording_rules(sli: Sli, time_scale: float = 1.0) -> list[dict]:
+    """Per window, the bad-event ratio; `time_scale` shortens the ranges (tests: 1/60 makes an
+    hour a minute) and keeps the names, so the alerts read them unchanged."""
     return [
-        {"record": RECORD.format(w), "expr": sli.ratio(w), "labels": dict(sli.labels)}
+        {
+            "record": RECORD.format(w),
+            "expr": sli.ratio(scaled(w, time_scale)),
+            "labels": dict(sli.labels),
+        }
         for w in WINDOWS
     ]
 
@@ -175,15 +189,16 @@ def alert_rules(sli: Sli, window: str, window_hours: int) -> list[dict]:
     return rules
 
 
-def rule_file(config: SloConfig) -> dict:
+def rule_file(config: SloConfig, time_scale: float = 1.0) -> dict:
     """One group per SLI: Prometheus evaluates a group's rules in order, so its alerts read the
-    ratios recorded just before them."""
+    ratios recorded just before them. `time_scale` below 1 shortens every window by that factor
+    (recording_rules), for tests only."""
     return {
         "groups": [
             {
                 "name": f"slo-{sli.name}",
                 "rules": [
-                    *recording_rules(sli),
+                    *recording_rules(sli, time_scale),
                     *alert_rules(sli, config.window, config.window_hours),
                 ],
             }
@@ -192,8 +207,9 @@ def rule_file(config: SloConfig) -> dict:
     }
 
 
-def write_rules(config: SloConfig, out: Path) -> Path:
+def write_rules(config: SloConfig, out: Path, time_scale: float = 1.0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "slipway-slo.rules.yml"
-    path.write_text(yaml.safe_dump(rule_file(config), sort_keys=False, width=1000))
+    rules = rule_file(config, time_scale)
+    path.write_text(yaml.safe_dump(rules, sort_keys=False, width=1000))
     return path

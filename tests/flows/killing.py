@@ -96,7 +96,10 @@ class Killable:
 
 
 @contextmanager
-def staged(home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Killable]:
+def staged(
+    home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **gateway: Any
+) -> Iterator[Killable]:
+    """`gateway`: more fields of the gateway's config (e.g. breaker, more tenants)."""
     registry = Registry(home)
     stable = registered(home, tmp_path, b"stable", "bf16")
     registry.promote(MODEL, stable)
@@ -117,7 +120,8 @@ def staged(home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Itera
             "weight": 100,
             "role": "stable",
         }
-        config = keys.config([backend], tenants=[keys.tenant("alice")])
+        tenants = [keys.tenant("alice"), *(keys.tenant(**t) for t in gateway.pop("tenants", []))]
+        config = keys.config([backend], tenants=tenants, **gateway)
         hold = Hold(build_app(config, home))
         with serve(hold) as gateway_url:
             stage = Stage(

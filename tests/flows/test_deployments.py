@@ -26,7 +26,15 @@ SCHEDULED = {"regression": "0 2 * * *", "drift": "0 * * * *", "cost": "30 0 * * 
 
 def test_prefect_yaml_deploys_every_flow_from_the_checkout_on_the_process_pool():
     by_name = {d["name"]: d for d in PREFECT_YAML["deployments"]}
-    assert set(by_name) == {"release", "rollout", "revert", "regression", "drift", "cost"}
+    assert set(by_name) == {
+        "release",
+        "rollout",
+        "revert",
+        "incident",
+        "regression",
+        "drift",
+        "cost",
+    }
     for name, d in by_name.items():
         assert d["entrypoint"] == f"flows/{name}.py:{name}"
         assert d["work_pool"]["name"] == POOL and d["description"] and "slipway" in d["tags"]

@@ -16,21 +16,15 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import re
-import shutil
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import aiohttp
 import httpx
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from configs.home import REPO
@@ -38,7 +32,7 @@ from configs.slo import load_slo_config
 from evaluation.benchmarks.mock_upstream import Fault, MockUpstream, serve
 from evaluation.monitoring.slo import rule_file, write_rules
 from serving.gateway.app import build_app
-from serving.processes import free_port, tail
+from tests.prometheus import Prometheus, binary, running_prometheus
 from tests.serving.conftest import Secrets, backend
 
 DASHBOARD = REPO / "configs" / "grafana-dashboard.json"
@@ -54,107 +48,12 @@ CACHED_EVERY = 4  # one request in 4 of each tenant is deterministic (temperatur
 MAX_TOKENS = 2  # the mock answers max_tokens words: completion tokens per answer
 PROMPT = 3  # words in every prompt: the mock's prompt tokens per answer
 RATE_WINDOW_S = 5
-SCRAPE_S = 1
 
 
 @pytest.fixture
 def prometheus() -> str:
     """The prometheus binary, or a skip; in CI (CI=true) its absence fails."""
-    found = shutil.which("prometheus")
-    if found:
-        return found
-    if os.environ.get("CI") == "true":
-        pytest.fail("prometheus is missing: .ci/run installs it (apt-get install prometheus)")
-    pytest.skip("prometheus is not installed (apt-get install prometheus)")
-
-
-class Prometheus:
-    """A running Prometheus' HTTP API."""
-
-    def __init__(self, url: str, log: Path) -> None:
-        self.url = url
-        self.log = log
-
-    def get(self, path: str, **params: str) -> dict | list:
-        r = httpx.get(self.url + path, params=params, timeout=10)
-        body = r.json()
-        assert r.status_code == 200 and body["status"] == "success", (path, params, body)
-        return body["data"]
-
-    def query(self, expr: str, at: float) -> list[tuple[dict[str, str], float]]:
-        """An instant query at `at`: each series' labels and value (a vector, or a scalar)."""
-        data = self.get("/api/v1/query", query=expr, time=f"{at:.3f}")
-        if data["resultType"] == "scalar":
-            return [({}, float(data["result"][1]))]
-        assert data["resultType"] == "vector", (expr, data)
-        return [(s["metric"], float(s["value"][1])) for s in data["result"]]
-
-    def scrapes(self) -> list[float]:
-        """The timestamps of the gateway's scrapes in the last minute, oldest first."""
-        data = self.get("/api/v1/query", query='up{job="gateway"}[1m]', time=f"{time.time():.3f}")
-        return [float(t) for s in data["result"] for t, up in s["values"] if up == "1"]
-
-    def scrape_after(self, wall: float, timeout_s: float = 10.0) -> float:
-        """The first scrape that began after `wall` (a time.time()), once Prometheus stored it."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            later = [t for t in self.scrapes() if t > wall]
-            if later:
-                return later[0]
-            time.sleep(0.1)
-        raise AssertionError(f"no scrape of the gateway after {wall}:\n{tail(self.log)}")
-
-
-@contextmanager
-def running_prometheus(binary: str, root: Path, target: str, rules: Path) -> Iterator[Prometheus]:
-    """Prometheus scraping `target` every second, evaluating `rules` every second."""
-    root.mkdir(parents=True, exist_ok=True)
-    config = {
-        "global": {
-            "scrape_interval": f"{SCRAPE_S}s",
-            "scrape_timeout": f"{SCRAPE_S}s",
-            "evaluation_interval": "1s",
-        },
-        "rule_files": [str(rules)],
-        "scrape_configs": [
-            {"job_name": "gateway", "static_configs": [{"targets": [target.split("//")[1]]}]}
-        ],
-    }
-    (root / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    log = root / "prometheus.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={root / 'prometheus.yml'}",
-                f"--storage.tsdb.path={root / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--log.level=warn",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, f"prometheus exited:\n{tail(log)}"
-            assert time.monotonic() < deadline, f"prometheus not ready:\n{tail(log)}"
-            try:
-                if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        yield Prometheus(url, log)
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    return binary("prometheus", "prometheus")
 
 
 @dataclass
