@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from configs.loader import Strict, load_yaml
 from configs.pricing import Chargeback, embedded_chargeback
@@ -437,6 +437,14 @@ class TierSpec(Strict):
     max_wait_s: float = Field(
         10.0, gt=0, description="the longest a request waits for a slot before a 503"
     )
+    reserved_share: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="the share of each backend's slots (max_concurrency) this tier keeps: other "
+        "tiers may take them only while it has nothing in flight or waiting (lent while idle), "
+        "and a slot freed goes to it first while it holds fewer",
+    )
 
 
 class QueueSpec(Strict):
@@ -450,6 +458,24 @@ class QueueSpec(Strict):
         default_factory=dict, description="by tier name; a tier not named is scheduled as `default`"
     )
     default: TierSpec = TierSpec()
+    _reserved: dict[str, float] = PrivateAttr(default_factory=dict)
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._reserved = {n: t.reserved_share for n, t in self.tiers.items() if t.reserved_share}
+
+    @model_validator(mode="after")
+    def _reservable(self) -> QueueSpec:
+        if self.default.reserved_share:
+            raise ValueError("queue.default.reserved_share: only a named tier may reserve slots")
+        if sum(t.reserved_share for t in self.tiers.values()) > 1:
+            shares = {n: t.reserved_share for n, t in self.tiers.items() if t.reserved_share}
+            raise ValueError(f"queue.tiers reserve more than every slot in all: {shares}")
+        return self
+
+    @property
+    def reserved(self) -> dict[str, float]:
+        """The tiers that keep a share of the slots, and their shares."""
+        return self._reserved
 
     def tier(self, name: str) -> TierSpec:
         return self.tiers.get(name, self.default)
@@ -498,6 +524,32 @@ class BalanceSpec(Strict):
     )
 
 
+class TracingSpec(Strict):
+    """OpenTelemetry spans of each API request, sent by OTLP/HTTP (serving/gateway/tracing.py);
+    off unless `endpoint` is set, and then free: no span is made."""
+
+    endpoint: str | None = Field(
+        None,
+        description="the collector's OTLP/HTTP traces URL, e.g. http://127.0.0.1:4318/v1/traces; "
+        "None: tracing off",
+    )
+    service_name: str = Field("slipway-gateway", min_length=1, description="the service.name")
+    sample_ratio: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="the share of new traces recorded; a request whose client sent a traceparent "
+        "is recorded as that parent was",
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+            raise ValueError(f"tracing.endpoint '{value}' is not an http(s) URL")
+        return value
+
+
 class StatsSpec(Strict):
     samples: int = Field(
         4096, ge=16, description="raw samples kept per backend and measure since the last reset"
@@ -524,6 +576,7 @@ class GatewayConfig(Strict):
     limits: LimitsSpec = LimitsSpec()
     state: StateSpec = StateSpec()
     trust: TrustSpec = TrustSpec()
+    tracing: TracingSpec = TracingSpec()
     routes: tuple[RouteSpec, ...] = Field(
         (), description="seeds an empty state store; once it holds routes, the store's win"
     )

@@ -33,17 +33,27 @@ def cli() -> None:
 # ---- the stack -----------------------------------------------------------------------------------
 
 
+ENVIRONMENT = click.option(
+    "--environment",
+    envvar="SLIPWAY_ENVIRONMENT",
+    default=None,
+    help="dev, staging or prod (configs/environments/; env SLIPWAY_ENVIRONMENT); default: none, "
+    "the Slipway home itself",
+)
+ENV_DEFAULT = "5000, or the environment's"
+
+
 @cli.command()
-@click.option("--mlflow-port", default=5000, show_default=True)
-@click.option("--gateway-port", default=8000, show_default=True)
+@click.option("--mlflow-port", type=int, default=None, show_default=ENV_DEFAULT)
+@click.option("--gateway-port", type=int, default=None, show_default="8000, or the environment's")
 @click.option(
     "--model-configs",
     type=click.Path(file_okay=False, path_type=Path),
-    default=MODEL_CONFIGS,
-    show_default="configs/models",
+    default=None,
+    show_default="configs/models, or the environment's",
     help="where a champion's `serving` section comes from (the config of its name)",
 )
-@click.option("--prefect-port", default=4200, show_default=True)
+@click.option("--prefect-port", type=int, default=None, show_default="4200, or the environment's")
 @click.option(
     "--prefect/--no-prefect",
     "with_prefect",
@@ -66,49 +76,92 @@ def cli() -> None:
     help="roll out each newly registered version whose evaluation passed "
     "(env SLIPWAY_AUTO_ROLLOUT=1)",
 )
+@ENVIRONMENT
 def up(
-    mlflow_port: int,
-    gateway_port: int,
-    model_configs: Path,
-    prefect_port: int,
+    mlflow_port: int | None,
+    gateway_port: int | None,
+    model_configs: Path | None,
+    prefect_port: int | None,
     with_prefect: bool,
     prefect_file: Path,
     auto_rollout: bool,
+    environment: str | None,
 ) -> None:
     """Start MLflow and Prefect (server, worker, deployments), serve every verified champion with
-    vLLM, and put the gateway in front."""
+    vLLM, and put the gateway in front. With --environment: that environment's stack, on its
+    ports and in its folder, serving its alias, after its parity report against prod (prod's:
+    against the base); a difference that is not allowed stops it before anything starts."""
+    from configs.loader import ConfigError
     from serving.stack import operator
     from serving.stack.prefect_server import PrefectStack
     from serving.stack.services import LEFT, StackError
 
+    try:
+        home, ports = Home.from_env(environment), (5000, 8000, 4200, MODEL_CONFIGS)
+        if home.environment is not None:
+            ports = _environment_stack(home)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    mlflow_port, gateway_port = mlflow_port or ports[0], gateway_port or ports[1]
+    prefect_port, model_configs = prefect_port or ports[2], model_configs or ports[3]
     prefect = PrefectStack(prefect_port, prefect_file, auto_rollout) if with_prefect else None
     try:
-        operator.up(Home.from_env(), mlflow_port, gateway_port, model_configs, click.echo, prefect)
+        operator.up(home, mlflow_port, gateway_port, model_configs, click.echo, prefect)
     except StackError as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         raise click.ClickException(f"interrupted. {LEFT}") from None
 
 
+def _environment_stack(home: Home) -> tuple[int, int, int, Path]:
+    """Say an environment's parity report and what its stack serves; ClickException if a
+    difference is not allowed. Returns its MLflow, gateway and Prefect ports and model configs."""
+    from configs.environments import load_environment, parity, reference
+
+    env = load_environment(home.environment)
+    report = parity(env, load_environment(reference(env)))
+    for line in report.lines():
+        click.echo(line)
+    if not report.ok:
+        raise click.ClickException(
+            f"the {env.name} stack was not started: its config differs from "
+            f"{report.right}'s where they must agree (above)"
+        )
+    click.echo(
+        f"Environment {env.name}: serves the registry alias `{home.alias}`, from {home.root}"
+    )
+    if home.alias != "champion":
+        click.echo(f"  (`slipway environments seed {env.name}` starts it from prod's champion)")
+    stack = env.stack
+    return (
+        stack.mlflow_port,
+        stack.gateway_port,
+        stack.prefect_port,
+        REPO / env.serving.model_configs,
+    )
+
+
 @cli.command()
 @click.option("--grace-s", default=20.0, show_default=True, help="seconds from SIGTERM to SIGKILL")
-def down(grace_s: float) -> None:
+@ENVIRONMENT
+def down(grace_s: float, environment: str | None) -> None:
     """Stop every process `up` started; fail if any is left."""
     from serving.stack import operator
     from serving.stack.services import StackError
 
     try:
-        operator.down(Home.from_env(), grace_s, click.echo)
+        operator.down(Home.from_env(environment), grace_s, click.echo)
     except StackError as e:
         raise click.ClickException(str(e)) from None
 
 
 @cli.command()
-def status() -> None:
+@ENVIRONMENT
+def status(environment: str | None) -> None:
     """What the stack runs and whether each part answers."""
     from serving.stack import operator
 
-    operator.status(Home.from_env(), click.echo)
+    operator.status(Home.from_env(environment), click.echo)
 
 
 @cli.command()
@@ -179,6 +232,7 @@ def rollout() -> None:
     help="also write every route and weight change as Kubernetes objects (HTTPRoute YAML and "
     "merge patch) into this folder (tasks/rollout/k8s_patches.py)",
 )
+@ENVIRONMENT
 def rollout_run(
     model: str,
     candidate: str,
@@ -186,6 +240,7 @@ def rollout_run(
     gateway_url: str | None,
     candidate_url: str | None,
     k8s_patches: str | None,
+    environment: str | None,
 ) -> None:
     """Roll CANDIDATE (version, alias or variant) of MODEL out against its champion."""
     from configs.loader import ConfigError
@@ -196,12 +251,17 @@ def rollout_run(
     from tasks.rollout.plan import RolloutRefused
     from tasks.rollout.reconcile import ReconcileError, Unsettled
 
-    try:  # a bad policy is refused here, before a flow run starts and fails on it
+    try:  # a bad policy or environment is refused here, before a flow run starts and fails on it
         load_rollout_policy(policy)
+        Home.from_env(environment)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     try:
-        click.echo(rollout_flow(model, candidate, policy, gateway_url, candidate_url, k8s_patches))
+        click.echo(
+            rollout_flow(
+                model, candidate, policy, gateway_url, candidate_url, k8s_patches, environment
+            )
+        )
     except RolloutRefused as e:
         raise click.ClickException(f"rollout refused, nothing changed: {e}") from None
     except (GatewayAdminError, EngineError, ReconcileError, Unsettled) as e:
@@ -481,6 +541,89 @@ def slo_rules(config_path: Path | None, out: Path | None) -> None:
 
 
 @cli.group()
+def incidents() -> None:
+    """Incidents that act: Alertmanager's config, the incident webhook, the automations that run
+    the runbook (flows/incident.py) for each paging alert (configs/alerting.yaml)."""
+
+
+_ALERTING_OPTION = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="the alerting config [default: configs/alerting.yaml]",
+)
+
+
+def _alerting(config_path: Path | None) -> Any:
+    from configs.alerting import DEFAULT_ALERTING, load_alerting_config
+    from configs.loader import ConfigError
+
+    try:
+        return load_alerting_config(config_path or DEFAULT_ALERTING)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@incidents.command("alertmanager-config")
+@_ALERTING_OPTION
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="folder for alertmanager.yml [default: $SLIPWAY_HOME/alertmanager]",
+)
+def incidents_alertmanager_config(config_path: Path | None, out: Path | None) -> None:
+    """Write alertmanager.yml: every alert to the people's receivers, the alerts the runbook acts
+    on to the incident webhook too (check it with `amtool check-config`)."""
+    from evaluation.monitoring.alerting import write_alertmanager_config
+
+    path = write_alertmanager_config(
+        _alerting(config_path), out or Home.from_env().root / "alertmanager"
+    )
+    click.echo(path)
+
+
+@incidents.command("webhook")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=9095, show_default=True)
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="refuse POSTs without this bearer token (the receiver's token_file in the config)",
+)
+def incidents_webhook(host: str, port: int, token_file: Path | None) -> None:
+    """Serve the incident webhook: each alert Alertmanager POSTs to /alerts becomes a Prefect
+    event (slipway.alert.firing or .resolved) on PREFECT_API_URL."""
+    import uvicorn
+    from prefect.settings import PREFECT_API_URL
+
+    from serving.stack.alert_webhook import PATH, build_app
+
+    if not PREFECT_API_URL.value():
+        raise click.ClickException("set PREFECT_API_URL: the events go to that Prefect server")
+    token = token_file.read_text().strip() if token_file else None
+    click.echo(f"incident webhook on http://{host}:{port}{PATH} -> {PREFECT_API_URL.value()}")
+    uvicorn.run(build_app(token), host=host, port=port, log_level="info")
+
+
+@incidents.command("automations")
+@_ALERTING_OPTION
+@click.option("--deployment", default="incident/incident", show_default=True)
+def incidents_automations(config_path: Path | None, deployment: str) -> None:
+    """Create (or replace) one automation per alert of `incidents.act_on`: each firing alert runs
+    the runbook deployment, the alert as its parameter."""
+    from tasks import incident_automation
+
+    try:
+        names = incident_automation.apply(_alerting(config_path).incidents.act_on, deployment)
+    except LookupError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"automations {', '.join(names)} on: each runs {deployment}")
+
+
+@cli.group()
 def export() -> None:
     """The live routing table in the terms of other systems."""
 
@@ -567,6 +710,91 @@ def export_k8s(
     else:
         out.write_text(text)
         click.echo(f"{len(chosen)} routes written to {out}")
+
+
+# ---- environments --------------------------------------------------------------------------------
+
+
+@cli.group()
+def environments() -> None:
+    """dev, staging and prod (configs/environments/): their configs, their parity, the alias each
+    serves, and the staging pass a version needs before prod."""
+
+
+def _environment(name: str | None):
+    from configs.environments import load_environment
+    from configs.loader import ConfigError
+
+    try:
+        return load_environment(name)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@environments.command("show")
+@click.argument("name", required=False)
+def environments_show(name: str | None) -> None:
+    """NAME's config (its overlay over base.yaml) as YAML; the base without NAME."""
+    import yaml
+
+    click.echo(
+        yaml.safe_dump(_environment(name).model_dump(mode="json"), sort_keys=False), nl=False
+    )
+
+
+@environments.command("parity")
+@click.argument("name")
+@click.argument("against", required=False)
+def environments_parity(name: str, against: str | None) -> None:
+    """What differs between NAME and AGAINST (default: prod, or for prod the base), and whether
+    each difference is allowed; exits 1 if one is not."""
+    from configs.environments import parity, reference
+
+    env = _environment(name)
+    report = parity(env, _environment(against or reference(env)))
+    for line in report.lines():
+        click.echo(line)
+    if not report.ok:
+        raise SystemExit(1)
+
+
+@environments.command("seed")
+@click.argument("name")
+@click.option("--from", "source", default="champion", show_default=True, help="a registry alias")
+def environments_seed(name: str, source: str) -> None:
+    """Point NAME's alias, for each model where it points nowhere, at the version the registry
+    alias --from names (prod's `champion`): NAME serves it, and rollouts there go on from it."""
+    from tasks.environments import seed
+    from tasks.registry import Registry
+
+    _environment(name)
+    registry = Registry(Home.from_env(name))
+    for line in seed(registry, source) or [f"nothing to seed: `{registry.role('champion')}` set"]:
+        click.echo(line)
+
+
+@environments.command("soak")
+@click.argument("name")
+@click.argument("model")
+@click.argument("version")
+@click.option("--by", required=True, help="who decided")
+@click.option("--reason", required=True, help="e.g. soaked 48 h in staging without an incident")
+def environments_soak(name: str, model: str, version: str, by: str, reason: str) -> None:
+    """Record that MODEL VERSION passed NAME by a soak (it serves there as NAME's alias), as a
+    promoting rollout there would: the tag `passed.NAME` that prod's rollouts require."""
+    from tasks.environments import record_pass
+    from tasks.registry import Registry
+
+    _environment(name)
+    registry = Registry(Home.from_env(name))
+    serving = registry.alias(model, "champion")
+    if serving != version:
+        alias = registry.role("champion")
+        raise click.ClickException(
+            f"{model} v{version} does not serve in {name} (`{alias}` is "
+            f"{f'v{serving}' if serving else 'unset'}): only a version that ran there can soak"
+        )
+    click.echo(record_pass(registry, model, version, f"soak, by {by}: {reason}"))
 
 
 # ---- the model store -----------------------------------------------------------------------------
@@ -1056,11 +1284,17 @@ def bench(ctx: click.Context, reuse: tuple[str, ...]) -> None:
     help="rounds, each measuring every proxy beside going direct; figures are their medians",
 )
 @click.option("--skip-litellm", is_flag=True, help="gateway figures only")
-def bench_gateway(duration: int, repeats: int, skip_litellm: bool) -> None:
+@click.option(
+    "--control-plane",
+    is_flag=True,
+    help="the gateway also balances over two replicas (two mock upstreams), with its queue and "
+    "response cache on, and a cache hit's latency is measured",
+)
+def bench_gateway(duration: int, repeats: int, skip_litellm: bool, control_plane: bool) -> None:
     """Gateway vs LiteLLM proxy vs a bare proxy, on one mock upstream, pinned to cores."""
     from evaluation.benchmarks import gateway as benchmark
 
-    benchmark.run(duration, skip_litellm, repeats)
+    benchmark.run(duration, skip_litellm, repeats, control_plane)
 
 
 @bench.command("canary")

@@ -1,6 +1,6 @@
 """Benchmark the gateway against LiteLLM's proxy, both in front of the same fast mock upstream.
 
-    slipway bench gateway [--duration 5] [--repeats 3] [--skip-litellm]
+    slipway bench gateway [--duration 5] [--repeats 3] [--skip-litellm] [--control-plane]
 
 Layout: the proxy under test alone on CPU 0 (the bare floor proxy, the gateway, LiteLLM, all
 started once, measured one after the other); the mock upstream and wrk on CPU 1. Reports, for each
@@ -228,7 +228,11 @@ async def first_chunk_ms(url: str, body: dict, key: str | None, n: int = 200) ->
     return times[len(times) // 2] * 1000
 
 
-def measure(proxy: Proxy, direct: dict, wrk: str, duration: int, workdir: Path) -> dict:
+def measure(
+    proxy: Proxy, direct: dict, wrk: str, duration: int, workdir: Path, cache_hits: bool = False
+) -> dict:
+    """One proxy's figures; with `cache_hits`, also a repeated deterministic request's (all but
+    the first answered from the gateway's cache)."""
     name, pid, url, key = proxy.name, proxy.pid, proxy.url, proxy.key
     chat, stream = CHAT, {**CHAT, "max_tokens": STREAM_CHUNKS, "stream": True}
     click.echo(f"[{name}] concurrency 1")
@@ -245,7 +249,12 @@ def measure(proxy: Proxy, direct: dict, wrk: str, duration: int, workdir: Path) 
     streams_c1 = wrk_run(wrk, url, stream, key, 1, duration, workdir)
     stream_c1_cpu = cpu_seconds(pid) - cpu0
     ttft = asyncio.run(first_chunk_ms(url, stream, key))
-    return {
+    hits = {}
+    if cache_hits:
+        click.echo(f"[{name}] cache hits")
+        hit = wrk_run(wrk, url, {**chat, "temperature": 0}, key, 1, duration, workdir)
+        hits = {"cache_hit_c1": hit, "cache_hit_p99_ms_c1": hit["p99_ms"]}
+    return hits | {
         "c1": c1,
         "added_p50_ms_c1": round(c1["p50_ms"] - direct["c1"]["p50_ms"], 3),
         "added_p99_ms_c1": round(c1["p99_ms"] - direct["c1"]["p99_ms"], 3),
@@ -262,9 +271,11 @@ def measure(proxy: Proxy, direct: dict, wrk: str, duration: int, workdir: Path) 
     }
 
 
-def run(duration: int, skip_litellm: bool, repeats: int) -> None:
+def run(duration: int, skip_litellm: bool, repeats: int, control_plane: bool = False) -> None:
     """Gateway vs LiteLLM proxy vs direct, on loopback, pinned to cores: `repeats` rounds, each
-    measuring going direct and then every proxy in turn (the order rotated each round)."""
+    measuring going direct and then every proxy in turn (the order rotated each round). With
+    `control_plane` the gateway balances over two mock upstreams (replicas of one version), with
+    its queue and cache on; the pass-through requests are not cacheable (temperature 1)."""
     home = Home.from_env()
     wrk = ensure_wrk()
     work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
@@ -293,10 +304,20 @@ def run(duration: int, skip_litellm: bool, repeats: int) -> None:
         )
         upstream = f"http://127.0.0.1:{mock_port}"
         wait_ready(f"{upstream}/health", mock)
+        replicas = []
+        if control_plane:  # a second server of the same version, beside the first on CPU 1
+            port = free_port()
+            second = start(
+                [sys.executable, "-m", "flows.cli", "bench", "mock-upstream", "--port", str(port)],
+                "1",
+                env=env,
+            )
+            replicas.append(f"http://127.0.0.1:{port}")
+            wait_ready(f"{replicas[0]}/health", second)
         # Every proxy stays up (idle while another is measured), so the rounds can interleave.
         proxies = [
             start_floor(start, upstream, env),
-            start_gateway(start, upstream, env, work),
+            start_gateway(start, upstream, env, work, replicas),
         ]
         skipped: dict[str, str] = {}
         if skip_litellm:
@@ -313,7 +334,8 @@ def run(duration: int, skip_litellm: bool, repeats: int) -> None:
             one: dict = {"direct": direct}
             turn = r % len(proxies)
             for proxy in proxies[turn:] + proxies[:turn]:
-                one[proxy.name] = measure(proxy, direct, wrk, duration, work)
+                hits = control_plane and proxy.name == "gateway"
+                one[proxy.name] = measure(proxy, direct, wrk, duration, work, hits)
             one |= compared(one)
             rounds.append(one)
         results = summary(rounds) | {"rounds": rounds}
@@ -326,12 +348,16 @@ def run(duration: int, skip_litellm: bool, repeats: int) -> None:
             "rps_per_core": gw["rps_per_core"] >= TARGETS["rps_per_core"],
             "cpu_us_per_chunk": gw["cpu_us_per_chunk_c16"] <= TARGETS["cpu_us_per_chunk"],
         }
+        if control_plane:  # a hit, end to end, beats the floor's pass-through
+            hit = results["gateway_over_floor"]["cache_hit_p99_ms_c1"]
+            results["meets_targets"]["cache_hit_p99_below_floor"] = hit < 0
         results["setup"] = {
             "duration_s": duration,
             "repeats": repeats,
             "stream_chunks": STREAM_CHUNKS,
             "cpus": os.cpu_count(),
-            "layout": "proxy on CPU 0; mock upstream + wrk on CPU 1",
+            "layout": "proxy on CPU 0; mock upstream(s) + wrk on CPU 1",
+            "control_plane": control_plane,
         }
         out = home.root / "bench" / "gateway.json"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -358,8 +384,14 @@ def start_floor(start: Callable[..., subprocess.Popen], upstream: str, env: dict
 
 
 def start_gateway(
-    start: Callable[..., subprocess.Popen], upstream: str, env: dict, work: Path
+    start: Callable[..., subprocess.Popen],
+    upstream: str,
+    env: dict,
+    work: Path,
+    replicas: list[str] | None = None,
 ) -> Proxy:
+    """The gateway with every limit on; with `replicas`, balancing over them beside `upstream`,
+    and its queue and response cache on (the control plane's features)."""
     port, key = free_port(), "sk-bench-" + secrets.token_urlsafe(24)
     signer, digest = Signer(work), "sha256:" + "0" * 64
     config = {
@@ -377,6 +409,7 @@ def start_gateway(
                         "weight": 100,
                         "role": "stable",
                         "max_concurrency": 1024,
+                        "replicas": replicas or [],
                     }
                 ],
             }
@@ -398,6 +431,8 @@ def start_gateway(
         "state": {"url": f"sqlite:///{work / 'state.sqlite'}"},
         "trust": signer.trust(),
     }
+    if replicas:
+        config |= {"queue": {"max_waiting": 256}, "cache": {"enabled": True}}
     (work / "gateway.json").write_text(json.dumps(config))  # YAML is a superset of JSON
     cli = [sys.executable, "-m", "flows.cli", "gateway", "--config", str(work / "gateway.json")]
     gateway = start([*cli, "--port", str(port), "--log-level", "warning"], "0", env=env)
@@ -451,6 +486,10 @@ def compared(one: dict) -> dict:
             "rps_per_core_ratio": _ratio(gw["rps_per_core"], fl["rps_per_core"], 2),
         }
     }
+    if "cache_hit_p99_ms_c1" in gw:  # a hit's whole time against the floor's pass-through
+        out["gateway_over_floor"]["cache_hit_p99_ms_c1"] = round(
+            gw["cache_hit_p99_ms_c1"] - fl["c1"]["p99_ms"], 3
+        )
     if ll is not None:
         out["litellm_over_gateway"] = {
             "added_p50_ms_c1": _ratio(ll["added_p50_ms_c1"], gw["added_p50_ms_c1"]),

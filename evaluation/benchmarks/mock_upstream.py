@@ -5,7 +5,8 @@ lm-eval's local-completions reads them) with the requested model name echoed bac
 which backend answered. Streams honour stream_options as vLLM does: include_usage adds a final
 usage-only event, continuous_usage_stats (with it) puts the cumulative usage in every chunk; a
 client that goes away stops the generation, and `generated` records the tokens each stream made;
-GET /metrics shows the prompt and generated tokens served in all as vLLM's counters.
+GET /metrics shows the prompt and generated tokens served in all as vLLM's counters; `requests` and
+`headers` record each POST's body and headers.
 Faults are injected per served model name: an error status, latency, a stream that breaks off, a
 server that never answers, one that ignores stream_options (sends no usage), other answers.
 
@@ -49,6 +50,8 @@ class MockUpstream:
         self.faults: dict[str, Fault] = {}
         self.unhealthy = 0  # /health answers 503 to this many checks
         self.requests: deque[dict] = deque(maxlen=10_000)
+        # each recorded request's headers as received (ASGI pairs), in the order of `requests`
+        self.headers: deque[list[tuple[bytes, bytes]]] = deque(maxlen=10_000)
         self.generated: deque[int] = deque(maxlen=10_000)  # completion tokens, per stream, in order
         self.record = True
         self.prompt_tokens_total = 0
@@ -92,6 +95,7 @@ class MockUpstream:
         request = json.loads(b"".join(chunks))
         if self.record:
             self.requests.append(request)
+            self.headers.append(scope["headers"])
         model = request.get("model", "")
         fault = self._fault(model)
         delay = fault.delay_s if fault and fault.delay_s else self.delay_s

@@ -54,7 +54,11 @@ def refuses(text: str) -> bool:
 
 
 def asks_json(request: dict[str, Any]) -> bool:
+    """Whether the request asks for JSON: chat's `response_format`, or the Responses API's
+    `text.format`."""
     fmt = request.get("response_format")
+    if fmt is None and isinstance(request.get("text"), dict):
+        fmt = request["text"].get("format")
     return isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
 
 

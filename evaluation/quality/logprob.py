@@ -50,6 +50,24 @@ class Scored(NamedTuple):
     call: Call | None  # None when nothing was sent
 
 
+def _chat(request: dict[str, Any]) -> list[dict[str, Any]]:
+    """The request's conversation as chat messages: its own, or a Responses API request's
+    instructions and input (a string, or items with a role and text content)."""
+    if "messages" in request:
+        return request["messages"]
+    messages = []
+    if request.get("instructions"):
+        messages.append({"role": "system", "content": request["instructions"]})
+    given = request["input"]
+    for item in [{"role": "user", "content": given}] if isinstance(given, str) else given:
+        content = item.get("content") if isinstance(item, dict) else None
+        if isinstance(content, list):  # input_text parts
+            content = "".join(p.get("text") or "" for p in content if isinstance(p, dict))
+        if isinstance(content, str) and item.get("role"):
+            messages.append({"role": item["role"], "content": content})
+    return messages
+
+
 def answer_logprob(
     client: httpx.Client, engine: Engine, request: dict[str, Any], answer: str, tokens: int
 ) -> Scored:
@@ -63,8 +81,8 @@ def answer_logprob(
         "temperature": 0,
         "prompt_logprobs": 0,
     }
-    if "messages" in request:
-        messages = [*request["messages"], {"role": "assistant", "content": answer}]
+    if "messages" in request or "input" in request:
+        messages = [*_chat(request), {"role": "assistant", "content": answer}]
         body |= {"messages": messages, "add_generation_prompt": False}
         body["continue_final_message"] = True
         url = f"{engine.url}/v1/chat/completions"

@@ -2,6 +2,7 @@
 
 Request path, outermost first:
   UsageMiddleware      opens the request's Exchange; hands it to the usage log when done
+  TracingMiddleware    only with tracing on: the request's spans (tracing.py)
   MetricsMiddleware    counts the response by tenant and status
   ErrorMiddleware      renders GatewayError in the OpenAI error shape
   AuthMiddleware       tenant key on /v1 (the keyring), admin token and role on /admin
@@ -64,6 +65,7 @@ from serving.gateway.spend import SpendBook
 from serving.gateway.state import store_for
 from serving.gateway.table_sync import TableSync
 from serving.gateway.tenants_api import TenantsAPI
+from serving.gateway.tracing import Tracing, TracingMiddleware
 from serving.gateway.trust import Trust
 from serving.gateway.usage import UsageLog, UsageMiddleware, default_url, sink_for
 
@@ -101,10 +103,14 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
     keyring = Keyring(store, config.tenants, config.state.poll_interval_s)
     oidc = OIDCVerifier(config.oidc) if config.oidc else None
     audit = AuditLog(store)
+    tracing = Tracing(config.tracing) if config.tracing.endpoint else None  # None: off, free
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with AsyncExitStack() as opened:  # what opened is closed, in reverse, whatever fails
+            if tracing is not None:  # closed last: it sends the spans of the last requests
+                await tracing.open()
+                opened.push_async_callback(tracing.close)
             await sync.open()  # first: a gateway that cannot load its routes does not start
             opened.push_async_callback(sync.close)
             await keyring.open()
@@ -171,6 +177,7 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
         ],
         middleware=[
             Middleware(UsageMiddleware, usage=usage),
+            *([Middleware(TracingMiddleware, tracing=tracing)] if tracing is not None else []),
             Middleware(MetricsMiddleware, responses=responses),
             Middleware(ErrorMiddleware),
             Middleware(

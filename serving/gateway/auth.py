@@ -115,10 +115,10 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         token = bearer(scope)
-        if token is None:
-            raise Unauthorized(_MISSING, code="missing_api_key")
-        digest = hashlib.sha256(token).hexdigest()
         if scope["path"].startswith("/admin/"):
+            if token is None:
+                raise Unauthorized(_MISSING, code="missing_api_key")
+            digest = hashlib.sha256(token).hexdigest()
             admin = self._admin(digest)
             if admin is None:
                 if self.tenants.holds(digest):
@@ -133,12 +133,20 @@ class AuthMiddleware:
                 )
             scope["slipway.admin"] = admin
         else:
-            if self.oidc is not None and looks_like_jwt(token):
-                tenant = self.tenants.tenant_named(self.oidc.tenant_name(token))
-            else:
-                tenant = self.tenants.tenant_for(digest)
-            scope["slipway.tenant"] = tenant  # what the endpoints may show this tenant
             exchange = scope.get("slipway.exchange")
+            if exchange is None or exchange.trace is None:
+                tenant = self._tenant(token)
+            else:  # tracing on (tracing.py)
+                tenant = exchange.trace.call("gateway.auth", self._tenant, token)
+            scope["slipway.tenant"] = tenant  # what the endpoints may show this tenant
             if exchange is not None:
                 exchange.tenant = tenant
         await self.app(scope, receive, send)
+
+    def _tenant(self, token: bytes | None) -> Tenant:
+        """The tenant a key or identity token names, else Unauthorized saying why."""
+        if token is None:
+            raise Unauthorized(_MISSING, code="missing_api_key")
+        if self.oidc is not None and looks_like_jwt(token):
+            return self.tenants.tenant_named(self.oidc.tenant_name(token))
+        return self.tenants.tenant_for(hashlib.sha256(token).hexdigest())

@@ -24,5 +24,5 @@ BOUNDS: dict[str, tuple[str, ...]] = {
     "responses": ("max_output_tokens",),
 }
 STREAMING = frozenset(BOUNDS)  # the endpoints that stream when asked to (`stream: true`)
-MIRRORED = frozenset({"chat", "completions"})  # copied to a canary when the route mirrors
+MIRRORED = frozenset({"chat", "completions", "responses"})  # copied when the route mirrors
 UTILITY = frozenset({"tokenize", "detokenize"})  # stable only, not in the statistics

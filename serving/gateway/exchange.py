@@ -38,6 +38,8 @@ class Exchange:
         "tenant",
         "time",
         "tokens_from",
+        "trace",
+        "trace_id",
         "transcript",
         "ttft_s",
     )
@@ -72,6 +74,9 @@ class Exchange:
         # the latest try, an attempt.Attempt (not imported: attempt.py imports this module)
         self.attempt: Any = None
         self.transcript: list[bytes] | None = None  # the answer as relayed, for a mirrored request
+        # its spans, a tracing.RequestTrace, only while tracing is on; the id of a recorded trace
+        self.trace: Any = None
+        self.trace_id: str | None = None
 
     @property
     def tokens(self) -> int:

@@ -98,10 +98,59 @@ class Side:
         }
 
 
-def answer_text(transcript: list[bytes], stream: bool) -> tuple[str, str | None]:
+def _response_text(response: dict[str, Any]) -> tuple[str, str | None]:
+    """A Responses API answer's text (its output_text parts) and its end, as chat names it:
+    "stop" once completed, "length" when cut at max_output_tokens."""
+    parts = [
+        part.get("text") or ""
+        for item in response.get("output") or []
+        if isinstance(item, dict) and item.get("type") == "message"
+        for part in item.get("content") or []
+        if isinstance(part, dict) and part.get("type") == "output_text"
+    ]
+    status = response.get("status")
+    reason = (response.get("incomplete_details") or {}).get("reason")
+    finish = (
+        "stop" if status == "completed" else "length" if reason == "max_output_tokens" else None
+    )
+    return "".join(parts), finish
+
+
+def _responses_answer(body: bytes, stream: bool) -> tuple[str, str | None]:
+    """The Responses API's answer: a JSON response, or a stream whose text is its
+    response.output_text.delta events and whose end its last response.* event carries."""
+    if not stream:
+        try:
+            return _response_text(loads(body))
+        except (ValueError, AttributeError, TypeError):
+            return "", None
+    framer = EventFramer()
+    parts, finish = [], None
+    for event in framer.split(framer.feed(body) + framer.flush()):
+        data = next(
+            (line[len(_DATA) :] for line in event.split(b"\n") if line.startswith(_DATA)), None
+        )
+        try:
+            message = loads(data) if data is not None else {}
+        except ValueError:
+            continue
+        kind = message.get("type") if isinstance(message, dict) else None
+        if kind == "response.output_text.delta":
+            parts.append(message.get("delta") or "")
+        elif kind in ("response.completed", "response.incomplete"):
+            finish = _response_text(message.get("response") or {})[1]
+    return "".join(parts), finish
+
+
+def answer_text(
+    transcript: list[bytes], stream: bool, endpoint: str = "chat"
+) -> tuple[str, str | None]:
     """The first choice's text and finish reason from an answer as it was relayed: a JSON body or
-    the runs of a stream's events (chat `content` deltas or completion `text`)."""
+    the runs of a stream's events (chat `content` deltas or completion `text`; a Responses
+    answer's output text)."""
     body = b"".join(transcript)
+    if endpoint == "responses":
+        return _responses_answer(body, stream)
     if not stream:
         try:
             choice = (loads(body).get("choices") or [{}])[0]
@@ -130,7 +179,7 @@ def answer_text(transcript: list[bytes], stream: bool) -> tuple[str, str | None]
 def side_of(exchange: Exchange, attempt: Attempt | None, transcript: list[bytes]) -> Side:
     timings = attempt.timings if attempt is not None else None
     ok = exchange.status == 200 and timings is not None and exchange.error_kind is None
-    text, finish = answer_text(transcript, exchange.stream) if ok else ("", None)
+    text, finish = answer_text(transcript, exchange.stream, exchange.endpoint) if ok else ("", None)
     e2e, ttft, itl = timings or (None, None, None)
     return Side(
         ok=ok,

@@ -158,7 +158,12 @@ class Completions:
         # Admitted only now that the request's reservation is known; settled exactly once, when
         # it is done however it ends, with the tokens the relay counted (0 if none were made).
         reserved = reservation(tenant, data, self.endpoint, self.limits)
-        hold = await self.limiter.admit(tenant, reserved.tokens, reserved.nanos)
+        admitting = self.limiter.admit(tenant, reserved.tokens, reserved.nanos)
+        if exchange.trace is None:
+            hold = await admitting
+        else:  # tracing on (tracing.py)
+            attributes = {"slipway.tenant": tenant.name, "slipway.reserved_tokens": reserved.tokens}
+            hold = await exchange.trace.within("gateway.admission", admitting, attributes)
         if hold is not None and hold.quota is not None:
             send = with_headers(send, hold.quota.headers())
         try:

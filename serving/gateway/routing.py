@@ -11,6 +11,7 @@ served name, digest, role) is unchanged; so are their replicas (servers) while t
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from hashlib import blake2b
@@ -83,6 +84,7 @@ class Backend:
     and the version's live state (its queue, statistics, paired answers)."""
 
     __slots__ = (
+        "by_tier",
         "failover_said",
         "failover_stats",
         "inflight",
@@ -107,6 +109,7 @@ class Backend:
         self.role = spec.role
         self.served_model = spec.served_model
         self.inflight = 0  # over all replicas: the version's slots (queue.py)
+        self.by_tier: Counter[str] = Counter()  # those slots by the tier of their request
         self.waiting = FairQueue()  # requests waiting for a slot (queue.py)
         self.replicas: tuple[Replica, ...] = ()
         self.serve(spec, breaker)

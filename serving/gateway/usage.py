@@ -30,6 +30,8 @@ Table gateway_usage, one row per request:
   n                choices per prompt (vLLM counts each prompt once per choice)
   completion_bound max_tokens x choices: the most an aborted request can have made the backend
                    generate (NULL when the request named no max_tokens)
+  trace_id         the request's OpenTelemetry trace (32 hex digits), when tracing recorded
+                   it (tracing.py); NULL when tracing is off or the trace was not sampled
 Beside it, for the reconciliation with the backends' own counters: unbilled_usage (the same
 counts for traffic no tenant pays for: mirrored copies, a canary's failed tries, Slipway's own
 requests to an engine, by `source`) and engine_meter (the backends' token counters as read by
@@ -147,6 +149,7 @@ USAGE = Table(
         ("tokens_from", "text"),
         ("n", "int"),
         ("completion_bound", "int"),
+        ("trace_id", "text"),
     ),
 )
 # Traffic an engine served that no tenant is billed for: mirrored copies (source "shadow"), a
@@ -212,6 +215,7 @@ def row(ex: Exchange) -> Row:
         ex.tokens_from,
         ex.n,
         ex.completion_bound,
+        ex.trace_id,
     )
 
 
@@ -436,7 +440,11 @@ class UsageMiddleware:
 
 def write_rows(url: str, rows: list[Row], table: Table = USAGE) -> None:
     """Append rows to a table of the usage log at url (sqlite:/// or postgresql://) with the
-    gateway's sink, from outside the gateway: Slipway's own traffic to an engine, test data."""
+    gateway's sink, from outside the gateway: Slipway's own traffic to an engine, test data. A row
+    may leave out the table's last columns (those a later release added, all nullable): NULL."""
+    width = len(table.names)
+    if rows and len(rows[0]) < width:
+        rows = [(*r, *(None,) * (width - len(r))) for r in rows]
 
     async def write() -> None:
         sink = sink_for(url)

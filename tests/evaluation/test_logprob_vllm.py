@@ -51,6 +51,11 @@ def test_an_engines_own_answer_scores_no_drop_and_a_corrupted_one_a_large_drop(
     assert own is not None and garbled is not None
     assert own > -1.0  # the tiny model was taught these answers
     assert own - garbled > 1.0
+    if "messages" in request_:  # the same conversation as a Responses API request scores alike
+        responses = {"instructions": None, "input": request_["messages"][0]["content"]}
+        with httpx.Client(timeout=60) as client:
+            same = answer_logprob(client, engine, responses, answer, tokens).value
+        assert same == pytest.approx(own, abs=1e-6)
     scorer = Scorer({"1": engine}, engine)
     pairs = [pair(request_, answer, tokens)]
     scorer.score(pairs)

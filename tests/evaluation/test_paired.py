@@ -259,6 +259,10 @@ def test_answer_measures():
     json_asked = {"response_format": {"type": "json_object"}}
     broken = score(json_asked, side(1, 1, 1, '{"a": 1}'), side(1, 1, 1, '{"a": 1'), policy)
     assert not broken.format_ok and broken.degraded
+    # The Responses API asks for JSON in text.format: the same verdict.
+    responses_json = {"input": "x", "text": {"format": {"type": "json_object"}}}
+    also = score(responses_json, side(1, 1, 1, '{"a": 1}'), side(1, 1, 1, '{"a": 1'), policy)
+    assert not also.format_ok and also.degraded
     refused = score({}, side(1, 1, 1, "Paris."), side(1, 1, 1, "I cannot answer that."), policy)
     assert refused.refusal and refused.degraded
     longer = score({}, side(1, 1, 1, "a b"), side(1, 1, 1, "a b " + "c " * 10), policy)

@@ -146,9 +146,15 @@ def run_gateway(home) -> Callable:
 
 
 async def post_many(
-    url: str, key: str, bodies: list[dict], *, headers: dict | None = None, concurrency: int = 32
+    url: str,
+    key: str,
+    bodies: list[dict],
+    *,
+    headers: dict | None = None,
+    concurrency: int = 32,
+    path: str = "/v1/chat/completions",
 ) -> list[tuple[int, dict, bytes]]:
-    """POST the bodies to chat completions, `concurrency` at a time: (status, headers, body)."""
+    """POST the bodies to `path`, `concurrency` at a time: (status, headers, body)."""
     gate = asyncio.Semaphore(concurrency)
     sent = {"Authorization": f"Bearer {key}", **(headers or {})}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
@@ -156,7 +162,7 @@ async def post_many(
         async def one(body: dict) -> tuple[int, dict, bytes]:
             async with (
                 gate,
-                session.post(url + "/v1/chat/completions", json=body, headers=sent) as r,
+                session.post(url + path, json=body, headers=sent) as r,
             ):
                 return r.status, dict(r.headers), await r.read()
 

@@ -243,3 +243,29 @@ def test_a_copy_is_timed_from_its_send_not_from_when_the_gateway_made_it():
         timed, since_made = asyncio.run(main())
     assert since_made >= 0.35  # the wait and the answer
     assert 0.05 <= timed < 0.25  # the answer alone
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_responses_requests_are_mirrored_and_paired_by_their_output_text(
+    mock, keys, run_gateway, stream
+):
+    upstream, url = mock
+    upstream.faults["served-2"] = Fault(word="z")
+    with run_gateway(mirrored(url, keys)) as base:
+        bodies = [
+            {"model": MODEL, "input": f"question {i}", "max_output_tokens": 3, "stream": stream}
+            for i in range(6)
+        ]
+        answers = asyncio.run(
+            post_many(base, keys.key("alice"), bodies, concurrency=3, path="/v1/responses")
+        )
+        found = settled(base, keys, 6)
+    assert [s for s, _, _ in answers] == [200] * 6
+    assert all(b"z0" not in body for _, _, body in answers)
+    pairs = found["2"]["pairs"]["pairs"]
+    assert len(pairs) == 6 and found["2"]["shadow"]["requests"] == 6
+    for pair in pairs:
+        assert pair["stable"]["text"].split() == ["w0", "w1", "w2"]
+        assert pair["canary"]["text"].split() == ["z0", "z1", "z2"]
+        assert pair["stable"]["finish_reason"] == pair["canary"]["finish_reason"] == "stop"
+        assert pair["request"]["input"].startswith("question ")

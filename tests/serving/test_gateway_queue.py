@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 
 import aiohttp
 import httpx
@@ -16,7 +17,7 @@ import pytest
 from configs.gateway import QueueSpec, Tenant
 from evaluation.benchmarks.mock_upstream import MockUpstream, serve
 from serving.gateway.exchange import Exchange
-from serving.gateway.queue import FairQueue, give_slot, take_slot
+from serving.gateway.queue import FairQueue, give_slot, take_now, take_slot
 from serving.gateway.usage import read_usage
 from tests.serving.conftest import MODEL, backend, chat
 
@@ -202,9 +203,7 @@ class _Full:
 
     def __init__(self) -> None:
         self.inflight, self.max_concurrency, self.waiting = 1, 1, FairQueue()
-
-    def has_room(self) -> bool:
-        return self.inflight < self.max_concurrency and not self.waiting.live
+        self.by_tier = Counter({"default": 1})
 
 
 async def _forever() -> dict:
@@ -231,13 +230,83 @@ def test_a_request_cancelled_while_it_waits_leaves_no_place_and_no_slot_behind(s
         await asyncio.sleep(0.01)
         assert backend.waiting.live == 2
         if slot_handed_first:
-            give_slot(backend)  # the slot goes to the first waiter, which is cancelled at once
+            give_slot(
+                backend, queue, "default"
+            )  # the slot goes to the first waiter, which is cancelled at once
         first.cancel()
         await asyncio.gather(first, return_exceptions=True)
         await asyncio.sleep(0.01)
         if not slot_handed_first:
-            give_slot(backend)  # the request in flight is done: its slot is the second's
+            give_slot(
+                backend, queue, "default"
+            )  # the request in flight is done: its slot is the second's
         await asyncio.wait_for(second, 1)
         return backend.inflight, backend.waiting.live, first.cancelled()
 
     assert asyncio.run(go()) == (1, 0, True)
+
+
+def _backend(slots: int):
+    from configs.gateway import BackendSpec, BreakerSpec
+    from serving.gateway.routing import Backend
+
+    spec = BackendSpec.model_validate(backend("http://127.0.0.1:9", "1", max_concurrency=slots))
+    return Backend(MODEL, spec, BreakerSpec(), 16)
+
+
+def _of(tier: str, name: str = "t"):
+    exchange = Exchange("chat", name)
+    exchange.tenant = Tenant(name=name, tier=tier)
+    return exchange
+
+
+def test_a_reserved_share_is_lent_while_idle_and_kept_while_its_tier_is_active():
+    """enterprise keeps half of 4 slots: while it sends nothing, batch may use all 4; once it has
+    a request in flight, batch gets no more than it leaves (4 - its 2), and freed slots go to
+    enterprise first while it holds fewer than 2, though batch waited longer at a higher
+    priority."""
+    queue = QueueSpec(
+        max_waiting=10,
+        tiers={"enterprise": {"reserved_share": 0.5}, "batch": {"priority": 5}},
+        default={"max_wait_s": 30},
+    )
+
+    async def go() -> None:
+        b = _backend(4)
+        assert all(take_now(b, queue, "batch") for _ in range(4))  # lent: enterprise is idle
+        assert not take_now(b, queue, "batch")
+        batch = asyncio.ensure_future(take_slot(b, _of("batch", "b"), queue, "v1", _forever))
+        await asyncio.sleep(0.01)
+        ent = [
+            asyncio.ensure_future(take_slot(b, _of("enterprise", f"e{i}"), queue, "v1", _forever))
+            for i in range(2)
+        ]
+        await asyncio.sleep(0.01)
+        give_slot(b, queue, "batch")  # goes to enterprise, below its share, not to batch
+        await asyncio.sleep(0.01)
+        assert ent[0].done() and not batch.done() and b.by_tier["enterprise"] == 1
+        give_slot(b, queue, "batch")
+        await asyncio.sleep(0.01)
+        assert ent[1].done() and not batch.done() and b.by_tier["enterprise"] == 2
+        # enterprise holds its share: a freed slot may now go to batch.
+        give_slot(b, queue, "batch")
+        await asyncio.sleep(0.01)
+        assert batch.done() and dict(b.by_tier) == {"batch": 2, "enterprise": 2}
+        # Enterprise down to one in flight: it still keeps one slot free from batch.
+        give_slot(b, queue, "enterprise")
+        assert b.inflight == 3 and not take_now(b, queue, "batch")
+        assert take_now(b, queue, "enterprise")  # its own share
+        # Enterprise idle again: its share is lent.
+        give_slot(b, queue, "enterprise")
+        give_slot(b, queue, "enterprise")
+        assert take_now(b, queue, "batch") and take_now(b, queue, "batch")
+        assert b.inflight == 4 and b.by_tier["batch"] == 4
+
+    asyncio.run(go())
+
+
+def test_reserved_shares_beyond_every_slot_or_on_the_default_tier_are_refused():
+    with pytest.raises(ValueError, match="reserve more than every slot"):
+        QueueSpec(tiers={"a": {"reserved_share": 0.6}, "b": {"reserved_share": 0.5}})
+    with pytest.raises(ValueError, match="only a named tier may reserve"):
+        QueueSpec(default={"reserved_share": 0.2})
