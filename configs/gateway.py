@@ -21,6 +21,12 @@ _STATE_SCHEMES = ("sqlite:///", "postgresql://", "postgres://", "redis://", "red
 
 Audience = Literal["everyone", "opted_in"]
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+# The bounds of the gateway's latency histograms (/metrics), in seconds: a loopback mock
+# (sub-ms) up to long generations. SLO latency targets must be one of them (configs/slo.py).
+LATENCY_BUCKETS = (
+    *(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75),
+    *(1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0, 120.0),
+)
 
 
 def _base_url(value: str) -> str:

@@ -9,39 +9,12 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
+from configs.gateway import LATENCY_BUCKETS
 from configs.home import REPO
 from configs.loader import Strict, load_yaml
 
 DEFAULT_SLO = REPO / "configs" / "slo.yaml"
 
-# The bounds of the gateway's latency histograms (LATENCY_BUCKETS in serving/gateway/stats.py),
-# repeated because configs imports nothing above itself; a test keeps the two equal.
-TTFT_BUCKETS_S = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.075,
-    0.1,
-    0.15,
-    0.2,
-    0.3,
-    0.5,
-    0.75,
-    1.0,
-    1.5,
-    2.0,
-    3.0,
-    5.0,
-    7.5,
-    10.0,
-    20.0,
-    30.0,
-    60.0,
-    120.0,
-)
 # The slow burn-rate alert looks back 3 days: a shorter window would be spent before it fires.
 MIN_WINDOW_DAYS = 7
 _WINDOW = re.compile(r"^([1-9][0-9]*)d$")
@@ -59,8 +32,8 @@ class Latency(Strict):
     @field_validator("ttft_s")
     @classmethod
     def _a_bound(cls, v: float) -> float:
-        if v not in TTFT_BUCKETS_S:
-            bounds = ", ".join(f"{b:g}" for b in TTFT_BUCKETS_S)
+        if v not in LATENCY_BUCKETS:
+            bounds = ", ".join(f"{b:g}" for b in LATENCY_BUCKETS)
             raise ValueError(
                 f"{v:g} s is not a bound of the gateway's TTFT histogram, so the requests under "
                 f"it cannot be counted; use one of {bounds}"

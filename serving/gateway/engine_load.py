@@ -18,7 +18,7 @@ import time
 
 import aiohttp
 
-from serving.gateway.background import stop
+from serving.gateway.background import EnginePoll
 from serving.gateway.routing import CurrentTable, Replica
 
 log = logging.getLogger("serving.gateway")
@@ -46,34 +46,22 @@ def read_into(replica: Replica, metrics_text: str) -> bool:
     return True
 
 
-class EngineLoad:
+class EngineLoad(EnginePoll):
     """The background task that reads every replica; off when `interval_s` is 0."""
 
+    name = "engine-load"
+
     def __init__(self, current: CurrentTable, interval_s: float) -> None:
+        super().__init__(interval_s, timeout_s=max(interval_s, 1.0))
         self.current = current
-        self.interval_s = interval_s
-        self._session: aiohttp.ClientSession | None = None
-        self._task: asyncio.Task | None = None
         self._not_vllm: set[str] = set()
 
     async def open(self) -> None:
-        if not self.interval_s:
-            return
-        timeout = aiohttp.ClientTimeout(total=max(self.interval_s, 1.0))
-        self._session = aiohttp.ClientSession(timeout=timeout)
-        self._task = asyncio.create_task(self._run(), name="engine-load")
+        if self.interval_s:
+            await super().open()
 
-    async def close(self) -> None:
-        task, self._task = self._task, None
-        await stop(task)
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    async def _run(self) -> None:
-        while True:
-            await self.read_all()
-            await asyncio.sleep(self.interval_s)
+    async def tick(self) -> None:
+        await self.read_all()
 
     async def read_all(self) -> None:
         """One tick: read every replica of every route once, at the same time."""

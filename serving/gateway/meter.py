@@ -17,7 +17,7 @@ import time
 
 import aiohttp
 
-from serving.gateway.background import stop
+from serving.gateway.background import EnginePoll
 from serving.gateway.engine_load import summed
 from serving.gateway.routing import CurrentTable
 from serving.gateway.usage import METER, Row, UsageLog
@@ -36,36 +36,19 @@ def token_counters(metrics_text: str) -> tuple[int, int] | None:
     return int(prompt), int(generation)
 
 
-class Meter:
+class Meter(EnginePoll):
     """The background task that takes the readings and writes them through the usage log."""
 
+    name = "engine-meter"
+
     def __init__(self, current: CurrentTable, usage: UsageLog, interval_s: float) -> None:
+        super().__init__(interval_s, timeout_s=min(interval_s, 10.0))
         self.current = current
         self.usage = usage
-        self.interval_s = interval_s
-        self._session: aiohttp.ClientSession | None = None
-        self._task: asyncio.Task | None = None
         self._not_vllm: set[str] = set()
 
-    async def open(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=min(self.interval_s, 10.0))
-        self._session = aiohttp.ClientSession(timeout=timeout)
-        self._task = asyncio.create_task(self._run(), name="engine-meter")
-
-    async def close(self) -> None:
-        task, self._task = self._task, None
-        await stop(task)
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.read_all()
-            except Exception as e:  # a database hiccup must not end the readings for good
-                log.error("engine meter: could not record a reading: %s", e)
-            await asyncio.sleep(self.interval_s)
+    async def tick(self) -> list[Row]:
+        return await self.read_all()
 
     async def read_all(self) -> list[Row]:
         """One tick: read every backend once, write and return the readings."""

@@ -15,33 +15,7 @@ import time
 from bisect import bisect_left
 from typing import Any
 
-# Seconds. Covers a loopback mock (sub-ms) up to long generations.
-LATENCY_BUCKETS = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.075,
-    0.1,
-    0.15,
-    0.2,
-    0.3,
-    0.5,
-    0.75,
-    1.0,
-    1.5,
-    2.0,
-    3.0,
-    5.0,
-    7.5,
-    10.0,
-    20.0,
-    30.0,
-    60.0,
-    120.0,
-)
+from configs.gateway import LATENCY_BUCKETS
 
 
 class Reservoir:

@@ -19,12 +19,11 @@ from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 from configs.loader import ConfigError
-from configs.slo import TTFT_BUCKETS_S, SloConfig, load_slo_config
+from configs.slo import SloConfig, load_slo_config
 from evaluation.benchmarks.mock_upstream import Fault, MockUpstream, serve
 from evaluation.monitoring.slo import rule_file, write_rules
 from flows.cli import cli
 from serving.gateway.app import build_app
-from serving.gateway.stats import LATENCY_BUCKETS
 from tests.serving.conftest import MODEL, Secrets, backend, chat, post_many
 
 FAST, SLOW, TICKET = "SloErrorBudgetBurnFast", "SloErrorBudgetBurnSlow", "SloErrorBudgetBurnTicket"
@@ -228,10 +227,6 @@ def test_a_bad_config_names_its_field(tmp_path, text, field, why):
     assert re.search(rf"^  {re.escape(field)}: .*{re.escape(why)}", str(raised.value), re.M), str(
         raised.value
     )
-
-
-def test_ttft_bounds_are_the_gateways_histogram_bounds():
-    assert TTFT_BUCKETS_S == LATENCY_BUCKETS
 
 
 _SELECTOR = re.compile(r"(slipway_gateway_\w+)\{([^}]*)\}")
