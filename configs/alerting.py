@@ -115,6 +115,13 @@ class IncidentPolicy(Strict):
         description="after the runbook acted on a model, it only records further alerts on it "
         "for this long (the burn's windows take a while to recover)",
     )
+    shed_s: float = Field(
+        900.0,
+        gt=0,
+        le=86400,
+        description="how long a shed tier's requests are refused (503 + Retry-After); "
+        "`POST /admin/tiers/{tier}/restore` ends it sooner",
+    )
     shed_tiers: tuple[str, ...] = Field(
         ("batch",), description="the tiers that may be shed, lowest first; others never are"
     )

@@ -27,7 +27,6 @@ from configs.home import Home
 from flows.revert import revert
 from tasks.gateway_admin import GatewayAdmin
 from tasks.incident import (
-    NO_SHED_OPERATION,
     Alert,
     Decision,
     IncidentRecord,
@@ -95,9 +94,10 @@ def act_task(
     registry: Registry,
     gateway_url: str | None,
     previous_url: str | None,
+    shed_s: float,
 ) -> tuple[str, str]:
     """Carry the decision out and check it took; (outcome, detail). Outcomes: done, refused (the
-    revert's own checks said no; nothing moved), recorded (shed, hold, none: nothing applied)."""
+    revert's own checks said no; nothing moved), recorded (hold, none: nothing applied)."""
     if decision.action == "rollback":
         assert decision.model is not None
         withdrawn = roll_back_by_hand(home, decision.model, _reason(alert), gateway_url)
@@ -126,23 +126,29 @@ def act_task(
             )
         return "done", f"v{previous} is champion again and served alone; v{current} withdrawn"
     if decision.action == "shed":
+        assert decision.tier is not None
+        admin.shed_tier(decision.tier, shed_s, _reason(alert))
+        shed = {s["tier"]: s for s in admin.call("GET", "/admin/tiers")["sheds"]}
+        if not shed.get(decision.tier, {}).get("active"):
+            return "failed", f"tier '{decision.tier}' is not shed after the request"
         tenants = ", ".join(decision.tenants)
-        return (
-            "recorded",
-            f"would shed tier '{decision.tier}' (tenants {tenants}); {NO_SHED_OPERATION}",
+        return "done", (
+            f"shed tier '{decision.tier}' (tenants {tenants}) for {shed_s:g} s: its requests "
+            "get 503 + Retry-After on every gateway instance"
         )
     return "recorded", "nothing applied"
 
 
-def _audit_since(admin: GatewayAdmin, model: str | None, since: float) -> list[dict[str, Any]]:
-    """The gateway's audit entries for `model`'s route since `since` (Unix seconds)."""
-    if model is None:
-        return []
-    entries = admin.call("GET", "/admin/audit", params={"action": "route.", "limit": "100"})
+def _audit_since(admin: GatewayAdmin, decision: Decision, since: float) -> list[dict[str, Any]]:
+    """The gateway's audit entries since `since` (Unix seconds) for what the runbook acted on:
+    the model's route, or the tier it shed."""
+    wanted = {("route.", decision.model), ("tier.", decision.tier)}
+    entries = admin.call("GET", "/admin/audit", params={"limit": "200"})
     return [
         {k: e.get(k) for k in ("time", "actor", "action", "target", "request_id")}
         for e in entries["records"]
-        if e["target"] == model and e["time"] >= since
+        if e["time"] >= since
+        and any(e["action"].startswith(a) and e["target"] == t for a, t in wanted if t)
     ]
 
 
@@ -184,14 +190,14 @@ def incident(
     since = time.time()
     try:
         record.outcome, record.detail = act_task(
-            decision, parsed, home, admin, registry, gateway_url, previous_url
+            decision, parsed, home, admin, registry, gateway_url, previous_url, policy.shed_s
         )
     except BaseException as e:
         record.outcome, record.detail = "failed", f"{type(e).__name__}: {e}"
         raise
     finally:
         record.now(f"outcome: {record.outcome}: {record.detail}")
-        record.evidence["audit"] = _audit_since(admin, decision.model, since - 1)
+        record.evidence["audit"] = _audit_since(admin, decision, since - 1)
         run_id = record.write(
             registry, {"event_id": event_id, "flow_run_id": str(flow_run.get_id() or "")}
         )

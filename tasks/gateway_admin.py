@@ -77,6 +77,12 @@ class GatewayAdmin:
             body["mirror"] = mirror
         return self._call("POST", f"/admin/routes/{model}/weights", body)
 
+    def shed_tier(self, tier: str, seconds: float, reason: str) -> dict[str, Any]:
+        """Refuse `tier`'s requests (503 + Retry-After) for `seconds`, on every instance."""
+        return self._call(
+            "POST", f"/admin/tiers/{tier}/shed", {"seconds": seconds, "reason": reason}
+        )
+
     def stats(self, model: str, samples: bool = True) -> dict[str, Any]:
         return self._call("GET", f"/admin/stats/{model}", params={"samples": str(samples).lower()})
 

@@ -12,10 +12,9 @@ tenants and their tiers, the runbook's own recent actions) it picks one action:
   `previous` is registered: put `previous` back (the revert flow);
 - `hold`: the runbook acted on this model within `cooldown_s` (the burn's windows are still
   recovering from what it did): record only;
-- `shed`: otherwise, the lowest tier of `shed_tiers` that has tenants. The gateway has no
-  operation that sheds a tier (its admin API sets routes, weights, tenants and keys; nothing
-  refuses a tier's requests), so the runbook records the decision, applies nothing, and the
-  README's runbook says how a person sheds it;
+- `shed`: otherwise, the lowest tier of `shed_tiers` that has tenants: the gateway refuses its
+  requests (503 + Retry-After) for `shed_s`, on every instance, through its admin API (audited),
+  so the capacity goes to the other tiers;
 - `none`: a resolved alert, or one not in `act_on`.
 
 A gateway-wide alert (no `model` label) considers every routed model, in name order, and takes the
@@ -45,11 +44,6 @@ from tasks.servable import CHAMPION
 INCIDENTS = "slipway-incidents"  # the MLflow experiment: one run per incident the runbook handles
 PREVIOUS = "previous"
 REVERTED_FROM = "revert from"  # how a revert's promotion reason begins (flows/revert.py)
-NO_SHED_OPERATION = (
-    "not applied: the gateway has no operation that sheds a tier (its admin API sets routes, "
-    "weights, tenants and keys; none refuses a tier's requests), so nothing was changed and the "
-    "audit log has no entry for it; a person sheds it by hand (README: Incidents)"
-)
 
 Action = Literal["rollback", "revert", "shed", "hold", "none"]
 
@@ -153,7 +147,6 @@ class Decision:
     versions: tuple[str, ...] = ()  # rollback: the canaries; revert: (champion, previous)
     tier: str | None = None
     tenants: tuple[str, ...] = ()
-    automated: bool = True  # whether the runbook carries it out (shed: no gateway operation)
 
 
 def _failed_over_to(model: ModelState, canary: BackendState) -> bool:
@@ -246,7 +239,6 @@ def decide(alert: Alert, state: State, policy: IncidentPolicy) -> Decision:
                 alert.model,
                 tier=tier,
                 tenants=tuple(sorted(tenants)),
-                automated=False,
             )
     return Decision(
         "hold",

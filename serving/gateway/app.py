@@ -173,6 +173,9 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
             Route("/admin/keys/{key}/revoke", tenants.revoke_key, methods=["POST"]),
             Route("/admin/keys/{key}/rotate", tenants.rotate_key, methods=["POST"]),
             Route("/admin/keys/{key}/expire", tenants.expire_key, methods=["POST"]),
+            Route("/admin/tiers", tenants.list_sheds, methods=["GET"]),
+            Route("/admin/tiers/{tier}/shed", tenants.shed_tier, methods=["POST"]),
+            Route("/admin/tiers/{tier}/restore", tenants.restore_tier, methods=["POST"]),
             Route("/admin/audit", tenants.read_audit, methods=["GET"]),
         ],
         middleware=[

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
-from collections.abc import Sequence
-from typing import Protocol
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from configs.gateway import AdminSpec, Tenant
-from serving.gateway.errors import Forbidden, Unauthorized
+from serving.gateway.errors import Forbidden, Unauthorized, Unavailable
 from serving.gateway.oidc import OIDCVerifier, looks_like_jwt
 
 PUBLIC = frozenset({"/health", "/ready", "/metrics"})  # load balancers and Prometheus probe them
@@ -64,6 +66,13 @@ class Tenants(Protocol):
 
     def tenant_named(self, name: str) -> Tenant:
         """The tenant an identity token names, else Unauthorized."""
+
+    @property
+    def sheds(self) -> Mapping[str, Any]:
+        """Tiers shed (or once shed), by name: empty on the common path."""
+
+    def shed(self, tier: str) -> Any:
+        """The tier's shedding while it lasts (until, reason), else None."""
 
 
 _ROLLOUT_PATHS = ("/admin/routes", "/admin/stats")
@@ -141,6 +150,8 @@ class AuthMiddleware:
             scope["slipway.tenant"] = tenant  # what the endpoints may show this tenant
             if exchange is not None:
                 exchange.tenant = tenant
+            if self.tenants.sheds and (shed := self.tenants.shed(tenant.tier)) is not None:
+                raise _shed(tenant.tier, shed)
         await self.app(scope, receive, send)
 
     def _tenant(self, token: bytes | None) -> Tenant:
@@ -150,3 +161,13 @@ class AuthMiddleware:
         if self.oidc is not None and looks_like_jwt(token):
             return self.tenants.tenant_named(self.oidc.tenant_name(token))
         return self.tenants.tenant_for(hashlib.sha256(token).hexdigest())
+
+
+def _shed(tier: str, shed: Any) -> Unavailable:
+    wait = max(1, math.ceil(shed.until - time.time()))
+    return Unavailable(
+        f"requests of tier '{tier}' are shed for {wait} s more ({shed.reason}): capacity is kept "
+        "for other tiers while an incident lasts; retry after that",
+        code="tier_shed",
+        retry_after=wait,
+    )

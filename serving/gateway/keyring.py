@@ -2,8 +2,9 @@
 within one poll and a restart keeps it.
 
 Records: namespace "tenants", key the tenant's name, value its settings (configs.gateway.Tenant
-without the name); namespace "keys", key the key's id, value {tenant, sha256, created_at,
-expires_at, revoked_at} (times in Unix seconds, None where unset). A key's secret is shown once,
+without the name), and key "tier:<tier>" for a tier shed until a time {until, reason, by};
+namespace "keys", key the key's id, value {tenant, sha256, created_at, expires_at, revoked_at}
+(times in Unix seconds, None where unset). A key's secret is shown once,
 when it is issued; only its sha256 is stored. The config's tenants and keys are added at start
 where the store does not hold them (a tenant by name, a key by hash: `make up`'s fresh demo key
 after a restore, say); what the store holds is the truth, so a key revoked by the admin API stays
@@ -43,7 +44,23 @@ from serving.gateway.state.store import Conflict, Snapshot, StateError, StateSto
 log = logging.getLogger("serving.gateway")
 
 TENANTS, KEYS = "tenants", "keys"
+# A shed tier is a record of the tenants namespace under this prefix (no tenant name has a ':'),
+# so every instance reads it in the same poll as the tenants.
+SHED = "tier:"
 _TRIES = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Shed:
+    """A tier whose requests are refused (503) until `until` (Unix seconds)."""
+
+    tier: str
+    until: float
+    reason: str
+    by: str
+
+    def public(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +117,7 @@ class Keyring:
         self._interval = poll_interval_s
         self._clock = clock
         self.tenants: Mapping[str, Tenant] = {}
+        self.sheds: Mapping[str, Shed] = {}  # by tier, those ended included
         self.keys: Mapping[str, Key] = {}  # by id
         self._by_hash: Mapping[str, Key] = {}
         self._seen = (-1, -1)  # the (tenants, keys) versions last applied
@@ -131,6 +149,11 @@ class Keyring:
                 code="invalid_token",
             )
         return tenant
+
+    def shed(self, tier: str) -> Shed | None:
+        """The tier's shedding, while it lasts."""
+        shed = self.sheds.get(tier)
+        return shed if shed is not None and shed.until > self._clock() else None
 
     def holds(self, digest: str) -> bool:
         """Whether `digest` is a tenant key's (valid or not): such a token is not an admin's."""
@@ -193,6 +216,12 @@ class Keyring:
             self.tenants = {
                 name: Tenant.model_validate({**r.value, "name": name})
                 for name, r in tenants.records.items()
+                if not name.startswith(SHED)
+            }
+            self.sheds = {
+                name[len(SHED) :]: Shed(tier=name[len(SHED) :], **r.value)
+                for name, r in tenants.records.items()
+                if name.startswith(SHED)
             }
             self.keys = {kid: Key(**r.value) for kid, r in keys.records.items()}
         except (ValidationError, TypeError) as e:
@@ -250,6 +279,18 @@ class Keyring:
                 Tenant.model_validate({**record.value, "name": tenant.name}) if record else None
             ]
             return {tenant.name: _tenant_record(tenant)}
+
+        await self._change(TENANTS, edit)
+        return had[0]
+
+    async def set_shed(self, tier: str, until: float, reason: str, by: str) -> Shed | None:
+        """Shed `tier` until `until` (a time already past restores it); the shedding it had."""
+        had: list[Shed | None] = []
+
+        def edit(snapshot: Snapshot) -> dict[str, dict]:
+            record = snapshot.records.get(SHED + tier)
+            had[:] = [Shed(tier=tier, **record.value) if record else None]
+            return {SHED + tier: {"until": until, "reason": reason, "by": by}}
 
         await self._change(TENANTS, edit)
         return had[0]

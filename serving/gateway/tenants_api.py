@@ -10,6 +10,10 @@
   POST /admin/keys/{id}/rotate            {"overlap_s": 3600}: a new key; the old one is valid
                                           for overlap_s more seconds
   POST /admin/keys/{id}/expire            {"expires_at": <unix s>}
+  GET  /admin/tiers                       tiers shed now or before: {tier, until, reason, by}
+  POST /admin/tiers/{tier}/shed           {"seconds": 900, "reason": "..."}: the tier's requests
+                                          get 503 + Retry-After until then, on every instance
+  POST /admin/tiers/{tier}/restore        {"reason": "..."}: served again at once
   GET  /admin/audit?limit=&action=&actor= the audit log, oldest first
 
 Every change is written to the state store (every instance applies it within one poll) and then
@@ -18,6 +22,7 @@ to the audit log with its admin, before and after.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import Field
@@ -31,6 +36,8 @@ from serving.gateway.admin import json_response, payload
 from serving.gateway.audit import AuditLog
 from serving.gateway.errors import BadRequest
 from serving.gateway.keyring import Issued, Keyring
+
+_TIER = re.compile(r"^[\w.-]+$")  # as configs.gateway.Tenant spells a tier
 
 
 class TenantUpdate(Tenant):
@@ -49,6 +56,15 @@ class Rotation(Strict):
 
 class Expiry(Strict):
     expires_at: float = Field(description="Unix seconds")
+
+
+class Shedding(Strict):
+    seconds: float = Field(gt=0, le=7 * 86400, description="how long the tier is shed")
+    reason: str = Field(min_length=1, max_length=500, description="why, as clients are told")
+
+
+class Restoring(Strict):
+    reason: str = Field("restored", min_length=1, max_length=500)
 
 
 def _issued(issued: Issued) -> dict[str, Any]:
@@ -124,6 +140,31 @@ class TenantsAPI:
         before, after = await self.keyring.update_key(key_id, expires_at=asked.expires_at)
         await self.audit.record_for(request, "key.expire", key_id, before.public(), after.public())
         return json_response(after.public())
+
+    async def list_sheds(self, request: Request) -> Response:
+        now = self.keyring.now()
+        sheds = [{**s.public(), "active": s.until > now} for s in self.keyring.sheds.values()]
+        return json_response({"sheds": sorted(sheds, key=lambda s: s["tier"])})
+
+    async def shed_tier(self, request: Request) -> Response:
+        asked = await payload(request, Shedding)
+        until = self.keyring.now() + asked.seconds
+        return await self._set_shed(request, "tier.shed", until, asked.reason)
+
+    async def restore_tier(self, request: Request) -> Response:
+        asked = await payload(request, Restoring, empty_ok=True)
+        return await self._set_shed(request, "tier.restore", self.keyring.now(), asked.reason)
+
+    async def _set_shed(self, request: Request, action: str, until: float, reason: str) -> Response:
+        tier = request.path_params["tier"]
+        if not _TIER.match(tier):
+            raise BadRequest(f"'{tier}' is not a tier name (letters, digits, . _ -)", param="tier")
+        admin = request.scope.get("slipway.admin")
+        by = admin.id if admin else "unknown"
+        before = await self.keyring.set_shed(tier, until, reason, by)
+        after = {"tier": tier, "until": until, "reason": reason, "by": by}
+        await self.audit.record_for(request, action, tier, before and before.public(), after)
+        return json_response(after)
 
     async def read_audit(self, request: Request) -> Response:
         query = request.query_params

@@ -80,6 +80,43 @@ def test_a_key_issued_on_one_instance_works_on_the_other_and_revoking_it_stops_b
     assert completion(a, keys.key("alice")) == 200  # the seeded tenant is untouched
 
 
+def test_a_shed_tier_is_refused_on_both_instances_until_restored_and_the_audit_says_who(
+    two_gateways, keys
+):
+    a, b, _ = two_gateways
+    admin = bearer(keys.admin)
+    for name, tier in (("bulk", "batch"), ("acme", "enterprise")):
+        assert httpx.put(f"{a}/admin/tenants/{name}", json={"tier": tier}, headers=admin).is_success
+    bulk = httpx.post(f"{a}/admin/tenants/bulk/keys", headers=admin).json()["key"]
+    acme = httpx.post(f"{a}/admin/tenants/acme/keys", headers=admin).json()["key"]
+    status_within(lambda: completion(b, bulk), 200)
+
+    shed = {"seconds": 600, "reason": "incident: fast burn"}
+    r = httpx.post(f"{a}/admin/tiers/batch/shed", json=shed, headers=admin)
+    assert r.status_code == 200 and r.json()["by"] == "admin", r.text
+    status_within(lambda: completion(b, bulk), 503)  # the other instance, within a poll
+    refused = httpx.post(f"{b}/v1/chat/completions", json=chat(), headers=bearer(bulk))
+    error = refused.json()["error"]
+    assert error["code"] == "tier_shed" and "incident: fast burn" in error["message"]
+    assert 590 <= int(refused.headers["retry-after"]) <= 600
+    assert completion(b, acme) == 200 and completion(a, keys.key("alice")) == 200
+    listed = httpx.get(f"{b}/admin/tiers", headers=admin).json()["sheds"]
+    assert [(s["tier"], s["active"]) for s in listed] == [("batch", True)]
+    assert "tier:batch" not in httpx.get(f"{b}/admin/tenants", headers=admin).text
+
+    assert httpx.post(f"{b}/admin/tiers/batch/restore", headers=admin).status_code == 200
+    status_within(lambda: completion(a, bulk), 200)
+    audit = httpx.get(f"{a}/admin/audit", params={"action": "tier."}, headers=admin).json()
+    assert [(e["action"], e["target"], e["actor"]) for e in audit["records"]] == [
+        ("tier.shed", "batch", "admin"),
+        ("tier.restore", "batch", "admin"),
+    ]
+    bad = httpx.post(
+        f"{a}/admin/tiers/batch/shed", json={"seconds": 0, "reason": ""}, headers=admin
+    )
+    assert bad.status_code == 400
+
+
 def test_a_rotated_key_overlaps_for_the_stated_time_then_only_the_new_one_works(two_gateways, keys):
     a, b, _ = two_gateways
     admin = bearer(keys.admin)

@@ -15,7 +15,6 @@ from configs.alerting import IncidentPolicy
 from evaluation.benchmarks.mock_upstream import serve
 from serving.stack.alert_webhook import BadNotification, build_app, events
 from tasks.incident import (
-    NO_SHED_OPERATION,
     Alert,
     BackendState,
     ModelState,
@@ -83,7 +82,7 @@ def state(*models: ModelState, tiers: dict | None = None) -> State:
 
 def test_a_canary_in_progress_is_rolled_back():
     d = decide(alert(), state(model(stable(weight=90), canary())), POLICY)
-    assert (d.action, d.model, d.versions, d.automated) == ("rollback", "m", ("3",), True)
+    assert (d.action, d.model, d.versions) == ("rollback", "m", ("3",))
 
 
 def test_every_canary_is_rolled_back_even_at_weight_zero():
@@ -134,12 +133,7 @@ def test_a_champion_burning_budget_after_a_promotion_is_reverted():
 )
 def test_a_champion_not_freshly_promoted_is_not_reverted_the_lowest_tier_is_shed(changes):
     d = decide(alert(), state(model(**changes)), POLICY)
-    assert (d.action, d.tier, d.tenants, d.automated) == (
-        "shed",
-        "batch",
-        ("hooli", "initech"),
-        False,
-    )
+    assert (d.action, d.tier, d.tenants) == ("shed", "batch", ("hooli", "initech"))
 
 
 def test_shedding_takes_the_first_tier_with_tenants_and_never_one_not_named():
@@ -190,7 +184,6 @@ def test_alert_times_as_alertmanager_writes_them():
     assert parse_time(a.starts_at) == datetime(2026, 3, 1, 11, 58, 0, 123456, tzinfo=UTC)
     assert parse_time("0001-01-01T00:00:00Z") is None
     assert a.key == "abc123@2026-03-01T11:58:00.123456789Z" and a.model == "m"
-    assert "no operation that sheds a tier" in NO_SHED_OPERATION
 
 
 NOTIFICATION = {
