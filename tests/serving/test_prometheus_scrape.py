@@ -251,6 +251,15 @@ def exact_checks(load: Load, span_s: float) -> dict[tuple[str, str], Callable[[S
     def cached_bytes(s: Series) -> None:
         assert one(s) > 0
 
+    def per_replica(value: float) -> Callable[[Series], None]:
+        # One server (the mock): idle once the load is over, its circuit closed; the mock keeps
+        # no prefix cache, so its readings are 0.
+        def check(s: Series) -> None:
+            assert by(s, "model", "version") == {(MODEL, "1"): value}, s
+            assert all(labels["replica"].startswith("http://127.0.0.1:") for labels, _ in s)
+
+        return check
+
     return {
         ("Requests / s per backend", "A"): requests,
         ("Error ratio per backend", "A"): errors,
@@ -272,6 +281,11 @@ def exact_checks(load: Load, span_s: float) -> dict[tuple[str, str], Callable[[S
         ("Usage log: pending and dropped", "B"): dropped,
         ("Response cache: hit ratio and bytes held", "A"): hit_ratio,
         ("Response cache: hit ratio and bytes held", "B"): cached_bytes,
+        ("Replicas: in flight, engine queue, circuit", "A"): per_replica(0),
+        ("Replicas: in flight, engine queue, circuit", "B"): per_replica(0),
+        ("Replicas: in flight, engine queue, circuit", "C"): per_replica(0),
+        ("Prefix cache per replica: prompt tokens looked up and found / s", "A"): per_replica(0),
+        ("Prefix cache per replica: prompt tokens looked up and found / s", "B"): per_replica(0),
     }
 
 
