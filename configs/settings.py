@@ -28,6 +28,14 @@ class Settings(BaseSettings):
     synthetic_key: SecretStr | None = Field(None, description="the synthetic-load tenant's key")
     # MLflow's own variable, so that Slipway and the mlflow CLI agree on the store.
     tracking_uri: str | None = Field(None, validation_alias="MLFLOW_TRACKING_URI")
+    artifact_root: str | None = Field(
+        None,
+        description="where MLflow keeps artifacts (the weights): an s3://bucket/prefix URI or a "
+        "local folder; unset: $SLIPWAY_HOME/mlflow/artifacts",
+    )
+    # MLflow's (and its boto3 client's) own variable: an S3-compatible endpoint such as MinIO;
+    # unset: AWS S3. Credentials come from the standard AWS chain, never from Slipway's settings.
+    s3_endpoint_url: str | None = Field(None, validation_alias="MLFLOW_S3_ENDPOINT_URL")
 
     @field_validator("hardware")
     @classmethod
@@ -43,6 +51,39 @@ class Settings(BaseSettings):
     @classmethod
     def _environment(cls, value: str | None) -> str | None:
         return value.strip() or None if value is not None else None
+
+    @field_validator("artifact_root")
+    @classmethod
+    def _artifact_root(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        scheme, sep, rest = value.strip().partition("://")
+        if not sep:  # a folder: absolute, as the MLflow server runs from another directory
+            return str(Path(value.strip()).expanduser().resolve())
+        if scheme == "s3" and not rest.split("/")[0]:
+            raise ValueError(f"SLIPWAY_ARTIFACT_ROOT={value!r}: expected s3://<bucket>[/prefix]")
+        return f"{scheme}://{rest.rstrip('/')}"
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _s3_endpoint_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(
+                f"MLFLOW_S3_ENDPOINT_URL={value!r}: expected http(s)://host[:port] (an S3 API)"
+            )
+        return value
+
+    def artifact_uri(self, default: Path) -> str:
+        """The artifact root as a URI MLflow takes: SLIPWAY_ARTIFACT_ROOT (a folder becomes a
+        file:// URI), else `default`."""
+        if self.artifact_root is None:
+            return default.as_uri()
+        if "://" in self.artifact_root:
+            return self.artifact_root
+        return Path(self.artifact_root).as_uri()
 
     def python(self, env: str) -> Path | None:
         return {"core": self.core_python, "quant": self.quant_python, "serve": self.serve_python}[

@@ -29,6 +29,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from configs.home import Home
+from configs.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,10 @@ class Registry:
         found = self.client.get_experiment_by_name(name)
         if found:
             return found.experiment_id
-        # A server decides where artifacts go (--artifacts-destination); a local store keeps them
-        # here.
-        location = None if self.uri.startswith("http") else self.home.artifact_root.as_uri()
+        # A server decides where artifacts go (--artifacts-destination, SLIPWAY_ARTIFACT_ROOT); a
+        # local store keeps them under SLIPWAY_ARTIFACT_ROOT (an s3:// URI: off the box), else here.
+        local = Settings().artifact_uri(self.home.artifact_root)
+        location = None if self.uri.startswith("http") else local
         try:
             return self.client.create_experiment(name, artifact_location=location)
         except MlflowException:  # created meanwhile by a concurrent run

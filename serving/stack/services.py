@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from configs.home import REPO, Home
+from configs.settings import Settings
 from serving.processes import (
     HOST,
     NotAnswering,
@@ -79,6 +80,9 @@ def ensure_service(
 def ensure_mlflow(
     home: Home, port: int, procs: list[Proc], say: Callable[[str], None]
 ) -> Callable[[], None]:
-    """The lean MLflow server, unless one answers on `port`; returns the wait until it answers."""
+    """The lean MLflow server, unless one answers on `port`; returns the wait until it answers.
+    Its artifacts go where SLIPWAY_ARTIFACT_ROOT says (checked here, before anything starts)."""
     command = [str(REPO / "mlflow" / "start.sh"), "--port", str(port)]
-    return ensure_service(home, "mlflow", command, port, "/health", procs, say, "MLflow:")
+    root = Settings().artifact_root
+    env = {"SLIPWAY_ARTIFACT_ROOT": root} if root else None
+    return ensure_service(home, "mlflow", command, port, "/health", procs, say, "MLflow:", env)
