@@ -176,7 +176,7 @@ def test_no_key_or_token_in_any_file_or_log_of_a_gateway_run(home, mock, tmp_pat
     version = release(home, MODEL, stand_in_model(tmp_path / "m", b"champion"))
     champion = version_of(Registry(home), MODEL, version)
     port = free_port()
-    config = write_gateway_config(home, [Backend(champion, url)], port)
+    config = write_gateway_config(home, [Backend(champion, (url,))], port)
     key, admin = home.demo_key.read_text().strip(), home.admin_token.read_text().strip()
     assert key_hash(key) in config.read_text() and key_hash(admin) in config.read_text()
     near = key[:-1] + ("A" if key[-1] != "A" else "B")  # one character off the real key
