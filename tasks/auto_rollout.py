@@ -22,29 +22,41 @@ NAME = "slipway-auto-rollout"
 ROLLOUT_DEPLOYMENT = "rollout/rollout"  # flow name / deployment name, as in prefect.yaml
 
 
-def automation(deployment_id: UUID) -> AutomationCore:
-    """Run the deployment, once per event, for each passed version registered."""
+def run_on_each(
+    name: str,
+    description: str,
+    event: str,
+    match: dict[str, str],
+    deployment_id: UUID,
+    parameters: dict[str, str],
+) -> AutomationCore:
+    """An automation that runs the deployment once for each `event` whose labels match, with
+    `parameters` rendered by the server from the event (Jinja)."""
     return AutomationCore(
-        name=NAME,
-        description="Roll out every newly registered model version whose evaluation passed.",
+        name=name,
+        description=description,
         trigger=EventTrigger(
-            expect={REGISTERED_EVENT},
-            match={"slipway.eval_status": "passed"},
-            posture=Posture.Reactive,
-            threshold=1,
-            within=0,
+            expect={event}, match=match, posture=Posture.Reactive, threshold=1, within=0
         ),
         actions=[
-            RunDeployment(
-                source="selected",
-                deployment_id=deployment_id,
-                # Rendered by the server from the event (Jinja); labels: registered_resource.
-                parameters={
-                    "model": "{{ event.resource['slipway.model'] }}",
-                    "candidate": "{{ event.resource['slipway.version'] }}",
-                },
-            )
+            RunDeployment(source="selected", deployment_id=deployment_id, parameters=parameters)
         ],
+    )
+
+
+def automation(deployment_id: UUID) -> AutomationCore:
+    """Run the deployment, once per event, for each passed version registered."""
+    return run_on_each(
+        NAME,
+        "Roll out every newly registered model version whose evaluation passed.",
+        REGISTERED_EVENT,
+        {"slipway.eval_status": "passed"},
+        deployment_id,
+        # Labels of the registered resource.
+        {
+            "model": "{{ event.resource['slipway.model'] }}",
+            "candidate": "{{ event.resource['slipway.version'] }}",
+        },
     )
 
 

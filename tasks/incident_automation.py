@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from uuid import UUID
 
-from prefect.automations import AutomationCore, EventTrigger, Posture, RunDeployment
+from prefect.automations import AutomationCore
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
+
+from tasks.auto_rollout import run_on_each
 
 FIRING = "slipway.alert.firing"
 PREFIX = "slipway-incident-"
@@ -19,27 +21,14 @@ RUNBOOK_DEPLOYMENT = "incident/incident"  # flow name / deployment name, as in p
 
 
 def automation(alertname: str, deployment_id: UUID) -> AutomationCore:
-    return AutomationCore(
-        name=f"{PREFIX}{alertname}",
-        description=f"Run the incident runbook for each {alertname} alert that fires.",
-        trigger=EventTrigger(
-            expect={FIRING},
-            match={"slipway.alertname": alertname},
-            posture=Posture.Reactive,
-            threshold=1,
-            within=0,
-        ),
-        actions=[
-            RunDeployment(
-                source="selected",
-                deployment_id=deployment_id,
-                # One expression: the server renders it as JSON, so the flow gets a dict.
-                parameters={
-                    "alert": "{{ event.payload.alert }}",
-                    "event_id": "{{ event.id | string }}",
-                },
-            )
-        ],
+    return run_on_each(
+        f"{PREFIX}{alertname}",
+        f"Run the incident runbook for each {alertname} alert that fires.",
+        FIRING,
+        {"slipway.alertname": alertname},
+        deployment_id,
+        # One expression: the server renders it as JSON, so the flow gets a dict.
+        {"alert": "{{ event.payload.alert }}", "event_id": "{{ event.id | string }}"},
     )
 
 
