@@ -81,9 +81,9 @@ def test_a_key_issued_on_one_instance_works_on_the_other_and_revoking_it_stops_b
 
 
 def test_a_shed_tier_is_refused_on_both_instances_until_restored_and_the_audit_says_who(
-    two_gateways, keys
+    two_gateways, keys, home
 ):
-    a, b, _ = two_gateways
+    a, b, config = two_gateways
     admin = bearer(keys.admin)
     for name, tier in (("bulk", "batch"), ("acme", "enterprise")):
         assert httpx.put(f"{a}/admin/tenants/{name}", json={"tier": tier}, headers=admin).is_success
@@ -103,6 +103,8 @@ def test_a_shed_tier_is_refused_on_both_instances_until_restored_and_the_audit_s
     listed = httpx.get(f"{b}/admin/tiers", headers=admin).json()["sheds"]
     assert [(s["tier"], s["active"]) for s in listed] == [("batch", True)]
     assert "tier:batch" not in httpx.get(f"{b}/admin/tenants", headers=admin).text
+    with serve(build_app(config, home)) as restarted:  # a fresh instance keeps it shed
+        assert completion(restarted, bulk) == 503 and completion(restarted, acme) == 200
 
     assert httpx.post(f"{b}/admin/tiers/batch/restore", headers=admin).status_code == 200
     status_within(lambda: completion(a, bulk), 200)
