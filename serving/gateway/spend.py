@@ -12,10 +12,10 @@ it has counted itself: instances that must share one budget exactly share Redis 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
 
-from serving.gateway.background import stop
 from serving.gateway.state.store import Conflict, StateError, StateStore
 
 log = logging.getLogger("serving.gateway")
@@ -41,6 +41,7 @@ class SpendBook:
         self._pending: Counter[str] = Counter()
         self._pending_nanos: Counter[str] = Counter()
         self._task: asyncio.Task | None = None
+        self._closing = asyncio.Event()
 
     async def open(self) -> None:
         snapshot = await self.store.read(SPEND)
@@ -58,8 +59,11 @@ class SpendBook:
         self._pending_nanos[key] += nanos
 
     async def _flushing(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
+        # Stopped by an event, never cancelled: a write cancelled while in flight may still commit,
+        # and its batch, still pending here, would be added again by the next flush.
+        while not self._closing.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self._interval)
             await self.flush()
 
     async def flush(self) -> None:
@@ -93,7 +97,9 @@ class SpendBook:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        await stop(task)
+        if task is not None:
+            self._closing.set()
+            await task
         for _ in range(_TRIES):  # other instances keep writing: one flush can lose every race
             await self.flush()
             if not self._pending:

@@ -236,3 +236,31 @@ def test_two_instances_adding_charges_to_one_store_lose_none(home):
         return total
 
     assert asyncio.run(run()) == 600
+
+
+def test_a_charge_whose_write_is_in_flight_at_shutdown_is_stored_once(home):
+    """The store commits a write and its caller is still waiting when the gateway shuts down:
+    cancelling the writer then would keep the batch pending and store it twice."""
+
+    async def run() -> int:
+        store = store_for(StateSpec(), home)
+        await store.open()
+        writing = asyncio.Event()
+        commit = store.write
+
+        async def slow_write(*args, **kwargs):
+            await commit(*args, **kwargs)
+            writing.set()
+            await asyncio.sleep(0.2)  # committed; the caller has not heard back yet
+
+        store.write = slow_write
+        book = SpendBook(store, interval_s=0.01)
+        await book.open()
+        book.add("alice", "2026-12", 5)
+        await writing.wait()
+        await book.close()
+        total = (await store.read(SPEND)).records["alice|2026-12"].value["tokens"]
+        await store.close()
+        return total
+
+    assert asyncio.run(run()) == 5
