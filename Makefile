@@ -92,8 +92,10 @@ cost: setup
 slo-rules: setup
 	$(SLIPWAY) slo rules $(if $(OUT),--out $(OUT))
 
-## up: MLflow :5000, Prefect :4200 (worker, deployments), a vLLM per verified champion, gateway :8000/v1
-## (ENV=staging: that environment's stack, ports and alias, after its parity report against prod)
+## up: MLflow :5000, Prefect :4200 (worker, deployments), Prometheus :9190, Alertmanager :9193, the
+## incident webhook :9095 and automations, a vLLM per verified champion, gateway :8000/v1
+## (ENV=staging: that environment's stack, ports and alias, after its parity report against prod;
+## SLIPWAY_MONITORING=required|off: no stack without Prometheus and Alertmanager | none of them)
 up: setup
 	$(SLIPWAY) up
 

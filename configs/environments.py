@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -74,10 +74,27 @@ class Stack(Strict):
     mlflow_port: int = may_differ(5000, "MLflow's port", ge=1, le=65535)
     prefect_port: int = may_differ(4200, "Prefect's port", ge=1, le=65535)
     gateway_port: int = may_differ(8000, "the gateway's port", ge=1, le=65535)
+    # Not Prometheus' and Alertmanager's own 9090 and 9093: Debian's packages start system
+    # services there, which `make up` would take for its own.
+    prometheus_port: int = may_differ(9190, "Prometheus' port", ge=1, le=65535)
+    alertmanager_port: int = may_differ(9193, "Alertmanager's port", ge=1, le=65535)
+    webhook_port: int = may_differ(9095, "the incident webhook's port", ge=1, le=65535)
+    monitoring: Literal["optional", "required", "off"] = may_differ(
+        "optional",
+        "Prometheus, Alertmanager, the incident webhook and automations: optional starts what is "
+        "installed and says what is not, required refuses to start without all of it",
+    )
 
     @model_validator(mode="after")
     def _distinct(self) -> Stack:
-        ports = [self.mlflow_port, self.prefect_port, self.gateway_port]
+        ports = [
+            self.mlflow_port,
+            self.prefect_port,
+            self.gateway_port,
+            self.prometheus_port,
+            self.alertmanager_port,
+            self.webhook_port,
+        ]
         if len(set(ports)) != len(ports):
             raise ValueError(f"the stack's ports must differ from each other, got {ports}")
         if self.home is not None and (

@@ -26,6 +26,7 @@ FAILED = 'code=~"5.."'
 ASKED = 'code!~"429|499"'
 
 RECORD = "slo:sli_error:ratio_rate{}"
+RULES = "slipway-slo.rules.yml"  # write_rules' file name
 WINDOWS = ("5m", "30m", "1h", "6h", "3d")
 _HOURS = {"5m": 5 / 60, "30m": 0.5, "1h": 1.0, "6h": 6.0, "3d": 72.0}
 
@@ -209,7 +210,7 @@ def rule_file(config: SloConfig, time_scale: float = 1.0) -> dict:
 
 def write_rules(config: SloConfig, out: Path, time_scale: float = 1.0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "slipway-slo.rules.yml"
+    path = out / RULES
     rules = rule_file(config, time_scale)
     path.write_text(yaml.safe_dump(rules, sort_keys=False, width=1000))
     return path

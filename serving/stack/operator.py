@@ -1,5 +1,6 @@
-"""`make up`, `make down`, `make status`: MLflow, Prefect (server, worker, deployments), one vLLM
-per verified champion, and the gateway in front.
+"""`make up`, `make down`, `make status`: MLflow, Prefect (server, worker, deployments), monitoring
+(Prometheus, Alertmanager, the incident webhook and automations: monitoring.py), one vLLM per
+verified champion, and the gateway in front.
 
 `up` migrates a home made before the model store, fetches a champion's files from MLflow's copy
 on a node that has none (verified before they are stored), serves each registered model's
@@ -22,6 +23,7 @@ from configs.home import Home
 from configs.models import Serving, serving_for
 from serving.processes import HOST, Proc, launch, members, read_state, state_path, stop, write_state
 from serving.stack.gateway_config import DEMO_TENANT, Backend, write_gateway_config
+from serving.stack.monitoring import MonitoringStack
 from serving.stack.prefect_server import PrefectStack
 from serving.stack.services import LEFT, REUSED, StackError, display, ensure_mlflow, wait_up
 from serving.stack.stored_routes import reconcile_routes
@@ -42,9 +44,11 @@ def up(
     configs: Path,
     say: Callable[[str], None],
     prefect: PrefectStack | None = None,
+    monitoring: MonitoringStack | None = None,
 ) -> None:
-    """MLflow, then (unless `prefect` is None) Prefect's server, worker and deployments, then vLLM
-    for each verified champion and the gateway in front."""
+    """MLflow, then (unless `prefect` is None) Prefect's server, worker and deployments and (unless
+    `monitoring` is None; it needs `prefect`'s server) Prometheus, Alertmanager, the incident
+    webhook and automations, then vLLM for each verified champion and the gateway in front."""
     procs = [p for p in read_state(home) if members(p)]
     if served := [p for p in procs if p.what not in REUSED]:
         # Idempotent, as `make demo` relies on: what runs stays as it is.
@@ -52,13 +56,19 @@ def up(
         say(f"The stack is already up ({listed}): `make status` shows it, `make down` stops it.")
         return
     write_state(home, procs)
-    waits = [ensure_mlflow(home, mlflow_port, procs, say)]
+    waits = []
+    if monitoring is not None:
+        # First: where monitoring is required and a binary missing, nothing has started yet.
+        waits += monitoring.start(home, gateway_port, procs, say)
+    waits.append(ensure_mlflow(home, mlflow_port, procs, say))
     if prefect is not None:
         waits.append(prefect.start_server(home, procs, say))
     for wait in waits:
         wait()
     if prefect is not None:
         prefect.start_worker_and_deploy(home, f"http://{HOST}:{mlflow_port}", procs, say)
+    if monitoring is not None:  # on the deployments just deployed
+        monitoring.apply_automations(say)
 
     for line in migrate(home):
         say(f"store:    {line}")

@@ -1,5 +1,6 @@
-"""The long-running services `make up` starts beside the models (MLflow, Prefect), each reused when
-something already answers on its port, and the shared wording of the stack's messages."""
+"""The long-running services `make up` starts beside the models (MLflow, Prefect, monitoring),
+each reused when something already answers on its port, and the shared wording of the stack's
+messages."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from serving.processes import (
 
 LEFT = "What already started keeps running: `make status` shows it, `make down` stops it."
 PREFECT_SERVER, PREFECT_WORKER = "prefect server", "prefect worker"
-REUSED = ("mlflow", PREFECT_SERVER, PREFECT_WORKER)  # a second `up` keeps these when they run
+PROMETHEUS, ALERTMANAGER, INCIDENT_WEBHOOK = "prometheus", "alertmanager", "incident webhook"
+# A second `up` keeps these when they run.
+REUSED = ("mlflow", PREFECT_SERVER, PREFECT_WORKER, PROMETHEUS, ALERTMANAGER, INCIDENT_WEBHOOK)
 
 
 class StackError(RuntimeError):

@@ -40,6 +40,19 @@ def test_the_shipped_environments_merge_their_overlay_over_the_base():
     assert staging.promotion.requires is None
 
 
+def test_the_shipped_stacks_can_run_side_by_side_on_ports_of_their_own():
+    stacks = [load_environment(n).stack for n in (None, *names())]
+    ports = [
+        port
+        for stack in stacks
+        for name, port in stack.model_dump().items()
+        if name.endswith("_port")
+    ]
+    assert len(ports) == 4 * 6 and len(set(ports)) == len(ports)
+    # Not the ports of the system services Debian's prometheus packages start (9090, 9093).
+    assert not {9090, 9093} & set(ports)
+
+
 def test_merge_goes_into_mappings_and_replaces_everything_else():
     base = {"a": {"x": 1, "y": [1, 2]}, "b": 2}
     assert merge(base, {"a": {"y": [3]}, "c": 4}) == {"a": {"x": 1, "y": [3]}, "b": 2, "c": 4}
@@ -53,6 +66,8 @@ def test_merge_goes_into_mappings_and_replaces_everything_else():
         ({"stack": {"gatway_port": 8400}}, "stack.gatway_port: Extra inputs are not permitted"),
         ({"stack": {"gateway_port": 70000}}, "stack.gateway_port: Input should be less than"),
         ({"stack": {"gateway_port": 4200}}, "the stack's ports must differ"),
+        ({"stack": {"webhook_port": 8000}}, "the stack's ports must differ"),
+        ({"stack": {"monitoring": "maybe"}}, "stack.monitoring: Input should be 'optional', 'req"),
         ({"serving": {"replicas": 0}}, "serving.replicas: Input should be greater than"),
         ({"serving": {"alias": "Prod Alias"}}, "serving.alias: String should match"),
         ({"promotion": {"requires": "qa"}}, "promotion.requires: no environment 'qa'"),
@@ -79,6 +94,10 @@ def test_parity_lists_exactly_the_differences_of_the_shipped_staging_and_prod():
         ("stack.mlflow_port", 5200, 5300, "may differ"),
         ("stack.prefect_port", 4400, 4500, "may differ"),
         ("stack.gateway_port", 8200, 8300, "may differ"),
+        ("stack.prometheus_port", 9390, 9490, "may differ"),
+        ("stack.alertmanager_port", 9393, 9493, "may differ"),
+        ("stack.webhook_port", 9295, 9395, "may differ"),
+        ("stack.monitoring", "optional", "required", "may differ"),
         ("promotion.requires", None, "staging", "may differ"),
     ]
     assert report.ok and report.lines()[-1] == "  every difference is allowed"
@@ -176,7 +195,7 @@ def test_up_in_an_environment_prints_its_parity_then_starts_its_own_stack(starte
     result = CliRunner().invoke(cli, ["up", "--no-prefect", "--environment", "staging"])
     assert result.exit_code == 0, result.output
     assert result.output.startswith("Parity of staging against prod (configs/environments/):\n")
-    assert "stack.gateway_port  8200 vs 8300  (may differ)" in result.output
+    assert "stack.gateway_port       8200 vs 8300  (may differ)" in result.output
     home = Home(tmp_path).of_environment("staging")
     assert started == [(home, 5200, 8200, REPO / "configs" / "models")]
     # An explicit port still wins; an unknown environment starts nothing.

@@ -1,7 +1,11 @@
 """The production profile end to end: `make up` (serving.stack.operator) with Prefect and MLflow
 both on PostgreSQL, set by one URL each, in fresh databases dropped afterwards. The deployments of
 prefect.yaml are registered with their schedules, the worker runs a small real flow that registers
-a model version over HTTP, and the rows land in PostgreSQL; `down` leaves no process behind."""
+a model version over HTTP, and the rows land in PostgreSQL. Monitoring comes up with it:
+Prometheus scrapes the gateway's port (a gateway the test serves there: with no champion `up`
+starts none) with the SLO rules loaded and sends to the stack's Alertmanager, which routes the
+runbook's alerts to the stack's incident webhook, whose events reach the stack's Prefect server,
+where the incident automations run the runbook's deployment. `down` leaves no process behind."""
 
 from __future__ import annotations
 
@@ -13,14 +17,23 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
+import httpx
 import psycopg2
 import pytest
 import yaml
 
 from configs.home import REPO, Home
+from configs.slo import load_slo_config
+from evaluation.benchmarks.mock_upstream import serve
+from evaluation.monitoring.alerting import INCIDENTS
+from evaluation.monitoring.slo import RULES, rule_file
+from serving.gateway.app import build_app
 from serving.processes import free_port, members, read_state
 from serving.stack.prefect_server import POOL
+from tasks import incident_automation
 from tasks.registry import REGISTERED_EVENT, Registry
+from tests.prometheus import binary
+from tests.serving.conftest import Secrets
 
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 PG_AT = "postgres@127.0.0.1:5432"
@@ -55,6 +68,14 @@ def databases() -> Iterator[tuple[str, str]]:
         admin.close()
 
 
+@pytest.fixture
+def gateway(home) -> Iterator[str]:
+    """A real gateway with no routes: what `up` serves on the gateway's port once a champion is
+    registered, here Prometheus' target."""
+    with serve(build_app(Secrets().config([]), home)) as url:
+        yield url
+
+
 def stack(home: Home, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "flows.cli", *args],
@@ -67,15 +88,86 @@ def stack(home: Home, env: dict[str, str], *args: str) -> subprocess.CompletedPr
     )
 
 
+def answer(url: str, path: str) -> dict:
+    """What a Prometheus or Alertmanager API answers (Prometheus': its `data`)."""
+    r = httpx.get(url + path, timeout=10)
+    assert r.status_code == 200, (path, r.text)
+    body = r.json()
+    return body.get("data", body)
+
+
+def check_monitoring(
+    home: Home, gateway: str, ports: dict[str, int], prefect_api: str, prefect_db: str
+) -> None:
+    """What `up` started for monitoring answers and is wired as README says."""
+    prometheus, alertmanager, webhook = (
+        f"http://127.0.0.1:{ports[what]}" for what in ("prometheus", "alertmanager", "webhook")
+    )
+
+    def targets() -> list[dict]:
+        return answer(prometheus, "/api/v1/targets")["activeTargets"]
+
+    # Prometheus scrapes the gateway (every 10 s: the first scrape may take that long) ...
+    [target] = eventually(lambda: [t for t in targets() if t["health"] == "up"], timeout_s=40)
+    assert (target["labels"]["job"], target["scrapeUrl"]) == ("gateway", f"{gateway}/metrics")
+    assert len(targets()) == 1
+    # ... evaluates every group and rule of the file `make slo-rules` writes ...
+    rules = str(home.root / "prometheus" / RULES)
+    loaded = [
+        (g["name"], g["file"], [r["name"] for r in g["rules"]])
+        for g in answer(prometheus, "/api/v1/rules")["groups"]
+    ]
+    assert loaded == [
+        (g["name"], rules, [r.get("record") or r["alert"] for r in g["rules"]])
+        for g in rule_file(load_slo_config())["groups"]
+    ]
+    # ... and sends its alerts to the stack's Alertmanager.
+    [sent_to] = answer(prometheus, "/api/v1/alertmanagers")["activeAlertmanagers"]
+    assert sent_to["url"].startswith(f"{alertmanager}/api/")
+    # Alertmanager routes the runbook's alerts to the stack's webhook.
+    config = yaml.safe_load(answer(alertmanager, "/api/v2/status")["config"]["original"])
+    assert config["route"]["routes"][0] == {
+        "receiver": INCIDENTS,
+        "matchers": ['alertname=~"SloErrorBudgetBurnFast"'],
+        "continue": True,
+    }
+    [hook] = next(r for r in config["receivers"] if r["name"] == INCIDENTS)["webhook_configs"]
+    assert hook["url"] == f"{webhook}/alerts"
+    # The webhook turns a notification into an event on the stack's Prefect server (a
+    # resolution: no automation acts on it).
+    alert = {"status": "resolved", "labels": {"alertname": "Probe"}, "fingerprint": "f00d"}
+    sent = httpx.post(f"{webhook}/alerts", json={"version": "4", "alerts": [alert]}, timeout=30)
+    assert sent.status_code == 200, sent.text
+    stored = "SELECT resource_id FROM events WHERE event = 'slipway.alert.resolved'"
+    assert eventually(lambda: query(prefect_db, stored)) == [("slipway.alert.f00d",)]
+    # The automations run the runbook's deployment on that server.
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as c:
+        runbook = c.read_deployment_by_name(incident_automation.RUNBOOK_DEPLOYMENT)
+        name = f"{incident_automation.PREFIX}SloErrorBudgetBurnFast"
+        [automation] = c.read_automations_by_name(name)
+    trigger = automation.trigger
+    assert trigger.expect == {"slipway.alert.firing"}
+    assert trigger.match.root == {"slipway.alertname": "SloErrorBudgetBurnFast"}
+    assert [a.deployment_id for a in automation.actions] == [runbook.id]
+
+
 @pytest.mark.slow
-def test_up_on_postgresql_deploys_runs_a_flow_and_down_leaves_nothing(home, databases, tmp_path):
+def test_up_on_postgresql_deploys_runs_a_flow_and_down_leaves_nothing(
+    home, databases, gateway, tmp_path
+):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    binary("prometheus", "prometheus")
+    binary("prometheus-alertmanager", "prometheus-alertmanager")
     prefect_db, mlflow_db = databases
     mlflow_port, prefect_port = free_port(), free_port()
+    monitoring = {"prometheus": free_port(), "alertmanager": free_port(), "webhook": free_port()}
     mlflow_url, api = f"http://127.0.0.1:{mlflow_port}", f"http://127.0.0.1:{prefect_port}/api"
     env = {
         "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{PG_AT}/{prefect_db}",
@@ -110,10 +202,23 @@ def test_up_on_postgresql_deploys_runs_a_flow_and_down_leaves_nothing(home, data
             str(prefect_port),
             "--prefect-file",
             str(prefect_file),
+            "--gateway-port",
+            gateway.rsplit(":", 1)[1],
+            *(a for what, port in monitoring.items() for a in (f"--{what}-port", str(port))),
         )
         procs = read_state(home)
         assert up.returncode == 0, up.stdout + up.stderr
-        assert [p.what for p in procs] == ["mlflow", "prefect server", "prefect worker"]
+        assert [p.what for p in procs] == [
+            "prometheus",
+            "alertmanager",
+            "incident webhook",
+            "mlflow",
+            "prefect server",
+            "prefect worker",
+        ]
+        for proc in procs[:3]:
+            assert f"{proc.url}  (log {proc.log})" in up.stdout
+        assert "automations slipway-incident-SloErrorBudgetBurnFast on" in up.stdout
         assert f"export PREFECT_API_URL={api}" in up.stdout
         assert "deployment run 'profile-probe/probe'" in up.stdout
         assert "deployment run 'release/release'\n" in up.stdout
@@ -124,7 +229,8 @@ def test_up_on_postgresql_deploys_runs_a_flow_and_down_leaves_nothing(home, data
         assert "deployment run 'drift/drift'  # also cron 0 * * * * UTC" in up.stdout
         assert "automation slipway-auto-rollout on" in up.stdout
         assert "No registered model has a `champion` yet" in up.stdout
-        assert stack(home, env, "status").stdout.count("running, answers") == 3
+        assert stack(home, env, "status").stdout.count("running, answers") == 6
+        check_monitoring(home, gateway, monitoring, api, prefect_db)
 
         with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
             for d in config["deployments"]:

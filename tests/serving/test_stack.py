@@ -21,9 +21,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from configs.alerting import load_alerting_config
 from configs.gateway import load_gateway_config
 from configs.home import REPO, Home
 from configs.models import Signing, serving_for
+from configs.slo import load_slo_config
 from flows.cli import cli
 from serving.attestation import admit
 from serving.gateway.auth import key_hash
@@ -37,6 +39,7 @@ from serving.processes import (
     write_state,
 )
 from serving.stack.gateway_config import Backend, write_gateway_config
+from serving.stack.monitoring import MonitoringStack
 from serving.stack.operator import down
 from tasks.attest import policy
 from tasks.registry import Registry
@@ -322,6 +325,63 @@ def test_up_refuses_a_bad_champion_and_starts_nothing(home, model_dir):
     assert "Error: refusing to serve the champion m v1 (bf16): its evaluation" in result.output
     assert "Nothing was served" in result.output
     assert read_state(home) == [] and not (home.root / "demo-api-key").exists()
+
+
+# ---- monitoring without its binaries -------------------------------------------------------------
+
+PROMETHEUS_MISSING = (
+    "Prometheus NOT started: no `prometheus` on PATH (apt-get install prometheus); the SLO rules "
+    "are not evaluated"
+)
+ALERTMANAGER_MISSING = (
+    "Alertmanager NOT started: no `prometheus-alertmanager` or `alertmanager` on PATH (apt-get "
+    "install prometheus-alertmanager); no alert reaches the incident webhook or the people's "
+    "receivers"
+)
+
+
+def test_required_monitoring_without_its_binaries_starts_nothing(home, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # neither Prometheus nor Alertmanager on it
+    ports = [f"--{what}-port" for what in ("mlflow", "prefect", "prometheus", "alertmanager")]
+    given = [a for option in ports for a in (option, str(free_port()))]
+    result = CliRunner().invoke(cli, ["up", "--monitoring", "required", *given])
+    assert result.exit_code == 1
+    assert result.output == (
+        "Error: monitoring is required (stack.monitoring or SLIPWAY_MONITORING), but:\n"
+        f"  {PROMETHEUS_MISSING}\n  {ALERTMANAGER_MISSING}\nNothing was started.\n"
+    )
+    assert read_state(home) == []
+
+
+def test_optional_monitoring_says_what_it_lacks_and_starts_the_rest_once(
+    home, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    slo, alerting = load_slo_config(), load_alerting_config()
+    port = free_port()
+    monitoring = MonitoringStack(
+        free_port(), free_port(), port, False, slo, alerting, "http://127.0.0.1:9/api"
+    )
+    log = home.logs / "incident-webhook.log"
+    try:
+        for expected in (f"(log {log})", "(already running)"):  # a second `up` keeps it
+            procs, said = read_state(home), []
+            for wait in monitoring.start(home, free_port(), procs, said.append):
+                wait()
+            assert said == [
+                f"{PROMETHEUS_MISSING}. The rest of the stack starts without it.",
+                f"{ALERTMANAGER_MISSING}. The rest of the stack starts without it.",
+                f"Webhook:  http://127.0.0.1:{port}  {expected}",
+            ]
+            [webhook] = read_state(home)
+            assert (webhook.what, webhook.port, webhook.answers()) == (
+                "incident webhook",
+                port,
+                True,
+            )
+    finally:
+        down(home, grace_s=5, say=lambda _: None)
+    assert members(webhook) == []
 
 
 # ---- end to end: real MLflow, vLLM and gateway ---------------------------------------------------
