@@ -20,6 +20,12 @@ class Settings(BaseSettings):
     quant_python: Path | None = Field(None, description="the quant environment's interpreter")
     serve_python: Path | None = Field(None, description="the serve environment's interpreter")
     hardware: str | None = Field(None, description="cpu or cuda: overrides GPU detection")
+    # A trial's hold on its accelerator slot (tasks/gpu_slot.py), renewed every 3/4 of it: a
+    # worker killed -9 frees its slot this long after its last renewal (plus the server's 15 s
+    # sweep). 120 s rides out a brief API outage; Prefect's server takes 60 s to 1 day.
+    gpu_slot_lease_s: float = Field(
+        120, ge=60, le=86400, description="seconds a trial's accelerator slot is leased for"
+    )
     environment: str | None = Field(
         None, description="dev, staging or prod (configs/environments/); unset: the base"
     )

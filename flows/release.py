@@ -4,54 +4,74 @@ provenance (signed statements about its digest) and register it in MLflow with i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from configs.evaluation import Gates
 from configs.home import Home
 from configs.models import ModelConfig, Variant, load_model_config
-from evaluation.quality.gates import QualityResult, Verdict, gated_metric, judge
+from evaluation.quality.gates import QualityResult, gated_metric, judge
 from serving.vllm import can_serve, detect_hardware
 from tasks.attest import attest_release_task
-from tasks.evaluate import Trial, TrialError, log_trial_task, recorded_quality, trial_task
+from tasks.deployment_runs import run_all
+from tasks.evaluate import TrialError, log_trial_task, recorded_quality, trial_task
+from tasks.gpu_slot import ensure_gpu_limit
 from tasks.hub import pull_task
-from tasks.quantize import QuantizeError, VariantBuild, quantize_task
-from tasks.registry import RegisteredVersion, find_task, first_champion_task, register_task
+from tasks.quantize import QuantizeError, quantize_task
+from tasks.registry import find_task, first_champion_task, register_task
 from tasks.signing import sign_task, verify_task
-from tasks.store import Entry, point_task, prepare_store_task
+from tasks.store import Store, point_task, prepare_store_task
 from tasks.template import template_task
+from tasks.variant_outcome import Outcome
+
+VARIANT_DEPLOYMENT = "release-variant/release-variant"
 
 
 # No log_prints: a dependency prints bytecode to stdout while datasets hashes a loader function.
 @flow(name="release")
-def release(config_path: str = "configs/models/smollm2-135m.yaml") -> list[Outcome]:
+def release(
+    config_path: str = "configs/models/smollm2-135m.yaml", fan_out: bool = False
+) -> list[Outcome]:
+    """`fan_out`: each variant as a flow run of the release-variant deployment on the work pool,
+    the base first, then the others at once (their trials wait for accelerator slots); off, one
+    after another in this process, which needs no worker (`make demo`)."""
     config = load_model_config(config_path)
     home = Home.from_env()
     prepare_store_task(home, config.name)
     base, _ = pull_task(config.source, config.name, home, config.allow_pickle)
     template_task(base, config, home)  # a changed or flagged chat template stops it here
-    outcomes: list[Outcome] = []
-    for variant in sorted(config.variants, key=lambda v: v.recipe != "bf16"):  # the base first
-        baseline = outcomes[0].quality if outcomes else None
-        outcomes.append(release_variant(config, variant, base, home, baseline))
-        if len(outcomes) == 1:  # a first release's base is champion before any rollout asks
-            first_champion_task(
-                home, config.name, [o.version.version for o in outcomes if o.version]
-            )
+    if not fan_out:
+        ensure_gpu_limit()  # trials here hold this machine's slots
+    first, *rest = sorted(config.variants, key=lambda v: v.recipe != "bf16")  # the base first
+    [reference] = variants(config, [first], base.digest, None, fan_out)
+    # A first release's base is champion before any rollout asks.
+    first_champion_task(home, config.name, [reference.version.version] if reference.version else [])
+    outcomes = [reference, *variants(config, rest, base.digest, reference.quality, fan_out)]
     create_markdown_artifact(table(config.name, outcomes, config.gates), key="release-summary")
     return outcomes
 
 
-@flow(name="release-variant", flow_run_name="{variant.label}")
-def release_variant(
+def variants(
     config: ModelConfig,
-    variant: Variant,
-    base: Entry,
-    home: Home,
+    chosen: list[Variant],
+    base: str,
     baseline: QualityResult | None,
+    fan_out: bool,
+) -> list[Outcome]:
+    if not fan_out:
+        return [release_variant(config, v, base, baseline) for v in chosen]
+    runs = [{"config": config, "variant": v, "base": base, "baseline": baseline} for v in chosen]
+    return run_all(VARIANT_DEPLOYMENT, runs)
+
+
+# The result is kept so that a fanned-out run's outcome reaches the release that started it.
+@flow(name="release-variant", flow_run_name="{variant.label}", persist_result=True)
+def release_variant(
+    config: ModelConfig, variant: Variant, base: str, baseline: QualityResult | None = None
 ) -> Outcome:
+    """One variant of the stored base (by digest, in this worker's home): built, tried, judged
+    against `baseline` (None: it is the base), signed, attested and registered."""
+    home = Home.from_env()
     servable, reason = can_serve(variant.recipe, detect_hardware())
     if not servable:
         return Outcome(variant, "skipped", reason)
@@ -60,7 +80,8 @@ def release_variant(
             variant, "failed", "the bf16 base failed, so there is nothing to judge against"
         )
     try:
-        built, entry, manifest = quantize_task(base, variant, config.name, home)
+        base_entry = Store(home, config.name).entry(base)
+        built, entry, manifest = quantize_task(base_entry, variant, config.name, home)
         point_task(home, config.name, variant.label, entry.digest)
         if (done := find_task(home, config.name, manifest.digest)) and (
             quality := recorded_quality(entry.weights)
@@ -84,34 +105,13 @@ def release_variant(
         | {"variant": variant.label, "recipe": variant.recipe, "signature_verified": "true"}
         | signature.trust.tags()
         | verdict.tags()
-        | attest_release_task(entry, config, variant, trial.quality, verdict, base, built, home)
+        | attest_release_task(
+            entry, config, variant, trial.quality, verdict, base_entry, built, home
+        )
     )
     registered = register_task(home, config.name, entry.root, manifest.digest, tags)
     log_trial_task(home, registered, built, trial, verdict)
     return Outcome(variant, "registered", "", built, registered, trial.quality, trial, verdict)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What the release did with one variant: registered (with its verdict), skipped or failed."""
-
-    variant: Variant
-    status: str  # registered | skipped | failed
-    reason: str = ""
-    build: VariantBuild | None = None
-    version: RegisteredVersion | None = None
-    quality: QualityResult | None = None
-    trial: Trial | None = None  # None when an earlier run already registered this digest
-    verdict: Verdict | None = None
-
-    def line(self) -> str:
-        if self.version is None:
-            return f"{self.variant.label}: {self.status}: {self.reason}"
-        v = self.version
-        if not v.created:
-            return f"{self.variant.label}: v{v.version} {v.digest} (already registered)"
-        verdict = self.verdict.status if self.verdict else "not judged"
-        return f"{self.variant.label}: v{v.version} {v.digest} eval {verdict}"
 
 
 def table(name: str, outcomes: list[Outcome], gates: Gates) -> str:

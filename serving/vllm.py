@@ -331,16 +331,22 @@ def detect_hardware() -> Hardware:
     """`cuda` when nvidia-smi lists a GPU, else `cpu`; SLIPWAY_HARDWARE=cpu|cuda overrides."""
     if override := Settings().hardware:
         return "cpu" if override == "cpu" else "cuda"
+    return "cuda" if gpu_count() else "cpu"
+
+
+def gpu_count() -> int:
+    """How many GPUs nvidia-smi lists (`GPU 0: ...` lines); 0 without it or when it fails."""
     smi = shutil.which("nvidia-smi")
     if smi is None:
-        return "cpu"
+        return 0
     try:
         listed = subprocess.run(
             [smi, "-L"], capture_output=True, text=True, timeout=20, check=False
         )
     except (OSError, subprocess.TimeoutExpired):
-        return "cpu"
-    return "cuda" if listed.returncode == 0 and "GPU" in listed.stdout else "cpu"
+        return 0
+    listed_gpus = sum(line.startswith("GPU ") for line in listed.stdout.splitlines())
+    return listed_gpus if listed.returncode == 0 else 0
 
 
 def _sets_dtype(engine_args: Sequence[str]) -> bool:

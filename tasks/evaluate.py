@@ -27,6 +27,7 @@ from evaluation.loadgen.client import run_profile
 from evaluation.loadgen.report import LoadReport
 from evaluation.quality.gates import QualityResult, TaskScore, Verdict
 from serving.vllm import VLLMError, VLLMServer
+from tasks.gpu_slot import gpu_slot
 from tasks.quantize import VariantBuild
 from tasks.registry import RegisteredVersion, Registry
 from tasks.smoke import SmokeError, SmokeResult, ask
@@ -304,7 +305,8 @@ def log_trial(
 
 @task(name="trial", cache_policy=NO_CACHE)
 def trial_task(model_dir: Path, config: ModelConfig, variant: Variant, home: Home) -> Trial:
-    return trial(model_dir, config, variant, home)
+    with gpu_slot():  # one trial per accelerator, whichever flow run or worker asks
+        return trial(model_dir, config, variant, home)
 
 
 @task(name="log-evaluation", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])

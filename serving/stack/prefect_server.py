@@ -4,7 +4,8 @@ the optional auto-rollout automation. serving/stack/operator.py calls it and rec
 The server keeps its database under $SLIPWAY_HOME/prefect (sqlite) or wherever
 PREFECT_API_DATABASE_CONNECTION_URL points (PostgreSQL, the production profile). The worker is
 started first and creates the process work pool itself; once the pool reports READY (the worker
-polls), `prefect deploy` registers the deployments and their cron schedules. Flows the worker
+polls), `prefect deploy` registers the deployments and their cron schedules, and the `gpu`
+concurrency limit the release's trials hold a slot of is made (tasks/gpu_slot.py). Flows the worker
 starts inherit its environment: PREFECT_API_URL, MLFLOW_TRACKING_URI (the stack's MLflow server),
 SLIPWAY_HOME, SLIPWAY_ENVIRONMENT (configs/environments/; the rollout deployment's `environment`
 parameter too) and SLIPWAY_REPO, the checkout that prefect.yaml's pull step changes into.
@@ -38,8 +39,10 @@ from serving.stack.services import (
     wait_up,
 )
 from tasks import auto_rollout
+from tasks.gpu_slot import ensure_gpu_limit
 
 POOL = "slipway-process"
+WORKER = "slipway-local"  # `make up`'s worker
 
 
 @dataclass(frozen=True)
@@ -103,10 +106,18 @@ def server_env(home: Home) -> dict[str, str]:
 
 
 def start_worker(
-    home: Home, api: str, mlflow_url: str, procs: list[Proc], say: Callable[[str], None]
+    home: Home,
+    api: str,
+    mlflow_url: str,
+    procs: list[Proc],
+    say: Callable[[str], None],
+    name: str = WORKER,
+    limit: int | None = None,
 ) -> None:
     """A process worker on POOL (created by the worker if missing), recorded in `procs` before it
-    is waited on; returns once the pool is READY, i.e. the worker has polled the server."""
+    is waited on; returns once the pool is READY, i.e. the worker has polled the server. `limit`:
+    the flow runs it runs at once (None: any number); a worker per machine that takes one at a
+    time leaves the pool's other runs to the other machines' workers."""
     health_port = free_port()
     env = server_env(home) | {
         "PREFECT_API_URL": api,
@@ -127,10 +138,11 @@ def start_worker(
         "--type",
         "process",
         "--name",
-        "slipway-local",
+        name,
         "--with-healthcheck",
+        *(["--limit", str(limit)] if limit else []),
     ]
-    log = home.logs / "prefect-worker.log"
+    log = home.logs / ("prefect-worker.log" if name == WORKER else f"prefect-worker-{name}.log")
     worker, popen = launch(PREFECT_WORKER, command, log, health_port, "/health", home, env=env)
     procs.append(worker)
     write_state(home, procs)
@@ -158,7 +170,8 @@ def wait_pool_ready(
 
 
 def deploy(home: Home, api: str, prefect_file: Path) -> list[Deployed]:
-    """`prefect deploy --all` from the checkout; returns what is deployed on POOL."""
+    """`prefect deploy --all` from the checkout, and the `gpu` concurrency limit; returns what is
+    deployed on POOL."""
     log = home.logs / "prefect-deploy.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     command = [
@@ -187,6 +200,8 @@ def deploy(home: Home, api: str, prefect_file: Path) -> list[Deployed]:
         raise StackError(
             f"`prefect deploy --all` failed (status {done.returncode}); see {display(log)}. {LEFT}"
         )
+    with temporary_settings({PREFECT_API_URL: api}):
+        ensure_gpu_limit()  # the slots the workers' trials hold, one per GPU of this machine
     return deployments(api)
 
 

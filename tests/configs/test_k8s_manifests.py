@@ -27,6 +27,7 @@ ENVS = REPO / "configs" / "envs"
 IMAGES = K8S / "images"
 MANIFESTS = sorted(K8S.glob("*.yaml"))
 BAD = sorted((Path(__file__).parent / "k8s_bad").glob("*.yaml"))
+GPU = "nvidia.com/gpu"
 FLOW_RUN = "flow-run"  # the pods of the work pool's Jobs, among the Deployments' pods below
 ANYONE = "anyone"
 # The one peer from outside the namespace: Prometheus, scraping vLLM's /metrics for the autoscaler.
@@ -83,7 +84,7 @@ def job_manifest() -> dict:
 def problems(obj: dict) -> list[tuple[str, str]]:
     """(where, what) for each way obj is not a valid object of the stated Kubernetes version:
     the schema's first error (kubernetes-validate reports one), or no schema for its kind, plus
-    the one rule the API server adds to the schema that these manifests could break."""
+    the rules the API server adds to the schema that these manifests could break."""
     found = []
     try:
         validated = kubernetes_validate.validate(obj, KUBERNETES, strict=True)
@@ -99,7 +100,21 @@ def problems(obj: dict) -> list[tuple[str, str]]:
             for i, container in enumerate(node.get(key) or []):
                 if isinstance(container, dict) and not container.get("image"):
                     found.append((f"{key}.{i}.image", "a container needs an image"))
+                if isinstance(container, dict):
+                    found += gpu_problems(f"{key}.{i}.resources", container.get("resources"))
     return found
+
+
+def gpu_problems(where: str, resources: object) -> list[tuple[str, str]]:
+    """A GPU is not overcommitted: the API server wants a limit, equal to any request."""
+    if not isinstance(resources, dict):
+        return []
+    requests, limits = resources.get("requests") or {}, resources.get("limits") or {}
+    if not isinstance(requests, dict) or not isinstance(limits, dict) or GPU not in requests:
+        return []
+    if requests[GPU] != limits.get(GPU):
+        return [(where, f"'{GPU}' requested {requests[GPU]} needs a limit of the same")]
+    return []
 
 
 def names_field(problem: tuple[str, str], field: str) -> bool:
@@ -153,9 +168,10 @@ def test_the_work_pool_job_renders_to_a_valid_batch_v1_job():
     assert job["spec"]["parallelism"] == job["spec"]["completions"] == 1
     [container] = job["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "ghcr.io/slipway/slipway-core:0.1.0"
+    # A flow run's pod gets a GPU for the release's trials (gpu_problems: limited as requested).
     assert container["resources"] == {
-        "requests": {"cpu": "2", "memory": "8Gi"},
-        "limits": {"memory": "8Gi"},
+        "requests": {"cpu": "2", "memory": "8Gi", GPU: 1},
+        "limits": {"memory": "8Gi", GPU: 1},
     }
 
 
@@ -178,6 +194,7 @@ def test_every_kind_of_bad_manifest_has_a_fixture():
         "readinesProbe",
         "from",
         "stabilizationWindow",
+        GPU,
     } <= expected
 
 
@@ -359,6 +376,10 @@ def test_work_pool_template_uses_only_its_variables_and_runs_from_the_image_chec
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["SLIPWAY_REPO"] == "/opt/slipway"  # where prefect.yaml's pull step changes into
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.slipway.svc:5000"
+    # A fanned-out release reads its variants' results from the home's volume, shared by the Jobs.
+    assert env["PREFECT_LOCAL_STORAGE_PATH"] == f"{env['SLIPWAY_HOME']}/prefect/storage"
+    [home] = [m for m in container["volumeMounts"] if m["mountPath"] == env["SLIPWAY_HOME"]]
+    assert not home.get("readOnly")
 
 
 def test_the_worker_polls_the_kubernetes_pool():

@@ -4,8 +4,8 @@ The flow runs as its own process (`slipway release`) against the session's Prefe
 the test watches its task runs through the Prefect API and kills the process group when a stage
 is reached: during the bf16 trial (evaluation), right after the bf16 registration (before its
 evaluation run is logged), and during the fp8 build (quantize). The last run must finish with every
-variant registered once with its evaluation run, the completed stages not redone (the pull comes
-from Prefect's cache, a variant registered and logged is not served again), and nothing of the
+variant registered once with its evaluation run, the completed stages not redone (the pull reuses
+the stored base, a variant registered and logged is not served again), and nothing of the
 killed runs left behind: no process, no staging directory.
 """
 
@@ -26,6 +26,7 @@ import pytest
 from configs.home import REPO
 from tasks.registry import Registry
 from tasks.signing import keygen
+from tasks.store import Store
 
 pytestmark = [pytest.mark.stress, pytest.mark.slow]
 
@@ -183,7 +184,10 @@ def test_killed_at_each_stage_then_resumed(prefect_server, home, tiny_model, tmp
     last = run_until(config, home, log, None, orphans)
 
     assert versions() == ["1", "2"]  # each variant once, whatever the kills
-    assert [s[3] for s in last if s[1] == "pull"] == ["Cached"]  # pulled once, by the first run
+    # Every run resolves its source again (no Prefect cache on pull), and the store reuses what
+    # the first run stored: one base and one variant, whatever the kills.
+    assert [s[3] for s in last if s[1] == "pull"] == ["Completed"]
+    assert len(Store(home, "tiny").entries()) == 2
     assert not [s for s in last if s[:2] == ("bf16", "trial")]
     # The base passes as the reference; fp8-dynamic on 4 items can show nothing: inconclusive.
     for version, status in (("1", "passed"), ("2", "inconclusive")):
