@@ -556,6 +556,30 @@ class TracingSpec(Strict):
         return value
 
 
+class InstancesSpec(Strict):
+    """Several gateway processes serving as one (README: Several gateways, one address)."""
+
+    reuse_port: bool = Field(
+        False,
+        description="bind `port` with SO_REUSEPORT: gateways on one machine share the address and "
+        "the kernel spreads connections among them",
+    )
+    peer_host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="this instance's address for the others, announced in the state store, "
+        "where they find it to read its statistics: `port` on it, or with reuse_port a free port "
+        "it also listens on (in Kubernetes the pod's IP: --peer-host)",
+    )
+    heartbeat_s: float = Field(
+        2.0,
+        gt=0,
+        le=60,
+        description="how often an instance renews its announcement; one silent for three "
+        "heartbeats is left out of the statistics",
+    )
+
+
 class StatsSpec(Strict):
     samples: int = Field(
         4096, ge=16, description="raw samples kept per backend and measure since the last reset"
@@ -576,6 +600,7 @@ class GatewayConfig(Strict):
     breaker: BreakerSpec = BreakerSpec()
     usage: UsageSpec = UsageSpec()
     stats: StatsSpec = StatsSpec()
+    instances: InstancesSpec = InstancesSpec()
     cache: CacheSpec = CacheSpec()
     queue: QueueSpec = QueueSpec()
     balance: BalanceSpec = BalanceSpec()

@@ -40,12 +40,15 @@ ENVIRONMENT = click.option(
     help="dev, staging or prod (configs/environments/; env SLIPWAY_ENVIRONMENT); default: none, "
     "the Slipway home itself",
 )
-ENV_DEFAULT = "5000, or the environment's"
+
+
+def _or_environment(port: int) -> str:
+    return f"{port}, or the environment's"
 
 
 @cli.command()
-@click.option("--mlflow-port", type=int, default=None, show_default=ENV_DEFAULT)
-@click.option("--gateway-port", type=int, default=None, show_default="8000, or the environment's")
+@click.option("--mlflow-port", type=int, default=None, show_default=_or_environment(5000))
+@click.option("--gateway-port", type=int, default=None, show_default=_or_environment(8000))
 @click.option(
     "--model-configs",
     type=click.Path(file_okay=False, path_type=Path),
@@ -53,13 +56,14 @@ ENV_DEFAULT = "5000, or the environment's"
     show_default="configs/models, or the environment's",
     help="where a champion's `serving` section comes from (the config of its name)",
 )
-@click.option("--prefect-port", type=int, default=None, show_default="4200, or the environment's")
+@click.option("--prefect-port", type=int, default=None, show_default=_or_environment(4200))
 @click.option(
     "--prefect/--no-prefect",
     "with_prefect",
     default=True,
     show_default=True,
-    help="start the Prefect server and worker and register the deployments",
+    help="start the Prefect server and worker and register the deployments; --no-prefect: no "
+    "monitoring either (the incident webhook and automations need Prefect)",
 )
 @click.option(
     "--prefect-file",
@@ -76,49 +80,78 @@ ENV_DEFAULT = "5000, or the environment's"
     help="roll out each newly registered version whose evaluation passed "
     "(env SLIPWAY_AUTO_ROLLOUT=1)",
 )
+@click.option(
+    "--monitoring",
+    type=click.Choice(["optional", "required", "off"]),
+    envvar="SLIPWAY_MONITORING",
+    default=None,
+    show_default="optional, or the environment's",
+    help="Prometheus, Alertmanager, the incident webhook and automations (with Prefect): "
+    "optional starts what is installed and says what is not; required starts nothing unless "
+    "all is (env SLIPWAY_MONITORING)",
+)
+@click.option("--prometheus-port", type=int, default=None, show_default=_or_environment(9190))
+@click.option("--alertmanager-port", type=int, default=None, show_default=_or_environment(9193))
+@click.option(
+    "--webhook-port",
+    type=int,
+    default=None,
+    show_default=_or_environment(9095),
+    help="the incident webhook's",
+)
 @ENVIRONMENT
 def up(
-    mlflow_port: int | None,
-    gateway_port: int | None,
     model_configs: Path | None,
-    prefect_port: int | None,
     with_prefect: bool,
     prefect_file: Path,
     auto_rollout: bool,
     environment: str | None,
+    **stack_fields: Any,  # the ports and --monitoring: the environment's stack's fields, by name
 ) -> None:
-    """Start MLflow and Prefect (server, worker, deployments), serve every verified champion with
-    vLLM, and put the gateway in front. With --environment: that environment's stack, on its
-    ports and in its folder, serving its alias, after its parity report against prod (prod's:
-    against the base); a difference that is not allowed stops it before anything starts."""
+    """Start MLflow, Prefect (server, worker, deployments) and monitoring (Prometheus on the
+    gateway with the SLO rules, Alertmanager, the incident webhook and automations), serve every
+    verified champion with vLLM, and put the gateway in front. With --environment: that
+    environment's stack, on its ports and in its folder, serving its alias, after its parity
+    report against prod (prod's: against the base); a difference that is not allowed stops it
+    before anything starts."""
     from configs.loader import ConfigError
     from serving.stack import operator
     from serving.stack.prefect_server import PrefectStack
     from serving.stack.services import LEFT, StackError
 
     try:
-        home, ports = Home.from_env(environment), (5000, 8000, 4200, MODEL_CONFIGS)
-        if home.environment is not None:
-            ports = _environment_stack(home)
+        home = Home.from_env(environment)
+        env = _stack_environment(home)
+        stack = _stack(env.stack, stack_fields)
+        monitoring = _monitoring(stack) if with_prefect else None
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
-    mlflow_port, gateway_port = mlflow_port or ports[0], gateway_port or ports[1]
-    prefect_port, model_configs = prefect_port or ports[2], model_configs or ports[3]
-    prefect = PrefectStack(prefect_port, prefect_file, auto_rollout) if with_prefect else None
+    prefect = PrefectStack(stack.prefect_port, prefect_file, auto_rollout) if with_prefect else None
+    model_configs = model_configs or REPO / env.serving.model_configs
     try:
-        operator.up(home, mlflow_port, gateway_port, model_configs, click.echo, prefect)
+        operator.up(
+            home,
+            stack.mlflow_port,
+            stack.gateway_port,
+            model_configs,
+            click.echo,
+            prefect,
+            monitoring,
+        )
     except StackError as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         raise click.ClickException(f"interrupted. {LEFT}") from None
 
 
-def _environment_stack(home: Home) -> tuple[int, int, int, Path]:
-    """Say an environment's parity report and what its stack serves; ClickException if a
-    difference is not allowed. Returns its MLflow, gateway and Prefect ports and model configs."""
+def _stack_environment(home: Home) -> Any:
+    """The environment whose stack `up` starts: the base without one. A named one's parity
+    report is said first; ClickException if a difference is not allowed."""
     from configs.environments import load_environment, parity, reference
 
     env = load_environment(home.environment)
+    if home.environment is None:
+        return env
     report = parity(env, load_environment(reference(env)))
     for line in report.lines():
         click.echo(line)
@@ -132,12 +165,42 @@ def _environment_stack(home: Home) -> tuple[int, int, int, Path]:
     )
     if home.alias != "champion":
         click.echo(f"  (`slipway environments seed {env.name}` starts it from prod's champion)")
-    stack = env.stack
-    return (
-        stack.mlflow_port,
-        stack.gateway_port,
-        stack.prefect_port,
-        REPO / env.serving.model_configs,
+    return env
+
+
+def _stack(stack: Any, given: dict[str, Any]) -> Any:
+    """The environment's stack with the ports and mode given on the command line; ConfigError
+    names an option at fault (two ports the same, one out of range)."""
+    from pydantic import ValidationError
+
+    from configs.environments import Stack
+    from configs.loader import ConfigError, describe
+
+    chosen = {k: v for k, v in given.items() if v is not None}
+    try:
+        return Stack.model_validate({**stack.model_dump(), **chosen})
+    except ValidationError as e:
+        raise ConfigError(f"the stack's options are invalid:\n{describe(e)}") from None
+
+
+def _monitoring(stack: Any) -> Any:
+    """Monitoring as the stack sets it (None when off), its configs loaded (ConfigError names
+    the field at fault before anything starts)."""
+    from configs.alerting import load_alerting_config
+    from configs.slo import load_slo_config
+    from serving.processes import HOST
+    from serving.stack.monitoring import MonitoringStack
+
+    if stack.monitoring == "off":
+        return None
+    return MonitoringStack(
+        stack.prometheus_port,
+        stack.alertmanager_port,
+        stack.webhook_port,
+        stack.monitoring == "required",
+        load_slo_config(),
+        load_alerting_config(),
+        f"http://{HOST}:{stack.prefect_port}/api",
     )
 
 
@@ -175,9 +238,16 @@ def status(environment: str | None) -> None:
 @click.option("--host", default=None, help="overrides the config's host")
 @click.option("--port", default=None, type=int, help="overrides the config's port")
 @click.option(
+    "--peer-host",
+    default=None,
+    help="overrides instances.peer_host: this instance's own address for the others (a pod's IP)",
+)
+@click.option(
     "--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"])
 )
-def gateway(config_path: str, host: str | None, port: int | None, log_level: str) -> None:
+def gateway(
+    config_path: str, host: str | None, port: int | None, peer_host: str | None, log_level: str
+) -> None:
     """Serve the OpenAI-compatible gateway described by --config."""
     from configs.gateway import load_gateway_config
     from configs.loader import ConfigError
@@ -187,7 +257,7 @@ def gateway(config_path: str, host: str | None, port: int | None, log_level: str
         config = load_gateway_config(config_path)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
-    serve(config, host, port, log_level)
+    serve(config, host, port, log_level, peer_host)
 
 
 # ---- the flows -----------------------------------------------------------------------------------

@@ -11,20 +11,24 @@
   GET  /admin/stats/{model}?samples=true  live statistics per backend since the last reset
                                           (synthetic-load tenants apart, under "synthetic";
                                           mirrored copies under "shadow", their pairs under
-                                          "pairs")
-  POST /admin/stats/{model}/reset         start a new statistics window
+                                          "pairs"), of every gateway instance on the state store
+                                          (each under "instances"; ?local=true: this one's)
+  POST /admin/stats/{model}/reset         start a new statistics window on every instance
 
 A route or weight change is written to the state store first (compare-and-set on the table's
 version, serving/gateway/table_sync.py), so every instance on the store serves it and a restart
 keeps it; then a new routing table is swapped in here in one step, and requests in flight finish
 on the backend they started on. A route or weight change starts a new statistics window for the
-model, so the flow compares backends under the weights it set.
+model, so the flow compares backends under the weights it set. Statistics stay on the instance
+that counted them until asked for: the instance asked then asks the others (peers.py) and adds
+their windows to its own (stats_merge.py).
 """
 
 from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import quote
 
 from pydantic import BaseModel, Field, FiniteFloat, ValidationError, model_validator
 from starlette.requests import Request
@@ -36,7 +40,9 @@ from serving.attestation import Refused
 from serving.gateway.audit import AuditLog
 from serving.gateway.codec import JSONDecodeError, dumps, loads
 from serving.gateway.errors import BadRequest, NotFound
+from serving.gateway.peers import Peers
 from serving.gateway.routing import Route
+from serving.gateway.stats_merge import merge
 from serving.gateway.table_sync import Edit, TableSync
 
 log = logging.getLogger("serving.gateway")
@@ -109,10 +115,12 @@ def _not_found(model: str) -> NotFound:
 class AdminAPI:
     """The admin endpoints, over the routing table they read and, through `sync`, change."""
 
-    def __init__(self, sync: TableSync, audit: AuditLog) -> None:
+    def __init__(self, sync: TableSync, audit: AuditLog, peers: Peers, samples: int) -> None:
         self.sync = sync
         self.current = sync.current
         self.audit = audit
+        self.peers = peers
+        self.samples = samples  # latency values in a merged sample, at most: as in each instance
 
     def _route(self, request: Request) -> Route:
         model = request.path_params["model"]
@@ -169,14 +177,33 @@ class AdminAPI:
 
     async def get_stats(self, request: Request) -> Response:
         route = self._route(request)
-        samples = request.query_params.get("samples", "").lower() in ("1", "true", "yes")
-        return json_response(_stats(route, samples))
+        return json_response(await self._everywhere(request, route, "GET", ""))
 
     async def reset_stats(self, request: Request) -> Response:
         route = self._route(request)
         for backend in route.backends:
             backend.reset_stats()
-        return json_response(_stats(route, False))
+        return json_response(await self._everywhere(request, route, "POST", "/reset"))
+
+    async def _everywhere(self, request: Request, route: Route, method: str, suffix: str) -> Any:
+        """This instance's statistics of `route`, or (unless the call says `local`) every live
+        instance's added up, after the same call (`method`, path `suffix`) on each of them."""
+        samples = _flag(request, "samples")
+        if _flag(request, "local"):
+            return self._local(route, samples)
+        path = f"/admin/stats/{quote(route.model)}{suffix}?samples=true&local=true"
+        answers = await self.peers.ask(method, path, request.headers.get("authorization", ""))
+        return merge(self._local(route, True), answers, self.samples, samples)
+
+    def _local(self, route: Route, samples: bool) -> dict[str, Any]:
+        return _stats(route, samples) | {
+            "instance": self.peers.id,
+            "revision": self.sync.revision(route.model),
+        }
+
+
+def _flag(request: Request, name: str) -> bool:
+    return request.query_params.get(name, "").lower() in ("1", "true", "yes")
 
 
 def _reweighted(model: str, route: Route | None, update: WeightsUpdate) -> RouteSpec:

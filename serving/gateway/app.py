@@ -15,7 +15,8 @@ parsed: the tokens held for it at admission are bounded by its prompt and max_to
 Beside the requests, the meter reads every backend's own token counters into the usage log, for
 the reconciliation of what was logged with what the engines did (meter.py), and each replica's
 /metrics is read for the requests its engine holds waiting, which the balancing weighs
-(engine_load.py).
+(engine_load.py). Each instance announces itself in the state store, where /admin/stats finds the
+others to add their statistics up (peers.py).
 
 build_app makes every part without I/O and gives each middleware and endpoint the parts it uses,
 as Starlette's own middleware takes its options. Lifespan only opens them (connections and tasks
@@ -57,6 +58,7 @@ from serving.gateway.metrics import (
     registry_for,
 )
 from serving.gateway.oidc import OIDCVerifier
+from serving.gateway.peers import Peers
 from serving.gateway.proxy import Upstream
 from serving.gateway.redis_limits import RedisLimiter
 from serving.gateway.routes import Completions, Models, health
@@ -70,8 +72,11 @@ from serving.gateway.trust import Trust
 from serving.gateway.usage import UsageLog, UsageMiddleware, default_url, sink_for
 
 
-def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
-    """The gateway for `config`; its state store and usage log default to SQLite under `home`."""
+def build_app(
+    config: GatewayConfig, home: Home | None = None, peer_url: str | None = None
+) -> Starlette:
+    """The gateway for `config`; its state store and usage log default to SQLite under `home`.
+    `peer_url`: where the other instances reach this one (server.py); None announces nothing."""
     current = CurrentTable(RoutingTable.empty())
     store = store_for(config.state, home)  # opened and closed by the table sync
     sync = TableSync(
@@ -83,6 +88,7 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
         config.state.poll_interval_s,
         Trust(config.trust, (home or Home.from_env()).keys),
     )
+    peers = Peers(store, peer_url, config.instances.heartbeat_s)
     upstream = Upstream(config.timeouts, config.queue, config.balance)
     cache = cache_for(config.cache, config.redis_url, config.redis_prefix)
     limiter: Limiter = (
@@ -113,6 +119,8 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
                 opened.push_async_callback(tracing.close)
             await sync.open()  # first: a gateway that cannot load its routes does not start
             opened.push_async_callback(sync.close)
+            await peers.open()  # on the store the sync opened, closed before it
+            opened.push_async_callback(peers.close)
             await keyring.open()
             opened.push_async_callback(keyring.close)
             if oidc is not None:
@@ -148,7 +156,7 @@ def build_app(config: GatewayConfig, home: Home | None = None) -> Starlette:
         )
 
     models = Models(current)
-    admin = AdminAPI(sync, audit)
+    admin = AdminAPI(sync, audit, peers, config.stats.samples)
     tenants = TenantsAPI(keyring, audit, config.limits.chargeback)
     api = {path: completions(name) for name, path in PATHS.items()}
     return Starlette(

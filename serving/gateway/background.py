@@ -1,6 +1,6 @@
 """The gateway parts' background tasks (table sync, keyring poll, spend writer, engine meter,
-engine load): how each is stopped when its part closes, and the loop of those that read the
-engines' /metrics over HTTP."""
+engine load, instances): how each is stopped when its part closes, and the loop of those with
+an HTTP session of their own (the engines' /metrics, the other instances' statistics)."""
 
 from __future__ import annotations
 

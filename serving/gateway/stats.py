@@ -41,17 +41,22 @@ class Reservoir:
                 self.values[slot] = value
 
     def summary(self, with_samples: bool) -> dict[str, Any]:
-        ordered = sorted(self.values)
-        out: dict[str, Any] = {
-            "count": self.seen,
-            "mean": self.total / self.seen if self.seen else None,
-            "p50": _quantile(ordered, 0.50),
-            "p90": _quantile(ordered, 0.90),
-            "p99": _quantile(ordered, 0.99),
-        }
-        if with_samples:
-            out["samples"] = self.values[:]
-        return out
+        return summary(self.values, self.seen, self.total, with_samples)
+
+
+def summary(values: list[float], seen: int, total: float, with_samples: bool) -> dict[str, Any]:
+    """A sample of `seen` values summing to `total`, as /admin/stats shows it."""
+    ordered = sorted(values)
+    out: dict[str, Any] = {
+        "count": seen,
+        "mean": total / seen if seen else None,
+        "p50": _quantile(ordered, 0.50),
+        "p90": _quantile(ordered, 0.90),
+        "p99": _quantile(ordered, 0.99),
+    }
+    if with_samples:
+        out["samples"] = values[:]
+    return out
 
 
 def _quantile(ordered: list[float], q: float) -> float | None:

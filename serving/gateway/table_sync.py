@@ -152,6 +152,10 @@ class TableSync:
         self._revisions = revisions
         self.current.table = table
 
+    def revision(self, model: str) -> int:
+        """The store version of `model`'s route record in use: its statistics window."""
+        return self._revisions.get(model, 0)
+
     def check(self, spec: RouteSpec) -> None:
         """Raise Refused unless every backend of `spec` may be served."""
         for backend in spec.backends:
