@@ -15,7 +15,6 @@ from serving.vllm import can_serve, detect_hardware
 from tasks.attest import attest_release_task
 from tasks.deployment_runs import run_all
 from tasks.evaluate import TrialError, log_trial_task, recorded_quality, trial_task
-from tasks.gpu_slot import ensure_gpu_limit
 from tasks.hub import pull_task
 from tasks.quantize import QuantizeError, quantize_task
 from tasks.registry import find_task, first_champion_task, register_task
@@ -40,8 +39,6 @@ def release(
     prepare_store_task(home, config.name)
     base, _ = pull_task(config.source, config.name, home, config.allow_pickle)
     template_task(base, config, home)  # a changed or flagged chat template stops it here
-    if not fan_out:
-        ensure_gpu_limit()  # trials here hold this machine's slots
     first, *rest = sorted(config.variants, key=lambda v: v.recipe != "bf16")  # the base first
     [reference] = variants(config, [first], base.digest, None, fan_out)
     # A first release's base is champion before any rollout asks.

@@ -27,7 +27,7 @@ from evaluation.loadgen.client import run_profile
 from evaluation.loadgen.report import LoadReport
 from evaluation.quality.gates import QualityResult, TaskScore, Verdict
 from serving.vllm import VLLMError, VLLMServer
-from tasks.gpu_slot import gpu_slot
+from tasks.gpu_slot import trial_slot
 from tasks.quantize import VariantBuild
 from tasks.registry import RegisteredVersion, Registry
 from tasks.smoke import SmokeError, SmokeResult, ask
@@ -305,7 +305,7 @@ def log_trial(
 
 @task(name="trial", cache_policy=NO_CACHE)
 def trial_task(model_dir: Path, config: ModelConfig, variant: Variant, home: Home) -> Trial:
-    with gpu_slot():  # one trial per accelerator, whichever flow run or worker asks
+    with trial_slot():  # one trial per accelerator, whichever worker's flow run asks
         return trial(model_dir, config, variant, home)
 
 

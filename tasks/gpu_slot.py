@@ -4,7 +4,8 @@ trials at once would share cores and corrupt each other's speed figures. Variant
 several workers then trial one per GPU, whatever runs them.
 
 The slot is a lease the holder renews (Settings.gpu_slot_lease_s): a holder killed -9 stops
-renewing, and the server frees its slot once the lease expires."""
+renewing, and the server frees its slot once the lease expires. Only flow runs of a deployment
+(a worker's) take it: see trial_slot."""
 
 from __future__ import annotations
 
@@ -48,4 +49,19 @@ def gpu_slot() -> Iterator[None]:
     from prefect.concurrency.sync import concurrency
 
     with concurrency(GPU_LIMIT, occupy=1, lease_duration=Settings().gpu_slot_lease_s):
+        yield
+
+
+@contextmanager
+def trial_slot() -> Iterator[None]:
+    """A slot for a trial of a worker's flow run; none for a release run in process, which tries
+    its variants one after another anyway. There the server is often a temporary one whose leases
+    live in its memory and die with a killed release, while the slot count stays in its database:
+    the next release would wait for that slot forever."""
+    from prefect.runtime import deployment
+
+    if deployment.id is None:
+        yield
+        return
+    with gpu_slot():
         yield

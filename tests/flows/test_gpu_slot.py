@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from configs.settings import Settings
-from tasks.gpu_slot import GPU_LIMIT, ensure_gpu_limit, gpu_slot, slots_here
+from tasks.gpu_slot import GPU_LIMIT, ensure_gpu_limit, gpu_slot, slots_here, trial_slot
 
 
 def gpu_limit():
@@ -66,6 +66,25 @@ def test_a_trial_holds_one_slot_while_it_runs(prefect_server):
     with pytest.raises(RuntimeError, match="trial broke"), gpu_slot():
         raise RuntimeError("trial broke")
     assert gpu_limit().active_slots == 0  # released however the trial ends
+
+
+@pytest.mark.timeout(120)  # a slot taken here would wait for the one held below forever
+def test_a_trial_of_a_release_run_in_process_takes_no_slot(prefect_server):
+    """Its server may be a temporary one, whose leases die with a killed release while the slot
+    count stays: the next release would wait forever."""
+    from prefect import flow
+
+    ensure_gpu_limit()
+    resize(1)
+
+    @flow
+    def in_process() -> int:
+        with trial_slot():
+            return gpu_limit().active_slots
+
+    with gpu_slot():  # even with the only slot taken, it does not wait
+        assert in_process() == 1
+    assert gpu_limit().active_slots == 0
 
 
 @pytest.mark.parametrize("lease", ["30", "100000", "soon"])
