@@ -72,18 +72,23 @@ def attestation_of(home: Home, name: str, version: str) -> Any:
     return version_of(Registry(home), name, version).attestation
 
 
+def stable_backend(home: Home, name: str, version: str, url: str) -> dict[str, Any]:
+    """A route's backend serving the registered `version` at `url`, as stable, with all traffic."""
+    return {
+        "version": version,
+        "url": url,
+        "served_model": f"{name}-v{version}",
+        "digest": Registry(home).tags(name, version)["digest"],
+        "attestation": attestation_of(home, name, version),
+        "weight": 100,
+        "role": "stable",
+    }
+
+
 def gateway_serving(stack: ExitStack, home: Home, version: str) -> GatewayAdmin:
     """A real gateway whose route serves `version` alone, as stable."""
     keys = Secrets()
     upstream = stack.enter_context(serve(MockUpstream()))
-    backend = {
-        "version": version,
-        "url": upstream,
-        "served_model": f"{MODEL}-v{version}",
-        "digest": Registry(home).tags(MODEL, version)["digest"],
-        "attestation": attestation_of(home, MODEL, version),
-        "weight": 100,
-        "role": "stable",
-    }
+    backend = stable_backend(home, MODEL, version, upstream)
     url = stack.enter_context(serve(build_app(keys.config([backend]), home)))
     return GatewayAdmin(url, keys.admin)

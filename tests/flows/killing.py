@@ -32,7 +32,7 @@ from serving.gateway.app import build_app
 from tasks.registry import Registry
 from tasks.rollout.inflight import IN_FLIGHT, InFlight
 from tests.flows.test_rollout import BASE_DELAY_S, CHUNK_DELAY_S, Stage, registered
-from tests.releases import attestation_of
+from tests.releases import stable_backend
 from tests.serving.conftest import MODEL, Secrets
 
 Matcher = Callable[[str, str, dict[str, Any]], bool]  # (method, path, JSON body)
@@ -111,15 +111,7 @@ def staged(
     keys = Secrets()
     monkeypatch.setenv("SLIPWAY_ADMIN_TOKEN", keys.admin)
     with serve(upstream) as upstream_url:
-        backend = {
-            "version": stable,
-            "url": upstream_url,
-            "served_model": f"{MODEL}-v{stable}",
-            "digest": registry.tags(MODEL, stable)["digest"],
-            "attestation": attestation_of(home, MODEL, stable),
-            "weight": 100,
-            "role": "stable",
-        }
+        backend = stable_backend(home, MODEL, stable, upstream_url)
         tenants = [keys.tenant("alice"), *(keys.tenant(**t) for t in gateway.pop("tenants", []))]
         config = keys.config([backend], tenants=tenants, **gateway)
         hold = Hold(build_app(config, home))

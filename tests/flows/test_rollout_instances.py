@@ -31,7 +31,7 @@ from serving.gateway.auth import key_hash
 from tasks.registry import Registry
 from tasks.rollout.history import ROLLOUTS
 from tests.flows.test_rollout import registered
-from tests.releases import attestation_of
+from tests.releases import stable_backend
 from tests.serving.conftest import MODEL, REDIS_URL, Secrets, redis_prefix  # noqa: F401
 from tests.serving.instances import fresh, stats, together, two_gateways
 
@@ -107,17 +107,7 @@ def test_a_rollout_across_two_gateways_records_what_the_clients_counted(
     with serve(upstream) as upstream_url:
         route = {
             "model": MODEL,
-            "backends": [
-                {
-                    "version": stable,
-                    "url": upstream_url,
-                    "served_model": f"{MODEL}-v{stable}",
-                    "digest": registry.tags(MODEL, stable)["digest"],
-                    "attestation": attestation_of(home, MODEL, stable),
-                    "weight": 100,
-                    "role": "stable",
-                }
-            ],
+            "backends": [stable_backend(home, MODEL, stable, upstream_url)],
         }
         config = {
             "admin_token_sha256": key_hash(keys.admin),

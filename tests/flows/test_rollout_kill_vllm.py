@@ -23,7 +23,7 @@ from tests.flows.killing import (
     start_flow,
 )
 from tests.flows.test_rollout import Stage, registered, traffic
-from tests.releases import attestation_of, release
+from tests.releases import release, stable_backend
 from tests.serving.conftest import MODEL, Secrets
 
 pytestmark = pytest.mark.stress
@@ -45,15 +45,7 @@ def test_killed_while_serving_a_vllm_candidate_and_during_its_step(
     upstream.record = False
     engine = f"vllm {MODEL}-v{candidate}"
     with serve(upstream) as upstream_url:
-        backend = {
-            "version": stable,
-            "url": upstream_url,
-            "served_model": f"{MODEL}-v{stable}",
-            "digest": registry.tags(MODEL, stable)["digest"],
-            "attestation": attestation_of(home, MODEL, stable),
-            "weight": 100,
-            "role": "stable",
-        }
+        backend = stable_backend(home, MODEL, stable, upstream_url)
         config = keys.config([backend], tenants=[keys.tenant("alice")])
         with serve(Hold(build_app(config, home))) as gateway_url:
             stage = Stage(

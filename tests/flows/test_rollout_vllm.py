@@ -34,7 +34,7 @@ from tasks.quantize import build_variant
 from tasks.registry import Registry
 from tasks.store import Store
 from tests.conftest import make_home
-from tests.releases import attestation_of, release
+from tests.releases import release, stable_backend
 from tests.serving.conftest import Secrets
 from tests.tinymodel import perturb
 
@@ -61,15 +61,7 @@ def stable_behind_gateway(
     store = Store(home, name)
     weights = store.entry(store.label("bf16")).weights
     with VLLMServer(weights, name, home, Serving(), aliases=[f"{name}-v{stable}"]) as server:
-        backend = {
-            "version": stable,
-            "url": server.url,
-            "served_model": f"{name}-v{stable}",
-            "digest": Registry(home).tags(name, stable)["digest"],
-            "attestation": attestation_of(home, name, stable),
-            "weight": 100,
-            "role": "stable",
-        }
+        backend = stable_backend(home, name, stable, server.url)
         config = GatewayConfig.model_validate(
             {
                 "admin_token_sha256": key_hash(keys.admin),
