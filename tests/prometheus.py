@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from serving.processes import free_port, tail
+from serving.stack.monitoring import prometheus_config
 
 SCRAPE_S = 1
 
@@ -104,20 +105,8 @@ def running_prometheus(
     """Prometheus scraping `target` every second, evaluating `rules` every second, and sending
     its alerts to `alertmanager` (a base URL) where given."""
     root.mkdir(parents=True, exist_ok=True)
-    config: dict = {
-        "global": {
-            "scrape_interval": f"{SCRAPE_S}s",
-            "scrape_timeout": f"{SCRAPE_S}s",
-            "evaluation_interval": "1s",
-        },
-        "rule_files": [str(rules)],
-        "scrape_configs": [
-            {"job_name": "gateway", "static_configs": [{"targets": [target.split("//")[1]]}]}
-        ],
-    }
-    if alertmanager:
-        targets = [alertmanager.split("//")[1]]
-        config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": targets}]}]}
+    to = alertmanager.split("//")[1] if alertmanager else None
+    config = prometheus_config(target.split("//")[1], rules, to, f"{SCRAPE_S}s")
     (root / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     log = root / "prometheus.log"

@@ -78,6 +78,25 @@ BINARIES = {
 }
 
 
+def prometheus_config(gateway: str, rules: Path, alertmanager: str | None, interval: str) -> dict:
+    """prometheus.yml: the gateway (host:port) scraped and `rules` evaluated every `interval`,
+    the alerts sent to `alertmanager` (host:port) where given."""
+    config: dict = {
+        # A scrape may take the whole interval, no more (Prometheus' default of 10 s would be
+        # refused beside a shorter interval).
+        "global": {
+            "scrape_interval": interval,
+            "scrape_timeout": interval,
+            "evaluation_interval": interval,
+        },
+        "rule_files": [str(rules)],
+        "scrape_configs": [{"job_name": "gateway", "static_configs": [{"targets": [gateway]}]}],
+    }
+    if alertmanager:
+        config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]}
+    return config
+
+
 @dataclass(frozen=True)
 class MonitoringStack:
     """What `make up` asks of monitoring: the ports, whether it is required, and the configs."""
@@ -163,18 +182,8 @@ class MonitoringStack:
         """prometheus.yml beside the SLO rule file: the gateway scraped, the rules evaluated, the
         alerts sent to the stack's Alertmanager."""
         rules = write_rules(self.slo, folder)
-        config = {
-            "global": {"scrape_interval": INTERVAL, "evaluation_interval": INTERVAL},
-            "rule_files": [str(rules)],
-            "alerting": {
-                "alertmanagers": [
-                    {"static_configs": [{"targets": [f"{HOST}:{self.alertmanager_port}"]}]}
-                ]
-            },
-            "scrape_configs": [
-                {"job_name": "gateway", "static_configs": [{"targets": [f"{HOST}:{gateway_port}"]}]}
-            ],
-        }
+        gateway, alertmanager = f"{HOST}:{gateway_port}", f"{HOST}:{self.alertmanager_port}"
+        config = prometheus_config(gateway, rules, alertmanager, INTERVAL)
         path = folder / "prometheus.yml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         return path
