@@ -124,6 +124,12 @@ class MirrorSpec(Strict):
     share: float = Field(
         1.0, gt=0, le=1, description="the share of stable's requests copied, within rate_rps"
     )
+    max_in_flight: int | None = Field(
+        None,
+        ge=1,
+        description="no copy goes to a side already answering this many copies: an engine "
+        "that falls behind sheds copies first instead of queueing them without end",
+    )
 
 
 class RouteSpec(Strict):

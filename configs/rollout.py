@@ -117,6 +117,12 @@ class ShadowPolicy(Strict):
         description="keep mirroring at every live step: latency is then compared on pairs and "
         "answers stay judged",
     )
+    max_in_flight: int = Field(
+        default=8,
+        ge=1,
+        description="no copy goes to an engine already answering this many copies: one that "
+        "falls behind sheds copies first, and the pairs stay those of an engine not overloaded",
+    )
 
 
 class AnalysisPolicy(Strict):
@@ -179,6 +185,12 @@ class RolloutPolicy(Strict):
         default=False, description="top up low traffic with synthetic requests"
     )
     synthetic_rate: float = Field(default=1.0, gt=0, description="synthetic requests per second")
+    synthetic_max_in_flight: int = Field(
+        default=8,
+        ge=1,
+        description="synthetic requests in flight at most: an arrival past it waits for one to "
+        "finish, so slow engines slow the load down instead of queueing it without end",
+    )
     webhook_url: AnyHttpUrl | None = Field(
         default=None, description="told of every step and verdict"
     )
@@ -258,6 +270,7 @@ class RolloutPolicy(Strict):
                 audience=audience,
                 max_seconds=seconds,
                 mirror_rps=mirror_rps,
+                mirror_in_flight=shadow.max_in_flight if shadow and mirror_rps else None,
                 analysis=self.analysis.model_copy(
                     update={
                         "alpha": self.analysis.alpha / len(plan),
@@ -280,6 +293,7 @@ class Stage(Strict):
     max_seconds: float
     analysis: AnalysisPolicy
     mirror_rps: float | None = None  # stable's requests copied to the canary, at most this rate
+    mirror_in_flight: int | None = None  # and none to an engine answering this many copies
 
     @property
     def shadow(self) -> bool:

@@ -182,4 +182,11 @@ def synthetic_load(rules: RolloutPolicy, gateway_url: str, home: Home, model: st
     what = "key of the synthetic-load tenant"
     key = secret(Settings().synthetic_key, "SLIPWAY_SYNTHETIC_KEY", home.synthetic_key, what)
     prompts = load_prompts(PROMPTS, max_tokens=16)
-    return BackgroundLoad(gateway_url, model, key, rules.synthetic_rate, prompts)
+    return BackgroundLoad(
+        gateway_url,
+        model,
+        key,
+        rules.synthetic_rate,
+        prompts,
+        max_in_flight=rules.synthetic_max_in_flight,
+    )

@@ -1,4 +1,5 @@
-"""Synthetic load for the rollout: Poisson arrivals on a thread of its own."""
+"""Synthetic load for the rollout: Poisson arrivals, at most so many in flight, on a thread of
+its own."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ class BackgroundLoad:
     """Poisson arrivals at `rate` requests/s on a thread of its own until the context ends: the
     rollout's synthetic traffic when organic traffic is too thin to judge a step in time.
 
+    At most `max_in_flight` requests are outstanding: an arrival past it waits for one to finish
+    (`held` counts those). Purely open-loop load on engines near their capacity (CPU vLLM) lets
+    whichever falls behind queue without end, and its latency then measures the queue, not the
+    engine; bounded, the load slows down with the engines.
+
     Streams chat completions with the API key of a tenant the gateway marks `synthetic`, so its
     samples are kept apart from organic ones. Counts what it sent; never raises for a failure.
     """
@@ -30,6 +36,7 @@ class BackgroundLoad:
         prompts: Sequence[Prompt],
         max_tokens: int = 16,
         seed: int = 0,
+        max_in_flight: int | None = None,
     ) -> None:
         self.url = base_url.rstrip("/") + "/v1/chat/completions"
         self.model = model
@@ -38,6 +45,8 @@ class BackgroundLoad:
         self.prompts = pick_prompts(prompts, len(prompts), seed)
         self.max_tokens = max_tokens
         self.seed = seed
+        self.max_in_flight = max_in_flight
+        self.held = 0
         self.sent = 0
         self.failed = 0
         self._stop = threading.Event()
@@ -61,6 +70,10 @@ class BackgroundLoad:
             headers=self.headers, timeout=aiohttp.ClientTimeout(total=120)
         ) as session:
             while not self._stop.is_set():
+                if self.max_in_flight is not None and len(pending) >= self.max_in_flight:
+                    self.held += 1
+                    while len(pending) >= self.max_in_flight:
+                        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 prompt = self.prompts[self.sent % len(self.prompts)]
                 body = {
                     "model": self.model,

@@ -12,8 +12,9 @@ cannot. Copying both ways keeps the two engines' loads equal at every weight.
 A copy is never billed and never counted against the tenant's limits, the live statistics or a
 circuit breaker; its tokens count as shadow traffic (`shadow` in the admin statistics, role
 "shadow" in Prometheus, source "shadow" in the usage log's unbilled_usage). Copies are capped at
-`rate_rps` by a token bucket and skipped while the other side is at its concurrency limit, so
-mirroring never queues the client's answer behind a copy.
+`rate_rps` by a token bucket and skipped while the other side is at its concurrency limit (or
+already answers `max_in_flight` copies), so mirroring never queues the client's answer behind a
+copy, and an engine that falls behind sheds its copies before it queues.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -234,13 +236,14 @@ class Mirroring:
     a pair; a one-way copy would load the canary with its share and stable's as well.
     """
 
-    __slots__ = ("bucket", "canary", "spec", "stable")
+    __slots__ = ("bucket", "canary", "copying", "spec", "stable")
 
     def __init__(self, spec: MirrorSpec, canary: Backend, stable: tuple[Backend, ...]) -> None:
         self.spec = spec
         self.canary = canary
         self.stable = stable
         self.bucket = TokenBucket(spec.rate_rps)
+        self.copying: Counter[str] = Counter()  # copies in flight, by the version they went to
 
     def wants(self, served_by: Backend, draw: float) -> Backend | None:
         """Where to copy this request, if anywhere: a `share` of requests, within the rate and
@@ -255,6 +258,7 @@ class Mirroring:
             target is None
             or draw >= self.spec.share
             or not target.has_room()
+            or self.copying[target.version] >= (self.spec.max_in_flight or target.max_concurrency)
             or not self.bucket.take(time.monotonic())
         ):
             return None
@@ -384,4 +388,7 @@ def start_copy(
     payload = dumps({**data, "model": target.served_model})
     request = {k: v for k, v in data.items() if k not in ("model", "stream_options")}
     exchange.transcript = []
-    return Copy(upstream, target, mirroring.canary, exchange, payload, request, asked)
+    copy = Copy(upstream, target, mirroring.canary, exchange, payload, request, asked)
+    mirroring.copying[target.version] += 1
+    copy.task.add_done_callback(lambda _: mirroring.copying.subtract((target.version,)))
+    return copy

@@ -109,7 +109,9 @@ def step_weights(candidate: str, stable: set[str], stage: Stage) -> dict[str, fl
 
 def step_mirror(candidate: str, stage: Stage) -> dict[str, Any] | None:
     """A step's copies of stable's requests to the canary, or None."""
-    return {"to": candidate, "rate_rps": stage.mirror_rps} if stage.mirror_rps else None
+    if not stage.mirror_rps:
+        return None
+    return {"to": candidate, "rate_rps": stage.mirror_rps, "max_in_flight": stage.mirror_in_flight}
 
 
 def stable_down(snapshot: dict[str, Any], stable: set[str]) -> bool:

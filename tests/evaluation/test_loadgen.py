@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import time
 
 import pytest
 from click.testing import CliRunner
 
 from configs.evaluation import PROMPTS, LoadProfile
+from evaluation.benchmarks.mock_upstream import MockUpstream, serve
 from evaluation.benchmarks.vllm_bench import (
     BenchLevel,
     compare_with_vllm_bench,
@@ -20,6 +22,7 @@ from evaluation.benchmarks.vllm_bench import (
     sharegpt,
     vllm_bench_command,
 )
+from evaluation.loadgen.background import BackgroundLoad
 from evaluation.loadgen.client import run_level
 from evaluation.loadgen.report import (
     LoadReport,
@@ -143,6 +146,18 @@ def test_the_shipped_prompt_set():
     assert all(16 <= p.max_tokens <= 256 for p in prompts)
     capped = load_prompts(PROMPTS, max_tokens=16, max_chars=80)
     assert capped and all(p.max_tokens <= 16 and len(p.prompt) <= 80 for p in capped)
+
+
+def test_background_load_holds_arrivals_past_its_in_flight_cap():
+    upstream = MockUpstream(delay_s=2.0)  # an engine that has fallen behind
+    prompts = load_prompts(PROMPTS, max_tokens=16)
+    with serve(upstream) as url:
+        load = BackgroundLoad(url, "mock", "key", 200.0, prompts, max_in_flight=3)
+        with load:
+            time.sleep(1.0)
+            sent_while_slow = len(upstream.requests)
+    assert sent_while_slow == 3  # not the ~200 an open loop sends in that second
+    assert load.held >= 1 and load.failed == 0
 
 
 def test_picked_prompts_are_seeded_mixed_and_cycle():

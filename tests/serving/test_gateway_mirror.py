@@ -95,6 +95,21 @@ def test_copies_are_capped_at_the_mirror_rate(mock, keys, run_gateway):
     assert found["1"]["requests"] == 200
 
 
+def test_no_copy_goes_to_a_side_answering_max_in_flight_copies(mock, keys, run_gateway):
+    upstream, url = mock
+    upstream.faults["served-2"] = Fault(delay_s=3.0)  # the canary falls behind
+    config = mirrored(url, keys).model_dump()
+    config["routes"][0]["mirror"]["max_in_flight"] = 2
+    with run_gateway(type(mirrored(url, keys)).model_validate(config)) as base:
+        began = time.monotonic()
+        asyncio.run(post_many(base, keys.key("alice"), [chat()] * 40, concurrency=8))
+        answered_s = time.monotonic() - began
+        found = settled(base, keys, 2)
+    assert answered_s < 3.0  # every copy sent was still in flight while stable answered all 40
+    assert found["1"]["requests"] == 40
+    assert found["2"]["shadow"]["requests"] == 2  # the rest were skipped, not queued
+
+
 def test_a_failing_canary_copy_is_an_error_pair_and_never_reaches_the_client(
     mock, keys, run_gateway
 ):
@@ -153,6 +168,7 @@ def test_mirror_is_set_kept_and_stopped_through_the_admin_api(mock, keys, run_ga
             "to": "2",
             "rate_rps": 3.0,
             "share": 1.0,
+            "max_in_flight": None,
         }
         kept = httpx.post(weights, json={"weights": {"2": 0}}, headers=admin(keys)).json()
         assert kept["mirror"]["to"] == "2"
