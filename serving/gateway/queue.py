@@ -189,6 +189,9 @@ async def take_slot(
     waiter = backend.waiting.push(
         tenant.name, tenant.tier, tier.priority, tier.weight, exchange.cost
     )
+    if backend.inflight < backend.max_concurrency:
+        # a slot free beside waiters is kept for a reserved share: this request's, maybe
+        _hand_out(backend, queue)
     gone = asyncio.ensure_future(_hung_up(receive))
     try:
         await asyncio.wait((waiter, gone), timeout=max(wait_s, 0.0), return_when=FIRST_COMPLETED)

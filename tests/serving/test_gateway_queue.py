@@ -7,6 +7,7 @@ making the backend's capacity known."""
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import Counter
 
@@ -310,3 +311,56 @@ def test_reserved_shares_beyond_every_slot_or_on_the_default_tier_are_refused():
         QueueSpec(tiers={"a": {"reserved_share": 0.6}, "b": {"reserved_share": 0.5}})
     with pytest.raises(ValueError, match="only a named tier may reserve"):
         QueueSpec(default={"reserved_share": 0.2})
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_no_slot_stays_free_while_a_request_it_may_go_to_waits(seed):
+    """Work conservation, over random arrivals and completions of three tiers, one keeping a
+    reserved share: whenever a request waits, each free slot is one the reserved share of another
+    active tier keeps from it (an active tier below its own share never waits beside a free
+    slot), and with no shares kept, no slot is free while anyone waits."""
+    rng = random.Random(seed)
+    queue = QueueSpec(
+        max_waiting=1000,
+        tiers={
+            "enterprise": {"reserved_share": 0.5, "priority": 1},
+            "standard": {"priority": 5},
+            "batch": {"priority": 0},
+        },
+        default={"max_wait_s": 300},
+    )
+    slots, share = 4, 2  # enterprise keeps half of 4 slots while it is active
+
+    def kept_from(b, tier: str) -> int:
+        active = b.by_tier["enterprise"] or b.waiting.tiers["enterprise"]
+        return max(0, share - b.by_tier["enterprise"]) if tier != "enterprise" and active else 0
+
+    async def go() -> int:
+        b = _backend(slots)
+        tasks: list[tuple[str, asyncio.Future]] = []
+        waited = 0
+        for i in range(400):
+            holders = [(t, f) for t, f in tasks if f.done()]
+            if holders and rng.random() < 0.45:
+                tier, task = holders[rng.randrange(len(holders))]
+                tasks.remove((tier, task))
+                give_slot(b, queue, tier)
+            else:
+                tier = rng.choice(["enterprise", "standard", "batch"])
+                request = _of(tier, f"{tier}-{rng.randrange(3)}")
+                tasks.append(
+                    (tier, asyncio.ensure_future(take_slot(b, request, queue, "v1", _forever)))
+                )
+            for _ in range(3):
+                await asyncio.sleep(0)
+            free = slots - b.inflight
+            for tier, waiting in b.waiting.tiers.items():
+                if waiting:
+                    waited += 1
+                    assert free <= kept_from(b, tier), (i, tier, free, dict(b.by_tier))
+        for _, task in tasks:
+            task.cancel()
+        await asyncio.gather(*(t for _, t in tasks), return_exceptions=True)
+        return waited
+
+    assert asyncio.run(go()) > 50  # the queue was busy, not idle, for the check to mean anything
