@@ -123,6 +123,13 @@ class ShadowPolicy(Strict):
         description="no copy goes to an engine already answering this many copies: one that "
         "falls behind sheds copies first, and the pairs stay those of an engine not overloaded",
     )
+    warmup_copies: int = Field(
+        default=0,
+        ge=0,
+        description="copies the canary answers before the shadow phase judges anything: a new "
+        "engine is slower the first time it sees a prompt (its prefix cache is cold and, on CPU, "
+        "kernels for each new shape are built), which would count against an identical build",
+    )
 
 
 class AnalysisPolicy(Strict):
@@ -271,6 +278,7 @@ class RolloutPolicy(Strict):
                 max_seconds=seconds,
                 mirror_rps=mirror_rps,
                 mirror_in_flight=shadow.max_in_flight if shadow and mirror_rps else None,
+                warmup_copies=shadow.warmup_copies if shadow and weight == 0 else 0,
                 analysis=self.analysis.model_copy(
                     update={
                         "alpha": self.analysis.alpha / len(plan),
@@ -294,6 +302,7 @@ class Stage(Strict):
     analysis: AnalysisPolicy
     mirror_rps: float | None = None  # stable's requests copied to the canary, at most this rate
     mirror_in_flight: int | None = None  # and none to an engine answering this many copies
+    warmup_copies: int = 0  # copies the canary answers, not judged, before the window starts
 
     @property
     def shadow(self) -> bool:

@@ -86,6 +86,10 @@ class GatewayAdmin:
     def stats(self, model: str, samples: bool = True) -> dict[str, Any]:
         return self._call("GET", f"/admin/stats/{model}", params={"samples": str(samples).lower()})
 
+    def reset_stats(self, model: str) -> dict[str, Any]:
+        """Start a new statistics window for `model` on every instance."""
+        return self._call("POST", f"/admin/stats/{model}/reset")
+
     def call(
         self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None
     ) -> dict[str, Any]:

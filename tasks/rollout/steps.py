@@ -120,6 +120,30 @@ def stable_down(snapshot: dict[str, Any], stable: set[str]) -> bool:
     return bool(circuits) and all(c != "closed" for c in circuits)
 
 
+def warm_up(
+    admin: GatewayAdmin,
+    model: str,
+    candidate: str,
+    stage: Stage,
+    look_interval_s: float,
+    say: Callable[[str], None],
+) -> None:
+    """Let the canary answer `stage.warmup_copies` copies (or copy for the stage's time limit,
+    whichever ends first), then start the statistics window anew: what a new engine answers the
+    first time it sees a prompt is not what it answers from then on."""
+    began = time.monotonic()
+    answered = 0
+    while answered < stage.warmup_copies and time.monotonic() - began < stage.max_seconds:
+        time.sleep(look_interval_s)
+        backends = admin.stats(model, samples=False)["backends"]
+        answered = sum(b["shadow"]["requests"] for b in backends if b["version"] == candidate)
+    admin.reset_stats(model)
+    say(
+        f"warm-up: the canary answered {answered} copies in {time.monotonic() - began:.0f} s, "
+        "not judged; the shadow phase is judged from now"
+    )
+
+
 def judge_step(
     admin: GatewayAdmin,
     plan: Plan,
@@ -137,6 +161,8 @@ def judge_step(
     admin.set_weights(
         model, step_weights(cand, stable, stage), stage.audience, step_mirror(cand, stage)
     )
+    if stage.warmup_copies:
+        warm_up(admin, model, cand, stage, policy.look_interval_s, steer.say)
     start = last_said = time.monotonic()
     paused = False
     analysis: Analysis | None = None

@@ -274,12 +274,15 @@ def test_latency_is_compared_within_a_prefix_cache_stratum():
     for p in mirrored[:10]:  # stable served these prompts from its cache, the cold canary did not
         p["stable"] = {**p["stable"], "cached_tokens": 64}
         p["canary"] = {**p["canary"], "cached_tokens": 0}
-    for p in mirrored[10:20]:  # both from the cache
-        p["stable"] = {**p["stable"], "cached_tokens": 64}
-        p["canary"] = {**p["canary"], "cached_tokens": 32}
+    for p in mirrored[10:15]:  # both from the cache, stable more of the prompt
+        p["stable"] = {**p["stable"], "cached_tokens": 256}
+        p["canary"] = {**p["canary"], "cached_tokens": 128}
+    for p in mirrored[15:20]:  # both from the cache, as much of it
+        p["stable"] = {**p["stable"], "cached_tokens": 128}
+        p["canary"] = {**p["canary"], "cached_tokens": 128}
     counts = pair_counts(mirrored, POLICY)
     assert counts.n == 40 and counts.scored == 40  # the answers are judged all the same
-    assert np.asarray(counts.ratios["ttft"].n) == 30
+    assert np.asarray(counts.ratios["ttft"].n) == 25
 
 
 def test_a_small_drop_in_log_probability_is_not_degraded_whatever_the_words():

@@ -448,6 +448,24 @@ def test_a_canary_answering_wrongly_at_normal_speed_is_rolled_back_in_the_shadow
     assert all(p["degraded"] for p in shadow["mirrored_pairs"])
 
 
+def test_the_warm_up_copies_are_not_judged(stage, shadow_policy):
+    """A canary whose first 20 answers are wrong (standing for a new engine's slow first sight of
+    each prompt) passes a shadow phase that warms it up on 30 copies: judging starts after them;
+    without the warm-up the same canary is rolled back (the test above)."""
+    stage.upstream.faults[f"{MODEL}-v{stage.candidate}"] = Fault(
+        delay_s=BASE_DELAY_S, word="z", times=20
+    )
+    rules = yaml.safe_load(shadow_policy.read_text())
+    rules["shadow"]["warmup_copies"] = 30
+    shadow_policy.write_text(yaml.safe_dump(rules))
+    with traffic(stage):
+        outcome = run(stage, shadow_policy)
+    assert outcome == "promoted", stage.registry.tags(MODEL, stage.candidate)["rollout_reason"]
+    _, evidence = story_and_evidence(stage)
+    shadow = evidence["steps"][0]["mirrored_pairs"]
+    assert shadow and not any(p["canary"].startswith("z0") for p in shadow)
+
+
 def test_an_identical_canary_passes_the_shadow_phase_and_is_promoted_on_pairs(stage, shadow_policy):
     with traffic(stage) as statuses:
         outcome = run(stage, shadow_policy)

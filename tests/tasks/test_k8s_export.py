@@ -249,7 +249,10 @@ def test_routes_to_yaml_to_routes_keeps_all_but_what_is_stated_left_out():
         ("4", "stable", 47.5, "smollm2-135m-v4"),
         ("5", "canary", 5.0, "smollm2-135m-v5"),
     ]
-    assert qwen["mirror"] == {"to": "5", "rate_rps": 2.0, "share": 0.5} and qwen["failover"]
+    assert (
+        qwen["mirror"] == {"to": "5", "rate_rps": 2.0, "share": 0.5, "max_in_flight": None}
+        and qwen["failover"]
+    )
     assert back["smollm2-135m"]["backends"][1]["url"] == "http://127.0.0.1:8002"
     assert qwen["backends"][0]["replicas"] == ["http://10.0.0.2:8000", "http://10.0.0.3:8000"]
     # What is left out is gone from the YAML, and is exactly what NOT_EXPORTED says.
