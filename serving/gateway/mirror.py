@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -236,14 +235,13 @@ class Mirroring:
     a pair; a one-way copy would load the canary with its share and stable's as well.
     """
 
-    __slots__ = ("bucket", "canary", "copying", "spec", "stable")
+    __slots__ = ("bucket", "canary", "spec", "stable")
 
     def __init__(self, spec: MirrorSpec, canary: Backend, stable: tuple[Backend, ...]) -> None:
         self.spec = spec
         self.canary = canary
         self.stable = stable
         self.bucket = TokenBucket(spec.rate_rps)
-        self.copying: Counter[str] = Counter()  # copies in flight, by the version they went to
 
     def wants(self, served_by: Backend, draw: float) -> Backend | None:
         """Where to copy this request, if anywhere: a `share` of requests, within the rate and
@@ -258,7 +256,7 @@ class Mirroring:
             target is None
             or draw >= self.spec.share
             or not target.has_room()
-            or self.copying[target.version] >= (self.spec.max_in_flight or target.max_concurrency)
+            or target.copies >= (self.spec.max_in_flight or target.max_concurrency)
             or not self.bucket.take(time.monotonic())
         ):
             return None
@@ -389,6 +387,10 @@ def start_copy(
     request = {k: v for k, v in data.items() if k not in ("model", "stream_options")}
     exchange.transcript = []
     copy = Copy(upstream, target, mirroring.canary, exchange, payload, request, asked)
-    mirroring.copying[target.version] += 1
-    copy.task.add_done_callback(lambda _: mirroring.copying.subtract((target.version,)))
+    target.copies += 1  # on the backend, which outlives this route's Mirroring (a weight change)
+
+    def done(_: asyncio.Future) -> None:
+        target.copies -= 1
+
+    copy.task.add_done_callback(done)
     return copy

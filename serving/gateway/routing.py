@@ -85,6 +85,7 @@ class Backend:
 
     __slots__ = (
         "by_tier",
+        "copies",
         "failover_said",
         "failover_stats",
         "inflight",
@@ -109,6 +110,7 @@ class Backend:
         self.role = spec.role
         self.served_model = spec.served_model
         self.inflight = 0  # over all replicas: the version's slots (queue.py)
+        self.copies = 0  # mirrored copies sent to it and not yet done (mirror.py)
         self.by_tier: Counter[str] = Counter()  # those slots by the tier of their request
         self.waiting = FairQueue()  # requests waiting for a slot (queue.py)
         self.replicas: tuple[Replica, ...] = ()

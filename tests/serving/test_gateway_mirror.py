@@ -100,14 +100,22 @@ def test_no_copy_goes_to_a_side_answering_max_in_flight_copies(mock, keys, run_g
     upstream.faults["served-2"] = Fault(delay_s=3.0)  # the canary falls behind
     config = mirrored(url, keys).model_dump()
     config["routes"][0]["mirror"]["max_in_flight"] = 2
+    weights = {"weights": {"1": 100, "2": 0}, "mirror": config["routes"][0]["mirror"]}
     with run_gateway(type(mirrored(url, keys)).model_validate(config)) as base:
         began = time.monotonic()
         asyncio.run(post_many(base, keys.key("alice"), [chat()] * 40, concurrency=8))
+        # A weight change (a rollout's next step) builds the route anew while the copies are
+        # still in flight: they still count.
+        changed = httpx.post(
+            f"{base}/admin/routes/{MODEL}/weights", json=weights, headers=admin(keys)
+        )
+        changed.raise_for_status()
+        asyncio.run(post_many(base, keys.key("alice"), [chat()] * 40, concurrency=8))
         answered_s = time.monotonic() - began
-        found = settled(base, keys, 2)
-    assert answered_s < 3.0  # every copy sent was still in flight while stable answered all 40
-    assert found["1"]["requests"] == 40
-    assert found["2"]["shadow"]["requests"] == 2  # the rest were skipped, not queued
+        time.sleep(3.5)  # the copies end
+    assert answered_s < 3.0  # every copy sent was still in flight while stable answered all 80
+    copies = [r for r in upstream.requests if r["model"] == "served-2"]
+    assert len(copies) == 2  # the rest were skipped, not queued
 
 
 def test_a_failing_canary_copy_is_an_error_pair_and_never_reaches_the_client(
