@@ -152,6 +152,13 @@ class AnalysisPolicy(Strict):
         default=30, ge=2, description="latency samples per arm before latency is tested"
     )
     min_samples: int = Field(default=100, ge=1, description="canary requests before 'not worse'")
+    paired_clip: float | None = Field(
+        default=0.5,
+        gt=0,
+        description="mirrored pairs: each pair's log latency ratio is clipped this far from the "
+        "margin before the pairs are averaged (a Huber score), so a few requests stuck behind "
+        "the other engine's work cannot drown the rest; null averages the log ratios as they are",
+    )
     slos: Slos = Slos()
     quality: QualityPolicy = QualityPolicy()
 

@@ -24,6 +24,8 @@ from evaluation.canary import (
     Metric,
     PairCounts,
     Source,
+    inside_clip,
+    paired_scores,
 )
 from evaluation.quality.agreement import Agreement, score
 
@@ -100,14 +102,21 @@ def pair_counts(
     # Latency is compared within a prefix-cache stratum: a pair where one engine served the
     # prompt from its cache and the other did not compares caches, not models.
     alike = [p for p in both if _same_cache_state(p)]
-    scores = [_score(p, policy) for p in judged(both, policy)]
+    answers = [_score(p, policy) for p in judged(both, policy)]
+    forward = [p for p in alike if not balanced or _copied_to(p) == "canary"]
+    reverse = [p for p in alike if _copied_to(p) == "stable"] if balanced else []
+    margins = {
+        m: margin for m in LATENCY_METRICS if (margin := getattr(policy.margins, m)) is not None
+    }
+    scored = {m: _scores(alike, m, margin, policy.paired_clip) for m, margin in margins.items()}
     return PairCounts(
         n=len(both),
-        ratios=_ratios(p for p in alike if not balanced or _copied_to(p) == "canary"),
+        scores=_moments(forward, margins, policy.paired_clip),
+        inside={m: int(inside_clip(s, policy.paired_clip).sum()) for m, s in scored.items()},
         canary_failed=sum(not p["canary"]["ok"] for p in kept),
-        scored=len(scores),
-        degraded=sum(s.degraded for s in scores),
-        reverse=_ratios(p for p in alike if _copied_to(p) == "stable") if balanced else None,
+        scored=len(answers),
+        degraded=sum(a.degraded for a in answers),
+        reverse=_moments(reverse, margins, policy.paired_clip) if balanced else None,
     )
 
 
@@ -115,15 +124,19 @@ def _copied_to(pair: dict[str, Any]) -> str:
     return pair.get("copied_to", "canary")
 
 
-def _ratios(pairs: Iterable[dict[str, Any]]) -> dict[Metric, LogMoments]:
-    """The moments of each latency's log ratio over `pairs`."""
-    pairs = list(pairs)
-    return {
-        metric: LogMoments.of_logs(
-            np.asarray([r for p in pairs if (r := _log_ratio(p, metric)) is not None], np.float64)
-        )
-        for metric in LATENCY_METRICS
-    }
+def _scores(
+    pairs: Sequence[dict[str, Any]], metric: Metric, margin: float, clip: float | None
+) -> np.ndarray:
+    """The scores (evaluation/canary.py) of the pairs timed on both sides."""
+    logs = [r for p in pairs if (r := _log_ratio(p, metric)) is not None]
+    return paired_scores(np.asarray(logs, np.float64), margin, clip)
+
+
+def _moments(
+    pairs: Sequence[dict[str, Any]], margins: dict[Metric, float], clip: float | None
+) -> dict[Metric, LogMoments]:
+    """The moments of each compared latency's scores over `pairs`."""
+    return {m: LogMoments.of_logs(_scores(pairs, m, margin, clip)) for m, margin in margins.items()}
 
 
 def judged(pairs: Sequence[dict[str, Any]], policy: AnalysisPolicy) -> list[dict[str, Any]]:

@@ -1,5 +1,5 @@
 """Simulated rollouts with mirroring: a shadow phase, then every step judged on mirrored pairs
-(latency by the paired sign test, answers by the quality test, errors on live requests and
+(latency by the paired score test, answers by the quality test, errors on live requests and
 copies together), beside the same policy on independent requests and Flagger at its documented
 settings, on the latency shapes real engines produce.
 
@@ -54,6 +54,8 @@ from evaluation.canary import (
     PairCounts,
     decide,
     evidence,
+    inside_clip,
+    paired_scores,
     slo_targets,
 )
 from evaluation.paired import balanced_at
@@ -157,9 +159,10 @@ def simulate_step(
     policy = stage.analysis
     targets = slo_targets(policy)
     stable = canary = ArmStats.empty(targets)
-    # pairs, degraded, then per direction (copied to the canary, to stable): timed, the timed log
-    # ratios' sums and sums of squares per metric
-    pairs_before = np.zeros(16)
+    margins = [getattr(policy.margins, m) or 0.0 for m in LATENCY_METRICS]
+    # pairs, degraded, then per direction (copied to the canary, to stable): timed, the timed
+    # scores' sums and sums of squares per metric; then the timed scores inside the clip
+    pairs_before = np.zeros(19)
     failed_before = live_before = 0
     factors = {} if factors is None else factors
     weight = stage.weight / 100
@@ -209,8 +212,12 @@ def simulate_step(
                     first[i] = True
             pair_ok = first
         timed = pair_ok & ~cold if strata else pair_ok
-        # (3, n) paired log ratios; the copy is the later half
+        # (3, n) paired log ratios, the copy the later half, scored as the analysis scores them
         logs = canary_logs - stable_logs + np.where(copied, lag, -lag)
+        scores = np.stack(
+            [paired_scores(r, m, policy.paired_clip) for r, m in zip(logs, margins, strict=True)]
+        )
+        inside = inside_clip(scores, policy.paired_clip) & timed
         degraded = pair_ok & (rng.random(n) < scenario.degraded)
         split = balanced and balanced_at(stage.weight)
         directions = (
@@ -225,17 +232,19 @@ def simulate_step(
                     for way in directions
                     for row in (
                         np.cumsum(way),
-                        *(np.cumsum(np.where(way, r, 0.0)) for r in logs),
-                        *(np.cumsum(np.where(way, r * r, 0.0)) for r in logs),
+                        *(np.cumsum(np.where(way, r, 0.0)) for r in scores),
+                        *(np.cumsum(np.where(way, r * r, 0.0)) for r in scores),
                     )
                 ),
+                *np.cumsum(inside, axis=1),
             ]
         )
         cum = cum + pairs_before[:, None]
         failed_copies = np.cumsum(copied & canary_failed) + failed_before
         counts = PairCounts(
             n=cum[0],
-            ratios=_moments(cum, 2),
+            scores=_moments(cum, 2),
+            inside={m: cum[16 + k] for k, m in enumerate(LATENCY_METRICS)},
             canary_failed=failed_copies,
             scored=cum[0],
             degraded=cum[1],
@@ -256,7 +265,7 @@ def simulate_step(
 
 
 def _moments(cum: np.ndarray, at: int) -> dict[str, LogMoments]:
-    """One direction's running moments of each latency's log ratio, from row `at` of `cum`: the
+    """One direction's running moments of each latency's score, from row `at` of `cum`: the
     count, then the three sums, then the three sums of squares."""
     return {
         m: LogMoments(cum[at], cum[at + 1 + k], cum[at + 4 + k])
@@ -358,11 +367,14 @@ def run(
     runs: int, aa_runs: int, rate: float, seed: int, policy: RolloutPolicy, held_out: bool = True
 ) -> tuple[list[tuple[str, str, Summary]], dict]:
     """Every scenario: Slipway mirrored, Slipway on independent requests (no shadow, no pairs),
-    Slipway mirrored without thinning sessions (the naive test, sessions only), and Flagger."""
+    Slipway mirrored without thinning sessions (the naive test, sessions only) or without
+    clipping the pairs' log ratios (recorded latencies and a slow canary), and Flagger."""
     recorded = {name: load_recorded(path, held_out) for name, path in RECORDED.items()}
     policy = without_latency_slos(policy)
     mirrored = mirrored_policy(policy, rate)
     plain = policy.model_copy(update={"shadow": None})
+    analysis = mirrored.analysis.model_copy(update={"paired_clip": None})
+    unclipped = mirrored.model_copy(update={"analysis": analysis})
     results: list[tuple[str, str, Summary]] = []
     for i, scenario in enumerate(SCENARIOS):
         n = aa_runs if scenario.good else runs
@@ -383,6 +395,10 @@ def run(
         if scenario.cold:
             methods["slipway, mirrored, no cache strata"] = lambda g, s=scenario, d=draw: (
                 simulate_rollout(g, mirrored, rate, s, d, True, False)
+            )
+        if scenario.latency.startswith("recorded") or scenario.latency_factor != 1.0:
+            methods["slipway, mirrored, log ratios unclipped"] = lambda g, s=scenario, d=draw: (
+                simulate_rollout(g, unclipped, rate, s, d)
             )
         if scenario.copy_lag != 1.0:
             methods["slipway, mirrored, directions pooled"] = lambda g, s=scenario, d=draw: (
