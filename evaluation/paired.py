@@ -204,6 +204,33 @@ def pair_table(pairs: Sequence[dict[str, Any]], policy: AnalysisPolicy) -> list[
     return rows
 
 
+def latency_table(pairs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every independent pair both halves answered, as timed: each side's TTFT, inter-token and
+    end-to-end latency (ms) and the prompt tokens it served from its prefix cache, and whether
+    the latency tests compared it. The record a person (or a simulation) checks the latency
+    verdict against; the answers are in pair_table, for the pairs judged."""
+    rows = []
+    for p in independent(pairs):
+        stable, canary = p["stable"], p["canary"]
+        if not (stable["ok"] and canary["ok"]):
+            continue
+        rows.append(
+            {
+                "time": p.get("time"),
+                "copied_to": _copied_to(p),
+                "compared": _same_cache_state(p),
+                **{
+                    f"{side}_{m}_ms": None if half[f] is None else round(half[f] * 1e3, 2)
+                    for side, half in (("stable", stable), ("canary", canary))
+                    for m, f in _FIELD.items()
+                },
+                "stable_cached_tokens": stable.get("cached_tokens"),
+                "canary_cached_tokens": canary.get("cached_tokens"),
+            }
+        )
+    return rows
+
+
 def quality_summary(rows: Sequence[dict[str, Any]]) -> str:
     """One line on a step's mirrored answers."""
     if not rows:

@@ -171,6 +171,7 @@ class History:
                 "looks": r.looks,
                 "reason": r.reason,
                 "mirrored_pairs": list(r.pairs),
+                "latency_pairs": list(r.timed),
                 "analysis": None
                 if r.analysis is None
                 else {

@@ -15,7 +15,13 @@ from prefect.cache_policies import NO_CACHE
 
 from configs.rollout import RolloutPolicy, Stage
 from evaluation.canary import Analysis, ArmSamples, analyse
-from evaluation.paired import balanced_at, mirrored_arms, pair_counts, pair_table
+from evaluation.paired import (
+    balanced_at,
+    latency_table,
+    mirrored_arms,
+    pair_counts,
+    pair_table,
+)
 from evaluation.quality.logprob import Scorer
 from serving.processes import answers
 from tasks.gateway_admin import GatewayAdmin
@@ -79,6 +85,7 @@ class StepResult:
     analysis: Analysis | None
     by: Literal["analysis", "time limit", "person", "health check"] = "analysis"
     pairs: tuple[dict[str, Any], ...] = ()  # a mirroring step's scored pairs (pair_table)
+    timed: tuple[dict[str, Any], ...] = ()  # and every pair's latencies (latency_table)
     incident_s: float = 0.0  # time held while every stable backend was down (not in `seconds`)
 
 
@@ -174,12 +181,13 @@ def judge_step(
 
     def result(action: Action, reason: str, by: str = "analysis") -> StepResult:
         seconds = time.monotonic() - start
-        pairs = ()
+        pairs = timed = ()
         if stage.mirror_rps is not None:
             mirrored = [p for b in snapshot["backends"] if b["version"] == cand for p in _pairs(b)]
             if steer.scorer is not None:
                 steer.scorer.annotate(mirrored)
             pairs = tuple(pair_table(mirrored, stage.analysis))
+            timed = tuple(latency_table(mirrored))
         return StepResult(
             index,
             stage,
@@ -191,6 +199,7 @@ def judge_step(
             analysis,
             by,
             pairs,
+            timed,
             incident_s,
         )
 

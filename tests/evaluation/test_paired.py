@@ -15,6 +15,7 @@ from evaluation.canary import ArmSamples, analyse
 from evaluation.paired import (
     balanced_at,
     independent,
+    latency_table,
     mirrored_arms,
     pair_counts,
     pair_table,
@@ -284,6 +285,20 @@ def test_pair_table_and_summary_show_the_evidence():
     assert quality_summary(rows) == (
         "10 mirrored pairs: 90% identical answers, median token agreement 1.00, 1 degraded (10%)"
     )
+
+
+def test_latency_table_keeps_every_pairs_timings_and_cache_state():
+    mirrored = pairs(8, 12)
+    mirrored[0]["stable"] = {**mirrored[0]["stable"], "cached_tokens": 128}
+    mirrored[0]["canary"] = {**mirrored[0]["canary"], "cached_tokens": 0}
+    mirrored[1]["canary"] = side(0, 0, 0, ok=False)  # no latency to compare
+    rows = latency_table(mirrored)
+    assert len(rows) == 11
+    first = rows[0]
+    assert first["stable_ttft_ms"] == round(mirrored[0]["stable"]["ttft_s"] * 1e3, 2)
+    assert first["canary_e2e_ms"] == round(mirrored[0]["canary"]["e2e_s"] * 1e3, 2)
+    assert (first["stable_cached_tokens"], first["canary_cached_tokens"]) == (128, 0)
+    assert not first["compared"] and all(r["compared"] for r in rows[1:])
 
 
 def test_answer_measures():
