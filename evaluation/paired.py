@@ -105,18 +105,23 @@ def pair_counts(
     answers = [_score(p, policy) for p in judged(both, policy)]
     forward = [p for p in alike if not balanced or _copied_to(p) == "canary"]
     reverse = [p for p in alike if _copied_to(p) == "stable"] if balanced else []
+    clip = policy.paired_clip
     margins = {
         m: margin for m in LATENCY_METRICS if (margin := getattr(policy.margins, m)) is not None
     }
-    scored = {m: _scores(alike, m, margin, policy.paired_clip) for m, margin in margins.items()}
+    ahead = {m: _scores(forward, m, margin, clip) for m, margin in margins.items()}
+    back = {m: _scores(reverse, m, margin, clip) for m, margin in margins.items()}
     return PairCounts(
         n=len(both),
-        scores=_moments(forward, margins, policy.paired_clip),
-        inside={m: int(inside_clip(s, policy.paired_clip).sum()) for m, s in scored.items()},
+        scores={m: LogMoments.of_logs(s) for m, s in ahead.items()},
+        inside={
+            m: int(inside_clip(ahead[m], clip).sum() + inside_clip(back[m], clip).sum())
+            for m in margins
+        },
         canary_failed=sum(not p["canary"]["ok"] for p in kept),
         scored=len(answers),
         degraded=sum(a.degraded for a in answers),
-        reverse=_moments(reverse, margins, policy.paired_clip) if balanced else None,
+        reverse={m: LogMoments.of_logs(s) for m, s in back.items()} if balanced else None,
     )
 
 
@@ -130,13 +135,6 @@ def _scores(
     """The scores (evaluation/canary.py) of the pairs timed on both sides."""
     logs = [r for p in pairs if (r := _log_ratio(p, metric)) is not None]
     return paired_scores(np.asarray(logs, np.float64), margin, clip)
-
-
-def _moments(
-    pairs: Sequence[dict[str, Any]], margins: dict[Metric, float], clip: float | None
-) -> dict[Metric, LogMoments]:
-    """The moments of each compared latency's scores over `pairs`."""
-    return {m: LogMoments.of_logs(_scores(pairs, m, margin, clip)) for m, margin in margins.items()}
 
 
 def judged(pairs: Sequence[dict[str, Any]], policy: AnalysisPolicy) -> list[dict[str, Any]]:
