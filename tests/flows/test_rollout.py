@@ -479,8 +479,11 @@ def test_an_identical_canary_passes_the_shadow_phase_and_is_promoted_on_pairs(st
     story, evidence = story_and_evidence(stage)
     assert "100% identical answers" in story
     assert [len(s["mirrored_pairs"]) >= 1 for s in evidence["steps"]] == [True] * 3
-    # every pair's timings, the scored ones and the rest: what the latency verdict rests on
-    timed = evidence["steps"][0]["latency_pairs"]
-    assert len(timed) >= len(evidence["steps"][0]["mirrored_pairs"])
-    assert all(p["stable_ttft_ms"] > 0 and p["canary_ttft_ms"] > 0 for p in timed)
+    # every step's pairs' timings, the scored ones and the rest: what its latency verdict
+    # rests on (each step its own, the live steps with pairs copied both ways)
+    for step in evidence["steps"]:
+        timed = step["latency_pairs"]
+        assert len(timed) >= len(step["mirrored_pairs"])
+        assert all(p["stable_ttft_ms"] > 0 and p["canary_ttft_ms"] > 0 for p in timed)
+    assert {p["copied_to"] for p in evidence["steps"][1]["latency_pairs"]} == {"canary", "stable"}
     assert stage.route()["mirror"] is None  # promotion stopped the copies
